@@ -1,0 +1,63 @@
+"""The `glm45` command line: one entry point with subcommands.
+
+    glm45 info MODEL      load a checkpoint and print its architecture and parameter counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def init_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from glm45.model import Glm4MoeForCausalLM
+
+    model = Glm4MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters()) if model.mtp is not None else 0
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and not n.startswith("mtp."))
+    per_expert = experts / max(1, config.num_moe_layers * config.n_routed_experts)
+    active = total - mtp - experts + per_expert * config.num_moe_layers * config.num_experts_per_tok
+    print(f"model:            {args.model}")
+    print(f"dtype:            {model.dtype}")
+    print(f"layers:           {config.num_hidden_layers} ({config.first_k_dense_replace} dense), "
+          f"hidden {config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads} "
+          f"× {config.head_dim}, QK-norm {config.use_qk_norm}")
+    print(f"experts:          {config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
+          f"groups {config.topk_group}/{config.n_group}) + {config.n_shared_experts} shared, "
+          f"scaling {config.routed_scaling_factor}")
+    print(f"parameters:       {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token, "
+          f"{mtp / 1e6:.2f}M in the MTP layer{'' if model.mtp is not None else ' (none)'}")
+    print(f"weight bytes:     {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.1f} MiB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm45", description="GLM-4.5 family: run and adapt the models.")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="load a checkpoint and describe it")
+    info.add_argument("model", help="a local folder in the Hugging Face layout")
+    info.add_argument("--dtype", default="auto")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    init_logging(args.log_level)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"glm45: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Model configuration: the architecture of a GLM-4.5-family checkpoint, read from its `config.json`.
+
+Two layouts of `config.json` exist in the wild: the one released with the models (transformers 4.54
+era, `rope_theta` and `partial_rotary_factor` at the top level) and the one transformers 5 writes
+(`rope_parameters: {rope_type, rope_theta, partial_rotary_factor}`). Both are read; `to_hf_dict`
+writes both so that old and new readers load what we save.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("glm4_moe",)
+SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    intermediate_size: int = 10944
+    moe_intermediate_size: int = 1408
+    num_hidden_layers: int = 46
+    num_attention_heads: int = 96
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    attention_bias: bool = True
+    use_qk_norm: bool = False
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1_000_000.0
+    partial_rotary_factor: float = 0.5
+    max_position_embeddings: int = 131072
+    first_k_dense_replace: int = 1
+    n_routed_experts: int = 128
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    quantization_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        self.eos_token_id = list(self.eos_token_id or [])
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading dims of each head that RoPE rotates (the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return max(0, self.num_hidden_layers - self.first_k_dense_replace)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "n_routed_experts",
+            "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
+        for name in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"config field {name!r} must be a non-negative integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config field 'num_attention_heads' ({self.num_attention_heads}) must be divisible by "
+                f"'num_key_value_heads' ({self.num_key_value_heads}) for grouped-query attention"
+            )
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"config field 'num_experts_per_tok' ({self.num_experts_per_tok}) cannot exceed "
+                f"'n_routed_experts' ({self.n_routed_experts})"
+            )
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"config field 'n_routed_experts' ({self.n_routed_experts}) must be divisible by "
+                f"'n_group' ({self.n_group})"
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(f"config field 'topk_group' ({self.topk_group}) cannot exceed 'n_group' ({self.n_group})")
+        experts_per_group = self.n_routed_experts // self.n_group
+        if self.n_group > 1 and experts_per_group < 2:
+            raise ValueError(
+                "config fields 'n_routed_experts'/'n_group' leave fewer than 2 experts per group; "
+                "groups are scored by the sum of their top-2 experts"
+            )
+        if self.num_experts_per_tok > self.topk_group * experts_per_group:
+            raise ValueError(
+                f"config field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the experts "
+                f"reachable in 'topk_group' ({self.topk_group}) groups of {experts_per_group}"
+            )
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(
+                f"config field 'partial_rotary_factor' must be in (0, 1], got {self.partial_rotary_factor}"
+            )
+        if self.rotary_dim % 2:
+            raise ValueError(
+                f"config fields 'head_dim' * 'partial_rotary_factor' = {self.rotary_dim} must be even"
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"config field 'hidden_act' must be 'silu' for GLM-4.5, got {self.hidden_act!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"config field 'rope_theta' must be positive, got {self.rope_theta}")
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"config field 'model_type' is {model_type!r}; glm45 supports {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        architectures = raw.get("architectures") or list(SUPPORTED_ARCHITECTURES)
+        unknown = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
+        if unknown:
+            raise ValueError(
+                f"config field 'architectures' names {unknown}; glm45 supports {list(SUPPORTED_ARCHITECTURES)}"
+            )
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        if "head_dim" not in raw and "hidden_size" in raw and "num_attention_heads" in raw:
+            values["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+        if values.get("torch_dtype") is None:
+            values["torch_dtype"] = raw.get("dtype") or "bfloat16"
+        if "num_mtp_layers" in raw and "num_nextn_predict_layers" not in raw:
+            values["num_nextn_predict_layers"] = raw["num_mtp_layers"]
+
+        rope = raw.get("rope_parameters") or {}
+        legacy_scaling = raw.get("rope_scaling")
+        if legacy_scaling:
+            rope = {**legacy_scaling, **rope}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"config field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is supported"
+            )
+        if "rope_theta" in rope:
+            values["rope_theta"] = rope["rope_theta"]
+        if "partial_rotary_factor" in rope:
+            values["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        values["rope_theta"] = float(values.get("rope_theta", cls.rope_theta))
+        values["partial_rotary_factor"] = float(values.get("partial_rotary_factor", cls.partial_rotary_factor))
+        try:
+            return cls(**values)
+        except TypeError as e:  # e.g. a field with the wrong kind of value
+            raise ValueError(f"invalid config.json: {e}") from e
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        return cls.from_dict(raw)
+
+    # ------------------------------------------------------------------ writing
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` contents, readable by transformers 4.54+ and 5.x alike."""
+        out = asdict(self)
+        out.pop("quantization_config")
+        if self.quantization_config is not None:
+            out["quantization_config"] = self.quantization_config
+        out["architectures"] = list(SUPPORTED_ARCHITECTURES)
+        out["model_type"] = "glm4_moe"
+        out["rope_scaling"] = None
+        out["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+        }
+        out["attention_dropout"] = 0.0
+        out["use_cache"] = True
+        return out

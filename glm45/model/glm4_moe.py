@@ -1,0 +1,135 @@
+"""The GLM-4.5 architecture (`Glm4MoeForCausalLM`), single device, readable top to bottom.
+
+embed → N × [RMSNorm → attention → residual → RMSNorm → (dense SwiGLU | MoE) → residual] → RMSNorm → head,
+plus the optional MTP layer (`mtp.py`) that drafts one more token from the final hidden state.
+
+Two ways to run the same weights and maths:
+- full sequence: `model(input_ids [B, T])` → logits [B, T, V], causal attention over the batch rows
+  (training, parity tests, one-shot scoring);
+- cached: the engine flattens the tokens of many sequences into `input_ids [N]` with their `positions [N]`
+  and passes an `AttentionContext` whose `attend` writes this step's K/V into its cache and attends over
+  each sequence's past. The model knows nothing of paging; the context knows nothing of the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glm45.config import ModelConfig
+from glm45.model.decoder import AttentionContext, DecoderLayer
+from glm45.model.layers import RMSNorm, RotaryEmbedding
+from glm45.model.mtp import MTPLayer
+
+
+class Glm4MoeModel(nn.Module):
+    """The decoder stack: embeddings, layers and the final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Glm4MoeForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, with_mtp: bool | None = None):
+        super().__init__()
+        self.config = config
+        self.model = Glm4MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        if with_mtp is None:
+            with_mtp = config.num_nextn_predict_layers > 0
+        self.mtp: MTPLayer | None = MTPLayer(config) if with_mtp else None
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation for training from scratch and benchmarks: normal(0, std) matrices,
+        unit norms, zero biases and zero balancing bias."""
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std, generator=generator)
+        for name, buffer in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.zero_()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(positions, dtype)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states, [B, T, D] for [B, T] input or [N, D] for the cached path."""
+        if positions is None:
+            if ctx is not None:
+                raise ValueError("the cached path needs the tokens' positions")
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rope(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, rope, ctx)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def mtp_draft(
+        self,
+        next_token_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: AttentionContext | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP step for pairs (h_t, x_{t+1}) at positions t → (normalised h', logits for x_{t+2})."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP layer (the checkpoint has no model.layers.{N}.* tensors)")
+        return self.mtp.draft(next_token_ids, hidden, self.rope(positions, hidden.dtype), ctx)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        if ctx is None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [batch, seq] LongTensor, got shape {tuple(input_ids.shape)}")
+        return self.compute_logits(self.hidden_states(input_ids, positions, ctx))
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        load_mtp: bool = True,
+        progress: bool = True,
+    ) -> Glm4MoeForCausalLM:
+        """Load an HF-layout folder (BF16/FP32/FP8, one file or sharded, per-expert or fused experts)."""
+        from glm45.model.loader import load_model
+
+        return load_model(path, dtype=dtype, device=device, load_mtp=load_mtp, progress=progress)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+        """Write an HF-layout folder (config, safetensors with per-expert names and the MTP layer)."""
+        from glm45.model.loader import save_model
+
+        save_model(self, path, max_shard_bytes=max_shard_bytes)

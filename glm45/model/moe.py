@@ -1,0 +1,111 @@
+"""The mixture-of-experts feed-forward of GLM-4.5: sigmoid router with a selection-only bias, grouped
+top-k, routed experts computed by grouping tokens per expert, and an always-on shared expert.
+
+Shape suffixes: T tokens, D hidden size, E routed experts, K experts per token, G expert groups,
+I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm45.config import ModelConfig
+from glm45.model.layers import MLP
+
+
+class Router(nn.Module):
+    """Chooses K experts per token and their weights.
+
+    scores = sigmoid(x·Wᵀ) in float32. Selection uses scores + e_score_correction_bias (the loss-free
+    balancing bias), restricted to the `topk_group` best of `n_group` groups, where a group's score is
+    the sum of its two best biased scores. The weights are the *unbiased* scores of the chosen experts,
+    renormalised to sum to 1 when `norm_topk_prob`, then multiplied by `routed_scaling_factor`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32), persistent=True
+        )
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (topk_weights_TK float32, topk_ids_TK, scores_TE float32)."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid()
+        choice_TE = scores_TE + self.e_score_correction_bias
+        if self.n_group > 1:
+            num_tokens, num_experts = choice_TE.shape
+            choice_TGe = choice_TE.view(num_tokens, self.n_group, num_experts // self.n_group)
+            group_scores_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
+            top_groups_TG = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False).indices
+            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
+            choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(num_tokens, num_experts)
+        topk_ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
+        if self.norm_topk_prob:
+            topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_weights_TK * self.routed_scaling_factor, topk_ids_TK, scores_TE
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights: gate_up_proj [E, 2I, D] (gate rows first), down_proj
+    [E, D, I] — the layout transformers 5 uses, so fused checkpoints load without copies.
+
+    Tokens are grouped by expert: the T·K (token, expert) assignments are sorted by expert once, then each
+    active expert runs one matmul over its contiguous slice. No per-token loops, no per-token weight gathers.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        num_experts, hidden, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = num_experts
+        self.intermediate_size = inter
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+
+    def forward(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = topk_ids_TK.shape
+        flat_ids = topk_ids_TK.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of_row = order // top_k
+        rows_per_expert = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+
+        x_sorted = x_TD[token_of_row]
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for expert, count in enumerate(rows_per_expert):
+            if count == 0:
+                continue
+            end = start + count
+            gate, up = F.linear(x_sorted[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out_sorted[start:end] = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            start = end
+
+        # Weighting in float32 then casting back matches the reference's rounding.
+        weights = topk_weights_TK.reshape(-1)[order, None]
+        weighted = (out_sorted * weights).to(x_TD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_of_row, weighted)
+
+
+class MoE(nn.Module):
+    """Routed experts (weighted) plus the shared expert (unweighted)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        topk_weights_TK, topk_ids_TK, _ = self.gate(x_TD)
+        routed_TD = self.experts(x_TD, topk_weights_TK, topk_ids_TK)
+        return (routed_TD + self.shared_experts(x_TD)).view_as(x)

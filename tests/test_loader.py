@@ -1,0 +1,252 @@
+"""Checkpoint loading and saving: layouts, MTP, FP8, sharding, and clear errors on damaged checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_checkpoints import AIR_LIKE, build_reference, save_reference
+
+from glm45.config import ModelConfig
+from glm45.model import Glm4MoeForCausalLM
+from glm45.model.loader import Checkpoint, CheckpointError, dequantize_fp8
+
+IDS = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def air_folder(tmp_path_factory):
+    return save_reference("air_like", tmp_path_factory.mktemp("air"))
+
+
+def our_model_with_mtp() -> Glm4MoeForCausalLM:
+    hf = {k: v for k, v in AIR_LIKE.items() if k != "rope_parameters"}
+    config = ModelConfig.from_dict({**hf, "model_type": "glm4_moe", "rope_theta": 10000.0,
+                                    "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 1})
+    torch.manual_seed(0)
+    model = Glm4MoeForCausalLM(config)
+    model.init_weights(std=0.08)
+    return model.eval()
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids)
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_tensors(folder, edit):
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_save_load_round_trip_keeps_mtp(tmp_path):
+    model = our_model_with_mtp()
+    model.save_pretrained(tmp_path)
+    names = load_file(tmp_path / "model.safetensors").keys()
+    n = model.config.num_hidden_layers
+    assert f"model.layers.{n}.eh_proj.weight" in names
+    assert f"model.layers.{n}.shared_head.head.weight" in names
+    assert f"model.layers.{n}.mlp.experts.15.down_proj.weight" in names
+    loaded = Glm4MoeForCausalLM.from_pretrained(tmp_path, dtype="float32", progress=False)
+    assert loaded.mtp is not None
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    without = Glm4MoeForCausalLM.from_pretrained(tmp_path, dtype="float32", load_mtp=False, progress=False)
+    assert without.mtp is None
+    assert torch.equal(logits(without), logits(model))
+
+
+def test_transformers_loads_what_we_save(tmp_path):
+    from transformers import Glm4MoeForCausalLM as Reference
+
+    model = our_model_with_mtp()
+    model.save_pretrained(tmp_path)
+    reference = Reference.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(IDS).logits
+    assert torch.allclose(logits(model), expected, atol=1e-4 * expected.abs().max())
+
+
+def test_sharded_checkpoint_with_index(tmp_path, air_folder):
+    model = Glm4MoeForCausalLM.from_pretrained(air_folder, dtype="float32", progress=False)
+    model.save_pretrained(tmp_path, max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (tmp_path / "model.safetensors").exists()
+    reloaded = Glm4MoeForCausalLM.from_pretrained(tmp_path, dtype="float32", progress=False)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_fused_expert_tensors_load(tmp_path, air_folder):
+    folder = copy_checkpoint(air_folder, tmp_path / "fused")
+
+    def fuse(tensors):
+        for layer in range(1, 3):
+            prefix = f"model.layers.{layer}.mlp.experts"
+            gate_up, down = [], []
+            for e in range(16):
+                gate_up.append(torch.cat([tensors.pop(f"{prefix}.{e}.gate_proj.weight"),
+                                          tensors.pop(f"{prefix}.{e}.up_proj.weight")]))
+                down.append(tensors.pop(f"{prefix}.{e}.down_proj.weight"))
+            tensors[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+            tensors[f"{prefix}.down_proj"] = torch.stack(down)
+
+    rewrite_tensors(folder, fuse)
+    fused = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False)
+    plain = Glm4MoeForCausalLM.from_pretrained(air_folder, dtype="float32", progress=False)
+    assert torch.equal(logits(fused), logits(plain))
+
+
+def test_matching_dtype_is_zero_copy(air_folder):
+    checkpoint = Checkpoint(air_folder)
+    first = checkpoint.raw("model.embed_tokens.weight")
+    again, _ = checkpoint.weight("model.embed_tokens.weight", torch.float32)
+    assert first.data_ptr() == again.data_ptr()  # both views of the memory map, no copy made
+
+
+# ---------------------------------------------------------------------- FP8
+def quantize(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    if scheme == "channel":
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / fp8_max
+        return (weight / scale).to(torch.float8_e4m3fn), scale
+    out_f, in_f = weight.shape
+    rows, cols = -(-out_f // 128), -(-in_f // 128)
+    padded = torch.zeros(rows * 128, cols * 128)
+    padded[:out_f, :in_f] = weight
+    blocks = padded.view(rows, 128, cols, 128)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / fp8_max
+    q = (blocks / scale[:, None, :, None]).view(rows * 128, cols * 128)[:out_f, :in_f]
+    return q.to(torch.float8_e4m3fn), scale
+
+
+def is_quantized_linear(name: str, tensor: torch.Tensor) -> bool:
+    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight")
+    return name.endswith(".weight") and tensor.dim() == 2 and not any(s in name for s in skip)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "block"])
+def test_fp8_checkpoints_dequantize(tmp_path, air_folder, scheme):
+    folder = copy_checkpoint(air_folder, tmp_path / scheme)
+    originals = {}
+
+    dequantized = {}
+
+    def to_fp8(tensors):
+        for name in [n for n, t in tensors.items() if is_quantized_linear(n, t)]:
+            originals[name] = tensors[name]
+            q, scale = quantize(tensors[name], scheme)
+            tensors[name] = q
+            tensors[name + ("_scale" if scheme == "channel" else "_scale_inv")] = scale
+            if scheme == "channel":
+                dequantized[name] = q.float() * scale
+            else:
+                full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+                dequantized[name] = q.float() * full[: q.shape[0], : q.shape[1]]
+
+    rewrite_tensors(folder, to_fp8)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "compressed-tensors", "format": "float-quantized"} if scheme == "channel"
+        else {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    assert len(originals) > 50
+
+    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False)
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    expert = model.model.layers[1].mlp.experts.gate_up_proj[3, :32]
+    for got, name in [(q_proj, "model.layers.0.self_attn.q_proj.weight"),
+                      (expert, "model.layers.1.mlp.experts.3.gate_proj.weight")]:
+        want = originals[name]
+        # e4m3 keeps 3 mantissa bits: a relative error of at most 2^-4, plus the subnormal step.
+        assert ((got - want).abs() <= want.abs() / 16 + want.abs().max() / 448 * 2**-9 + 1e-7).all()
+    # The logits are those of the original model with every weight replaced by W_fp8 · scale...
+    plain = Glm4MoeForCausalLM.from_pretrained(air_folder, dtype="float32", progress=False)
+    original_logits = logits(plain)
+    fake_quant = copy_checkpoint(air_folder, tmp_path / "fake")
+    rewrite_tensors(fake_quant, lambda tensors: tensors.update(dequantized))
+    expected = logits(Glm4MoeForCausalLM.from_pretrained(fake_quant, dtype="float32", progress=False))
+    got = logits(model)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # ...which stay within FP8 error of the original (e4m3 ≈ 3% per weight, compounded over 3 layers).
+    assert (got - original_logits).abs().mean() / original_logits.abs().mean() < 0.15
+
+
+def test_dequantize_fp8_rejects_mismatched_scale():
+    with pytest.raises(CheckpointError, match="cannot read FP8 scale"):
+        dequantize_fp8(torch.zeros(4, 6, dtype=torch.float8_e4m3fn), torch.ones(3, 5))
+
+
+# ---------------------------------------------------------------------- damaged checkpoints
+def test_missing_tensor_is_named(tmp_path, air_folder):
+    folder = copy_checkpoint(air_folder, tmp_path / "c")
+    rewrite_tensors(folder, lambda t: t.pop("model.layers.1.mlp.experts.7.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.experts\.7\.up_proj"):
+        Glm4MoeForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_extra_tensor_is_named(tmp_path, air_folder):
+    folder = copy_checkpoint(air_folder, tmp_path / "c")
+    rewrite_tensors(folder, lambda t: t.update({"model.layers.0.self_attn.surprise": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.0\.self_attn\.surprise"):
+        Glm4MoeForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_wrong_shape_is_named(tmp_path, air_folder):
+    folder = copy_checkpoint(air_folder, tmp_path / "c")
+    rewrite_tensors(folder, lambda t: t.update({"model.norm.weight": torch.ones(63)}))
+    with pytest.raises(CheckpointError, match=r"wrong shapes: model\.norm\.weight is \[63\], expected \[64\]"):
+        Glm4MoeForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_truncated_file(tmp_path, air_folder):
+    folder = copy_checkpoint(air_folder, tmp_path / "c")
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Glm4MoeForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_corrupt_header(tmp_path, air_folder):
+    folder = copy_checkpoint(air_folder, tmp_path / "c")
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"garbage!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        Glm4MoeForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_not_a_safetensors_file(tmp_path, air_folder):
+    folder = copy_checkpoint(air_folder, tmp_path / "c")
+    (folder / "model.safetensors").write_bytes(b"\x01")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        Glm4MoeForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_index_naming_a_missing_shard(tmp_path, air_folder):
+    model = Glm4MoeForCausalLM.from_pretrained(air_folder, dtype="float32", progress=False)
+    model.save_pretrained(tmp_path, max_shard_bytes=100_000)
+    next(iter(sorted(tmp_path.glob("model-*.safetensors")))).unlink()
+    with pytest.raises(CheckpointError, match="names files that are not in"):
+        Glm4MoeForCausalLM.from_pretrained(tmp_path, progress=False)
+
+
+def test_unknown_dtype(air_folder):
+    with pytest.raises(ValueError, match="dtype 'int4' is not supported"):
+        Glm4MoeForCausalLM.from_pretrained(air_folder, dtype="int4", progress=False)
+
+
+def test_reference_checkpoint_in_bf16_loads_as_bf16(tmp_path):
+    build_reference("air_like", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    model = Glm4MoeForCausalLM.from_pretrained(tmp_path, progress=False)  # dtype from config.json
+    assert model.dtype == torch.bfloat16
+    assert save_reference  # the float32 writer is shared with the parity tests

@@ -1,0 +1,155 @@
+"""The GLM-4.5 tokenizer, and detokenisation for streaming.
+
+`Tokenizer` wraps a checkpoint's `tokenizer.json` (the `tokenizers` library) together with what
+`tokenizer_config.json` adds: which added tokens are special, and the chat template. Special tokens are
+always looked up by their text, never by hard-coded ids, so the same code runs the released checkpoints
+and the small models we train ourselves.
+
+`IncrementalDetokenizer` turns a stream of generated ids into text deltas. A byte-level BPE token can
+end in the middle of a UTF-8 character, so text is released only once it decodes cleanly; deltas are
+always decoded in the context of the tokens before them, so together they are exactly `decode(ids)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+__all__ = ["IncrementalDetokenizer", "Tokenizer"]
+
+END_OF_TURN_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: encode/decode with GLM-4.5's added tokens and special-token flags."""
+
+    def __init__(self, tokenizer, config: dict | None = None):
+        """`tokenizer` is a `tokenizers.Tokenizer`; `config` the parsed tokenizer_config.json, if any."""
+        self._tok = tokenizer
+        self.config = dict(config or {})
+        self.chat_template: str | None = self.config.get("chat_template") or None
+
+        special = {int(i) for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        # tokenizer_config.json has the last word on `special` (transformers reads it that way too);
+        # entries are matched by their text, not by the ids written there.
+        for entry in self.config.get("added_tokens_decoder", {}).values():
+            token_id = self._tok.token_to_id(entry.get("content", ""))
+            if token_id is None:
+                continue
+            if entry.get("special"):
+                special.add(token_id)
+            else:
+                special.discard(token_id)
+        for text in self.config.get("additional_special_tokens", []):
+            token_id = self._tok.token_to_id(text if isinstance(text, str) else text.get("content", ""))
+            if token_id is not None:
+                special.add(token_id)
+        self.special_ids: frozenset[int] = frozenset(special)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` (+ `tokenizer_config.json`, `chat_template.jinja` if present) from a folder."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        folder = Path(path)
+        if not (folder / "tokenizer.json").is_file():
+            raise ValueError(f"no tokenizer.json in {folder}; expected a Hugging Face checkpoint folder")
+        config = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if not isinstance(config.get("chat_template"), str) and (folder / "chat_template.jinja").is_file():
+            config["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")), config)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (the model's embedding may be larger)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids for `text`. No BOS is added; special-token texts in `text` become their ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, text: str) -> int | None:
+        """The id of the token whose text is `text`, or None when the vocabulary has no such token."""
+        return self._tok.token_to_id(text)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(int(token_id))
+
+    def special_token_id(self, text: str) -> int:
+        """The id of an added token such as `<|user|>`; a `ValueError` when the tokenizer lacks it."""
+        token_id = self._tok.token_to_id(text)
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no token {text!r}; is this a GLM-4.5 tokenizer?")
+        return token_id
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.special_ids
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end a generated turn: `<|endoftext|>`, `<|user|>`, `<|observation|>`."""
+        return [self.special_token_id(text) for text in END_OF_TURN_TOKENS]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.special_token_id(self.config.get("pad_token") or "<|endoftext|>")
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids, fed one at a time or in groups, into text deltas for streaming.
+
+    Joined together, the deltas returned by `feed` and `finish` equal `tokenizer.decode(all_ids)`.
+    A delta never ends inside a UTF-8 character (no stray `�`): bytes are held back until the character
+    they start is complete. Special tokens are dropped when `skip_special_tokens`; `<think>`,
+    `<tool_call>` and the other non-special protocol tags are kept.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        # ids[prefix_offset:read_offset] were already emitted and end on a character boundary; they are
+        # decoded again as context so the new ids decode exactly as they do inside the whole sequence.
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""  # everything emitted so far
+
+    def feed(self, token_ids: int | Sequence[int]) -> str:
+        """Add generated ids; return the text that became final."""
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        # One id at a time, so a group ending mid-character still releases the text before that character.
+        deltas = []
+        for token_id in token_ids:
+            if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
+                continue
+            self.ids.append(int(token_id))
+            deltas.append(self._emit(final=False))
+        return "".join(deltas)
+
+    def finish(self) -> str:
+        """Release whatever is held back (an incomplete character decodes as `�`, as in `decode`)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        if self._read_offset == len(self.ids):
+            return ""
+        decode = self.tokenizer._tok.decode
+        prefix_text = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=False)
+        new_text = decode(self.ids[self._prefix_offset:], skip_special_tokens=False)
+        if not final and (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)):
+            return ""  # the last token ends mid-character: wait for the rest of its bytes
+        delta = new_text[len(prefix_text):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        self.text += delta
+        return delta

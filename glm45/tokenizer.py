@@ -144,7 +144,7 @@ class IncrementalDetokenizer:
     def _emit(self, final: bool) -> str:
         if self._read_offset == len(self.ids):
             return ""
-        decode = self.tokenizer._tok.decode
+        decode = self.tokenizer.decode  # special ids were already filtered out in `feed` when skipping
         prefix_text = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=False)
         new_text = decode(self.ids[self._prefix_offset:], skip_special_tokens=False)
         if not final and (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)):

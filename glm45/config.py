@@ -195,3 +195,35 @@ class ModelConfig:
         out["attention_dropout"] = 0.0
         out["use_cache"] = True
         return out
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model. Field names follow vLLM's flags (`--max-model-len` ↔ `max_model_len`)."""
+
+    model: str | None = None                 # a local folder; None means the bundled small model
+    tokenizer: str | None = None             # defaults to the model folder
+    dtype: str = "auto"                      # auto | bfloat16 | float16 | float32
+    device: str = "auto"                     # auto (cuda if available) | cpu | cuda | cuda:N
+    max_model_len: int | None = None         # defaults to the model's context length, capped by the KV budget
+    max_num_seqs: int = 64                   # sequences in one batch
+    max_num_batched_tokens: int = 2048       # token budget of one step (chunked prefill splits longer prompts)
+    block_size: int = 16                     # tokens per KV-cache block
+    kv_cache_memory_bytes: int | None = None # KV-cache budget; None: a default per device
+    num_gpu_blocks_override: int | None = None  # exact number of KV blocks (tests, tuning)
+    enable_prefix_caching: bool = True
+    num_speculative_tokens: int = 0          # MTP draft tokens per step (0 disables speculative decoding)
+    seed: int = 0                            # for requests without their own seed
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be ≥ 1, got {self.max_model_len}")
+        if not 0 <= self.num_speculative_tokens <= 8:
+            raise ValueError(f"num_speculative_tokens must be in [0, 8], got {self.num_speculative_tokens}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be ≥ 1, got {self.num_gpu_blocks_override}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be ≥ 1, got {self.kv_cache_memory_bytes}")

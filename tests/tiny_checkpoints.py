@@ -47,3 +47,39 @@ def build_reference(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32
 def save_reference(kind: str, folder: Path, seed: int = 0) -> Path:
     build_reference(kind, seed).save_pretrained(folder)
     return folder
+
+
+def save_mtp_model(folder: Path, attention_scale: float = 0.1, seed: int = 0) -> Path:
+    """An Air-shaped model with an MTP layer whose drafts the target accepts part of the time.
+
+    The MLPs contribute nothing and attention a little, so the target's next token is mostly a function
+    of the current token — which the MTP layer computes exactly from its embedding input (eh_proj passes
+    the embedding half through; its block adds only a little attention). Drafts are then accepted often
+    but not always, and context (the KV cache) still decides some tokens: every path of verification runs.
+    """
+    from glm45.config import ModelConfig
+    from glm45.model import Glm4MoeForCausalLM
+
+    hf = {k: v for k, v in AIR_LIKE.items() if k != "rope_parameters"}
+    config = ModelConfig.from_dict({**hf, "model_type": "glm4_moe", "rope_theta": 10000.0,
+                                    "num_nextn_predict_layers": 1})
+    torch.manual_seed(seed)
+    model = Glm4MoeForCausalLM(config)
+    model.init_weights(std=0.08)
+    hidden = config.hidden_size
+    with torch.no_grad():
+        mtp = model.mtp
+        for layer in [*model.model.layers, mtp]:
+            layer.self_attn.o_proj.weight.mul_(attention_scale)
+            mlp = layer.mlp
+            if hasattr(mlp, "experts"):
+                mlp.experts.down_proj.zero_()
+                mlp.shared_experts.down_proj.weight.zero_()
+            else:
+                mlp.down_proj.weight.zero_()
+        mtp.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+        mtp.shared_head.head.weight.copy_(model.lm_head.weight)
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :hidden] = torch.eye(hidden)
+    model.save_pretrained(folder)
+    return folder

@@ -1,0 +1,92 @@
+"""Paged attention for one engine step: the model's `AttentionContext` over the paged KV cache.
+
+The step's tokens arrive flattened, `[N, heads, head_dim]`, sequence after sequence. `attend` writes their
+K/V into the cache slots given by `slot_mapping`, then lets each sequence's queries attend over its own
+cached past (positions 0 … ctx_len-1, causally offset for the new tokens).
+
+Sequences with few new tokens (decode, speculative verification) are gathered into one padded batch and
+served by one SDPA call per layer, with K/V sliced to the longest context in the batch, not the whole
+cache. Long prefill chunks get a call of their own, with the causal fast path when nothing is cached.
+The gather indices and masks are built once per step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SHORT_QUERY = 16  # sequences with at most this many new tokens share the padded batch
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of the step: rows [q_start, q_start + q_len) of the flat tokens, attending over
+    cache positions [0, ctx_len) where the last q_len of them are its new tokens."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_table: list[int]
+
+
+class PagedAttention:
+    def __init__(self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, slices: list[SeqSlice], block_size: int):
+        self.kv_cache = kv_cache  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+        self.slot_mapping = slot_mapping
+        device = slot_mapping.device
+        self.num_tokens = sum(s.q_len for s in slices)
+
+        def slots(s: SeqSlice) -> torch.Tensor:
+            table = torch.tensor(s.block_table, dtype=torch.long)
+            return (table[:, None] * block_size + torch.arange(block_size)).reshape(-1)[: s.ctx_len]
+
+        short = [s for s in slices if s.q_len <= SHORT_QUERY]
+        self.long = [(s, slots(s).to(device)) for s in slices if s.q_len > SHORT_QUERY]
+        self.batch = None
+        if short:
+            q_max = max(s.q_len for s in short)
+            ctx_max = max(s.ctx_len for s in short)
+            q_rows = torch.zeros(len(short), q_max, dtype=torch.long)
+            kv_slots = torch.zeros(len(short), ctx_max, dtype=torch.long)
+            mask = torch.zeros(len(short), 1, q_max, ctx_max, dtype=torch.bool)
+            valid = torch.zeros(len(short), q_max, dtype=torch.bool)
+            for b, s in enumerate(short):
+                q_rows[b, : s.q_len] = torch.arange(s.q_start, s.q_start + s.q_len)
+                kv_slots[b, : s.ctx_len] = slots(s)
+                valid[b, : s.q_len] = True
+                # query i (0-based among the new tokens) sits at position ctx_len - q_len + i
+                last_visible = torch.arange(s.q_len) + (s.ctx_len - s.q_len)
+                mask[b, 0, : s.q_len, : s.ctx_len] = torch.arange(s.ctx_len)[None, :] <= last_visible[:, None]
+                mask[b, 0, s.q_len:, 0] = True  # padding rows see one key, so they stay finite
+            self.batch = (q_rows.to(device), kv_slots.to(device), mask.to(device), valid.reshape(-1).to(device),
+                          q_rows.reshape(-1)[valid.reshape(-1)].to(device))
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache = self.kv_cache[layer_idx, 0].view(-1, k.shape[-2], k.shape[-1])
+        v_cache = self.kv_cache[layer_idx, 1].view(-1, v.shape[-2], v.shape[-1])
+        k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        if self.batch is not None:
+            q_rows, kv_slots, mask, valid, out_rows = self.batch
+            # [B, Q, H, hd] → [B, H, Q, hd]
+            batch_out = F.scaled_dot_product_attention(
+                q[q_rows].transpose(1, 2), k_cache[kv_slots].transpose(1, 2), v_cache[kv_slots].transpose(1, 2),
+                attn_mask=mask, enable_gqa=True,
+            ).transpose(1, 2)
+            out[out_rows] = batch_out.reshape(-1, *q.shape[1:])[valid]
+        for s, kv_slots in self.long:
+            rows = slice(s.q_start, s.q_start + s.q_len)
+            query = q[rows].transpose(0, 1)[None]
+            keys = k_cache[kv_slots].transpose(0, 1)[None]
+            values = v_cache[kv_slots].transpose(0, 1)[None]
+            if s.ctx_len == s.q_len:
+                result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
+            else:
+                offset = s.ctx_len - s.q_len
+                mask = torch.ones(s.q_len, s.ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+                result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+            out[rows] = result[0].transpose(0, 1)
+        return out

@@ -1,0 +1,150 @@
+"""The paged KV cache: a pool of fixed-size blocks, reference counted, with a prefix cache.
+
+Memory: one tensor `[layers, 2 (k, v), num_blocks, block_size, kv_heads, head_dim]`. A sequence owns a
+`block_table` (block ids in order); token position p lives in slot `block_table[p // B] * B + p % B`.
+
+Prefix cache: once a block is full of computed tokens it gets a hash chained from the previous block's
+hash and its own token ids, so equal hashes mean equal prefixes. A new sequence looks its prompt's full
+blocks up and shares the hits (reference count + 1). Freed blocks keep their hash and go to the back of
+the free list, so a popular prefix survives until its blocks are actually reused (LRU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from glm45.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: bytes | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+def chain_hash(previous: bytes | None, token_ids: list[int]) -> bytes:
+    digest = hashlib.blake2b(previous or b"", digest_size=16)
+    digest.update(b",".join(str(t).encode() for t in token_ids))
+    return digest.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.hash_to_block: dict[bytes, int] = {}
+        # Per sequence: how many of its leading blocks are hashed (full and registered in the cache).
+        self.num_hashed_blocks: dict[int, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0     # of which found in the cache
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------ allocation
+    def _take_free_block(self) -> int:
+        block_id = self.free_block_ids.popleft()
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]  # its old contents are about to be overwritten
+        block.hash, block.token_ids, block.ref_count = None, [], 1
+        return block_id
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """At admission: share the cached blocks of the sequence's longest cached prefix. At least the last
+        known token is always left to compute, so its logits exist and no shared block is written."""
+        assert not seq.block_table
+        self.num_hashed_blocks[seq.seq_id] = 0
+        if not self.enable_prefix_caching:
+            return
+        self.prefix_queries += seq.num_prompt_tokens
+        previous = None
+        max_blocks = (len(seq) - 1) // self.block_size
+        for index in range(max_blocks):
+            tokens = seq.token_ids[index * self.block_size:(index + 1) * self.block_size]
+            block_hash = chain_hash(previous, tokens)
+            block_id = self.hash_to_block.get(block_hash)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self.free_block_ids.remove(block_id)
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            previous = block_hash
+        hits = len(seq.block_table)
+        self.num_hashed_blocks[seq.seq_id] = hits
+        seq.num_computed_tokens = seq.num_cached_tokens = hits * self.block_size
+        self.prefix_hits += min(seq.num_cached_tokens, seq.num_prompt_tokens)
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow the sequence's block table to hold `num_tokens` slots (caller checked `can_allocate`)."""
+        while len(seq.block_table) < self.blocks_needed(num_tokens):
+            seq.block_table.append(self._take_free_block())
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_block_ids.append(block_id)
+        seq.block_table = []
+        self.num_hashed_blocks.pop(seq.seq_id, None)
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Hash the sequence's blocks that became full of computed tokens, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        hashed = self.num_hashed_blocks.get(seq.seq_id, 0)
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        previous = self.blocks[seq.block_table[hashed - 1]].hash if hashed else None
+        for index in range(hashed, full):
+            tokens = seq.token_ids[index * self.block_size:(index + 1) * self.block_size]
+            block = self.blocks[seq.block_table[index]]
+            block.hash = chain_hash(previous, tokens)
+            block.token_ids = tokens
+            self.hash_to_block.setdefault(block.hash, block.block_id)
+            previous = block.hash
+        self.num_hashed_blocks[seq.seq_id] = max(hashed, full)
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+
+def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+def allocate_kv_cache(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor:
+    return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)

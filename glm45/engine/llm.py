@@ -1,0 +1,124 @@
+"""The offline API, in vLLM's shape: `LLM(model=...).generate(prompts, params)` and `.chat(messages, ...)`.
+
+`generate` submits every prompt at once and steps the engine until all are done, so they are batched
+continuously; outputs come back in the order of the prompts. `chat` renders conversations with the
+GLM-4.5 template and parses each answer into reasoning, content and tool calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from glm45.config import EngineConfig
+from glm45.engine.engine import LLMEngine
+from glm45.engine.sampling_params import SamplingParams
+from glm45.engine.sequence import RequestOutput
+
+PromptType = str | Mapping[str, Any]
+
+
+@dataclasses.dataclass
+class ChatResult:
+    """One parsed chat answer beside its raw completion."""
+
+    reasoning_content: str | None
+    content: str | None
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str | None
+    output: RequestOutput
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args: Any):
+        names = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_args) - names)
+        if unknown:
+            raise ValueError(f"unknown engine arguments {unknown}; allowed: {sorted(names - {'model'})}")
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, Mapping)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        request_ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                request_id = f"offline-{next(self._ids)}"
+                self.engine.add_request(request_id, self._prompt(prompt), p)
+                request_ids.append(request_id)
+        except ValueError:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    @staticmethod
+    def _prompt(prompt: PromptType) -> str | list[int]:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return str(prompt["prompt"])
+        raise ValueError(
+            f"a prompt must be a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, got {prompt!r:.80}"
+        )
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm,
+                  leave=False) as bar:
+            while len(finished) < len(request_ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[request_id] for request_id in request_ids]
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        enable_thinking: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[ChatResult]:
+        from glm45.chat import render_chat
+        from glm45.parsers import parse_chat_output
+
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer, and this model folder has none")
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        prompts = [render_chat(c, tools=tools, enable_thinking=enable_thinking) for c in conversations]
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        results = []
+        for output in outputs:
+            completion = output.outputs[0]
+            # With thinking on, the model opens its turn with `<think>`; with it off the prompt already
+            # closed the thought block, so everything generated is the answer.
+            parsed = parse_chat_output(completion.text, tools, reasoning=enable_thinking)
+            finish = "tool_calls" if parsed.tool_calls else completion.finish_reason
+            results.append(ChatResult(parsed.reasoning, parsed.content, parsed.tool_calls, finish, output))
+        return results

@@ -1,0 +1,108 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence limit (`max_num_seqs`). Running
+sequences come first, in arrival order: a decoding sequence needs 1 token (plus its drafts), a sequence
+still prefilling takes the next chunk of its prompt that fits the budget (chunked prefill). Waiting
+sequences are admitted after them, first looking their prompt up in the prefix cache.
+
+When the KV cache has no block left for a running sequence, the most recently admitted running sequence
+is preempted by recompute: its blocks are freed, its computed-token count reset, and it returns to the
+front of the queue with all its tokens, to be prefilled again later. No request is lost or crashes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from glm45.engine.kv_cache import BlockManager
+from glm45.engine.runner import ScheduledSeq
+from glm45.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_speculative_tokens: int = 0):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_speculative_tokens = num_speculative_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def lookahead(self) -> int:
+        """Extra slots a step may write past the known tokens: k verified drafts, then k-1 MTP drafts."""
+        return 2 * self.num_speculative_tokens
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.draft_token_ids, seq.draft_probs = [], None
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        logger.debug("preempted request %s (%d tokens) to free KV blocks", seq.request_id, len(seq))
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            remaining = len(seq) - seq.num_computed_tokens
+            num_tokens = min(remaining, budget) if remaining > 1 else 1
+            cost = num_tokens + (len(seq.draft_token_ids) if remaining == 1 else 0)
+            if cost > budget:
+                continue
+            needed = seq.num_computed_tokens + num_tokens + self.lookahead
+            while not self.block_manager.can_allocate(seq, needed):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            self.block_manager.allocate(seq, needed)
+            batch.append(ScheduledSeq(seq, num_tokens))
+            budget -= cost
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.block_manager.match_prefix(seq)
+            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            needed = seq.num_computed_tokens + num_tokens + self.lookahead
+            if not self.block_manager.can_allocate(seq, needed):
+                self.block_manager.free(seq)  # give shared prefix blocks back until it can run
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                break
+            self.block_manager.allocate(seq, needed)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, num_tokens))
+            budget -= num_tokens
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished (or aborted) sequence and return its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)

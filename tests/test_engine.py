@@ -1,0 +1,214 @@
+"""The engine against transformers' generate, and its invariances: batching, prefix cache, chunked prefill,
+preemption, speculative decoding, seeds; plus input validation and block accounting."""
+
+import pytest
+import torch
+from tiny_checkpoints import build_reference, save_mtp_model, save_reference
+
+from glm45 import LLM, SamplingParams
+from glm45.config import EngineConfig
+from glm45.engine import LLMEngine
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(3, 320, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def token_prompts(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {kind: save_reference(kind, tmp_path_factory.mktemp(kind)) for kind in ("glm45_like", "air_like")}
+
+
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tmp_path_factory):
+    return save_mtp_model(tmp_path_factory.mktemp("mtp"))
+
+
+def make_engine(folder, **overrides) -> LLMEngine:
+    args = dict(model=str(folder), dtype="float32", device="cpu", max_model_len=512, num_gpu_blocks_override=128)
+    return LLMEngine(EngineConfig(**{**args, **overrides}))
+
+
+def run_to_completion(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]):
+    """Step the engine, adding requests at the steps given; returns the finished outputs by request id."""
+    done, step = {}, 0
+    pending = dict(arrivals)
+    while pending or engine.has_unfinished_requests():
+        for request_id, prompt, params in pending.pop(step, []):
+            engine.add_request(request_id, prompt, params)
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output
+        step += 1
+        assert step < 10_000
+    return done
+
+
+@pytest.mark.parametrize("kind", ["glm45_like", "air_like"])
+def test_greedy_matches_transformers_generate(checkpoints, kind):
+    reference = build_reference(kind)
+    llm = LLM(str(checkpoints[kind]), dtype="float32", device="cpu", max_model_len=512, num_gpu_blocks_override=64)
+    prompts = [random_prompt(n, seed) for seed, n in enumerate((3, 17, 40, 9))]
+    outputs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64,
+                                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+        assert output.outputs[0].finish_reason == "length"
+    assert llm.engine.block_manager.num_free_blocks == 64
+
+
+def test_batch_invariance_with_prefix_cache_chunked_prefill_and_preemption(checkpoints):
+    folder = checkpoints["glm45_like"]
+    shared = random_prompt(40, 99)  # a common prefix of several prompts: prefix-cache hits
+    prompts = [shared + random_prompt(5 + i, i) if i % 3 == 0 else random_prompt(10 + 7 * i, i) for i in range(17)]
+    lengths = [20 + (i * 7) % 30 for i in range(17)]
+
+    alone = {}
+    for i, prompt in enumerate(prompts):
+        engine = make_engine(folder)
+        params = SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True)
+        alone[i] = run_to_completion(engine, {0: [(str(i), prompt, params)]})[str(i)].outputs[0].token_ids
+
+    # 17 requests arriving over the first steps, a 48-token step budget (chunked prefill) and a KV cache
+    # far too small for all of them at once (preemption by recompute).
+    engine = make_engine(folder, max_num_batched_tokens=48, num_gpu_blocks_override=24, max_model_len=256)
+    arrivals = {}
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True)
+        arrivals.setdefault((i * 3) % 11, []).append((str(i), prompt, params))
+    together = run_to_completion(engine, arrivals)
+    stats = engine.stats()
+    assert stats["num_preemptions"] > 0
+    assert stats["prefix_cache_hits"] > 0
+    for i in range(17):
+        assert together[str(i)].outputs[0].token_ids == alone[i], f"request {i} differs"
+    assert engine.block_manager.num_free_blocks == 24
+
+
+def test_prefix_cache_hit_gives_the_same_output(checkpoints):
+    engine = make_engine(checkpoints["air_like"])
+    prompt = random_prompt(70, 5)
+    first = run_to_completion(engine, {0: [("a", prompt, GREEDY)]})["a"]
+    second = run_to_completion(engine, {0: [("b", prompt, GREEDY)]})["b"]
+    assert second.num_cached_tokens == 64  # four full 16-token blocks; the last token is always computed
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_speculative_greedy_equals_plain_decoding(mtp_checkpoint, k):
+    prompts = [random_prompt(n, seed) for seed, n in enumerate((4, 19, 33, 50))]
+    plain = LLM(str(mtp_checkpoint), dtype="float32", device="cpu", num_gpu_blocks_override=128, max_model_len=512)
+    expected = [o.outputs[0].token_ids for o in plain.generate(token_prompts(prompts), GREEDY, use_tqdm=False)]
+    spec = LLM(str(mtp_checkpoint), dtype="float32", device="cpu", num_gpu_blocks_override=128, max_model_len=512,
+               num_speculative_tokens=k)
+    got = [o.outputs[0].token_ids for o in spec.generate(token_prompts(prompts), GREEDY, use_tqdm=False)]
+    assert got == expected
+    stats = spec.engine.stats()
+    # drafts were both accepted and rejected at every position, so every verification path ran
+    assert all(0.0 < rate < 1.0 for rate in stats["spec_acceptance_rates"]), stats["spec_acceptance_rates"]
+    assert stats["spec_mean_accepted_length"] > 1.0
+    assert spec.engine.block_manager.num_free_blocks == 128
+
+
+def test_seeded_sampling_is_independent_of_the_batch(checkpoints):
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
+    prompt = random_prompt(12, 3)
+    llm = LLM(str(checkpoints["air_like"]), dtype="float32", device="cpu", num_gpu_blocks_override=64,
+              max_model_len=512)
+    alone = llm.generate(token_prompts([prompt]), params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [random_prompt(5 + i, 50 + i) for i in range(6)]
+    other_params = SamplingParams(temperature=1.0, max_tokens=10 + 3 * 2, ignore_eos=True)
+    mixed = llm.generate(token_prompts(others[:3] + [prompt] + others[3:]),
+                         [other_params] * 3 + [params] + [other_params] * 3, use_tqdm=False)
+    assert mixed[3].outputs[0].token_ids == alone
+    unseeded = SamplingParams(temperature=0.9, max_tokens=24, ignore_eos=True)
+    a, b = llm.generate(token_prompts([prompt, prompt]), unseeded, use_tqdm=False)
+    assert a.outputs[0].token_ids != b.outputs[0].token_ids  # no seed: independent draws
+
+
+def test_speculative_sampling_is_seeded_and_valid(mtp_checkpoint):
+    llm = LLM(str(mtp_checkpoint), dtype="float32", device="cpu", num_gpu_blocks_override=128, max_model_len=512,
+              num_speculative_tokens=2)
+    params = SamplingParams(temperature=0.8, seed=7, max_tokens=40, ignore_eos=True)
+    first = llm.generate(token_prompts([random_prompt(9, 1)]), params, use_tqdm=False)[0].outputs[0].token_ids
+    again = llm.generate(token_prompts([random_prompt(9, 1)]), params, use_tqdm=False)[0].outputs[0].token_ids
+    assert first == again and len(first) == 40
+
+
+def test_stop_token_ids_and_n(checkpoints):
+    llm = LLM(str(checkpoints["air_like"]), dtype="float32", device="cpu", num_gpu_blocks_override=64,
+              max_model_len=512)
+    prompt = random_prompt(10, 8)
+    full = llm.generate(token_prompts([prompt]), GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = full[5]
+    stopped = llm.generate(token_prompts([prompt]), SamplingParams(temperature=0, max_tokens=64,
+                                                                    stop_token_ids=[stop_at]), use_tqdm=False)
+    completion = stopped[0].outputs[0]
+    assert completion.token_ids == full[: full.index(stop_at) + 1]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop_at
+    # the model's end tokens (ids 0, 1, 2 in its config) stop generation unless ignore_eos
+    multi = llm.generate(token_prompts([prompt]), SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=1,
+                                                                  logprobs=2), use_tqdm=False)[0]
+    assert [c.index for c in multi.outputs] == [0, 1, 2]
+    for completion in multi.outputs:
+        assert len(completion.logprobs) == len(completion.token_ids)
+        for token, logprobs in zip(completion.token_ids, completion.logprobs, strict=True):
+            assert token in logprobs and len(logprobs) >= 2 and all(v <= 0 for v in logprobs.values())
+
+
+def test_bad_input_is_a_clear_value_error(checkpoints):
+    engine = make_engine(checkpoints["air_like"], max_model_len=64)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("a", [], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len is 64"):
+        engine.add_request("b", list(range(3, 70)), GREEDY)
+    with pytest.raises(ValueError, match=r"plus max_tokens \(64\) exceeds max_model_len \(64\)"):
+        engine.add_request("c", [5, 6, 7], GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request("d", [5, 100000], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.add_request("e", "hello", SamplingParams(max_tokens=4))
+    engine.add_request("f", [5, 6], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("f", [5, 6], SamplingParams(max_tokens=4))
+    for bad in [dict(temperature=-1), dict(top_p=0), dict(top_k=-5), dict(max_tokens=0), dict(n=0),
+                dict(presence_penalty=3), dict(repetition_penalty=0), dict(logprobs=50), dict(min_p=2)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="unknown engine arguments"):
+        LLM(str(checkpoints["air_like"]), max_num_sequences=3)
+
+
+def test_abort_returns_every_block(checkpoints):
+    engine = make_engine(checkpoints["glm45_like"], max_num_batched_tokens=32)
+    for i in range(6):
+        engine.add_request(str(i), random_prompt(30 + 10 * i, i), SamplingParams(temperature=0, max_tokens=100))
+    for _ in range(8):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < 128
+    for i in range(6):
+        assert engine.abort_request(str(i))
+    assert engine.block_manager.num_free_blocks == 128
+    assert not engine.has_unfinished_requests() and engine.step() == []
+
+
+def test_long_prompt_through_chunked_prefill_in_a_small_kv_budget(checkpoints):
+    reference = build_reference("air_like")
+    prompt = random_prompt(3000, 11)
+    # 3,000 prompt tokens in chunks of 256, in a cache of 200 blocks (3,200 tokens)
+    engine = make_engine(checkpoints["air_like"], max_num_batched_tokens=256, num_gpu_blocks_override=200,
+                         max_model_len=3100)
+    out = run_to_completion(engine, {0: [("long", prompt, SamplingParams(temperature=0, max_tokens=8))]})
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+    assert out["long"].outputs[0].token_ids == expected[0, 3000:].tolist()

@@ -1,0 +1,94 @@
+"""The engine with a tokenizer: text prompts, stop strings across token boundaries, chat parsing — and the
+statistics of speculative rejection sampling."""
+
+import json
+
+import pytest
+import torch
+from protocol_fixtures import build_tiny_tokenizer
+
+from glm45 import LLM, SamplingParams
+from glm45.config import ModelConfig
+from glm45.engine.speculative import rejection_sample
+from glm45.model import Glm4MoeForCausalLM
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A random tiny model whose vocabulary is a tiny GLM-4.5-style tokenizer's."""
+    folder = tmp_path_factory.mktemp("text_model")
+    tokenizer = build_tiny_tokenizer(folder)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+                         use_qk_norm=True, num_nextn_predict_layers=0, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_ids)
+    torch.manual_seed(0)
+    model = Glm4MoeForCausalLM(config)
+    model.init_weights(std=0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_text_prompt_and_stop_string_across_tokens(text_model):
+    llm = LLM(str(text_model), dtype="float32", device="cpu", max_model_len=1024, num_gpu_blocks_override=64)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = llm.generate("The quick brown fox", greedy, use_tqdm=False)[0].outputs[0]
+    assert full.text == llm.tokenizer.decode(full.token_ids)
+    assert len(full.text) > 12
+    # A stop string that starts inside one token and ends inside a later one.
+    boundaries = {len(llm.tokenizer.decode(full.token_ids[:i])) for i in range(len(full.token_ids) + 1)}
+    start = next(i for i in range(3, len(full.text) - 6) if i not in boundaries)
+    stop = full.text[start:start + 6]
+    first = full.text.find(stop)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])
+    stopped = llm.generate("The quick brown fox", params, use_tqdm=False)[0].outputs[0]
+    assert stopped.text == full.text[:first]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
+    kept = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                               stop=[stop], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == full.text[: first + len(stop)]
+
+
+def test_chat_renders_and_parses(text_model):
+    llm = LLM(str(text_model), dtype="float32", device="cpu", max_model_len=1024, num_gpu_blocks_override=64)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    results = llm.chat(messages, SamplingParams(temperature=0, max_tokens=30), tools=tools, use_tqdm=False)
+    assert len(results) == 1
+    result = results[0]
+    completion = result.output.outputs[0]
+    from glm45.parsers import parse_chat_output
+
+    expected = parse_chat_output(completion.text, tools)
+    assert (result.reasoning_content, result.content, result.tool_calls) == (
+        expected.reasoning, expected.content, expected.tool_calls)
+    from glm45.chat import render_chat
+
+    assert result.output.prompt == render_chat(messages, tools=tools)
+    two = llm.chat([messages, messages], SamplingParams(temperature=0, max_tokens=5), enable_thinking=False,
+                   use_tqdm=False)
+    assert len(two) == 2 and two[0].output.prompt.endswith("<think></think>")
+    json.dumps([r.tool_calls for r in two])
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """Draft from q, verify against p: the first emitted token must be distributed as p (chi-square)."""
+    vocab = 6
+    p = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.20, 0.10])
+    q = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.10, 0.20])
+    bonus = torch.full((vocab,), 1.0 / vocab)
+    generator = torch.Generator().manual_seed(0)
+    trials = 20000
+    counts = torch.zeros(vocab)
+    for _ in range(trials):
+        draft = int(torch.multinomial(q, 1, generator=generator))
+        first = rejection_sample([p, bonus], q[None], [draft], generator)[0]
+        counts[first] += 1
+    expected = p * trials
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # the 99.9% quantile of chi-square with 5 degrees of freedom
+    # and it is not just q: the same statistic against q is enormous
+    assert float(((counts - q * trials) ** 2 / (q * trials)).sum()) > 1000

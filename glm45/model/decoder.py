@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm45.config import ModelConfig
-from glm45.model.layers import MLP, RMSNorm, apply_rotary
+from glm45.model.layers import MLP, Linear, RMSNorm, apply_rotary
 from glm45.model.moe import MoE
 
 
@@ -37,10 +37,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         hidden, hd = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(hidden, self.num_heads * hd, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * hd, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * hd, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, hidden, bias=False)
+        self.q_proj = Linear(hidden, self.num_heads * hd, bias=config.attention_bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.o_proj = Linear(self.num_heads * hd, hidden, bias=False)
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
             # One norm of size head_dim shared by all heads, after the bias and before RoPE.

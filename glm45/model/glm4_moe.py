@@ -20,7 +20,7 @@ from torch import nn
 
 from glm45.config import ModelConfig
 from glm45.model.decoder import AttentionContext, DecoderLayer
-from glm45.model.layers import RMSNorm, RotaryEmbedding
+from glm45.model.layers import Linear, RMSNorm, RotaryEmbedding
 from glm45.model.mtp import MTPLayer
 
 
@@ -39,7 +39,7 @@ class Glm4MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Glm4MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
         if with_mtp is None:
             with_mtp = config.num_nextn_predict_layers > 0
@@ -99,9 +99,23 @@ class Glm4MoeForCausalLM(nn.Module):
         ctx: AttentionContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP step for pairs (h_t, x_{t+1}) at positions t → (normalised h', logits for x_{t+2})."""
+        h_next = self.mtp_hidden_states(next_token_ids, hidden, positions, ctx)
+        return h_next, self.compute_mtp_logits(h_next)
+
+    def mtp_hidden_states(
+        self,
+        next_token_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        """The MTP step's normalised h' only; `compute_mtp_logits` turns the rows that are sampled into logits."""
         if self.mtp is None:
             raise ValueError("this model has no MTP layer (the checkpoint has no model.layers.{N}.* tensors)")
-        return self.mtp.draft(next_token_ids, hidden, self.rope(positions, hidden.dtype), ctx)
+        return self.mtp.draft_hidden(next_token_ids, hidden, self.rope(positions, hidden.dtype), ctx)
+
+    def compute_mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mtp.shared_head.head(h)
 
     def forward(
         self,

@@ -10,6 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm45.kernels import cpu
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose inference path takes the fast bf16 CPU kernels (glm45/kernels/cpu.py) when they apply."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu.linear(x, self.weight, self.bias)
+
 
 class RMSNorm(nn.Module):
     """y = w · (x / rms(x)), normalised in float32, cast back to the input dtype, then scaled."""
@@ -65,9 +74,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

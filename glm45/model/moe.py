@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm45.config import ModelConfig
+from glm45.kernels import cpu
 from glm45.model.layers import MLP
 
 
@@ -79,20 +80,30 @@ class Experts(nn.Module):
         rows_per_expert = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
 
         x_sorted = x_TD[token_of_row]
-        out_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for expert, count in enumerate(rows_per_expert):
-            if count == 0:
-                continue
-            end = start + count
-            gate, up = F.linear(x_sorted[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            out_sorted[start:end] = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            start = end
+        out_sorted = self._decode_experts(x_sorted, flat_ids[order]) if num_tokens <= cpu.MAX_KERNEL_ROWS else None
+        if out_sorted is None:
+            out_sorted = torch.empty_like(x_sorted)
+            start = 0
+            for expert, count in enumerate(rows_per_expert):
+                if count == 0:
+                    continue
+                end = start + count
+                gate, up = cpu.linear(x_sorted[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
+                out_sorted[start:end] = cpu.linear(F.silu(gate) * up, self.down_proj[expert])
+                start = end
 
         # Weighting in float32 then casting back matches the reference's rounding.
         weights = topk_weights_TK.reshape(-1)[order, None]
         weighted = (out_sorted * weights).to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_of_row, weighted)
+
+    def _decode_experts(self, x_sorted: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor | None:
+        """A handful of tokens: every (row, expert) pair in one grouped call per projection."""
+        gate_up = cpu.grouped_gemv(x_sorted, self.gate_up_proj, expert_of_row)
+        if gate_up is None:
+            return None
+        gate, up = gate_up.chunk(2, dim=-1)
+        return cpu.grouped_gemv(F.silu(gate) * up, self.down_proj, expert_of_row)
 
 
 class MoE(nn.Module):

@@ -20,14 +20,14 @@ from torch import nn
 
 from glm45.config import ModelConfig
 from glm45.model.decoder import AttentionContext, DecoderLayer
-from glm45.model.layers import RMSNorm
+from glm45.model.layers import Linear, RMSNorm
 
 
 class SharedHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 class MTPLayer(DecoderLayer):
@@ -39,7 +39,7 @@ class MTPLayer(DecoderLayer):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
     def draft(
@@ -50,8 +50,18 @@ class MTPLayer(DecoderLayer):
         ctx: AttentionContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_{t+1} ids [...], h_t [..., D]) → (normalised h' [..., D], logits for x_{t+2} [..., V])."""
+        h_next = self.draft_hidden(next_token_ids, hidden, rope, ctx)
+        return h_next, self.shared_head.head(h_next)
+
+    def draft_hidden(
+        self,
+        next_token_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        ctx: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        """The normalised h' alone, for callers that need logits at only some of the positions."""
         embedded = self.enorm(self.embed_tokens(next_token_ids))
         x = self.eh_proj(torch.cat([embedded, self.hnorm(hidden)], dim=-1))
         x = super().forward(x, rope, ctx)
-        h_next = self.shared_head.norm(x)
-        return h_next, self.shared_head.head(h_next)
+        return self.shared_head.norm(x)

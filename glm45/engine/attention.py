@@ -44,24 +44,30 @@ class PagedAttention:
 
         short = [s for s in slices if s.q_len <= SHORT_QUERY]
         self.long = [(s, slots(s).to(device)) for s in slices if s.q_len > SHORT_QUERY]
-        self.batch = None
-        if short:
-            q_max = max(s.q_len for s in short)
-            ctx_max = max(s.ctx_len for s in short)
-            q_rows = torch.zeros(len(short), q_max, dtype=torch.long)
-            kv_slots = torch.zeros(len(short), ctx_max, dtype=torch.long)
-            mask = torch.zeros(len(short), 1, q_max, ctx_max, dtype=torch.bool)
-            valid = torch.zeros(len(short), q_max, dtype=torch.bool)
-            for b, s in enumerate(short):
-                q_rows[b, : s.q_len] = torch.arange(s.q_start, s.q_start + s.q_len)
-                kv_slots[b, : s.ctx_len] = slots(s)
-                valid[b, : s.q_len] = True
-                # query i (0-based among the new tokens) sits at position ctx_len - q_len + i
-                last_visible = torch.arange(s.q_len) + (s.ctx_len - s.q_len)
-                mask[b, 0, : s.q_len, : s.ctx_len] = torch.arange(s.ctx_len)[None, :] <= last_visible[:, None]
-                mask[b, 0, s.q_len:, 0] = True  # padding rows see one key, so they stay finite
-            self.batch = (q_rows.to(device), kv_slots.to(device), mask.to(device), valid.reshape(-1).to(device),
-                          q_rows.reshape(-1)[valid.reshape(-1)].to(device))
+        self.batch = self._padded_batch(short, block_size, device) if short else None
+
+    @staticmethod
+    def _padded_batch(short: list[SeqSlice], block_size: int, device: torch.device):
+        """Gather indices and mask for one SDPA call over all short sequences, built without a per-sequence
+        loop of tensor ops (it runs every step, for up to max_num_seqs sequences)."""
+        q_start = torch.tensor([s.q_start for s in short])
+        q_len = torch.tensor([s.q_len for s in short])
+        ctx_len = torch.tensor([s.ctx_len for s in short])
+        q_max, ctx_max = int(q_len.max()), int(ctx_len.max())
+        num_blocks = -(-ctx_max // block_size)
+        table = torch.tensor([s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table[:num_blocks]))
+                              for s in short])
+        kv_slots = (table[:, :, None] * block_size + torch.arange(block_size)).reshape(len(short), -1)[:, :ctx_max]
+        query_index = torch.arange(q_max)
+        valid = query_index[None, :] < q_len[:, None]                                  # [B, Q]
+        q_rows = torch.where(valid, q_start[:, None] + query_index[None, :], 0)
+        # query i of a sequence sits at position ctx_len - q_len + i and sees keys up to there; padding
+        # rows see at least key 0, so they stay finite (their output is dropped).
+        last_visible = (ctx_len - q_len)[:, None] + query_index[None, :]               # [B, Q]
+        mask = torch.arange(ctx_max)[None, None, :] <= last_visible[:, :, None]         # [B, Q, L]
+        valid_flat = valid.reshape(-1)
+        return (q_rows.to(device), kv_slots.to(device), mask[:, None].to(device), valid_flat.to(device),
+                q_rows.reshape(-1)[valid_flat].to(device))
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache = self.kv_cache[layer_idx, 0].view(-1, k.shape[-2], k.shape[-1])

@@ -63,7 +63,7 @@ def _library() -> ctypes.CDLL | None:
             built.replace(target)  # atomic: concurrent processes never load a half-written file
     library = ctypes.CDLL(str(target))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.gemv_bf16.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
+    library.gemv_bf16.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
     library.grouped_gemv_bf16.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
     return library
 
@@ -83,19 +83,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     out_features, in_features = weight.shape
-    library = _library() if rows <= MAX_KERNEL_ROWS and in_features % 16 == 0 else None
-    x32 = x.reshape(rows, in_features).float().contiguous()
-    if library is not None and weight.is_contiguous():
-        y = torch.empty(rows, out_features, dtype=torch.float32)
-        library.gemv_bf16(weight.data_ptr(), x32.data_ptr(), y.data_ptr(), rows, out_features, in_features,
-                          torch.get_num_threads())
-    elif rows <= MAX_KERNEL_ROWS:
-        return F.linear(x, weight, bias)
-    else:
-        y = torch.empty(rows, out_features, dtype=torch.float32)
-        for start in range(0, out_features, UPCAST_CHUNK_ROWS):
-            block = weight[start:start + UPCAST_CHUNK_ROWS]
-            torch.mm(x32, block.float().t(), out=y[:, start:start + block.shape[0]])
+    if rows <= MAX_KERNEL_ROWS:
+        library = _library()
+        if library is None or in_features % 16 or x.dtype != torch.bfloat16 or not weight.is_contiguous():
+            return F.linear(x, weight, bias)
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+        library.gemv_bf16(weight.data_ptr(), x.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
+                          y.data_ptr(), rows, out_features, in_features, torch.get_num_threads())
+        return y
+    x32 = x.reshape(rows, in_features).float()
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    for start in range(0, out_features, UPCAST_CHUNK_ROWS):
+        block = weight[start:start + UPCAST_CHUNK_ROWS]
+        torch.mm(x32, block.float().t(), out=y[:, start:start + block.shape[0]])
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
@@ -103,15 +104,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def grouped_gemv(x: torch.Tensor, weight: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor | None:
     """y[r] = weight[expert_of_row[r]] @ x[r] for bf16 expert stacks [E, N, K]; None when not applicable."""
-    if not _inference_bf16(x, weight) or weight.shape[-1] % 16 or not weight.is_contiguous():
+    if not _inference_bf16(x, weight) or x.dtype != torch.bfloat16 or weight.shape[-1] % 16:
         return None
     library = _library()
-    if library is None:
+    if library is None or not weight.is_contiguous():
         return None
     rows, (_, out_features, in_features) = x.shape[0], weight.shape
-    x32 = x.float().contiguous()
+    x = x.contiguous()
     experts = expert_of_row.to(torch.int64).contiguous()
-    y = torch.empty(rows, out_features, dtype=torch.float32)
-    library.grouped_gemv_bf16(weight.data_ptr(), x32.data_ptr(), experts.data_ptr(), y.data_ptr(), rows,
+    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    library.grouped_gemv_bf16(weight.data_ptr(), x.data_ptr(), experts.data_ptr(), y.data_ptr(), rows,
                               out_features, in_features, torch.get_num_threads())
-    return y.to(x.dtype)
+    return y

@@ -4,12 +4,15 @@
  * GEMV on AVX2-only CPUs reaches about half of it. These kernels stream the bf16 weights once, widen them
  * to fp32 in registers (a bf16 is the top half of an fp32: shift left by 16) and accumulate in fp32.
  *
- *   gemv_bf16:         y[m, n] = sum_k x[m, k] * W[n, k]                    W [N, K], M <= 4
+ *   gemv_bf16:         y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])        W [N, K], M <= 4
  *   grouped_gemv_bf16: y[r, n] = sum_k x[r, k] * W[expert[r], n, k]         W [E, N, K] (MoE decode)
- * x and y are fp32, row-major; K must be a multiple of 16.
+ * x and y are bf16 too (row-major): the inputs are widened once, sums are fp32, and each output is rounded
+ * to bf16 once, to nearest even, as torch does. K must be a multiple of 16.
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 static inline __m256 load_bf16(const uint16_t *p) {
     __m128i half = _mm_loadu_si128((const __m128i *)p);
@@ -39,15 +42,49 @@ static inline void dot_rows(const uint16_t *w, const float *x, int64_t x_stride,
     for (int m = 0; m < M; m++) out[m * out_stride] = horizontal_sum(_mm256_add_ps(acc[m][0], acc[m][1]));
 }
 
-void gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) dot_rows(W + n * K, x, K, M, K, y + n, N);
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
-void grouped_gemv_bf16(const uint16_t *W, const float *x, const int64_t *expert, float *y,
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);                   /* round to nearest, ties to even */
+    return (uint16_t)(bits >> 16);
+}
+
+static float *widen(const uint16_t *x, int64_t count) {
+    float *out = (float *)aligned_alloc(32, ((count * sizeof(float) + 31) / 32) * 32);
+    for (int64_t i = 0; i < count; i++) out[i] = bf16_to_float(x[i]);
+    return out;
+}
+
+void gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+               int64_t M, int64_t N, int64_t K, int threads) {
+    float *x32 = widen(x, M * K);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float sums[4];
+        dot_rows(W + n * K, x32, K, M, K, sums, 1);
+        float b = bias ? bf16_to_float(bias[n]) : 0.0f;
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = float_to_bf16(sums[m] + b);
+    }
+    free(x32);
+}
+
+void grouped_gemv_bf16(const uint16_t *W, const uint16_t *x, const int64_t *expert, uint16_t *y,
                        int64_t R, int64_t N, int64_t K, int threads) {
+    float *x32 = widen(x, R * K);
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t r = 0; r < R; r++)
-        for (int64_t n = 0; n < N; n++)
-            dot_rows(W + (expert[r] * N + n) * K, x + r * K, K, 1, K, y + r * N + n, 0);
+        for (int64_t n = 0; n < N; n++) {
+            float sum;
+            dot_rows(W + (expert[r] * N + n) * K, x32 + r * K, K, 1, K, &sum, 0);
+            y[r * N + n] = float_to_bf16(sum);
+        }
+    free(x32);
 }

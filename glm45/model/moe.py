@@ -74,36 +74,44 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = topk_ids_TK.shape
+        if num_tokens <= cpu.MAX_KERNEL_ROWS:
+            decoded = self._decode(x_TD, topk_weights_TK, topk_ids_TK)
+            if decoded is not None:
+                return decoded
         flat_ids = topk_ids_TK.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token_of_row = order // top_k
         rows_per_expert = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
 
         x_sorted = x_TD[token_of_row]
-        out_sorted = self._decode_experts(x_sorted, flat_ids[order]) if num_tokens <= cpu.MAX_KERNEL_ROWS else None
-        if out_sorted is None:
-            out_sorted = torch.empty_like(x_sorted)
-            start = 0
-            for expert, count in enumerate(rows_per_expert):
-                if count == 0:
-                    continue
-                end = start + count
-                gate, up = cpu.linear(x_sorted[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                out_sorted[start:end] = cpu.linear(F.silu(gate) * up, self.down_proj[expert])
-                start = end
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for expert, count in enumerate(rows_per_expert):
+            if count == 0:
+                continue
+            end = start + count
+            gate, up = cpu.linear(x_sorted[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out_sorted[start:end] = cpu.linear(F.silu(gate) * up, self.down_proj[expert])
+            start = end
 
         # Weighting in float32 then casting back matches the reference's rounding.
         weights = topk_weights_TK.reshape(-1)[order, None]
         weighted = (out_sorted * weights).to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_of_row, weighted)
 
-    def _decode_experts(self, x_sorted: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor | None:
-        """A handful of tokens: every (row, expert) pair in one grouped call per projection."""
-        gate_up = cpu.grouped_gemv(x_sorted, self.gate_up_proj, expert_of_row)
+    def _decode(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor):
+        """A handful of tokens (decoding): no sorting, every (token, expert) pair in one grouped call per
+        projection; the K expert outputs of a token are summed in float32. None when the kernel cannot run."""
+        num_tokens, top_k = topk_ids_TK.shape
+        x_rows = x_TD.repeat_interleave(top_k, dim=0)
+        expert_of_row = topk_ids_TK.reshape(-1)
+        gate_up = cpu.grouped_gemv(x_rows, self.gate_up_proj, expert_of_row)
         if gate_up is None:
             return None
         gate, up = gate_up.chunk(2, dim=-1)
-        return cpu.grouped_gemv(F.silu(gate) * up, self.down_proj, expert_of_row)
+        out_rows = cpu.grouped_gemv(F.silu(gate) * up, self.down_proj, expert_of_row)
+        out_TKD = out_rows.view(num_tokens, top_k, -1).float() * topk_weights_TK[..., None]
+        return out_TKD.sum(dim=1).to(x_TD.dtype)
 
 
 class MoE(nn.Module):

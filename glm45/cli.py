@@ -1,6 +1,8 @@
 """The `glm45` command line: one entry point with subcommands.
 
     glm45 info MODEL      load a checkpoint and print its architecture and parameter counts
+    glm45 serve [MODEL]   the OpenAI-compatible server (vLLM's flags); default: the bundled small model
+    glm45 chat [MODEL]    an interactive chat in the terminal
 """
 
 from __future__ import annotations
@@ -38,6 +40,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from glm45.server.app import run_server
+    from glm45.server.config import configs_from_args
+
+    engine_config, server_config = configs_from_args(args)
+    run_server(engine_config, server_config)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from glm45.config import EngineConfig
+    from glm45.engine.engine import LLMEngine
+    from glm45.server.config import dataclass_from_args
+    from glm45.terminal_chat import ChatSettings, TerminalChat, load_tools
+
+    if args.model and args.model_positional and args.model != args.model_positional:
+        raise ValueError(f"two different models given: {args.model_positional!r} and --model {args.model!r}")
+    engine_config = dataclass_from_args(EngineConfig, args, model=args.model or args.model_positional)
+    tools = load_tools(args.tools)
+    engine = LLMEngine(engine_config)
+    settings = dataclass_from_args(ChatSettings, args, thinking=not args.no_thinking,
+                                   color=not args.no_color and sys.stdout.isatty())
+    TerminalChat(engine, settings, tools).run()
+    return 0
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    from glm45.config import EngineConfig
+    from glm45.server.config import add_dataclass_arguments
+
+    parser.add_argument("model_positional", nargs="?", metavar="MODEL",
+                        help="a local model folder; default: the bundled small model")
+    parser.add_argument("--model", default=None, help="the model folder (same as the positional MODEL)")
+    parser.add_argument("--no-thinking", action="store_true", help="answer without thinking first")
+    parser.add_argument("--hide-thinking", action="store_true", help="think, but do not print the reasoning")
+    parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument("--tools", default=None, metavar="FILE", help="a JSON list of OpenAI tool definitions")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--no-color", action="store_true", help="no ANSI styles")
+    add_dataclass_arguments(parser, EngineConfig, skip=("model",))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm45", description="GLM-4.5 family: run and adapt the models.")
     parser.add_argument("--log-level", default="INFO")
@@ -46,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="a local folder in the Hugging Face layout")
     info.add_argument("--dtype", default="auto")
     info.set_defaults(func=cmd_info)
+
+    from glm45.server.config import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="the OpenAI-compatible server",
+                           description="Serve a model over the OpenAI API (flags as in vLLM).")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+    chat = sub.add_parser("chat", help="chat with a model in the terminal")
+    add_chat_arguments(chat)
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -1,0 +1,259 @@
+"""The HTTP application: routes, the API-key and body-size guards, error mapping, startup and shutdown.
+
+    app = create_app(engine, ServerConfig(...))      # an `LLMEngine` already loaded
+    run_server(EngineConfig(...), ServerConfig(...))  # `glm45 serve`: load, listen, drain on SIGTERM
+
+Every error a client can cause leaves as the OpenAI error JSON (`{"error": {message, type, param, code}}`)
+with its status, and is logged in one line without a traceback: 400 for malformed JSON, schema and value
+errors, 401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body over the
+limit. Only a bug in the server is a 500, logged with its traceback.
+
+SIGTERM is handled by uvicorn: it stops accepting connections, lets in-flight requests (streams
+included) finish for up to `shutdown_timeout` seconds, then runs the lifespan shutdown, which stops the
+engine thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import glm45
+from glm45.chat import render_chat
+from glm45.config import EngineConfig
+from glm45.engine.engine import LLMEngine
+from glm45.server.async_engine import AsyncEngine
+from glm45.server.config import ServerConfig
+from glm45.server.metrics import ServerMetrics
+from glm45.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    plain_messages,
+)
+from glm45.server.serving import OpenAIServing, RequestError
+
+logger = logging.getLogger(__name__)
+
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse(RequestError(message, status, param, code, type).to_json(), status_code=status)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
+
+
+class GuardMiddleware:
+    """API key on the protected paths, then the request-body size limit (by header, and while reading a
+    body sent without one). Pure ASGI, so streaming responses pass through untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        if self.api_key is not None and path.startswith(PROTECTED_PREFIXES):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                logger.info("%s %s -> 401: missing or wrong API key", scope["method"], path)
+                response = error_response(401, "Incorrect or missing API key. Send `Authorization: Bearer <key>`.",
+                                          code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                await error_response(400, f"invalid Content-Length header {length!r}")(scope, receive, send)
+                return
+            if int(length) > self.max_body_bytes:
+                logger.info("%s %s -> 413: body of %s bytes", scope["method"], path, length)
+                await error_response(413, str(BodyTooLarge(self.max_body_bytes).detail))(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)  # FastAPI passes HTTPExceptions through
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for item in error.errors():
+        loc = [str(x) for x in item.get("loc", ()) if x != "body"]
+        if item.get("type") == "json_invalid":
+            return f"the request body is not valid JSON: {item.get('ctx', {}).get('error', item.get('msg'))}", None
+        where = ".".join(loc)
+        param = param or where or None
+        parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "; ".join(parts) or "invalid request", param
+
+
+def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_names: list[str] | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`. The engine thread starts and stops with the app's lifespan."""
+    config = config or ServerConfig()
+    names = model_names or config.served_model_name or [engine.model_path.name]
+    metrics = ServerMetrics(names[0], lambda: async_engine.stats())
+    async_engine = AsyncEngine(engine, metrics)
+    serving = OpenAIServing(async_engine, config, names)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        logger.info("serving %s as %s (max_model_len %d)", engine.model_path, ", ".join(names), engine.max_model_len)
+        try:
+            yield
+        finally:
+            if async_engine.num_in_flight:
+                logger.info("shutting down: aborting %d unfinished requests", async_engine.num_in_flight)
+            async_engine.stop()
+            logger.info("engine stopped")
+
+    app = FastAPI(title="glm45", version=glm45.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.async_engine = async_engine
+    app.state.serving = serving
+    app.state.metrics = metrics
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes)
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError):
+        logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return JSONResponse(exc.to_json(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        logger.info("%s %s -> 400: %s", request.method, request.url.path, message)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.detail)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal server error: {type(exc).__name__}", type="server_error")
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.is_alive:
+            return error_response(503, "the engine is not running", type="service_unavailable")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": glm45.__version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models():
+        cards = [ModelCard(id=name, root=str(engine.model_path), max_model_len=engine.max_model_len) for name in names]
+        return ModelList(data=cards).model_dump(mode="json")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw: Request):
+        return await serving.create_chat_completion(request, raw)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw: Request):
+        return await serving.create_completion(request, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest):
+        serving.check_model(request.model)
+        if engine.tokenizer is None:
+            raise RequestError("this model has no tokenizer")
+        if (request.prompt is None) == (request.messages is None):
+            raise RequestError("send exactly one of `prompt` and `messages`", param="prompt")
+        text = request.prompt
+        if request.messages is not None:
+            kwargs = request.chat_template_kwargs or config.default_chat_template_kwargs or {}
+            tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+            try:
+                text = render_chat(plain_messages(request.messages), tools=tools,
+                                   enable_thinking=bool(kwargs.get("enable_thinking", True)),
+                                   add_generation_prompt=request.add_generation_prompt,
+                                   chat_template=serving.chat_template)
+            except ValueError as e:
+                raise RequestError(str(e), param="messages") from None
+        tokens = engine.tokenizer.encode(text)
+        return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest):
+        serving.check_model(request.model)
+        if engine.tokenizer is None:
+            raise RequestError("this model has no tokenizer")
+        bad = [t for t in request.tokens if not 0 <= t < engine.tokenizer.vocab_size]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {engine.tokenizer.vocab_size})",
+                               param="tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens, skip_special_tokens=False))
+
+    return app
+
+
+def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:
+    """Load the model, serve until SIGTERM/SIGINT, drain in-flight requests, exit."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGTERM once it has shut down, so a server that drained cleanly would still
+            # exit "killed by signal"; this one exits with status 0. A second Ctrl-C still forces the exit.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    engine = LLMEngine(engine_config)
+    names = config.served_model_name or [engine_config.model or Path(engine.model_path).name]
+    app = create_app(engine, config, names)
+    Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+                          timeout_graceful_shutdown=config.shutdown_timeout, access_log=True)).run()

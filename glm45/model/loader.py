@@ -9,6 +9,11 @@ or `X.weight_scale_inv` (128×128 blocks) becomes `W_fp8 · scale` in the reques
 
 Any missing tensor, unexpected tensor, wrong shape or damaged file is an error that names it.
 
+Tensor and expert parallelism hook in through `load_model(..., parallelize=fn)`: `fn` reshapes the meta
+model to one rank's shard and returns a `ShardSpec` per sharded parameter; the loader then cuts each
+memory-mapped tensor (and its FP8 scale) to that shard before copying, so no rank ever reads or holds the
+whole model.
+
 Name mapping between the model and the checkpoint (`{}` = layer index, `{e}` = expert):
     mtp.X                                ↔ model.layers.{num_hidden_layers}.X
     model.layers.{}.mlp.experts.gate_up_proj [E, 2I, D]
@@ -26,7 +31,8 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +60,52 @@ EXPERT_STACK = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: what is wrong and which tensors or files are concerned."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """The part of a full tensor that one rank keeps.
+
+    Along `dim` the tensor is `parts` equal blocks laid end to end (2 for a fused gate/up stack: gate rows,
+    then up rows); each block is cut into `num_shards` equal pieces and the rank keeps piece `index` of every
+    block, in block order. With parts=1 that is simply the index-th of num_shards equal slices.
+    """
+
+    dim: int
+    num_shards: int
+    index: int
+    parts: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.num_shards:
+            raise ValueError(f"shard index {self.index} is outside [0, {self.num_shards})")
+
+    def ranges(self, size: int) -> list[tuple[int, int]]:
+        """(start, length) of each kept piece along `dim` of a full tensor that is `size` long there."""
+        if size % (self.parts * self.num_shards):
+            raise ValueError(f"a dimension of size {size} cannot be split into {self.parts} × {self.num_shards} "
+                             "equal pieces")
+        block = size // self.parts
+        piece = block // self.num_shards
+        return [(p * block + self.index * piece, piece) for p in range(self.parts)]
+
+    def local_shape(self, full_shape: list[int] | torch.Size) -> list[int]:
+        shape = list(full_shape)
+        shape[self.dim] //= self.num_shards
+        return shape
+
+    def full_shape(self, local_shape: list[int] | torch.Size) -> list[int]:
+        shape = list(local_shape)
+        shape[self.dim] *= self.num_shards
+        return shape
+
+    def slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The kept part of a full tensor: a view when it is one piece, else a concatenation of the pieces."""
+        pieces = [tensor.narrow(self.dim, start, length) for start, length in self.ranges(tensor.shape[self.dim])]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
+
+
+ShardPlan = Mapping[str, ShardSpec]  # model parameter name → its shard on this rank
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
@@ -170,18 +222,26 @@ class Checkpoint:
     def raw(self, name: str) -> torch.Tensor:
         return self.location[name].get(name)
 
-    def weight(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[str]]:
-        """The tensor `name` in `dtype`, dequantised if it has an FP8 scale; also the names it consumed."""
+    def weight(self, name: str, dtype: torch.dtype, shard: ShardSpec | None = None) -> tuple[torch.Tensor, list[str]]:
+        """The tensor `name` (or its `shard`) in `dtype`, dequantised if it has an FP8 scale; also the names it
+        consumed. A shard is cut from the memory map before any conversion and owns its memory."""
         tensor = self.raw(name)
         for suffix in SCALE_SUFFIXES:
             scale_name = name + suffix
             if scale_name in self:
                 if tensor.dtype not in FP8_DTYPES:
                     raise CheckpointError(f"{name} has a {scale_name} but is {tensor.dtype}, not an FP8 dtype")
-                return dequantize_fp8(tensor, self.raw(scale_name), name).to(dtype), [name, scale_name]
+                scale = self.raw(scale_name)
+                if shard is None:
+                    return dequantize_fp8(tensor, scale, name).to(dtype), [name, scale_name]
+                return _dequantize_shard(tensor, scale, shard, name).to(dtype), [name, scale_name]
         if tensor.dtype in FP8_DTYPES:
             raise CheckpointError(f"{name} is stored in {tensor.dtype} but has no weight_scale/weight_scale_inv")
-        return tensor.to(dtype), [name]
+        if shard is None:
+            return tensor.to(dtype), [name]
+        piece = shard.slice(tensor)
+        # A copy of the piece only: the rank must not keep a view that pins the whole tensor's pages.
+        return piece.to(dtype, copy=piece.dtype == dtype, memory_format=torch.contiguous_format), [name]
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
@@ -200,6 +260,25 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str = "weigh
             expanded = s.repeat_interleave(block_out, 0)[:out_features].repeat_interleave(block_in, 1)
             return w * expanded[:, :in_features]
     raise CheckpointError(f"{name}: cannot read FP8 scale of shape {list(s.shape)} for a weight {list(w.shape)}")
+
+
+def _dequantize_shard(weight: torch.Tensor, scale: torch.Tensor, shard: ShardSpec, name: str) -> torch.Tensor:
+    """Dequantise only one rank's shard of an FP8 weight: cut the scale with the weight where it has a row
+    (per channel) or a block (128×128) per piece of the shard; else dequantise the whole tensor and cut."""
+    if scale.numel() == 1:
+        return dequantize_fp8(shard.slice(weight), scale, name)
+    per_channel = scale.numel() == weight.shape[0] and (scale.dim() == 1 or scale.shape[-1] == 1)
+    if per_channel:
+        if shard.dim == 0:
+            return dequantize_fp8(shard.slice(weight), shard.slice(scale.reshape(-1, 1)), name)
+        return dequantize_fp8(shard.slice(weight), scale, name)
+    if scale.dim() == 2 and weight.dim() == 2:
+        size = weight.shape[shard.dim]
+        block = math.ceil(size / scale.shape[shard.dim])
+        if all(start % block == 0 and length % block == 0 for start, length in shard.ranges(size)):
+            return dequantize_fp8(shard.slice(weight), shard.slice(scale), name)
+    logger.debug("%s: FP8 scale does not align with the shard; dequantising the whole tensor first", name)
+    return shard.slice(dequantize_fp8(weight, scale, name)).contiguous()
 
 
 def _some(names: list[str], limit: int = 12) -> str:
@@ -224,7 +303,12 @@ def load_model(
     device: torch.device | str = "cpu",
     load_mtp: bool = True,
     progress: bool = True,
+    parallelize: Callable[[torch.nn.Module], ShardPlan] | None = None,
 ):
+    """Build the model on the meta device and assign its tensors from the checkpoint.
+
+    `parallelize(meta_model)` (tensor/expert parallelism) turns the model into this rank's shard and returns
+    the `ShardSpec` of every parameter it cut; those parameters are read shard by shard."""
     from glm45.model.glm4_moe import Glm4MoeForCausalLM
 
     config = ModelConfig.from_pretrained(path)
@@ -234,6 +318,7 @@ def load_model(
     with_mtp = load_mtp and config.num_nextn_predict_layers > 0 and has_mtp_tensors(checkpoint, config)
     with torch.device("meta"):
         model = Glm4MoeForCausalLM(config, with_mtp=with_mtp)
+    plan: ShardPlan = parallelize(model) if parallelize is not None else {}
 
     expected = model.state_dict()
     consumed: set[str] = set()
@@ -245,14 +330,17 @@ def load_model(
         target_dtype = torch.float32 if FLOAT32_PARAMS.match(internal) else dtype
         ckpt_name = checkpoint_prefix(internal, config)
         stack = EXPERT_STACK.match(ckpt_name)
+        shard = plan.get(internal)
         if ckpt_name in checkpoint:
             shape = checkpoint.shape(ckpt_name)
-            if shape != list(meta.shape):
-                wrong_shape.append(f"{ckpt_name} is {shape}, expected {list(meta.shape)}")
+            full_shape = shard.full_shape(meta.shape) if shard else list(meta.shape)
+            if shape != full_shape:
+                wrong_shape.append(f"{ckpt_name} is {shape}, expected {full_shape}")
                 continue
-            tensor, names = checkpoint.weight(ckpt_name, target_dtype)
+            tensor, names = checkpoint.weight(ckpt_name, target_dtype, shard)
         elif stack:
-            tensor, names, problems = _stack_experts(checkpoint, stack["prefix"], stack["kind"], meta, target_dtype)
+            tensor, names, problems = _stack_experts(checkpoint, stack["prefix"], stack["kind"], meta, target_dtype,
+                                                     shard)
             missing += problems["missing"]
             wrong_shape += problems["wrong_shape"]
             if tensor is None:
@@ -295,13 +383,26 @@ def _is_skipped_mtp(name: str, config: ModelConfig, with_mtp: bool) -> bool:
     return config.num_hidden_layers < layer < config.num_hidden_layers + config.num_nextn_predict_layers
 
 
-def _stack_experts(checkpoint: Checkpoint, prefix: str, kind: str, meta: torch.Tensor, dtype: torch.dtype):
-    """Build a fused expert stack from per-expert tensors."""
-    num_experts = meta.shape[0]
+def _stack_experts(checkpoint: Checkpoint, prefix: str, kind: str, meta: torch.Tensor, dtype: torch.dtype,
+                   shard: ShardSpec | None = None):
+    """Build a fused expert stack (or one rank's shard of it) from per-expert tensors.
+
+    A shard along dim 0 (expert parallelism) reads only this rank's experts; a shard along dim 1 or 2 (tensor
+    parallelism inside each expert) cuts every expert's gate/up rows or down columns. The tensors of the
+    experts other ranks hold are counted as consumed, not as unexpected."""
+    full_shape = shard.full_shape(meta.shape) if shard else list(meta.shape)
+    num_experts = full_shape[0]
     parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
     problems: dict[str, list[str]] = {"missing": [], "wrong_shape": []}
-    part_shape = [meta.shape[1] // len(parts), meta.shape[2]]
-    names = [f"{prefix}.{e}.{part}.weight" for e in range(num_experts) for part in parts]
+    part_shape = [full_shape[1] // len(parts), full_shape[2]]
+    experts = range(num_experts)
+    part_shard = None
+    if shard is not None and shard.dim == 0:
+        (first, count), = shard.ranges(num_experts)
+        experts = range(first, first + count)
+    elif shard is not None:
+        part_shard = ShardSpec(shard.dim - 1, shard.num_shards, shard.index)
+    names = [f"{prefix}.{e}.{part}.weight" for e in experts for part in parts]
     for name in names:
         if name not in checkpoint:
             problems["missing"].append(name)
@@ -310,13 +411,17 @@ def _stack_experts(checkpoint: Checkpoint, prefix: str, kind: str, meta: torch.T
     if problems["missing"] or problems["wrong_shape"]:
         return None, [], problems
     stacked = torch.empty(list(meta.shape), dtype=dtype)
+    local_rows = meta.shape[1] // len(parts)
     consumed = []
     for i, name in enumerate(names):
         expert, part_index = divmod(i, len(parts))
-        rows = slice(part_index * part_shape[0], (part_index + 1) * part_shape[0])
-        tensor, used = checkpoint.weight(name, dtype)
+        rows = slice(part_index * local_rows, (part_index + 1) * local_rows)
+        tensor, used = checkpoint.weight(name, dtype, part_shard)
         stacked[expert, rows] = tensor
         consumed += used
+    others = [f"{prefix}.{e}.{part}.weight{suffix}" for e in range(num_experts) if e not in experts
+              for part in parts for suffix in ("", *SCALE_SUFFIXES)]
+    consumed += [name for name in others if name in checkpoint]
     return stacked, consumed, problems
 
 

@@ -214,9 +214,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_speculative_tokens: int = 0          # MTP draft tokens per step (0 disables speculative decoding)
     seed: int = 0                            # for requests without their own seed
+    tensor_parallel_size: int = 1            # ranks that split the model (spawned here, or launched by torchrun)
+    enable_expert_parallel: bool = False     # partition routed experts over those ranks instead of splitting each
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:

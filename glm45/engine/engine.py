@@ -8,6 +8,11 @@
 The engine owns the model, the tokenizer (optional: without one, prompts are token ids and outputs
 have no text), the paged KV cache, the scheduler and the runner. It is synchronous and single-threaded;
 the server drives it from a background thread.
+
+With `tensor_parallel_size` N > 1 the engine is rank 0 of N processes (glm45/parallel/workers.py): it
+spawns the other ranks (or joins them under torchrun), holds its own shard of the model and of the KV
+cache, and every model call of a step runs on all ranks in lock-step. `enable_expert_parallel` partitions
+the routed experts over those ranks instead of splitting each expert. Call `shutdown()` to stop them.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from pathlib import Path
 import torch
 
 from glm45.config import EngineConfig
+from glm45.engine.executor import ModelExecutor
 from glm45.engine.kv_cache import BlockManager, allocate_kv_cache, kv_bytes_per_block
 from glm45.engine.runner import ModelRunner
 from glm45.engine.sampling_params import SamplingParams
 from glm45.engine.scheduler import Scheduler
 from glm45.engine.sequence import RequestOutput, Sequence
 from glm45.model import Glm4MoeForCausalLM
+from glm45.model.loader import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +61,28 @@ class LLMEngine:
         self.config = config
         model_path = Path(config.model) if config.model else bundled_model_path()
         self.model_path = model_path
-        self.device = resolve_device(config.device)
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            if model is not None:
+                raise ValueError("tensor_parallel_size > 1 loads each rank's shard from the model folder; "
+                                 "pass EngineConfig.model instead of a loaded model")
+            from glm45.parallel.workers import WorkerGroup
+
+            self.workers = WorkerGroup.start(config, model_path)  # under torchrun, only rank 0 returns
+            self.device = self.workers.device
+        else:
+            self.device = resolve_device(config.device)
+        try:
+            self._setup(config, model_path, model, tokenizer)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _setup(self, config: EngineConfig, model_path: Path, model: Glm4MoeForCausalLM | None, tokenizer) -> None:
         if model is None:
-            model = Glm4MoeForCausalLM.from_pretrained(
-                model_path, dtype=config.dtype, device=self.device, load_mtp=config.num_speculative_tokens > 0
-            )
+            model = load_model(model_path, dtype=config.dtype, device=self.device,
+                               load_mtp=config.num_speculative_tokens > 0,
+                               parallelize=self.workers.parallelize if self.workers else None)
         self.model = model.eval()
         self.model_config = model.config
         if tokenizer is None:
@@ -80,7 +104,8 @@ class LLMEngine:
         mc = self.model_config
         num_cache_layers = mc.num_hidden_layers + (1 if k else 0)
         dtype = model.dtype
-        per_block = kv_bytes_per_block(num_cache_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, dtype)
+        kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's share under tensor parallelism
+        per_block = kv_bytes_per_block(num_cache_layers, config.block_size, kv_heads, mc.head_dim, dtype)
         if config.num_gpu_blocks_override:
             num_blocks = config.num_gpu_blocks_override
         else:
@@ -98,17 +123,30 @@ class LLMEngine:
             raise ValueError(f"the KV cache holds only {num_blocks} blocks, too few to run anything")
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(num_blocks, config.block_size, enable_prefix_caching)
-        self.kv_cache = allocate_kv_cache(num_cache_layers, num_blocks, config.block_size, mc.num_key_value_heads,
+        self.kv_cache = allocate_kv_cache(num_cache_layers, num_blocks, config.block_size, kv_heads,
                                           mc.head_dim, dtype, self.device)
-        self.runner = ModelRunner(model, self.kv_cache, self.block_manager, max_model_len, k)
+        if self.workers is not None:
+            executor = self.workers.executor(model, self.kv_cache, num_cache_layers)
+        else:
+            executor = ModelExecutor(model, self.kv_cache, config.block_size)
+        self.runner = ModelRunner(executor, self.block_manager, max_model_len, k)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, k)
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, str | None] = {}
         self._seed_counter = config.seed
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        logger.info("engine ready: %s on %s, %d KV blocks × %d tokens, max_model_len %d%s", model_path,
-                    self.device, num_blocks, config.block_size, max_model_len, f", MTP k={k}" if k else "")
+        parallel = ""
+        if self.workers is not None:
+            parallel = f", tensor parallel ×{config.tensor_parallel_size}"
+            parallel += " with expert parallelism" if config.enable_expert_parallel else ""
+        logger.info("engine ready: %s on %s, %d KV blocks × %d tokens, max_model_len %d%s%s", model_path,
+                    self.device, num_blocks, config.block_size, max_model_len, f", MTP k={k}" if k else "", parallel)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; also run at interpreter exit)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod

@@ -2,8 +2,10 @@
 
 For each scheduled sequence the step covers its next `num_tokens` known tokens (a prefill chunk, or the
 one pending token of a decode), plus its MTP drafts when it is decoding speculatively. The runner builds
-the flat inputs, positions and slot mapping, runs the target model's cached forward, samples or verifies,
-appends the new tokens to the sequences, and then lets the MTP layer draft for the next step.
+the flat inputs, positions and slot mapping, has the executor run the target model's cached forward,
+samples or verifies, appends the new tokens to the sequences, and then has the MTP layer draft for the
+next step. The runner never touches the model itself: the executor (one process, or rank 0 of a
+tensor-parallel group) does, from the plain inputs the runner builds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from glm45.engine.attention import PagedAttention, SeqSlice
+from glm45.engine.attention import SeqSlice
+from glm45.engine.executor import ModelExecutor, StepInputs
 from glm45.engine.kv_cache import BlockManager
 from glm45.engine.sampler import Sampler, top_logprobs
 from glm45.engine.sequence import Sequence
@@ -26,20 +29,14 @@ class ScheduledSeq:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache: torch.Tensor, block_manager: BlockManager, max_model_len: int,
+    def __init__(self, executor: ModelExecutor, block_manager: BlockManager, max_model_len: int,
                  num_speculative_tokens: int = 0):
-        self.model = model
-        self.kv_cache = kv_cache
+        self.executor = executor
         self.block_manager = block_manager
         self.max_model_len = max_model_len
-        self.k = num_speculative_tokens if model.mtp is not None else 0
-        self.device = model.device
+        self.k = num_speculative_tokens if executor.has_mtp else 0
         self.sampler = Sampler()
         self.stats = AcceptanceStats(max(self.k, 1))
-        self.mtp_layer = model.config.num_hidden_layers  # the MTP layer's index in the KV cache
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _slots(self, seq: Sequence, start: int, count: int) -> list[int]:
         return [self.block_manager.slot(seq, p) for p in range(start, start + count)]
@@ -59,16 +56,13 @@ class ModelRunner:
             positions += range(start, start + len(tokens))
             slots += self._slots(seq, start, len(tokens))
 
-        ctx = PagedAttention(self.kv_cache, self._tensor(slots), slices, self.block_manager.block_size)
-        hidden = self.model.hidden_states(self._tensor(ids), self._tensor(positions), ctx)
-
         # Logits only where something is sampled: the last known token, and every draft position.
         logit_rows, owners = [], []
         for seq, start, num_tokens, drafts, q_start in plan:
             if start + num_tokens == len(seq):
                 owners.append((seq, len(logit_rows), len(drafts)))
                 logit_rows += range(q_start + num_tokens - 1, q_start + num_tokens + len(drafts))
-        logits = self.model.compute_logits(hidden[self._tensor(logit_rows)]).float() if logit_rows else None
+        logits = self.executor.forward(StepInputs(ids, positions, slots, slices), logit_rows)
 
         plain = [(seq, row) for seq, row, num_drafts in owners if num_drafts == 0]
         new_tokens: dict[int, list[tuple[int, dict | None]]] = {}
@@ -101,9 +95,9 @@ class ModelRunner:
             if self.k and not seq.is_finished:
                 drafting.append((seq, start, num_valid, q_start))
         if drafting:
-            self._draft(hidden, drafting)
+            self._draft(drafting)
 
-    def _draft(self, hidden: torch.Tensor, items: list[tuple[Sequence, int, int, int]]) -> None:
+    def _draft(self, items: list[tuple[Sequence, int, int, int]]) -> None:
         """MTP over the pairs (h_t, x_{t+1}) computed this step; then k draft tokens for decoding sequences."""
         ids, positions, slots, slices, rows = [], [], [], [], []
         for seq, start, num_valid, q_start in items:
@@ -112,14 +106,12 @@ class ModelRunner:
             positions += range(start, start + num_valid)
             slots += self._slots(seq, start, num_valid)
             rows += range(q_start, q_start + num_valid)
-        ctx = PagedAttention(self.kv_cache, self._tensor(slots), slices, self.block_manager.block_size)
-        h, logits = self.model.mtp_draft(self._tensor(ids), hidden[self._tensor(rows)], self._tensor(positions), ctx)
-
+        # Every pair gets its MTP K/V; logits only at the last pair of sequences that decode next step.
         decoding = [(i, seq) for i, (seq, *_rest) in enumerate(items) if not seq.in_prefill]
+        last_rows = [slices[i].q_start + slices[i].q_len - 1 for i, _ in decoding]
+        logits = self.executor.draft(StepInputs(ids, positions, slots, slices), rows, last_rows)
         if not decoding:
             return
-        last_rows = self._tensor([slices[i].q_start + slices[i].q_len - 1 for i, _ in decoding])
-        h, logits = h[last_rows], logits[last_rows].float()
         seqs = [seq for _, seq in decoding]
         draft_probs: list[list[torch.Tensor | None]] = [[] for _ in seqs]
         for step in range(self.k):
@@ -135,8 +127,6 @@ class ModelRunner:
             pos = [len(seq) - 1 + step for seq in seqs]
             slices = [SeqSlice(b, 1, p + 1, seq.block_table) for b, (seq, p) in enumerate(zip(seqs, pos, strict=True))]
             slots = [self.block_manager.slot(seq, p) for seq, p in zip(seqs, pos, strict=True)]
-            ctx = PagedAttention(self.kv_cache, self._tensor(slots), slices, self.block_manager.block_size)
-            h, logits = self.model.mtp_draft(self._tensor(tokens), h, self._tensor(pos), ctx)
-            logits = logits.float()
+            logits = self.executor.draft(StepInputs(tokens, pos, slots, slices), None, list(range(len(seqs))))
         for seq, probs in zip(seqs, draft_probs, strict=True):
             seq.draft_probs = None if seq.params.greedy else torch.stack(probs)

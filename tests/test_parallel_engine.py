@@ -1,0 +1,75 @@
+"""The engine with tensor parallelism (and expert parallelism) over 2 processes: the engine spawns its worker,
+generations equal the single-process engine's, and a worker that dies takes the engine down with a clear error."""
+
+import os
+import signal
+
+import pytest
+import torch
+from tiny_checkpoints import save_mtp_model, save_reference
+
+from glm45 import LLM, SamplingParams
+from glm45.config import EngineConfig
+from glm45.engine import LLMEngine
+from glm45.parallel.workers import WorkerError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+ARGS = dict(dtype="float32", device="cpu", max_model_len=256, num_gpu_blocks_override=64, max_num_batched_tokens=32)
+
+
+def prompts() -> list[dict]:
+    lengths = (3, 17, 40, 9)
+    return [{"prompt_token_ids": torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist()}
+            for n in lengths]
+
+
+def generate(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+
+
+def test_tensor_parallel_greedy_equals_single_process_and_a_dead_worker_stops_it(tmp_path):
+    folder = save_reference("glm45_like", tmp_path)
+    expected = generate(LLM(str(folder), **ARGS))
+    llm = LLM(str(folder), tensor_parallel_size=2, **ARGS)
+    engine = llm.engine
+    try:
+        assert engine.kv_cache.shape[4] == 1  # this rank caches 1 of the 2 KV heads
+        assert generate(llm) == expected       # chunked prefill (32-token steps) and batching included
+        worker = engine.workers.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        with pytest.raises(WorkerError, match=r"worker rank 1 \(pid \d+\) exited with code -9.*must be restarted"):
+            llm.generate(prompts(), GREEDY, use_tqdm=False)
+        with pytest.raises(WorkerError):  # and it stays down
+            engine.step()
+    finally:
+        engine.shutdown()
+    assert not worker.is_alive()
+
+
+def test_expert_parallel_with_mtp_speculation_equals_single_process(tmp_path):
+    folder = save_mtp_model(tmp_path)
+    args = dict(ARGS, num_speculative_tokens=2)
+    expected = generate(LLM(str(folder), **args))
+    llm = LLM(str(folder), tensor_parallel_size=2, enable_expert_parallel=True, **args)
+    try:
+        assert generate(llm) == expected
+        assert llm.engine.stats()["spec_mean_accepted_length"] > 1.0  # drafts of the sharded MTP layer accepted
+        workers = llm.engine.workers.processes
+    finally:
+        llm.engine.shutdown()
+    assert all(not w.is_alive() and w.exitcode == 0 for w in workers)  # they left their loop and exited cleanly
+
+
+def test_parallel_settings_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="tensor_parallel_size must be ≥ 1"):
+        EngineConfig(tensor_parallel_size=0)
+    folder = save_reference("air_like", tmp_path)
+    with pytest.raises(ValueError, match="pass EngineConfig.model instead of a loaded model"):
+        from glm45.model import Glm4MoeForCausalLM
+
+        LLMEngine(EngineConfig(model=str(folder), tensor_parallel_size=2),
+                  model=Glm4MoeForCausalLM.from_pretrained(folder, progress=False))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            LLMEngine(EngineConfig(model=str(folder), device="cuda", tensor_parallel_size=2))

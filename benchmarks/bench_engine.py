@@ -177,15 +177,40 @@ def benchmark_mtp(args, rows: list) -> None:
         rows.append(("bundled", f"decode tok/s, MTP k={k}", speeds[k], speeds[0], note))
 
 
+def benchmark_long_prompt(args, work: Path, rows: list) -> None:
+    """A 32k-token prompt on a tiny model, through chunked prefill, in a KV cache sized to just hold it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_checkpoints import build_reference
+
+    folder = work / "tiny-air_like-long"
+    if not (folder / "config.json").is_file():
+        config = build_reference("air_like").config
+        config.max_position_embeddings = 40960
+        from transformers import Glm4MoeForCausalLM as Reference
+
+        torch.manual_seed(0)
+        Reference(config).to(getattr(torch, args.dtype)).save_pretrained(folder)
+    length, chunk = 32768, args.max_num_batched_tokens
+    llm = LLM(str(folder), dtype=args.dtype, device="cpu", max_model_len=length + 64,
+              num_gpu_blocks_override=(length + 64) // 16 + 1, max_num_batched_tokens=chunk)
+    prompt = prompts_for(320, [length], seed=5)[0]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    seconds = time_call(lambda: llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False))
+    blocks = llm.engine.block_manager.num_blocks
+    rows.append(("tiny-air_like", f"{length}-token prompt, chunks of {chunk}", length / seconds, float("nan"),
+                 f"done in {seconds:.1f} s within {blocks} KV blocks ({blocks * 16} tokens)"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="air,tiny", help="comma list of: air, tiny, mtp")
+    parser.add_argument("--models", default="air,tiny,mtp,long", help="comma list of: air, tiny, mtp, long")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--decode-len", type=int, default=64)
     parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "glm45-bench"))
     args = parser.parse_args()
 
@@ -211,6 +236,8 @@ def main() -> None:
             benchmark_model(f"tiny-{kind}", folder, args, bandwidth, matmul_rate, rows)
     if "mtp" in models:
         benchmark_mtp(args, rows)
+    if "long" in models:
+        benchmark_long_prompt(args, work, rows)
 
     print(f"\n{'model':<18} {'measure':<30} {'glm45':>10} {'transformers':>13} {'ratio':>7}  vs floor")
     for name, measure, ours, theirs, note in rows:

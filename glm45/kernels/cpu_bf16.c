@@ -57,6 +57,11 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+/* Threads pay off only when a call streams megabytes; below that, fork/join costs more than it saves. */
+static inline int threads_for(int64_t weight_elements, int threads) {
+    return weight_elements >= (1 << 20) ? threads : 1;
+}
+
 static float *widen(const uint16_t *x, int64_t count) {
     float *out = (float *)aligned_alloc(32, ((count * sizeof(float) + 31) / 32) * 32);
     for (int64_t i = 0; i < count; i++) out[i] = bf16_to_float(x[i]);
@@ -66,7 +71,8 @@ static float *widen(const uint16_t *x, int64_t count) {
 void gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
                int64_t M, int64_t N, int64_t K, int threads) {
     float *x32 = widen(x, M * K);
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    threads = threads_for(N * K, threads);
+    #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float sums[4];
         dot_rows(W + n * K, x32, K, M, K, sums, 1);
@@ -79,7 +85,8 @@ void gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint1
 void grouped_gemv_bf16(const uint16_t *W, const uint16_t *x, const int64_t *expert, uint16_t *y,
                        int64_t R, int64_t N, int64_t K, int threads) {
     float *x32 = widen(x, R * K);
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    threads = threads_for(R * N * K, threads);
+    #pragma omp parallel for collapse(2) num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t r = 0; r < R; r++)
         for (int64_t n = 0; n < N; n++) {
             float sum;

@@ -3,6 +3,8 @@
     glm45 info MODEL      load a checkpoint and print its architecture and parameter counts
     glm45 serve [MODEL]   the OpenAI-compatible server (vLLM's flags); default: the bundled small model
     glm45 chat [MODEL]    an interactive chat in the terminal
+    glm45 train           fine-tune (full or LoRA) or train from scratch on JSONL conversations
+    glm45 merge           fold a LoRA adapter into an HF checkpoint
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat with a model in the terminal")
     add_chat_arguments(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from glm45.train.cli import add_train_subcommands
+
+    add_train_subcommands(sub)
     return parser
 
 

@@ -1,0 +1,200 @@
+"""Evaluation of a trained agent model on freshly generated held-out conversations: the bundled model's targets.
+
+For each held-out conversation (a new seed, cities never seen in training, new numbers) the model generates
+greedily from the prompt, as a server would:
+- **tool accuracy**: after the user turn, exactly one call, to the right tool, with exactly the right
+  arguments (parsed by `glm45.parsers.parse_tool_calls` with the tool schemas);
+- **answer accuracy**: after the reference call and its `<|observation|>` result, an answer that mentions the
+  values of the result (temperature and condition, the number, the status);
+- **format validity**: every output ends with an end-of-turn token; in thinking mode it is
+  `\\n<think>…</think>\\n` then content, with `/nothink` it has no thinking tags at all;
+- **unseen tools**: tools built from words never seen in training — the right tool name (and exact args);
+- **MTP acceptance**: on each generated turn, how often the MTP head's greedy draft from (h_t, x_{t+1}) equals
+  the model's own greedy token x_{t+2}, i.e. the first-position acceptance of greedy speculative decoding.
+
+    python -m glm45.train.evaluate glm45/assets/glm45-tiny --num 300 --num-unseen 100 --seed 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from glm45.chat import render_chat
+from glm45.parsers import parse_reasoning, parse_tool_calls
+from glm45.train.synthetic import generate
+
+logger = logging.getLogger(__name__)
+
+
+class ContiguousCache:
+    """The simplest KV cache for one sequence (implements the model's `AttentionContext`)."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer_idx in self.keys:
+            k = torch.cat([self.keys[layer_idx], k])
+            v = torch.cat([self.values[layer_idx], v])
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        num_new, num_all = q.shape[0], k.shape[0]
+        # New token i sits at position num_all - num_new + i and sees every key up to itself.
+        allowed = torch.ones(num_new, num_all, dtype=torch.bool).tril(num_all - num_new)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=allowed, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt_ids: list[int], stop_ids: set[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """Greedy continuation of `prompt_ids` → (new ids including the stop token, stopped)."""
+    cache = ContiguousCache()
+    ids = torch.tensor(prompt_ids)
+    positions = torch.arange(len(prompt_ids))
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(ids, positions, cache)
+        token = int(logits[-1].argmax())
+        out.append(token)
+        if token in stop_ids:
+            return out, True
+        positions = positions[-1:] + 1
+        ids = torch.tensor([token])
+    return out, False
+
+
+@torch.no_grad()
+def mtp_acceptance(model, prompt_ids: list[int], generated: list[int]) -> tuple[int, int]:
+    """(accepted, drafted): MTP drafts of x_{t+2} from (h_t, x_{t+1}) that equal the generated greedy token."""
+    if model.mtp is None or len(generated) < 2:
+        return 0, 0
+    ids = torch.tensor([prompt_ids + generated])
+    hidden = model.hidden_states(ids)
+    positions = torch.arange(ids.shape[1] - 1)
+    _, logits = model.mtp_draft(ids[:, 1:], hidden[:, :-1], positions)
+    # Position t drafts token t+2; the generated tokens start at index len(prompt).
+    first = len(prompt_ids) - 2 + 1  # the first draft whose pair (h_t, x_{t+1}) uses a generated x_{t+1}
+    drafts = logits[0, first:].argmax(-1)
+    targets = ids[0, first + 2:]
+    drafts = drafts[: targets.numel()]
+    return int((drafts == targets).sum()), int(targets.numel())
+
+
+def format_ok(text: str, thinking: bool, stopped: bool) -> bool:
+    """Thinking mode: `\\n<think>…</think>\\n` then something; /nothink: a line of output without thinking tags."""
+    if not stopped:
+        return False
+    if thinking:
+        if not text.startswith("\n<think>") or text.count("<think>") != 1 or text.count("</think>") != 1:
+            return False
+        after = text.split("</think>", 1)[1]
+        return after.startswith("\n") and after.strip() != ""
+    return text.startswith("\n") and "<think>" not in text and "</think>" not in text and text.strip() != ""
+
+
+def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed: int = 2,
+             max_new_tokens: int = 96, limit_minutes: float = 0.0) -> dict[str, Any]:
+    from glm45.model import Glm4MoeForCausalLM
+    from glm45.tokenizer import Tokenizer
+
+    model = Glm4MoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32, progress=False).eval()
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    stop_ids = set(tokenizer.eos_token_ids)
+    counts = {k: 0 for k in ("tool_total", "tool_right", "answer_total", "answer_right", "format_total",
+                             "format_ok", "unseen_total", "unseen_name", "unseen_exact", "mtp_accepted",
+                             "mtp_drafted")}
+    failures: list[dict[str, Any]] = []
+    conversations = generate(num, seed, "heldout") + (generate(num_unseen, seed, "unseen_tools") if num_unseen else [])
+    started = time.perf_counter()
+
+    def run(prompt: str, thinking: bool) -> tuple[str, bool]:
+        prompt_ids = tokenizer.encode(prompt)
+        new, stopped = greedy_generate(model, prompt_ids, stop_ids, max_new_tokens)
+        accepted, drafted = mtp_acceptance(model, prompt_ids, new)
+        counts["mtp_accepted"] += accepted
+        counts["mtp_drafted"] += drafted
+        text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=False)
+        counts["format_total"] += 1
+        counts["format_ok"] += format_ok(text, thinking, stopped)
+        return text, stopped
+
+    for conv in tqdm(conversations, desc="evaluate"):
+        if limit_minutes and time.perf_counter() - started > limit_minutes * 60:
+            logger.warning("stopping early: --limit-minutes reached")
+            break
+        messages, tools, thinking, meta = conv["messages"], conv["tools"], conv["enable_thinking"], conv["meta"]
+        prompt = render_chat(messages[:messages.index(next(m for m in messages if m["role"] == "user")) + 1],
+                             tools, enable_thinking=thinking)
+        text, _ = run(prompt, thinking)
+        if "call" not in meta:
+            continue
+        _, content = parse_reasoning(text)
+        _, calls = parse_tool_calls(content or "", tools)
+        expected = meta["call"]
+        name_right = len(calls) == 1 and calls[0]["name"] == expected["name"]
+        exact = name_right and calls[0]["arguments"] == expected["arguments"]
+        if meta["kind"] == "unseen_tool":
+            counts["unseen_total"] += 1
+            counts["unseen_name"] += name_right
+            counts["unseen_exact"] += exact
+        else:
+            counts["tool_total"] += 1
+            counts["tool_right"] += exact
+        if not exact and len(failures) < 20:
+            failures.append({"expected": expected, "output": text})
+        # The answer from the tool result, after the reference call (teacher-forced like a real tool loop).
+        tool_index = next(i for i, m in enumerate(messages) if m["role"] == "tool")
+        answer_prompt = render_chat(messages[:tool_index + 1], tools, enable_thinking=thinking)
+        answer_text, _ = run(answer_prompt, thinking)
+        _, answer = parse_reasoning(answer_text)
+        if meta["kind"] != "unseen_tool":
+            counts["answer_total"] += 1
+            counts["answer_right"] += all(v in (answer or "") for v in meta["must_mention"])
+
+    def ratio(a: str, b: str) -> float:
+        return round(counts[a] / counts[b], 4) if counts[b] else float("nan")
+
+    return {
+        "model": str(model_dir), "seed": seed, "conversations": len(conversations),
+        "tool_accuracy": ratio("tool_right", "tool_total"), "answer_accuracy": ratio("answer_right", "answer_total"),
+        "format_validity": ratio("format_ok", "format_total"),
+        "unseen_tool_name_accuracy": ratio("unseen_name", "unseen_total"),
+        "unseen_tool_exact_accuracy": ratio("unseen_exact", "unseen_total"),
+        "mtp_acceptance_first_position": ratio("mtp_accepted", "mtp_drafted"),
+        "minutes": round((time.perf_counter() - started) / 60, 2), "counts": counts, "failures": failures,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate an agent model on generated held-out conversations.")
+    parser.add_argument("model", help="HF-layout model folder with its tokenizer")
+    parser.add_argument("--num", type=int, default=300, help="held-out conversations (fixed tools, new cities)")
+    parser.add_argument("--num-unseen", type=int, default=100, help="conversations with never-seen tools")
+    parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--limit-minutes", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO")
+    torch.set_num_threads(args.threads)
+    report = evaluate(args.model, args.num, args.num_unseen, args.seed, args.max_new_tokens, args.limit_minutes)
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

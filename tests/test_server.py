@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -44,9 +45,8 @@ def scripted_server(tmp_path_factory):
         yield server
 
 
-def client(server, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0,
-                         timeout=60, **kwargs)
+def client(server, api_key: str = "unused", timeout: float = 60) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=api_key, max_retries=0, timeout=timeout)
 
 
 def http(server, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
@@ -450,3 +450,48 @@ def test_disconnected_streams_free_their_kv_blocks(random_server):
     # the engine did not run the aborted requests to their end
     assert values["glm45:generation_tokens_total"] < before + 16 * 400
     assert client(random_server).chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
+
+
+def test_disconnected_non_streaming_requests_are_aborted(random_server):
+    """A client that gives up on a non-streamed answer (here: its timeout) does not leave the request running."""
+    before = metrics(random_server)
+    impatient = client(random_server, timeout=0.5)
+    for i in range(4):
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"essay {i}"}],
+                                              max_tokens=1000, temperature=0, extra_body={"ignore_eos": True})
+    deadline = time.monotonic() + 20
+    while True:
+        values = metrics(random_server)
+        if values["glm45:kv_cache_usage_perc"] == 0.0 and values["glm45:num_requests_running"] == 0:
+            break
+        assert time.monotonic() < deadline, values
+        time.sleep(0.05)
+    assert values["glm45:request_success_total[abort]"] >= before.get("glm45:request_success_total[abort]", 0) + 4
+    assert values["glm45:generation_tokens_total"] < before["glm45:generation_tokens_total"] + 4 * 1000
+
+
+def test_chunked_body_over_the_limit_and_clean_error_logs(random_server, caplog):
+    """A body without Content-Length is counted as it arrives; client errors are logged in one line, no traceback."""
+    import socket
+
+    caplog.set_level(logging.INFO, logger="glm45.server")
+    piece = b"x" * 8192
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(9)) + b"0\r\n\r\n"
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", random_server.port), timeout=30) as sock:
+        try:
+            sock.sendall(head + chunks)
+        except OSError:  # the server may answer and close before reading everything
+            pass
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+    status = int(raw.split(b" ", 2)[1])
+    body = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    _assert_error(status, body, 413)
+    _assert_error(*http(random_server, "POST", "/v1/chat/completions", {"model": "tiny"}), 400)
+    records = [r for r in caplog.records if r.name.startswith("glm45.server")]
+    assert any("-> 413" in r.getMessage() for r in records) and any("-> 400" in r.getMessage() for r in records)
+    assert not any(r.exc_info for r in records)

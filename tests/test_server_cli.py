@@ -191,6 +191,19 @@ def test_terminal_chat_thinking_tools_and_reset(scripted_model):
     assert "reasoning_content" not in chat.messages[-1]
 
 
+def test_chat_command(scripted_model):
+    """`glm45 chat` wires its flags (the engine's, generated, and the chat's) to the terminal chat."""
+    result = subprocess.run(
+        [sys.executable, "-m", "glm45.cli", "--log-level", "WARNING", "chat", str(scripted_model), "--no-color",
+         "--temperature", "0", "--max-tokens", "40", "--device", "cpu", "--dtype", "float32",
+         "--max-model-len", "1024", "--num-gpu-blocks-override", "64", "--hide-thinking"],
+        input="hello\n/reset\n/exit\n", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert SCRIPT_CONTENT + "<tool_call>get_weather" in result.stdout
+    assert SCRIPT_REASONING not in result.stdout and "(conversation reset)" in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------------
 # The example script
 

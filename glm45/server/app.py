@@ -22,7 +22,7 @@ import signal
 import threading
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -58,7 +58,9 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(RequestError(message, status, param, code, type).to_json(), status_code=status)
 
 
-class BodyTooLarge(StarletteHTTPException):
+class BodyTooLarge(HTTPException):
+    """Raised while reading a body; FastAPI lets its own HTTPException through body parsing unchanged."""
+
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
 

@@ -100,6 +100,10 @@ def test_shards_read_from_the_checkpoint_reassemble_the_tensor(tmp_path):
     assert torch.equal(gate_up[0], torch.cat([full[:16], full[:16] + 1]))  # the first half of gate, then of up
     with pytest.raises(ValueError, match="cannot be split"):
         ShardSpec(0, 3, 0).ranges(32)
+    # a vocabulary the ranks do not divide: 31 rows → 16 + 15, the short piece padded with a zero row
+    padded = [ShardSpec(0, 2, i, pad=True).slice(full[:31]) for i in range(2)]
+    assert [p.shape[0] for p in padded] == [16, 16]
+    assert torch.equal(torch.cat(padded)[:31], full[:31]) and not padded[1][15].any()
 
 
 def test_fp8_shards_dequantise_like_the_whole_tensor():

@@ -73,3 +73,52 @@ def test_parallel_settings_are_validated(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LLMEngine(EngineConfig(model=str(folder), device="cuda", tensor_parallel_size=2))
+
+
+def test_glm45_serve_with_tensor_parallel_size_2_answers_like_one_process(tmp_path):
+    """The real CLI in a subprocess (`glm45 serve --tensor-parallel-size 2` on CPU) against an in-process
+    single-device server, with the official client; SIGTERM then stops the server and its worker cleanly."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from openai import OpenAI
+    from server_helpers import ServerThread, free_port, save_random_model
+
+    folder = save_random_model(tmp_path / "model")
+    request = dict(model="tiny", messages=[{"role": "user", "content": "What is a tokenizer?"}], max_tokens=24,
+                   temperature=0)
+    with ServerThread(folder) as single:
+        expected = OpenAI(base_url=single.base_url, api_key="none").chat.completions.create(**request)
+    port = free_port()
+    command = [sys.executable, "-m", "glm45.cli", "serve", str(folder), "--served-model-name", "tiny",
+               "--tensor-parallel-size", "2", "--device", "cpu", "--dtype", "float32", "--max-model-len", "1024",
+               "--num-gpu-blocks-override", "512", "--port", str(port), "--uvicorn-log-level", "warning"]
+    server = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the tensor-parallel server did not start"
+                time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        got = client.chat.completions.create(**request)
+        assert got.choices[0].message.content == expected.choices[0].message.content
+        assert got.choices[0].message.reasoning_content == expected.choices[0].message.reasoning_content
+        assert got.usage.completion_tokens == expected.usage.completion_tokens
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+        log = server.stderr.read()
+    assert code == 0, log
+    assert "Traceback" not in log, log

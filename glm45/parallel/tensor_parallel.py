@@ -13,7 +13,8 @@ shard from the checkpoint. Megatron-style splits:
                  see expert_parallel.py). The router stays replicated, so routing is the single-device
                  routing. The routed and shared partial sums are added first: one all-reduce per MoE block.
     vocabulary   embeddings split by rows (each rank looks up its ids, zeros elsewhere, all-reduce); the head
-                 split by rows too (each rank computes its slice of the logits, all-gather).
+                 split by rows too (each rank computes its slice of the logits, all-gather); a vocabulary
+                 the ranks do not divide is padded with zero rows.
     replicated   norms (QK-norm included), routers and their balancing bias, MTP's eh_proj.
 
 Activations between blocks are replicated, so there is one all-reduce per attention and one per feed-forward.
@@ -40,13 +41,15 @@ logger = logging.getLogger(__name__)
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [vocab_start, vocab_start + num_embeddings) of an embedding table; the sum over ranks is the lookup."""
+    """Rows [vocab_start, vocab_start + num_embeddings) of an embedding table; the sum over ranks is the lookup.
+    A vocabulary the ranks do not divide is padded with zero rows at its end (ids never reach them)."""
 
     def __init__(self, embedding: nn.Embedding, group: ParallelGroup):
         super().__init__()
         self.group = group
-        self.shard = ShardSpec(dim=0, num_shards=group.size, index=group.rank)
-        (self.vocab_start, self.num_embeddings), = self.shard.ranges(embedding.num_embeddings)
+        self.shard = ShardSpec(dim=0, num_shards=group.size, index=group.rank, pad=True)
+        self.num_embeddings = self.shard.piece_length(embedding.num_embeddings)
+        self.vocab_start = group.rank * self.num_embeddings
         self.embedding_dim = embedding.embedding_dim
         self.weight = _cut(embedding.weight, self.shard)
 
@@ -61,18 +64,20 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """Rows of the output projection; each rank computes its slice of the logits, gathered in rank order."""
+    """Rows of the output projection; each rank computes its slice of the logits, gathered in rank order
+    (and cut back to the vocabulary when it was padded to a multiple of the ranks)."""
 
     def __init__(self, head: nn.Linear, group: ParallelGroup):
         super().__init__()
         if head.bias is not None:
             raise ValueError("a vocabulary-parallel head has no bias (GLM-4.5's heads have none)")
         self.group = group
-        self.shard = ShardSpec(dim=0, num_shards=group.size, index=group.rank)
+        self.vocab_size = head.out_features
+        self.shard = ShardSpec(dim=0, num_shards=group.size, index=group.rank, pad=True)
         self.weight = _cut(head.weight, self.shard)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.group.all_gather(F.linear(hidden, self.weight), dim=-1)
+        return self.group.all_gather(F.linear(hidden, self.weight), dim=-1)[..., : self.vocab_size]
 
 
 def _cut(param: nn.Parameter, shard: ShardSpec) -> nn.Parameter:
@@ -101,7 +106,6 @@ def _unsplittable(config: ModelConfig, size: int, expert_parallel: bool) -> list
         "num_attention_heads": config.num_attention_heads,
         "intermediate_size": config.intermediate_size,
         "moe_intermediate_size × n_shared_experts": config.moe_intermediate_size * config.n_shared_experts,
-        "vocab_size": config.vocab_size,
         ("n_routed_experts" if expert_parallel else "moe_intermediate_size"):
             config.n_routed_experts if expert_parallel else config.moe_intermediate_size,
     }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,6 +27,10 @@ from server_helpers import (
 )
 
 from glm45.chat import render_chat
+from glm45.chat_template import GLM45_CHAT_TEMPLATE
+from glm45.config import EngineConfig
+from glm45.engine import LLMEngine, SamplingParams
+from glm45.server.async_engine import AsyncEngine
 from glm45.server.config import ServerConfig
 
 USER = [{"role": "user", "content": "What is the weather in Beijing?"}]
@@ -347,6 +352,7 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(random_server)
          400, "tool_choice", ("nope",)),
         ({**good, "tool_choice": "required"}, 400, "tool_choice", ()),
         ({**good, "logit_bias": {"5": 10}}, 400, "logit_bias", ()),
+        ({**good, "response_format": {"type": "json_object"}}, 400, "response_format", ()),
         ({**good, "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "chat_template_kwargs", ()),
     ]
     for body, status, param, words in cases:
@@ -373,9 +379,17 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(random_server)
     assert client(random_server).chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
 
 
-def test_api_key(tmp_path):
-    folder = save_random_model(tmp_path / "model")
-    with ServerThread(folder, ServerConfig(api_key="sesame")) as server:
+def test_api_key_custom_template_and_parsers_off(tmp_path):
+    """--api-key guards /v1/* and the tokenizer endpoints, not /health or /metrics; --chat-template renders with
+    the given jinja file; with --reasoning-parser none and --tool-call-parser none the raw text is the content."""
+    folder = save_scripted_model(tmp_path / "model")
+    template = tmp_path / "template.jinja"
+    custom = GLM45_CHAT_TEMPLATE.replace("[gMASK]<sop>", "[gMASK]<sop>Custom template.")
+    assert custom != GLM45_CHAT_TEMPLATE
+    template.write_text(custom)
+    config = ServerConfig(api_key="sesame", chat_template=str(template), reasoning_parser="none",
+                          tool_call_parser="none")
+    with ServerThread(folder, config) as server:
         for path in ("/v1/models", "/tokenize"):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
                 method = "GET" if path == "/v1/models" else "POST"
@@ -385,8 +399,19 @@ def test_api_key(tmp_path):
         assert http(server, "GET", "/metrics")[0] == 200
         with pytest.raises(openai.AuthenticationError):
             client(server, api_key="wrong").models.list()
-        assert client(server, api_key="sesame").chat.completions.create(
-            model="tiny", messages=USER, max_tokens=2).choices
+        c = client(server, api_key="sesame")
+        response = c.chat.completions.create(model="tiny", messages=USER, max_tokens=40, temperature=0)
+        message = response.choices[0].message
+        assert message.content == f"<think>{SCRIPT_REASONING}</think>{SCRIPT_ANSWER}"
+        assert getattr(message, "reasoning_content", None) is None
+        with pytest.raises(openai.BadRequestError, match="tool-call-parser"):
+            c.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER_TOOL])
+        status, tokenized = http(server, "POST", "/tokenize", {"messages": USER},
+                                 {"Authorization": "Bearer sesame"})
+        assert status == 200
+        assert tokenized["tokens"] == server.engine.tokenizer.encode(render_chat(USER, chat_template=custom))
+        assert server.engine.tokenizer.decode(tokenized["tokens"]).startswith("Custom template.")
+        assert response.usage.prompt_tokens == tokenized["count"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -495,3 +520,31 @@ def test_chunked_body_over_the_limit_and_clean_error_logs(random_server, caplog)
     records = [r for r in caplog.records if r.name.startswith("glm45.server")]
     assert any("-> 413" in r.getMessage() for r in records) and any("-> 400" in r.getMessage() for r in records)
     assert not any(r.exc_info for r in records)
+
+
+def test_bridge_survives_a_handler_cancelled_before_its_request_was_accepted(tmp_path):
+    """A handler cancelled while its add is still queued (its client left at once) must not kill the engine
+    thread, and the request must not run."""
+    engine = LLMEngine(EngineConfig(model=str(save_random_model(tmp_path / "model")), dtype="float32", device="cpu",
+                                    max_model_len=256, num_gpu_blocks_override=32))
+    bridge = AsyncEngine(engine)
+    params = SamplingParams(max_tokens=4, temperature=0)
+
+    async def main():
+        task = asyncio.ensure_future(bridge.add_request("gone", [1, 2, 3], params))
+        await asyncio.sleep(0)  # the add is queued; the thread is not running yet
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        bridge.start()
+        stream = await bridge.add_request("next", [1, 2, 3], params)
+        outputs = [output async for output in stream]
+        return outputs[-1]
+
+    try:
+        last = asyncio.run(main())
+        assert last.finished and len(last.outputs[0].token_ids) == 4
+        assert bridge.is_alive and not engine.has_unfinished_requests() and engine.stats()["kv_cache_usage"] == 0
+    finally:
+        bridge.stop()
+    assert not bridge.is_alive

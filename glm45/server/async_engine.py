@@ -16,7 +16,6 @@ per-request token timings for the latency histograms.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import queue
 import threading
@@ -69,8 +68,25 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     stream: RequestStream
-    accepted: concurrent.futures.Future
+    accepted: asyncio.Future  # of the handler's event loop
     arrival_time: float
+
+    def answer(self, error: BaseException | None) -> None:
+        """From the engine thread: accept (None) or refuse the request. A handler that was cancelled in the
+        meantime has a done future; it is left alone (its abort command follows in the queue)."""
+
+        def resolve() -> None:
+            if self.accepted.done():
+                return
+            if error is None:
+                self.accepted.set_result(None)
+            else:
+                self.accepted.set_exception(error)
+
+        try:
+            self.accepted.get_loop().call_soon_threadsafe(resolve)
+        except RuntimeError:  # the event loop is closed
+            pass
 
 
 @dataclass
@@ -123,14 +139,16 @@ class AsyncEngine:
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                           arrival_time: float | None = None) -> RequestStream:
         """Submit a request; returns once the engine accepted it. `ValueError` when the engine refuses it."""
-        if not self.is_alive:
+        finished = self._thread.ident is not None and not self._thread.is_alive()
+        if self.dead is not None or finished:
             raise EngineError("the engine is not running")
-        stream = RequestStream(request_id, asyncio.get_running_loop())
-        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop)
+        accepted = loop.create_future()
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self._commands.put(_Add(request_id, prompt, params, stream, accepted, arrival))
         try:
-            await asyncio.wrap_future(accepted)
+            await accepted
         except asyncio.CancelledError:
             self.abort(request_id)  # applied after the add: the queue keeps order
             raise
@@ -171,7 +189,7 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if isinstance(command, _Add):
-                command.accepted.set_exception(error)
+                command.answer(error)
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one when `block`); False once told to stop."""
@@ -192,16 +210,23 @@ class AsyncEngine:
     def _add(self, command: _Add) -> None:
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
-        except ValueError as e:
-            command.accepted.set_exception(e)
+        except ValueError as e:  # the client's mistake
+            command.answer(e)
+            return
+        except Exception as e:
+            logger.exception("engine.add_request failed for %s", command.request_id)
+            command.answer(EngineError(f"the engine could not take the request: {e}"))
             return
         self._streams[command.request_id] = command.stream
         self._timings[command.request_id] = _Timing(command.arrival_time)
-        command.accepted.set_result(None)
+        command.answer(None)
 
     def _abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:
-            self.engine.abort_request(request_id)
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # only after an engine failure; the request is gone from our side anyway
+                logger.exception("could not abort request %s", request_id)
             self._timings.pop(request_id, None)
             if self.metrics is not None:
                 self.metrics.request_finished("abort")

@@ -259,6 +259,9 @@ class OpenAIServing:
         model = self.check_model(request.model)
         self._ignore_extras(request)
         plan = self.plan_chat(request)
+        if request.response_format is not None and request.response_format.type != "text":
+            raise RequestError(f"response_format {request.response_format.type!r} is not supported: this server has "
+                               "no constrained decoding; ask for JSON in the prompt instead", param="response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None

@@ -18,6 +18,7 @@ from glm45.model import Glm4MoeForCausalLM
 from glm45.model.loader import load_model
 from glm45.parallel import parallelize_model
 from glm45.parallel.data_parallel import shard_for_training
+from glm45.train.lora import apply_lora
 
 IDS = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))
 
@@ -105,9 +106,12 @@ def data_parallel_check(mode: str, rank: int, world_size: int) -> list[tuple[flo
     SGD with momentum, not Adam: Adam's first step is about lr·sign(g), which turns float32 rounding in a
     near-zero gradient into a visible difference; SGD keeps the comparison as exact as the gradients."""
     reference = tiny_training_model()
-    if mode == "ddp":  # LoRA-like: the base frozen, a few matrices trained
-        for name, param in reference.named_parameters():
-            param.requires_grad = any(part in name for part in ("q_proj", "v_proj", "shared_experts"))
+    if mode == "ddp":  # LoRA: the base frozen, adapters on the attention projections trained
+        apply_lora(reference, rank=4, alpha=8.0)
+        with torch.no_grad():  # adapters start with B = 0; make both factors matter from the first step
+            for param in reference.parameters():
+                if param.requires_grad:
+                    param.normal_(0.0, 0.1)
     model = copy.deepcopy(reference)
     if mode == "ddp" and rank == 1:
         with torch.no_grad():  # replicas must start equal: rank 0's weights are broadcast

@@ -122,3 +122,36 @@ def test_glm45_serve_with_tensor_parallel_size_2_answers_like_one_process(tmp_pa
         log = server.stderr.read()
     assert code == 0, log
     assert "Traceback" not in log, log
+
+
+TORCHRUN_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+from glm45 import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, **json.loads(sys.argv[3]))  # ranks > 0 serve steps, then exit
+outputs = llm.generate(json.loads(sys.argv[4]), SamplingParams(**json.loads(sys.argv[5])), use_tqdm=False)
+open(sys.argv[2], "w").write(json.dumps([o.outputs[0].token_ids for o in outputs]))
+llm.engine.shutdown()
+"""
+
+
+def test_torchrun_ranks_serve_like_one_process(tmp_path):
+    """Every rank runs the same script under torchrun; rank 0 gets the engine, rank 1 serves its steps."""
+    import json
+    import subprocess
+    import sys
+
+    from glm45.distributed import free_port
+
+    folder = save_reference("air_like", tmp_path / "model")
+    expected = generate(LLM(str(folder), **ARGS))
+    script = tmp_path / "serve.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "tokens.json"
+    greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(script), str(folder), str(out), json.dumps(ARGS),
+               json.dumps(prompts()), json.dumps(greedy)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(out.read_text()) == expected

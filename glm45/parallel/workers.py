@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import os
 import threading
 from multiprocessing.connection import wait as wait_for_sentinels
 from pathlib import Path
@@ -171,8 +172,6 @@ class WorkerGroup:
 
     @classmethod
     def _join_torchrun(cls, config: EngineConfig, model_path: Path) -> WorkerGroup:
-        import os
-
         world_size = int(os.environ["WORLD_SIZE"])
         if world_size != config.tensor_parallel_size:
             raise ValueError(f"torchrun started {world_size} processes but tensor_parallel_size is "

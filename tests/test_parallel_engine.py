@@ -36,8 +36,11 @@ def test_tensor_parallel_greedy_equals_single_process_and_a_dead_worker_stops_it
         assert engine.kv_cache.shape[4] == 1  # this rank caches 1 of the 2 KV heads
         assert generate(llm) == expected       # chunked prefill (32-token steps) and batching included
         worker = engine.workers.processes[0]
+        engine.check_health()
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(10)
+        with pytest.raises(WorkerError, match="worker rank 1"):  # what a server's health check would see
+            engine.check_health()
         with pytest.raises(WorkerError, match=r"worker rank 1 \(pid \d+\) exited with code -9.*must be restarted"):
             llm.generate(prompts(), GREEDY, use_tqdm=False)
         with pytest.raises(WorkerError):  # and it stays down

@@ -148,6 +148,12 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.shutdown()
 
+    def check_health(self) -> None:
+        """Raise `WorkerError` if a tensor-parallel worker is gone (cheap, for health checks: the engine
+        itself only notices at its next step)."""
+        if self.workers is not None:
+            self.workers.check()
+
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
     def _load_tokenizer(folder: Path):

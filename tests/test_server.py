@@ -448,7 +448,8 @@ def test_64_concurrent_streams(random_server):
         assert text == expected[i % 4] and finish in ("stop", "length") and usage, (i, text, finish)
 
 
-def test_disconnected_streams_free_their_kv_blocks(random_server):
+def test_disconnected_streams_free_their_kv_blocks(random_server, caplog):
+    caplog.set_level(logging.INFO)
     c = client(random_server)
     before = metrics(random_server)["glm45:generation_tokens_total"]
     streams = []
@@ -474,11 +475,13 @@ def test_disconnected_streams_free_their_kv_blocks(random_server):
     assert random_server.app.state.async_engine.num_in_flight == 0
     # the engine did not run the aborted requests to their end
     assert values["glm45:generation_tokens_total"] < before + 16 * 400
+    assert not [r for r in caplog.records if r.exc_info], "a disconnect is not an error"
     assert client(random_server).chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
 
 
-def test_disconnected_non_streaming_requests_are_aborted(random_server):
+def test_disconnected_non_streaming_requests_are_aborted(random_server, caplog):
     """A client that gives up on a non-streamed answer (here: its timeout) does not leave the request running."""
+    caplog.set_level(logging.INFO)
     before = metrics(random_server)
     impatient = client(random_server, timeout=0.5)
     for i in range(4):
@@ -494,6 +497,8 @@ def test_disconnected_non_streaming_requests_are_aborted(random_server):
         time.sleep(0.05)
     assert values["glm45:request_success_total[abort]"] >= before.get("glm45:request_success_total[abort]", 0) + 4
     assert values["glm45:generation_tokens_total"] < before["glm45:generation_tokens_total"] + 4 * 1000
+    assert sum("client disconnected" in r.getMessage() for r in caplog.records) == 4
+    assert not [r for r in caplog.records if r.exc_info], "a disconnect is not an error"
 
 
 def test_chunked_body_over_the_limit_and_clean_error_logs(random_server, caplog):

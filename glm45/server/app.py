@@ -46,7 +46,7 @@ from glm45.server.protocol import (
     TokenizeResponse,
     plain_messages,
 )
-from glm45.server.serving import OpenAIServing, RequestError
+from glm45.server.serving import ClientDisconnected, OpenAIServing, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,11 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
     async def on_request_error(request: Request, exc: RequestError):
         logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return JSONResponse(exc.to_json(), status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_client_gone(request: Request, exc: ClientDisconnected):
+        logger.info("%s %s: the client disconnected; request %s aborted", request.method, request.url.path, exc)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):

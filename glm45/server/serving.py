@@ -84,6 +84,10 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; the request was aborted, no one is left to answer."""
+
+
 class SSEResponse(StreamingResponse):
     """Server-sent events whose generator is always closed (and so its request aborted) when the
     response ends for any reason: finished, client gone, or server shutting down."""
@@ -203,7 +207,7 @@ class OpenAIServing:
                 result.cancel()
                 self.engine.abort(request_id)
         if not result.done() or result.cancelled():
-            raise asyncio.CancelledError("the client disconnected")
+            raise ClientDisconnected(request_id)
         try:
             return result.result()
         except EngineError as e:

@@ -74,6 +74,12 @@ def test_serve_flags_use_vllm_names():
         .num_speculative_tokens == 2
     assert serve_configs("--speculative-num-steps", "3")[0].num_speculative_tokens == 3
     assert serve_configs("--num-speculative-tokens", "1")[0].num_speculative_tokens == 1
+    sglang = ("--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+              "--speculative-num-draft-tokens", "4")
+    assert serve_configs(*sglang)[0].num_speculative_tokens == 3
+    assert serve_configs("--speculative-algorithm", "NEXTN")[0].num_speculative_tokens == 1
+    with pytest.raises(ValueError, match="topk"):
+        serve_configs("--speculative-eagle-topk", "4")
     assert serve_configs("--model", "/m")[0].model == "/m" and serve_configs()[0].model is None
     with pytest.raises(ValueError, match="ngram"):
         serve_configs("--speculative-config", '{"method": "ngram"}')

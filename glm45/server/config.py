@@ -4,7 +4,8 @@ The engine's flags come from `EngineConfig` (one flag per field, kebab-case, hel
 comment), the server's own from `ServerConfig` below. Names are vLLM's wherever the meaning is the same
 (`--max-model-len`, `--served-model-name`, `--enable-auto-tool-choice`, …), and the spellings of
 speculative decoding that GLM-4.5 recipes use are all accepted: vLLM's `--speculative-config` JSON,
-SGLang's `--speculative-num-steps`, and the engine's own `--num-speculative-tokens`.
+SGLang's `--speculative-algorithm/-num-steps/-eagle-topk/-num-draft-tokens`, and the engine's own
+`--num-speculative-tokens`.
 """
 
 from __future__ import annotations
@@ -76,8 +77,12 @@ class ServerConfig:
 
 def _field_comments(cls: type) -> dict[str, str]:
     """The `# comment` after each field in the class source: the help text of its flag."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
+    comments: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # installed without sources: flags without help text
+        return comments
+    for line in source.splitlines():
         match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
         if match:
             comments[match.group(1)] = match.group(2).strip()
@@ -150,6 +155,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     spec.add_argument("--speculative-num-steps", type=int, default=None,
                       help="SGLang style: MTP draft tokens per step")
     spec.add_argument("--speculative-algorithm", default=None, help="SGLang style: EAGLE/NEXTN (both mean MTP)")
+    spec.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                      help="SGLang style: draft tokens per step plus one (the verified token)")
+    spec.add_argument("--speculative-eagle-topk", type=int, default=None,
+                      help="SGLang style: must be 1 (the MTP layer drafts a single chain)")
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
@@ -163,6 +172,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
             raise ValueError(f"--speculative-config method {method!r} is not supported; GLM-4.5 drafts with its "
                              f"MTP layer: use one of {', '.join(MTP_METHODS)}")
         num_speculative_tokens = int(args.speculative_config.get("num_speculative_tokens", 1))
+    if args.speculative_eagle_topk not in (None, 1):
+        raise ValueError(f"--speculative-eagle-topk {args.speculative_eagle_topk}: MTP drafts a single chain; use 1")
+    if args.speculative_num_draft_tokens is not None:
+        num_speculative_tokens = args.speculative_num_draft_tokens - 1
+        if args.speculative_num_steps not in (None, num_speculative_tokens):
+            raise ValueError(f"--speculative-num-draft-tokens {args.speculative_num_draft_tokens} must be "
+                             f"--speculative-num-steps + 1 = {args.speculative_num_steps + 1} for a single chain")
     if args.speculative_num_steps is not None:
         num_speculative_tokens = args.speculative_num_steps
     elif args.speculative_algorithm is not None and not num_speculative_tokens:

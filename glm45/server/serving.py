@@ -17,8 +17,9 @@ chunking (the parsers' tests pin this down), so a seeded request gives the same 
   block and `<tool_call>` (or `<tool_call>NAME\\n`), exactly as a past turn that called a tool is
   rendered, so the model continues inside a call. There is no grammar-constrained decoding: if the model
   then writes no valid call (an unknown name, or no `</tool_call>` before `max_tokens`), the response
-  honestly has no tool call and `finish_reason` is "stop" or "length", never "tool_calls". Prefilling
-  skips the thinking of that turn.
+  honestly has no tool call and `finish_reason` is "stop" or "length", never "tool_calls" (a stream has
+  already sent the call's name by then, so it ends with that call's partial arguments and "length").
+  Prefilling skips the thinking of that turn.
 """
 
 from __future__ import annotations

@@ -204,6 +204,13 @@ def test_completions(random_server):
                                  n=2)
     assert sorted(ch.index for ch in batch.choices) == [0, 1, 2, 3]
     assert batch.choices[0].text == choice.text
+    merged: dict[int, str] = {}
+    for chunk in c.completions.create(model="tiny", prompt=["The quick brown fox", "Hello"], max_tokens=8,
+                                      temperature=0, n=2, stream=True, echo=True):
+        for ch in chunk.choices:
+            merged[ch.index] = merged.get(ch.index, "") + ch.text
+    prompts = ["The quick brown fox"] * 2 + ["Hello"] * 2
+    assert merged == {ch.index: prompts[ch.index] + ch.text for ch in batch.choices}
     by_ids = c.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0, echo=True)
     assert by_ids.choices[0].text == "The quick brown fox" + choice.text
     detok = http(random_server, "POST", "/detokenize", {"tokens": ids})[1]

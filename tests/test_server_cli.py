@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -145,6 +146,31 @@ def test_sigterm_drains_in_flight_streams(tmp_path):
             process.wait()
     stderr = process.stderr.read()
     assert "Traceback" not in stderr, stderr
+
+
+def test_health_reports_a_dead_tensor_parallel_worker(tmp_path):
+    """With --tensor-parallel-size 2 the engine runs a worker process; once it dies /health says 503, so an
+    orchestrator restarts the server, and requests fail with an error instead of hanging."""
+    folder = save_random_model(tmp_path / "model")
+    with ServerThread(folder, tensor_parallel_size=2, max_model_len=256, num_gpu_blocks_override=64) as server:
+        try:
+            c = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=60)
+            before = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=4, temperature=0)
+            assert before.usage.completion_tokens >= 1
+            with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
+                assert response.status == 200
+            worker = server.engine.workers.processes[0]
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(10)
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(server.url + "/health", timeout=10)
+            assert error.value.code == 503 and "worker" in json.loads(error.value.read())["error"]["message"]
+            with pytest.raises(openai.APIStatusError) as failed:
+                c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            assert failed.value.status_code in (500, 503)
+        finally:
+            server.engine.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -182,6 +182,11 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
     async def health() -> Response:
         if not async_engine.is_alive:
             return error_response(503, "the engine is not running", type="service_unavailable")
+        try:
+            engine.check_health()  # e.g. a tensor-parallel worker that died since the last step
+        except Exception as e:
+            logger.error("health check failed: %s", e)
+            return error_response(503, f"the engine is unhealthy: {e}", type="service_unavailable")
         return Response(status_code=200)
 
     @app.get("/version")
@@ -260,7 +265,10 @@ def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:
                     signal.signal(sig, handler)
 
     engine = LLMEngine(engine_config)
-    names = config.served_model_name or [engine_config.model or Path(engine.model_path).name]
-    app = create_app(engine, config, names)
-    Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
-                          timeout_graceful_shutdown=config.shutdown_timeout, access_log=True)).run()
+    try:
+        names = config.served_model_name or [engine_config.model or Path(engine.model_path).name]
+        app = create_app(engine, config, names)
+        Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+                              timeout_graceful_shutdown=config.shutdown_timeout, access_log=True)).run()
+    finally:
+        engine.shutdown()  # the tensor-parallel workers, if any

@@ -46,7 +46,9 @@ from glm45.server.protocol import (
     TokenizeResponse,
     plain_messages,
 )
-from glm45.server.serving import ClientDisconnected, OpenAIServing, RequestError
+from glm45.server.serving import ClientDisconnected, RequestError
+from glm45.server.serving_chat import OpenAIServingChat
+from glm45.server.serving_completion import OpenAIServingCompletion
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
     names = model_names or config.served_model_name or [engine.model_path.name]
     metrics = ServerMetrics(names[0], lambda: async_engine.stats())
     async_engine = AsyncEngine(engine, metrics)
-    serving = OpenAIServing(async_engine, config, names)
+    chat = OpenAIServingChat(async_engine, config, names)
+    completion = OpenAIServingCompletion(async_engine, config, names)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -145,7 +148,6 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
 
     app = FastAPI(title="glm45", version=glm45.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.async_engine = async_engine
-    app.state.serving = serving
     app.state.metrics = metrics
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes)
 
@@ -204,15 +206,15 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request):
-        return await serving.create_chat_completion(request, raw)
+        return await chat.create_chat_completion(request, raw)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request):
-        return await serving.create_completion(request, raw)
+        return await completion.create_completion(request, raw)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
-        serving.check_model(request.model)
+        chat.check_model(request.model)
         if engine.tokenizer is None:
             raise RequestError("this model has no tokenizer")
         if (request.prompt is None) == (request.messages is None):
@@ -225,7 +227,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
                 text = render_chat(plain_messages(request.messages), tools=tools,
                                    enable_thinking=bool(kwargs.get("enable_thinking", True)),
                                    add_generation_prompt=request.add_generation_prompt,
-                                   chat_template=serving.chat_template)
+                                   chat_template=chat.chat_template)
             except ValueError as e:
                 raise RequestError(str(e), param="messages") from None
         tokens = engine.tokenizer.encode(text)
@@ -233,7 +235,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest):
-        serving.check_model(request.model)
+        chat.check_model(request.model)
         if engine.tokenizer is None:
             raise RequestError("this model has no tokenizer")
         bad = [t for t in request.tokens if not 0 <= t < engine.tokenizer.vocab_size]

@@ -210,6 +210,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048       # token budget of one step (chunked prefill splits longer prompts)
     block_size: int = 16                     # tokens per KV-cache block
     kv_cache_memory_bytes: int | None = None # KV-cache budget; None: a default per device
+    gpu_memory_utilization: float = 0.9      # on CUDA, without a KV budget: the share of the GPU to fill
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks (tests, tuning)
     enable_prefix_caching: bool = True
     num_speculative_tokens: int = 0          # MTP draft tokens per step (0 disables speculative decoding)
@@ -227,5 +228,7 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be in [0, 8], got {self.num_speculative_tokens}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override must be ≥ 1, got {self.num_gpu_blocks_override}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(f"kv_cache_memory_bytes must be ≥ 1, got {self.kv_cache_memory_bytes}")

@@ -166,8 +166,11 @@ class LLMEngine:
 
     def _default_kv_budget(self) -> int:
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.85)
+            # vLLM's meaning: the whole process may use this share of the GPU; the KV cache gets what the
+            # weights and a margin for activations leave of it.
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            return max(0, int(total * self.config.gpu_memory_utilization - used - 0.05 * total))
         return DEFAULT_CPU_KV_BYTES
 
     @property
@@ -283,6 +286,9 @@ class LLMEngine:
             outputs=[seq.completion() for seq in seqs],
             finished=all(seq.is_finished for seq in seqs),
             num_cached_tokens=seqs[0].num_cached_tokens,
+            metrics={"spec_draft_tokens": sum(seq.num_draft_tokens for seq in seqs),
+                     "spec_accepted_tokens": sum(seq.num_accepted_tokens for seq in seqs)}
+            if self.num_speculative_tokens else {},
         )
 
     # ------------------------------------------------------------------ statistics

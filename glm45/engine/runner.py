@@ -75,6 +75,8 @@ class ModelRunner:
                 rows = logits[row:row + num_drafts + 1]
                 tokens = verify(rows, seq)
                 self.stats.record(num_drafts, len(tokens))
+                seq.num_draft_tokens += num_drafts
+                seq.num_accepted_tokens += min(num_drafts, len(tokens) - 1)
                 k = seq.params.logprobs
                 new_tokens[seq.seq_id] = [
                     (t, None if k is None else top_logprobs(rows[i], t, k)) for i, t in enumerate(tokens)

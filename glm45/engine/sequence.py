@@ -41,7 +41,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # with MTP: spec_draft_tokens, spec_accepted_tokens (all n)
 
 
 class Sequence:
@@ -79,6 +79,8 @@ class Sequence:
         self.draft_token_ids: list[int] = []
         self.draft_probs: torch.Tensor | None = None
         self.mtp_hidden: torch.Tensor | None = None
+        self.num_draft_tokens = 0     # drafts this sequence had verified
+        self.num_accepted_tokens = 0  # of them, accepted
         self.first_token_time: float | None = None
         self.arrival_time: float = 0.0
 

@@ -76,7 +76,7 @@ TOOL_NOUNS = ["order", "invoice", "flight", "hotel", "ticket", "package", "accou
               "car", "room", "stock", "user", "contract", "shipment", "playlist", "course"]
 HELDOUT_TOOL_VERBS = ["verify", "approve", "archive", "restore", "rename", "summarize", "translate", "locate"]
 HELDOUT_TOOL_NOUNS = ["voucher", "patient", "warehouse", "satellite", "vaccine", "tractor", "museum",
-                      "pipeline", "harbor", "glacier", "lottery", "passport"]
+                      "pipeline", "lighthouse", "glacier", "lottery", "passport"]
 PARAM_SUFFIXES = ["id", "name", "code", "date", "city", "count", "owner", "status"]
 INT_SUFFIXES = {"id", "count"}
 STATUS_WORDS = ["confirmed", "pending", "shipped", "delayed", "cancelled", "approved", "available",
@@ -95,6 +95,21 @@ OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "light
              "happy": "sad", "open": "closed", "early": "late", "wet": "dry", "loud": "quiet"}
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a concise assistant that uses tools when needed.",
                   "You are GLM, a helpful AI assistant.", "Answer briefly and call tools when they help."]
+
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "kr", "st", "tr", "sh", "ch"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+_CODAS = ["", "", "", "n", "r", "s", "l", "k"]
+_HELDOUT_WORDS = {w.lower() for w in HELDOUT_CITIES + HELDOUT_TOOL_VERBS + HELDOUT_TOOL_NOUNS}
+
+
+def pseudo_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> str:
+    """A pronounceable made-up word ("trivosa"): values a model cannot memorise, only copy."""
+    while True:
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                       for _ in range(rng.randint(*syllables)))
+        if word not in _HELDOUT_WORDS:
+            return word
 
 
 def _tool(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -129,12 +144,27 @@ class ConversationGenerator:
         self.split = split
         self.cities = CITIES if split == "train" else HELDOUT_CITIES
 
+    # Training mixes real words with made-up ones, so that the model learns to copy cities, names and tool
+    # names from the request and the tool list instead of memorising them; held-out splits use real words
+    # it never saw.
+    def _city(self) -> str:
+        if self.split == "train" and self.rng.random() < 0.5:
+            return pseudo_word(self.rng).capitalize()
+        return self.rng.choice(self.cities)
+
+    def _name_value(self) -> str:
+        rng = self.rng
+        word = pseudo_word(rng) if rng.random() < 0.5 else rng.choice(NAME_WORDS)
+        return word + ("-" + str(rng.randint(1, 99)) if rng.random() < 0.5 else "")
+
     # ------------------------------------------------------------------ tools
     def random_tool(self, heldout_words: bool = False) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         """A `verb_noun` tool with 1–3 parameters → (tool, [(param, json type)])."""
         rng = self.rng
         verbs, nouns = (HELDOUT_TOOL_VERBS, HELDOUT_TOOL_NOUNS) if heldout_words else (TOOL_VERBS, TOOL_NOUNS)
         verb, noun = rng.choice(verbs), rng.choice(nouns)
+        if not heldout_words and self.split == "train" and rng.random() < 0.5:
+            verb, noun = (pseudo_word(rng, (1, 2)), noun) if rng.random() < 0.5 else (verb, pseudo_word(rng, (2, 3)))
         suffixes = rng.sample(PARAM_SUFFIXES, rng.randint(1, 3))
         params = [(f"{noun}_{s}", "integer" if s in INT_SUFFIXES else "string") for s in suffixes]
         tool = _tool(f"{verb}_{noun}", f"{verb.capitalize()} a {noun}.",
@@ -157,7 +187,7 @@ class ConversationGenerator:
     # ------------------------------------------------------------------ tasks
     def weather_task(self) -> dict[str, Any]:
         rng = self.rng
-        city = rng.choice(self.cities)
+        city = self._city()
         unit = rng.choice(list(UNITS))
         unit_word = rng.choice([UNITS[unit][0], UNITS[unit][2]])
         user = rng.choice([
@@ -223,11 +253,11 @@ class ConversationGenerator:
             if kind == "integer":
                 value: Any = rng.randint(1, 99999)
             elif param.endswith("_city"):
-                value = rng.choice(self.cities)
+                value = self._city()
             elif param.endswith("_date"):
                 value = f"2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
             else:
-                value = rng.choice(NAME_WORDS) + ("-" + str(rng.randint(1, 99)) if rng.random() < 0.5 else "")
+                value = self._name_value()
             arguments[param] = value
             phrases.append(f"{param.split('_', 1)[1]} {value}")
         details = " and ".join(phrases)
@@ -257,7 +287,7 @@ class ConversationGenerator:
             word, opposite = rng.choice(list(OPPOSITES.items()))
             return {"user": f"What is the opposite of {word}?", "answer": f"The opposite of {word} is {opposite}.",
                     "plan": "A simple word question. No tool is needed."}
-        words = " ".join(rng.sample(NAME_WORDS, rng.randint(2, 4)))
+        words = " ".join(self._name_value() for _ in range(rng.randint(2, 4)))
         return {"user": f"Repeat after me: {words}", "answer": words, "plan": "I just repeat the words."}
 
     # ------------------------------------------------------------------ conversations

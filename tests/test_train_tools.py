@@ -1,0 +1,93 @@
+"""The pieces around training: the training expert forward, the evaluation's cached greedy decoding and format
+check, the synthetic data's held-out splits, and the loss plot."""
+
+import json
+
+import pytest
+import torch
+from train_helpers import tiny_model_config
+
+from glm45.model import Glm4MoeForCausalLM
+from glm45.model.moe import Experts
+from glm45.train.evaluate import format_ok, greedy_generate, mtp_acceptance
+from glm45.train.experts import TrainingExperts, use_training_experts
+from glm45.train.plot import plot
+from glm45.train.synthetic import CITIES, HELDOUT_CITIES, HELDOUT_TOOL_NOUNS, generate
+
+
+@pytest.fixture
+def model():
+    model = Glm4MoeForCausalLM(tiny_model_config())
+    model.init_weights(0.2, torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def test_training_experts_compute_the_same_function_and_gradients(model):
+    experts = model.model.layers[1].mlp.experts
+    x = torch.randn(10, 32, requires_grad=True)
+    weights, ids = torch.rand(10, 2), torch.randint(0, 4, (10, 2))
+    ids[:, 1] = (ids[:, 0] + 1) % 4
+    reference = experts(x, weights, ids)
+    reference.square().sum().backward()
+    grads = (x.grad.clone(), experts.gate_up_proj.grad.clone())
+    x.grad = None
+    experts.gate_up_proj.grad = None
+    assert use_training_experts(model) == 3  # two MoE layers and the MTP layer
+    assert type(experts) is TrainingExperts and "gate_up_proj" in dict(experts.named_parameters())
+    out = experts(x, weights, ids)
+    torch.testing.assert_close(out, reference)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, grads[0])
+    torch.testing.assert_close(experts.gate_up_proj.grad, grads[1])
+    assert not any(type(m) is Experts for m in model.modules())
+
+
+def test_cached_greedy_decoding_equals_full_recomputation(model):
+    prompt = [5, 17, 42, 7, 99]
+    generated, stopped = greedy_generate(model, prompt, stop_ids=set(), max_new_tokens=8)
+    assert not stopped and len(generated) == 8
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert generated == ids[len(prompt):]
+    stop = generated[3]
+    first_stop = generated.index(stop)
+    assert greedy_generate(model, prompt, {stop}, 8) == (generated[:first_stop + 1], True)
+    accepted, drafted = mtp_acceptance(model, prompt, generated)
+    assert drafted == len(generated) - 1 and 0 <= accepted <= drafted
+
+
+def test_format_check():
+    assert format_ok("\n<think>plan</think>\nanswer", thinking=True, stopped=True)
+    assert format_ok("\n<think></think>\n<tool_call>f\n</tool_call>", thinking=True, stopped=True)
+    assert not format_ok("\n<think>plan</think>\nanswer", thinking=True, stopped=False)
+    assert not format_ok("\nanswer", thinking=True, stopped=True)
+    assert not format_ok("\n<think>a</think>\n<think>b</think>\nanswer", thinking=True, stopped=True)
+    assert format_ok("\nanswer", thinking=False, stopped=True)
+    assert not format_ok("\n<think>x</think>\nanswer", thinking=False, stopped=True)
+
+
+def test_held_out_splits_use_unseen_cities_and_tool_words():
+    assert not set(CITIES) & set(HELDOUT_CITIES)
+    train_text = json.dumps(generate(300, seed=0))
+    assert not any(f'"{city}"' in train_text for city in HELDOUT_CITIES)
+    assert not any(noun in train_text for noun in HELDOUT_TOOL_NOUNS)
+    unseen = generate(20, seed=2, split="unseen_tools")
+    assert all(c["meta"]["call"]["name"].split("_", 1)[1] in HELDOUT_TOOL_NOUNS for c in unseen)
+    assert all(c["meta"]["call"]["name"] in {t["function"]["name"] for t in c["tools"]} for c in unseen)
+    assert generate(5, seed=3) == generate(5, seed=3) and generate(5, seed=3) != generate(5, seed=4)
+    with pytest.raises(ValueError, match="unknown split"):
+        generate(1, seed=0, split="test")
+
+
+def test_plot_writes_a_png(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "lm": 3.0, "expert_load_max_over_mean": {"a": 2.0}},
+        {"step": 2, "lm": 2.0, "expert_load_max_over_mean": {"a": 1.4}},
+        {"step": 2, "eval_lm_loss": 2.5}]) + "\n")
+    out = plot([str(metrics)], ["run"], tmp_path / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="one label per file"):
+        plot([str(metrics)], ["a", "b"], tmp_path / "x.png")

@@ -188,6 +188,9 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int] | None = None
+    # With MTP speculative decoding: the drafts verified, in OpenAI's Predicted Outputs terms
+    # (accepted_prediction_tokens, rejected_prediction_tokens).
+    completion_tokens_details: dict[str, int] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -201,15 +201,27 @@ def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
 
 
 def usage_of(output: RequestOutput) -> Usage:
+    """Token counts; with MTP also the drafts the answer verified, as OpenAI's Predicted Outputs counts
+    (`accepted_prediction_tokens` / `rejected_prediction_tokens`), so a client can show the acceptance rate."""
     prompt = len(output.prompt_token_ids)
     completion = sum(len(c.token_ids) for c in output.outputs)
+    details = None
+    if "spec_draft_tokens" in output.metrics:
+        accepted = output.metrics["spec_accepted_tokens"]
+        details = {"accepted_prediction_tokens": accepted,
+                   "rejected_prediction_tokens": output.metrics["spec_draft_tokens"] - accepted}
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details={"cached_tokens": output.num_cached_tokens})
+                 prompt_tokens_details={"cached_tokens": output.num_cached_tokens},
+                 completion_tokens_details=details)
 
 
 def sum_usage(usages: list[Usage]) -> Usage:
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
     cached = sum((u.prompt_tokens_details or {}).get("cached_tokens", 0) for u in usages)
+    details = None
+    if any(u.completion_tokens_details for u in usages):
+        details = {key: sum((u.completion_tokens_details or {}).get(key, 0) for u in usages)
+                   for key in ("accepted_prediction_tokens", "rejected_prediction_tokens")}
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details={"cached_tokens": cached})
+                 prompt_tokens_details={"cached_tokens": cached}, completion_tokens_details=details)

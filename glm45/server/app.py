@@ -49,6 +49,7 @@ from glm45.server.protocol import (
 from glm45.server.serving import ClientDisconnected, RequestError
 from glm45.server.serving_chat import OpenAIServingChat
 from glm45.server.serving_completion import OpenAIServingCompletion
+from glm45.server.webchat import add_webchat
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
                                param="tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens, skip_special_tokens=False))
 
+    add_webchat(app)  # the chat page at `/`
     return app
 
 

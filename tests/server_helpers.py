@@ -66,9 +66,11 @@ def save_random_model(folder: Path) -> Path:
     return folder
 
 
-def save_scripted_model(folder: Path) -> Path:
+def save_scripted_model(folder: Path, pieces: list[str] = SCRIPT_PIECES) -> Path:
+    """A model whose greedy answer follows `pieces` (the module docstring explains how); its tokens must be
+    distinct, and the script ends where its last token is followed by `<|endoftext|>`."""
     tokenizer = build_tiny_tokenizer(folder)
-    script = [t for piece in SCRIPT_PIECES for t in tokenizer.encode(piece)]
+    script = [t for piece in pieces for t in tokenizer.encode(piece)]
     if len(set(script)) != len(script):
         raise ValueError(f"the script repeats a token, so it cannot be a function of the current token: {script}")
     config = _config(tokenizer, hidden_size=64, num_layers=1)

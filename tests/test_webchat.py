@@ -126,6 +126,9 @@ class ChatPage:
         self.requests = []
         self.errors = []
         self.page.on("request", self._on_request)
+        self.response_types = []
+        self.page.on("response", lambda r: self.response_types.append(r.headers.get("content-type", ""))
+                     if r.url.endswith("/v1/chat/completions") else None)
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.goto(url + "/")
         # A function the injected HTML calls; it records that it ran.
@@ -241,6 +244,7 @@ def test_chat_with_key_thinking_on_and_off_and_a_server_error(chat):
     headers, body = chat.requests[-1]
     assert headers["authorization"] == f"Bearer {API_KEY}"
     assert body["stream"] is True and body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert chat.response_types[-1].startswith("text/event-stream")  # the answer came as a stream
     assert body["messages"] == [{"role": "user", "content": "Hello"}]
     assert answer.locator(".thinking summary").inner_text() == "Thought"
     assert answer.locator(".thinking-text").text_content() == SCRIPT_REASONING

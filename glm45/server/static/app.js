@@ -147,7 +147,7 @@ function codeBlock(code, language) {
 const state = {
   turns: [],          // {message: object|null, node: Element}
   controller: null,   // AbortController of the running request
-  apiKey: localStorage.getItem('glm45.apiKey') || '',
+  apiKey: sessionStorage.getItem('glm45.apiKey') || '',
 };
 
 function messages() {
@@ -516,7 +516,7 @@ function init() {
   if (state.apiKey) $('api-key-row').hidden = false;
   $('api-key').addEventListener('input', () => {
     state.apiKey = $('api-key').value.trim();
-    localStorage.setItem('glm45.apiKey', state.apiKey);
+    sessionStorage.setItem('glm45.apiKey', state.apiKey);
   });
   $('api-key').addEventListener('change', loadModels);
   updateButtons();

@@ -50,18 +50,23 @@ def _library() -> ctypes.CDLL | None:
     digest = hashlib.sha256(source).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glm45" / "kernels"
     target = cache / f"cpu_bf16-{digest}.so"
-    if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            built = Path(tmp) / target.name
-            command = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o",
-                       str(built)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                logger.warning("could not compile the CPU kernels (%s); using torch's", result.stderr.strip()[:200])
-                return None
-            built.replace(target)  # atomic: concurrent processes never load a half-written file
-    library = ctypes.CDLL(str(target))
+    try:
+        if not target.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                built = Path(tmp) / target.name
+                command = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o",
+                           str(built)]
+                result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+                if result.returncode != 0:
+                    logger.warning("could not compile the CPU kernels (%s); using torch's",
+                                   result.stderr.strip()[:200])
+                    return None
+                built.replace(target)  # atomic: concurrent processes never load a half-written file
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("CPU kernels unavailable (%s); using torch's", e)
+        return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.gemv_bf16.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
     library.grouped_gemv_bf16.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]

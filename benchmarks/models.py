@@ -52,8 +52,9 @@ def active_weight_bytes(config: ModelConfig, bytes_per_param: int) -> int:
     return (layers + config.vocab_size * h) * bytes_per_param
 
 
-def flops_per_token(config: ModelConfig, context: int = 0) -> int:
-    """Matmul FLOPs for one token (2 per multiply-add), attention over `context` earlier tokens included."""
-    params = active_weight_bytes(config, 1)
+def flops_per_token(config: ModelConfig, context: int = 0, with_head: bool = True) -> int:
+    """Matmul FLOPs for one token (2 per multiply-add), attention over `context` earlier tokens included;
+    prefill computes the head for the last token only, hence `with_head=False` there."""
+    params = active_weight_bytes(config, 1) - (0 if with_head else config.vocab_size * config.hidden_size)
     attention = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * context
     return 2 * params + attention

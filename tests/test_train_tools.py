@@ -91,3 +91,33 @@ def test_plot_writes_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="one label per file"):
         plot([str(metrics)], ["a", "b"], tmp_path / "x.png")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_counts_routes_once(model):
+    from glm45.train.balance import RouterMonitor
+    from glm45.train.data import Batch
+    from glm45.train.sft import compute_losses, enable_gradient_checkpointing
+
+    ids = torch.randint(0, 320, (2, 9))
+    labels = torch.roll(ids, -1, 1)
+    batch = Batch(ids, labels, torch.ones_like(ids, dtype=torch.bool))
+
+    def run():
+        monitor = RouterMonitor(model)
+        loss = compute_losses(model, batch, 0.3, monitor)["loss"]
+        with monitor.paused():
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        loads = {n: load.clone() for n, load in monitor.loads.items()}
+        monitor.remove()
+        return grads, loads
+
+    plain_grads, plain_loads = run()
+    enable_gradient_checkpointing(model)
+    grads, loads = run()
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)
+    for name in loads:
+        assert torch.equal(loads[name], plain_loads[name])

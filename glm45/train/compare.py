@@ -6,8 +6,8 @@ rate γ changes.
 
 - `optimizers`: each optimizer runs at every learning rate of its grid; the best run of each (lowest final
   held-out loss) is compared: at which step does Muon first reach AdamW's final held-out loss?
-- `balance`: the best Muon setting with γ = 1e-3 and with γ = 0: the max/mean expert load of every MoE layer
-  over the last logging window.
+- `balance`: the best Muon setting with γ = 1e-3 (DeepSeek-V3's rate, meant for very long runs), γ = 1e-2 and
+  γ = 0: the max/mean expert load of every MoE layer over the last logging window.
 
     python -m glm45.train.compare --out runs/compare --tokenizer runs/glm45-tiny/tokenizer
 """
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--muon-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
     parser.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--gammas", type=float, nargs="+", default=[1e-3, 1e-2, 0.0])
     parser.add_argument("--experiments", nargs="+", default=["optimizers", "balance"])
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if "balance" in args.experiments:
         loads = {}
         paths = []
-        for gamma in (1e-3, 0.0):
+        for gamma in args.gammas:
             metrics = run(out, f"balance-gamma{gamma:g}", common, optimizer="muon", lr=best_muon_lr,
                           balance_gamma=gamma, max_steps=args.balance_steps)
             loads[f"gamma={gamma:g}"] = read_metrics(metrics)[0][-1]["expert_load_max_over_mean"]
             paths.append(str(metrics))
         report["balance"] = {"final_window_max_over_mean": loads, "steps": args.balance_steps,
-                             "plot": str(plot(paths, ["γ=1e-3", "γ=0"], out / "balance.png",
+                             "plot": str(plot(paths, [f"γ={g:g}" for g in args.gammas], out / "balance.png",
                                               "loss-free balancing"))}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

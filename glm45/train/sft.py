@@ -295,6 +295,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
     window_loads: dict[str, torch.Tensor] = {}
+    window_losses: dict[str, float] = {}
+    window_steps = 0
     last: dict[str, float] = {}
     progress = tqdm(range(start_step, config.max_steps), desc="train", initial=start_step, total=config.max_steps)
     step = start_step
@@ -320,6 +322,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         for name, load in monitor.loads.items():
             window_loads[name] = window_loads.get(name, 0) + load
         monitor.reset()
+        for key, value in sums.items():
+            window_losses[key] = window_losses.get(key, 0.0) + value
+        window_steps += 1
         last = {**sums, "grad_norm": grad_norm}
         tokens_per_s = window_tokens / (time.perf_counter() - window_start)
         progress.set_postfix(loss=f"{sums['lm']:.3f}", tok_s=f"{tokens_per_s:.0f}")
@@ -328,11 +333,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if done % config.log_every == 0 or done == config.max_steps:
             elapsed = time.perf_counter() - window_start
             loads = load_imbalance(window_loads)
-            log({"step": done, **{k: round(v, 5) for k, v in sums.items()}, "grad_norm": round(grad_norm, 4),
+            # Losses are means over the steps since the last log line; grad_norm is this step's.
+            means = {k: round(v / window_steps, 5) for k, v in window_losses.items()}
+            log({"step": done, **means, "grad_norm": round(grad_norm, 4),
                  "lr": optimizer.optimizers[0].param_groups[0]["lr"], "tokens_per_s": round(window_tokens / elapsed, 1),
                  "elapsed_s": round(time.perf_counter() - started, 1),
                  "expert_load_max_over_mean": {k: round(v, 3) for k, v in loads.items()}})
-            window_tokens, window_start, window_loads = 0, time.perf_counter(), {}
+            window_tokens, window_start, window_loads, window_losses, window_steps = 0, time.perf_counter(), {}, {}, 0
         if eval_batches and (done % config.eval_every == 0 or done == config.max_steps):
             scores = evaluate_loss(model, eval_batches, config.mtp_weight, monitor, config.autocast_bf16)
             log({"step": done, **{k: round(v, 5) for k, v in scores.items()}})

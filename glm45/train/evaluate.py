@@ -114,6 +114,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
                              "format_ok", "unseen_total", "unseen_name", "unseen_exact", "mtp_accepted",
                              "mtp_drafted")}
     failures: list[dict[str, Any]] = []
+    format_failures: list[dict[str, Any]] = []
     conversations = generate(num, seed, "heldout") + (generate(num_unseen, seed, "unseen_tools") if num_unseen else [])
     started = time.perf_counter()
 
@@ -125,7 +126,10 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         counts["mtp_drafted"] += drafted
         text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=False)
         counts["format_total"] += 1
-        counts["format_ok"] += format_ok(text, thinking, stopped)
+        valid = format_ok(text, thinking, stopped)
+        counts["format_ok"] += valid
+        if not valid and len(format_failures) < 20:
+            format_failures.append({"thinking": thinking, "prompt_end": prompt[-80:], "output": text})
         return text, stopped
 
     for conv in tqdm(conversations, desc="evaluate"):
@@ -172,6 +176,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         "unseen_tool_exact_accuracy": ratio("unseen_exact", "unseen_total"),
         "mtp_acceptance_first_position": ratio("mtp_accepted", "mtp_drafted"),
         "minutes": round((time.perf_counter() - started) / 60, 2), "counts": counts, "failures": failures,
+        "format_failures": format_failures,
     }
 
 
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("failures")}, indent=2))
     return 0
 
 

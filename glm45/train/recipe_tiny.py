@@ -1,14 +1,18 @@
 """The recipe of the bundled small model (`glm45/assets/glm45-tiny`): data, tokenizer, model config, training.
 
-One command retrains it from scratch on a 2-core CPU in under an hour:
+Stage 1 trains from scratch (about 45 minutes on one thread of the 2-core CPU):
 
-    python -m glm45.train.recipe_tiny --out runs/glm45-tiny --install
+    python -m glm45.train.recipe_tiny --out runs/glm45-tiny
 
 1. generates synthetic agent conversations (`glm45.train.synthetic`, seed 0) and a held-out split (seed 1);
 2. trains a 3k-token byte-level BPE with all GLM-4.5 added tokens on their rendered text;
 3. trains a GLM-4.5-architecture model from scratch (QK-norm, partial RoPE, one dense layer then MoE layers
-   with sigmoid routing and a shared expert, one MTP layer) with Muon, loss-free balancing and the MTP loss;
-4. with `--install`, copies the result (config, weights with the MTP layer, tokenizer) into the package.
+   with sigmoid routing and a shared expert, one MTP layer) with Muon, loss-free balancing and the MTP loss.
+
+Stage 2 (`--init-from`) continues from a trained model on fresh conversations (another `--data-seed`) with
+extra copying drills (`--copy-drill`), keeping its tokenizer; `--install` copies the result (config, weights
+with the MTP layer, tokenizer) into the package. `glm45/assets/glm45-tiny/README.md` has the exact commands
+the bundled weights came from.
 
 Evaluate it with `python -m glm45.train.evaluate glm45/assets/glm45-tiny`.
 """
@@ -41,17 +45,20 @@ INSTALLED_FILES = ("config.json", "model.safetensors", "generation_config.json",
                    "tokenizer_config.json")
 
 
-def prepare(out: Path, num_train: int, num_eval: int) -> tuple[Path, Path, Path, Path]:
-    """Write data, tokenizer and model config into `out`; returns their paths."""
+def prepare(out: Path, num_train: int, num_eval: int, data_seed: int = 0, copy_drill: float = 0.0,
+            tokenizer_dir: Path | None = None) -> tuple[Path, Path, Path, Path]:
+    """Write data, tokenizer (unless one is given) and model config into `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    train_conversations = generate(num_train, seed=0, split="train")
+    train_conversations = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill)
     train_file = write_jsonl(train_conversations, out / "train.jsonl")
     eval_file = write_jsonl(generate(num_eval, seed=1, split="heldout"), out / "eval.jsonl")
+    config_file = out / "model_config.json"
+    config_file.write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        return train_file, eval_file, tokenizer_dir, config_file
     texts = (render_chat(c["messages"], c["tools"], enable_thinking=c["enable_thinking"], add_generation_prompt=False)
              for c in train_conversations)
     tokenizer_dir = build_tokenizer(texts, VOCAB_SIZE, out / "tokenizer")
-    config_file = out / "model_config.json"
-    config_file.write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
     return train_file, eval_file, tokenizer_dir, config_file
 
 
@@ -66,16 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--optimizer", default="muon")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init-from", default=None, help="stage 2: continue from this trained model folder")
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--copy-drill", type=float, default=0.0, help="share of extra copying drills")
+    parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--install", action="store_true", help=f"copy the trained model into {ASSET_DIR}")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     out = Path(args.out)
-    train_file, eval_file, tokenizer_dir, config_file = prepare(out, args.num_train, args.num_eval)
+    given_tokenizer = Path(args.init_from) if args.init_from else None
+    train_file, eval_file, tokenizer_dir, config_file = prepare(out, args.num_train, args.num_eval, args.data_seed,
+                                                                args.copy_drill, given_tokenizer)
     config = TrainConfig(
-        data=str(train_file), eval_data=str(eval_file), output_dir=str(out), init_config=str(config_file),
+        data=str(train_file), eval_data=str(eval_file), output_dir=str(out),
+        init_config=None if args.init_from else str(config_file), model=args.init_from,
         tokenizer=str(tokenizer_dir), max_seq_len=1024, batch_tokens=args.batch_tokens, max_steps=args.max_steps,
-        optimizer=args.optimizer, lr=args.lr, warmup_steps=30, min_lr_ratio=0.05, mtp_weight=0.3,
+        optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=0.05, mtp_weight=0.3,
         balance_gamma=1e-3, eval_every=50, save_every=50, log_every=10, max_minutes=args.max_minutes,
         threads=args.threads, seed=0,
     )

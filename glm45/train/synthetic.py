@@ -137,9 +137,14 @@ def _format_number(x: float) -> str:
 class ConversationGenerator:
     """Draws conversations of every kind for one split; deterministic for a given seed."""
 
-    def __init__(self, seed: int, split: str = "train"):
+    def __init__(self, seed: int, split: str = "train", copy_drill: float = 0.0):
+        """`copy_drill`: the share of extra "repeat after me" conversations with made-up words, cities and
+        numbers — drills for the copying that tool arguments need (0 keeps the original mix)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        if not 0.0 <= copy_drill < 1.0:
+            raise ValueError(f"copy_drill must be in [0, 1), got {copy_drill}")
+        self.copy_drill = copy_drill
         self.rng = random.Random(seed)
         self.split = split
         self.cities = CITIES if split == "train" else HELDOUT_CITIES
@@ -290,11 +295,32 @@ class ConversationGenerator:
         words = " ".join(self._name_value() for _ in range(rng.randint(2, 4)))
         return {"user": f"Repeat after me: {words}", "answer": words, "plan": "I just repeat the words."}
 
+    def copy_task(self) -> dict[str, Any]:
+        """Repeat a mix of made-up words, cities, numbers and dates, quoted back in a sentence."""
+        rng = self.rng
+        pieces = []
+        for _ in range(rng.randint(2, 5)):
+            kind = rng.randrange(4)
+            if kind == 0:
+                pieces.append(self._city())
+            elif kind == 1:
+                pieces.append(str(rng.randint(0, 99999)) if rng.random() < 0.7 else f"{rng.uniform(0, 999):.2f}")
+            elif kind == 2:
+                pieces.append(f"2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}")
+            else:
+                pieces.append(self._name_value())
+        text = " ".join(pieces)
+        user = rng.choice([f"Repeat after me: {text}", f"Say exactly this: {text}", f"Echo: {text}"])
+        answer = rng.choice([text, f"You said: {text}", f"Here it is: {text}"])
+        return {"user": user, "answer": answer, "plan": "I repeat the text exactly."}
+
     # ------------------------------------------------------------------ conversations
     def conversation(self) -> dict[str, Any]:
         rng = self.rng
         if self.split == "unseen_tools":
             task = self.random_tool_task(heldout_words=True)
+        elif self.copy_drill and self.split == "train" and rng.random() < self.copy_drill:
+            task = self.copy_task()
         else:
             roll = rng.random()
             if roll < 0.2:
@@ -344,10 +370,10 @@ class ConversationGenerator:
             yield self.conversation()
 
 
-def generate(num: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
+def generate(num: int, seed: int, split: str = "train", copy_drill: float = 0.0) -> list[dict[str, Any]]:
     if num <= 0:
         raise ValueError(f"num must be a positive number of conversations, got {num}")
-    generator = ConversationGenerator(seed, split)
+    generator = ConversationGenerator(seed, split, copy_drill)
     return [generator.conversation() for _ in range(num)]
 
 
@@ -366,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("--copy-drill", type=float, default=0.0, help="share of extra copying drills")
     args = parser.parse_args(argv)
-    write_jsonl(generate(args.num, args.seed, args.split), args.out)
+    write_jsonl(generate(args.num, args.seed, args.split, args.copy_drill), args.out)
     return 0
 
 

@@ -23,16 +23,30 @@ TOOLS = [{
         "description": "Get the current weather in a city.",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string", "description": "the city, e.g. Beijing"}},
+            "properties": {
+                "city": {"type": "string", "description": "the city, e.g. Beijing"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
             "required": ["city"],
         },
     },
 }]
 
 
-def get_weather(city: str) -> dict:
+def get_weather(city: str, unit: str = "celsius") -> dict:
     """The tool itself: a stand-in for a real weather service."""
-    return {"city": city, "temperature_c": 21, "sky": "clear"}
+    temperature = 21 if unit == "celsius" else 70
+    return {"city": city, "temperature": temperature, "unit": unit, "sky": "clear"}
+
+
+def call_tool(name: str, arguments: dict) -> dict:
+    """Run a requested tool; a model can name an unknown tool or invent an argument, and gets an error back."""
+    if name != "get_weather":
+        return {"error": f"unknown tool {name!r}"}
+    try:
+        return get_weather(**arguments)
+    except TypeError as e:
+        return {"error": str(e)}
 
 
 def run(base_url: str, api_key: str = "EMPTY", model: str | None = None, question: str | None = None,
@@ -58,7 +72,7 @@ def run(base_url: str, api_key: str = "EMPTY", model: str | None = None, questio
     messages.append(message.model_dump(exclude_none=True))  # the assistant turn with its tool_calls
     for call in calls:
         arguments = json.loads(call.function.arguments)
-        result = get_weather(**arguments) if call.function.name == "get_weather" else {"error": "unknown tool"}
+        result = call_tool(call.function.name, arguments)
         if verbose:
             print(f"tool call: {call.function.name}({arguments}) -> {result}")
         messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})

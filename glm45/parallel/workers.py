@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from multiprocessing.connection import wait as wait_for_sentinels
 from pathlib import Path
 
@@ -210,8 +211,16 @@ class WorkerGroup:
                              "its next step", rank, process.pid, process.exitcode)
 
     def _dead_workers(self) -> str:
+        # A process's sentinel is readable once it has exited, whoever reaps it. `is_alive()` is not enough:
+        # while the watcher thread reaps a worker, a concurrent poll here sees ECHILD and reports it alive.
+        ready = set(wait_for_sentinels([p.sentinel for p in self.processes], timeout=0))
+        dead = [(rank, p) for rank, p in enumerate(self.processes, start=1) if p.sentinel in ready]
+        for _, process in dead:  # its exit code: set by whichever thread reaps it, so wait a moment for it
+            deadline = time.monotonic() + 2.0
+            while process.exitcode is None and time.monotonic() < deadline:
+                process.join(0.05)
         return "; ".join(f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-                         for rank, p in enumerate(self.processes, start=1) if not p.is_alive())
+                         for rank, p in dead)
 
     def check(self) -> None:
         """Raise WorkerError if a rank is known to be gone."""

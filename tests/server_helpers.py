@@ -21,8 +21,10 @@ Two models:
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -49,18 +51,18 @@ WEATHER_TOOL = {"type": "function", "function": {
 CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
-def _config(tokenizer, hidden_size: int, num_layers: int) -> ModelConfig:
+def _config(tokenizer, hidden_size: int, num_layers: int, with_mtp: bool = False) -> ModelConfig:
     return ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, intermediate_size=128,
                        moe_intermediate_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, first_k_dense_replace=1, n_routed_experts=8,
-                       num_experts_per_tok=2, use_qk_norm=True, num_nextn_predict_layers=0,
+                       num_experts_per_tok=2, use_qk_norm=True, num_nextn_predict_layers=int(with_mtp),
                        max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_ids)
 
 
-def save_random_model(folder: Path) -> Path:
+def save_random_model(folder: Path, with_mtp: bool = False) -> Path:
     tokenizer = build_tiny_tokenizer(folder)
     torch.manual_seed(0)
-    model = Glm4MoeForCausalLM(_config(tokenizer, hidden_size=64, num_layers=2))
+    model = Glm4MoeForCausalLM(_config(tokenizer, hidden_size=64, num_layers=2, with_mtp=with_mtp))
     model.init_weights(std=0.1)
     model.save_pretrained(folder)
     return folder
@@ -133,3 +135,18 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait for a `glm45 serve` subprocess to answer /health, failing early if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"glm45 serve exited early: {process.stderr.read()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("glm45 serve did not become healthy")

@@ -5,29 +5,16 @@ import json
 
 import pytest
 import torch
-from protocol_fixtures import build_tiny_tokenizer
+from server_helpers import save_random_model
 
 from glm45 import LLM, SamplingParams
-from glm45.config import ModelConfig
 from glm45.engine.speculative import rejection_sample
-from glm45.model import Glm4MoeForCausalLM
 
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     """A random tiny model whose vocabulary is a tiny GLM-4.5-style tokenizer's."""
-    folder = tmp_path_factory.mktemp("text_model")
-    tokenizer = build_tiny_tokenizer(folder)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
-                         use_qk_norm=True, num_nextn_predict_layers=0, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_ids)
-    torch.manual_seed(0)
-    model = Glm4MoeForCausalLM(config)
-    model.init_weights(std=0.1)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_model(tmp_path_factory.mktemp("text_model"))
 
 
 def test_text_prompt_and_stop_string_across_tokens(text_model):

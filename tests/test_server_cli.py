@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,6 +25,7 @@ from server_helpers import (
     free_port,
     save_random_model,
     save_scripted_model,
+    wait_healthy,
 )
 
 from glm45.cli import build_parser, main
@@ -105,20 +105,6 @@ def test_serve_without_a_model_fails_clearly_until_one_is_bundled(capsys):
 # SIGTERM
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited early: {process.stderr.read()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("the server did not become healthy")
-
-
 def test_sigterm_drains_in_flight_streams(tmp_path):
     folder = save_random_model(tmp_path / "model")
     port = free_port()
@@ -129,7 +115,7 @@ def test_sigterm_drains_in_flight_streams(tmp_path):
          "--served-model-name", "tiny", "--uvicorn-log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", process)
+        wait_healthy(f"http://127.0.0.1:{port}", process)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
                                            max_tokens=300, temperature=0, stream=True,

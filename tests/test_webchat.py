@@ -21,8 +21,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
-from protocol_fixtures import build_tiny_tokenizer
 from server_helpers import (
     SCRIPT_ANSWER,
     SCRIPT_CITY,
@@ -33,11 +31,10 @@ from server_helpers import (
     free_port,
     save_random_model,
     save_scripted_model,
+    wait_healthy,
 )
 
-from glm45.config import ModelConfig
 from glm45.engine.engine import bundled_model_path
-from glm45.model import Glm4MoeForCausalLM
 from glm45.server.config import ServerConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -54,20 +51,6 @@ TOOL_INJECTION = '{"temp": 21, "note": "<img src=x onerror=pwn()><script>pwn()</
 # Servers and the browser
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"glm45 serve exited early: {process.stderr.read()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("glm45 serve did not become healthy")
-
-
 class ServeProcess:
     """`glm45 serve ARGS` on a free loopback port, as a real process."""
 
@@ -82,7 +65,7 @@ class ServeProcess:
 
     def __enter__(self) -> ServeProcess:
         try:
-            _wait_healthy(self.url, self.process)
+            wait_healthy(self.url, self.process)
         except BaseException:
             self.__exit__()
             raise
@@ -188,24 +171,10 @@ def test_the_page_is_served_without_a_key_and_the_api_is_not(tmp_path):
         assert error.value.code == 401
 
 
-def save_random_mtp_model(folder: Path) -> Path:
-    tokenizer = build_tiny_tokenizer(folder)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
-                         use_qk_norm=True, num_nextn_predict_layers=1, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_ids)
-    torch.manual_seed(0)
-    model = Glm4MoeForCausalLM(config)
-    model.init_weights(std=0.1)
-    model.save_pretrained(folder)
-    return folder
-
-
 def test_usage_counts_the_mtp_drafts_of_each_answer(tmp_path):
     """The page's "MTP acceptance" comes from usage.completion_tokens_details; for a request that runs alone
     the counts equal what the engine's own acceptance statistics recorded for it."""
-    folder = save_random_mtp_model(tmp_path / "mtp")
+    folder = save_random_model(tmp_path / "mtp", with_mtp=True)
     request = dict(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=40, temperature=0,
                    extra_body={"ignore_eos": True})
     with ServerThread(folder, num_speculative_tokens=2) as server:

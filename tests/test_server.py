@@ -455,6 +455,17 @@ def test_64_concurrent_streams(random_server):
         assert text == expected[i % 4] and finish in ("stop", "length") and usage, (i, text, finish)
 
 
+def wait_until_idle(server, seconds: float = 20) -> dict:
+    """Poll /metrics until no request runs and the KV cache is empty; returns the last metrics read."""
+    deadline = time.monotonic() + seconds
+    while True:
+        values = metrics(server)
+        if values["glm45:kv_cache_usage_perc"] == 0.0 and values["glm45:num_requests_running"] == 0:
+            return values
+        assert time.monotonic() < deadline, values
+        time.sleep(0.05)
+
+
 def test_disconnected_streams_free_their_kv_blocks(random_server, caplog):
     caplog.set_level(logging.INFO)
     c = client(random_server)
@@ -471,13 +482,7 @@ def test_disconnected_streams_free_their_kv_blocks(random_server, caplog):
     assert metrics(random_server)["glm45:kv_cache_usage_perc"] > 0
     for stream in streams:
         stream.close()
-    deadline = time.monotonic() + 20
-    while True:
-        values = metrics(random_server)
-        if values["glm45:kv_cache_usage_perc"] == 0.0 and values["glm45:num_requests_running"] == 0:
-            break
-        assert time.monotonic() < deadline, values
-        time.sleep(0.05)
+    values = wait_until_idle(random_server)
     assert values["glm45:request_success_total[abort]"] >= 16
     assert random_server.app.state.async_engine.num_in_flight == 0
     # the engine did not run the aborted requests to their end
@@ -495,13 +500,7 @@ def test_disconnected_non_streaming_requests_are_aborted(random_server, caplog):
         with pytest.raises(openai.APITimeoutError):
             impatient.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"essay {i}"}],
                                               max_tokens=1000, temperature=0, extra_body={"ignore_eos": True})
-    deadline = time.monotonic() + 20
-    while True:
-        values = metrics(random_server)
-        if values["glm45:kv_cache_usage_perc"] == 0.0 and values["glm45:num_requests_running"] == 0:
-            break
-        assert time.monotonic() < deadline, values
-        time.sleep(0.05)
+    values = wait_until_idle(random_server)
     assert values["glm45:request_success_total[abort]"] >= before.get("glm45:request_success_total[abort]", 0) + 4
     assert values["glm45:generation_tokens_total"] < before["glm45:generation_tokens_total"] + 4 * 1000
     assert sum("client disconnected" in r.getMessage() for r in caplog.records) == 4

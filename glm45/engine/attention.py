@@ -36,7 +36,6 @@ class PagedAttention:
         self.kv_cache = kv_cache  # [layers, 2, blocks, block_size, kv_heads, head_dim]
         self.slot_mapping = slot_mapping
         device = slot_mapping.device
-        self.num_tokens = sum(s.q_len for s in slices)
 
         def slots(s: SeqSlice) -> torch.Tensor:
             table = torch.tensor(s.block_table, dtype=torch.long)

@@ -75,10 +75,9 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         # Speculative decoding: draft tokens proposed by the MTP layer for the next step, with the draft
-        # distributions they were sampled from (None for greedy requests), and acceptance statistics.
+        # distributions they were sampled from (None for greedy requests).
         self.draft_token_ids: list[int] = []
         self.draft_probs: torch.Tensor | None = None
-        self.mtp_hidden: torch.Tensor | None = None
         self.num_draft_tokens = 0     # drafts this sequence had verified
         self.num_accepted_tokens = 0  # of them, accepted
         self.first_token_time: float | None = None

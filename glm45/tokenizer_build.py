@@ -57,19 +57,25 @@ GLM45_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 
 # GLM-4's pre-tokenisation split (GPT-4 style: contractions, letters, 1–3 digit groups, punctuation runs).
-_SPLIT_PATTERN = (
+GLM4_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# A split for small models that must copy: a word is the same tokens wherever it stands. Spaces are their own
+# pieces (GLM-4's split glues one to the next word, so " Hobart" in a request and "Hobart" in a tool argument
+# share no first token) and digits are single (so "12345" and " 12345" are the same five tokens).
+COPY_SPLIT_PATTERN = r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _MIN_BPE_VOCAB = 256  # one token per byte, so every text can be encoded
 
 
-def build_tokenizer(corpus_texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
+def build_tokenizer(corpus_texts: Iterable[str], vocab_size: int, out_dir: str | Path,
+                    split_pattern: str = GLM4_SPLIT_PATTERN) -> Path:
     """Train a byte-level BPE on `corpus_texts` and write a GLM-4.5-style tokenizer into `out_dir`.
 
     `vocab_size` is the total size including the 36 GLM-4.5 added tokens, which take the last ids in
     the released order. The trainer may stop short of it on a small corpus; the written tokenizer is
-    never larger. Returns `out_dir`.
+    never larger. `split_pattern` is the pre-tokenisation regex: GLM-4's by default, or
+    `COPY_SPLIT_PATTERN`. Returns `out_dir`.
     """
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
@@ -82,7 +88,7 @@ def build_tokenizer(corpus_texts: Iterable[str], vocab_size: int, out_dir: str |
         )
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()

@@ -10,7 +10,7 @@ from protocol_fixtures import build_tiny_tokenizer
 
 from glm45.chat_template import GLM45_CHAT_TEMPLATE
 from glm45.tokenizer import IncrementalDetokenizer, Tokenizer
-from glm45.tokenizer_build import GLM45_ADDED_TOKENS, build_tokenizer
+from glm45.tokenizer_build import COPY_SPLIT_PATTERN, GLM45_ADDED_TOKENS, build_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/glm-4.5"
 PROTOCOL_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
@@ -110,6 +110,19 @@ def test_from_pretrained_needs_tokenizer_json(tmp_path):
 def test_build_tokenizer_rejects_a_vocabulary_too_small_for_bytes(tmp_path):
     with pytest.raises(ValueError, match="at least 292"):
         build_tokenizer(["abc"], 291, tmp_path)
+
+
+def test_copy_split_gives_a_word_the_same_tokens_wherever_it_stands(tmp_path):
+    corpus = ["Please check the weather in Hobart, 12345 and 678.", '{"city": "Hobart", "id": 12345}'] * 50
+    build_tokenizer(corpus, 400, tmp_path, COPY_SPLIT_PATTERN)
+    copy_tok = Tokenizer.from_pretrained(tmp_path)
+    for word in ["Hobart", "Ulaanbaatar", "12345", "verify_voucher", "Addis Ababa"]:
+        alone = copy_tok.encode(word)
+        # After a space, a quote or a tag the word keeps its tokens: what a model copies is what it must write.
+        for before in [" ", "in ", '"', "<arg_value>"]:
+            assert copy_tok.encode(before + word)[-len(alone):] == alone, (before, word)
+        assert copy_tok.decode(alone) == word
+    assert [copy_tok.decode([i]) for i in copy_tok.encode("2025")] == ["2", "0", "2", "5"]
 
 
 def test_transformers_loads_the_built_tokenizer_identically(tok, tok_dir):

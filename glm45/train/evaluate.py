@@ -103,7 +103,7 @@ def format_ok(text: str, thinking: bool, stopped: bool) -> bool:
 
 
 def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed: int = 2,
-             max_new_tokens: int = 96, limit_minutes: float = 0.0) -> dict[str, Any]:
+             max_new_tokens: int = 192, limit_minutes: float = 0.0) -> dict[str, Any]:
     from glm45.model import Glm4MoeForCausalLM
     from glm45.tokenizer import Tokenizer
 
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=300, help="held-out conversations (fixed tools, new cities)")
     parser.add_argument("--num-unseen", type=int, default=100, help="conversations with never-seen tools")
     parser.add_argument("--seed", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=192,
+                        help="longer than any reference turn (the longest, an unseen tool with a plan, is ~120)")
     parser.add_argument("--limit-minutes", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="write the report as JSON here")

@@ -97,9 +97,12 @@ SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a concise assistant t
                   "You are GLM, a helpful AI assistant.", "Answer briefly and call tools when they help."]
 
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "kr", "st", "tr", "sh", "ch"]
-_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
-_CODAS = ["", "", "", "n", "r", "s", "l", "k"]
+# The share of training cities and random tools made of made-up words.
+MADE_UP_SHARE = 0.8
+_ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "v", "w", "y", "z",
+           "br", "kr", "st", "tr", "sh", "ch", "th", "ph", "gr", "bl", "dr", "kh", "x"]
+_VOWELS = ["a", "e", "i", "o", "u", "y", "ai", "ou", "ea", "ia", "aa", "ee"]
+_CODAS = ["", "", "", "n", "r", "s", "l", "k", "m", "t", "d", "ng", "sh"]
 _HELDOUT_WORDS = {w.lower() for w in HELDOUT_CITIES + HELDOUT_TOOL_VERBS + HELDOUT_TOOL_NOUNS}
 
 
@@ -149,13 +152,14 @@ class ConversationGenerator:
         self.split = split
         self.cities = CITIES if split == "train" else HELDOUT_CITIES
 
-    # Training mixes real words with made-up ones, so that the model learns to copy cities, names and tool
-    # names from the request and the tool list instead of memorising them; held-out splits use real words
-    # it never saw.
+    # Training uses mostly made-up words, so that the model learns to copy cities, names and tool names from
+    # the request and the tool list instead of memorising them; held-out splits use real words it never saw.
     def _city(self) -> str:
-        if self.split == "train" and self.rng.random() < 0.5:
-            return pseudo_word(self.rng).capitalize()
-        return self.rng.choice(self.cities)
+        rng = self.rng
+        if self.split == "train" and rng.random() < MADE_UP_SHARE:
+            words = 2 if rng.random() < 0.15 else 1
+            return " ".join(pseudo_word(rng, (1, 3) if words == 2 else (2, 4)).capitalize() for _ in range(words))
+        return rng.choice(self.cities)
 
     def _name_value(self) -> str:
         rng = self.rng
@@ -168,8 +172,14 @@ class ConversationGenerator:
         rng = self.rng
         verbs, nouns = (HELDOUT_TOOL_VERBS, HELDOUT_TOOL_NOUNS) if heldout_words else (TOOL_VERBS, TOOL_NOUNS)
         verb, noun = rng.choice(verbs), rng.choice(nouns)
-        if not heldout_words and self.split == "train" and rng.random() < 0.5:
-            verb, noun = (pseudo_word(rng, (1, 2)), noun) if rng.random() < 0.5 else (verb, pseudo_word(rng, (2, 3)))
+        if not heldout_words and self.split == "train" and rng.random() < MADE_UP_SHARE:
+            roll = rng.random()
+            if roll < 0.7:
+                verb, noun = pseudo_word(rng, (1, 3)), pseudo_word(rng, (1, 3))
+            elif roll < 0.85:
+                verb = pseudo_word(rng, (1, 3))
+            else:
+                noun = pseudo_word(rng, (1, 3))
         suffixes = rng.sample(PARAM_SUFFIXES, rng.randint(1, 3))
         params = [(f"{noun}_{s}", "integer" if s in INT_SUFFIXES else "string") for s in suffixes]
         tool = _tool(f"{verb}_{noun}", f"{verb.capitalize()} a {noun}.",
@@ -311,7 +321,7 @@ class ConversationGenerator:
                 pieces.append(self._name_value())
         text = " ".join(pieces)
         user = rng.choice([f"Repeat after me: {text}", f"Say exactly this: {text}", f"Echo: {text}"])
-        answer = rng.choice([text, f"You said: {text}", f"Here it is: {text}"])
+        answer = rng.choice([text, f"Here it is: {text}"])
         return {"user": user, "answer": answer, "plan": "I repeat the text exactly."}
 
     # ------------------------------------------------------------------ conversations

@@ -10,15 +10,23 @@ plus `--mtp-weight` × the MTP loss and the optional sequence balance loss.
 Written to `--output-dir`: `metrics.jsonl` (one line per logged step and per evaluation; `glm45.train.plot`
 draws it), `checkpoint/` (resumable: weights, optimizer, step; `--resume`), and at the end the model in the
 HF layout with its tokenizer files — or, for LoRA, the adapter in the PEFT layout.
+
+Under torchrun (`torchrun --nproc-per-node N -m glm45.cli train …`) the ranks are data parallel: each takes
+every N-th batch of the same stream, gradients and expert loads are averaged over the ranks before clipping,
+the optimizer step and the bias update, and rank 0 logs, evaluates and saves. A step on N ranks with
+`--grad-accum A` is a step on N·A batches. The weights stay whole on every rank (Muon's Newton–Schulz needs
+whole matrices), so the model must fit one device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -27,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from glm45.config import ModelConfig
@@ -244,6 +253,25 @@ def _copy_tokenizer(source: str | Path, dest: Path) -> None:
             shutil.copy(Path(source) / name, dest / name)
 
 
+def join_data_parallel(model):
+    """Under torchrun with several ranks: join the process group and replicate `model` over the ranks
+    (`shard_for_training` "ddp"); None for a single process."""
+    from glm45.distributed import init_distributed, launched_by_torchrun
+
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return None
+    from glm45.parallel.data_parallel import shard_for_training
+
+    init_distributed(torch.device("cpu"))
+    return shard_for_training(model, "ddp")
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run training; returns a summary (steps, losses, time, expert loads, output paths)."""
     config.validate()
@@ -263,6 +291,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         names = apply_lora(model, config.lora_rank, config.lora_alpha, targets, config.lora_dropout)
         logger.info("LoRA rank %d on %d linear layers", config.lora_rank, len(names))
     use_training_experts(model)
+    parallel = join_data_parallel(model)
+    rank, world_size = (parallel.rank, parallel.world_size) if parallel else (0, 1)
+    is_main = rank == 0
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -286,11 +317,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         start_step = state["step"]
         logger.info("resumed from %s at step %d", checkpoint_dir, start_step)
     batches = train_data.length_bucketed_batches(train_examples, config.batch_tokens, pad_id, config.seed)
+    batches = itertools.islice(batches, rank, None, world_size)  # this rank's share of one stream
     for _ in range(start_step * config.grad_accum):  # the same data order as an uninterrupted run
         next(batches)
 
-    metrics_file = (out / "metrics.jsonl").open("a" if config.resume else "w")
-    log = functools.partial(_write_metrics, metrics_file)
+    metrics_file = (out / "metrics.jsonl").open("a" if config.resume else "w") if is_main else None
+    log = functools.partial(_write_metrics, metrics_file) if is_main else (lambda record: None)
     model.train()
     started = time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
@@ -298,7 +330,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     window_losses: dict[str, float] = {}
     window_steps = 0
     last: dict[str, float] = {}
-    progress = tqdm(range(start_step, config.max_steps), desc="train", initial=start_step, total=config.max_steps)
+    progress = tqdm(range(start_step, config.max_steps), desc="train", initial=start_step, total=config.max_steps,
+                    disable=not is_main)
     step = start_step
     for step in progress:
         optimizer.set_lr_factor(lr_factor(step, config.max_steps, config.warmup_steps, config.min_lr_ratio))
@@ -312,6 +345,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
             window_tokens += int(batch.attention_mask.sum())
+        if parallel is not None:
+            parallel.reduce_gradients()
+            for load in monitor.loads.values():  # every rank moves the biases by the loads of all ranks
+                dist.all_reduce(load)
+            keys = sorted(sums)
+            summed = _sum_over_ranks([sums[k] for k in keys] + [window_tokens])
+            sums = {k: v / world_size for k, v in zip(keys, summed, strict=False)}
+            window_tokens = int(summed[-1])
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0
                                                         else math.inf))
@@ -340,20 +381,27 @@ def train(config: TrainConfig) -> dict[str, Any]:
                  "elapsed_s": round(time.perf_counter() - started, 1),
                  "expert_load_max_over_mean": {k: round(v, 3) for k, v in loads.items()}})
             window_tokens, window_start, window_loads, window_losses, window_steps = 0, time.perf_counter(), {}, {}, 0
-        if eval_batches and (done % config.eval_every == 0 or done == config.max_steps):
+        if is_main and eval_batches and (done % config.eval_every == 0 or done == config.max_steps):
             scores = evaluate_loss(model, eval_batches, config.mtp_weight, monitor, config.autocast_bf16)
             log({"step": done, **{k: round(v, 5) for k, v in scores.items()}})
             last.update(scores)
             logger.info("step %d: %s", done, scores)
-        if done % config.save_every == 0:
+        if is_main and done % config.save_every == 0:
             _save_checkpoint(checkpoint_dir, model, optimizer, done, config)
-        if config.max_minutes and time.perf_counter() - started > config.max_minutes * 60:
+        out_of_time = bool(config.max_minutes and time.perf_counter() - started > config.max_minutes * 60)
+        if parallel is not None:  # all ranks stop at the same step
+            out_of_time = _sum_over_ranks([float(out_of_time)])[0] > 0
+        if out_of_time:
             logger.warning("stopping at step %d: --max-minutes %.1f reached", done, config.max_minutes)
             break
     progress.close()
     monitor.remove()
-    metrics_file.close()
     final_step = step + 1
+    if not is_main:
+        dist.barrier()  # rank 0 saves
+        dist.destroy_process_group()
+        return {"steps": final_step, "rank": rank, **last}
+    metrics_file.close()
     _save_checkpoint(checkpoint_dir, model, optimizer, final_step, config)
 
     if config.lora_rank:
@@ -366,6 +414,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     summary = {"steps": final_step, "train_minutes": round((time.perf_counter() - started) / 60, 2),
                "result": str(result_dir), **last}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if parallel is not None:
+        dist.barrier()
+        dist.destroy_process_group()
     return summary
 
 

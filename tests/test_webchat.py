@@ -313,12 +313,14 @@ def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(browser, tmp_p
         for _ in range(3):  # a random model may sample an end token before the click lands: then try again
             answer = chat.answers().first
             answer.locator(".content p").wait_for()  # streaming has started
-            chat.page.click("#stop")
+            chat.page.click("#stop", force=True)  # a no-op if the answer has ended meanwhile
             answer.locator(".stats").wait_for()
             if "stopped" in answer.locator(".stats").inner_text():
                 break
+            sent, deadline = len(chat.requests), time.monotonic() + 10
             chat.page.click("#regenerate")
-            chat.page.wait_for_function("!document.querySelector('.msg.assistant .stats')")
+            while len(chat.requests) == sent and time.monotonic() < deadline:  # its request has gone out
+                chat.page.wait_for_timeout(20)
         assert "stopped" in answer.locator(".stats").inner_text() and answer.locator(".content").inner_text()
         deadline = time.monotonic() + 10
         while server.engine.has_unfinished_requests() and time.monotonic() < deadline:

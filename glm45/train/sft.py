@@ -336,6 +336,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for step in progress:
         optimizer.set_lr_factor(lr_factor(step, config.max_steps, config.warmup_steps, config.min_lr_ratio))
         sums: dict[str, float] = {}
+        step_tokens = 0
         for _ in range(config.grad_accum):
             batch = next(batches)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
@@ -344,15 +345,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 (losses["loss"] / config.grad_accum).backward()
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
-            window_tokens += int(batch.attention_mask.sum())
+            step_tokens += int(batch.attention_mask.sum())
         if parallel is not None:
             parallel.reduce_gradients()
             for load in monitor.loads.values():  # every rank moves the biases by the loads of all ranks
                 dist.all_reduce(load)
             keys = sorted(sums)
-            summed = _sum_over_ranks([sums[k] for k in keys] + [window_tokens])
-            sums = {k: v / world_size for k, v in zip(keys, summed, strict=False)}
-            window_tokens = int(summed[-1])
+            *totals, step_tokens = _sum_over_ranks([sums[k] for k in keys] + [step_tokens])
+            sums = {k: total / world_size for k, total in zip(keys, totals, strict=True)}
+        window_tokens += int(step_tokens)
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0
                                                         else math.inf))

@@ -12,7 +12,7 @@ from glm45.model.moe import Experts
 from glm45.train.evaluate import format_ok, greedy_generate, mtp_acceptance
 from glm45.train.experts import TrainingExperts, use_training_experts
 from glm45.train.plot import plot
-from glm45.train.synthetic import CITIES, HELDOUT_CITIES, HELDOUT_TOOL_NOUNS, generate
+from glm45.train.synthetic import CITIES, HELDOUT_CITIES, HELDOUT_TOOL_NOUNS, WordPieces, generate
 
 
 @pytest.fixture
@@ -79,6 +79,22 @@ def test_held_out_splits_use_unseen_cities_and_tool_words():
     assert generate(5, seed=3) == generate(5, seed=3) and generate(5, seed=3) != generate(5, seed=4)
     with pytest.raises(ValueError, match="unknown split"):
         generate(1, seed=0, split="test")
+
+
+def test_made_up_words_can_be_strung_from_the_tokenizers_word_pieces():
+    vocabulary = ["Ġ", "pro", "ve", "ap", "lot", "ery", "t", "Or", "Par", "<think>", "ab1", "LOUD"] + HELDOUT_TOOL_NOUNS
+    pieces = WordPieces(vocabulary)
+    assert "pro" in pieces.lower and "Or" in pieces.capital and "ab1" not in pieces.lower
+    assert "LOUD" not in pieces.capital and "Ġ" not in pieces.lower
+    train = generate(400, seed=0, vocabulary=vocabulary)
+    assert train == generate(400, seed=0, vocabulary=vocabulary) and train != generate(400, seed=0)
+    names = {m["tool_calls"][0]["function"]["name"] for c in train for m in c["messages"] if m.get("tool_calls")}
+    assert any(set(name.split("_")[0]) <= set("provelotery") for name in names)  # a verb made of pieces
+    text = json.dumps(train).lower()
+    assert not any(noun in text for noun in HELDOUT_TOOL_NOUNS)  # pieces never spell a held-out word
+    assert generate(20, seed=2, split="heldout", vocabulary=vocabulary) == generate(20, seed=2, split="heldout")
+    with pytest.raises(ValueError, match="letter-only pieces"):
+        WordPieces(["<think>", "12"])
 
 
 def test_plot_writes_a_png(tmp_path):

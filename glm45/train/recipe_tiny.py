@@ -29,6 +29,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import tokenizers
+
 from glm45.chat import render_chat
 from glm45.tokenizer_build import COPY_SPLIT_PATTERN, build_tokenizer
 from glm45.train.sft import TrainConfig, train
@@ -51,18 +53,24 @@ INSTALLED_FILES = ("config.json", "model.safetensors", "generation_config.json",
 
 def prepare(out: Path, num_train: int, num_eval: int, data_seed: int = 0, copy_drill: float = 0.0,
             tokenizer_dir: Path | None = None) -> tuple[Path, Path, Path, Path]:
-    """Write data, tokenizer (unless one is given) and model config into `out`; returns their paths."""
+    """Write data, tokenizer (unless one is given) and model config into `out`; returns their paths.
+
+    The tokenizer is trained on conversations whose made-up words are all syllable words; the training
+    conversations are then drawn again (same seed) with half of the made-up words strung from that tokenizer's
+    word pieces, so that every piece is written in a copied value (`glm45.train.synthetic.WordPieces`)."""
     out.mkdir(parents=True, exist_ok=True)
-    train_conversations = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill)
+    if tokenizer_dir is None:
+        base = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill)
+        texts = (render_chat(c["messages"], c["tools"], enable_thinking=c["enable_thinking"],
+                             add_generation_prompt=False) for c in base)
+        tokenizer_dir = build_tokenizer(texts, VOCAB_SIZE, out / "tokenizer", COPY_SPLIT_PATTERN)
+    vocabulary = tokenizers.Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab()
+    train_conversations = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill,
+                                   vocabulary=vocabulary)
     train_file = write_jsonl(train_conversations, out / "train.jsonl")
     eval_file = write_jsonl(generate(num_eval, seed=1, split="heldout"), out / "eval.jsonl")
     config_file = out / "model_config.json"
     config_file.write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
-    if tokenizer_dir is not None:
-        return train_file, eval_file, tokenizer_dir, config_file
-    texts = (render_chat(c["messages"], c["tools"], enable_thinking=c["enable_thinking"], add_generation_prompt=False)
-             for c in train_conversations)
-    tokenizer_dir = build_tokenizer(texts, VOCAB_SIZE, out / "tokenizer", COPY_SPLIT_PATTERN)
     return train_file, eval_file, tokenizer_dir, config_file
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,35 @@ def pseudo_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> str:
             return word
 
 
+# Of the made-up words, the share strung together from the tokenizer's own word pieces (when it is given).
+# A held-out English word is also a string of those pieces ("lottery" = lot·t·ery), but many pieces never
+# occur in a syllable word or in a copied value: they come from the template's words ("pro" from
+# "properties"). A model that has never *written* a piece in a copied value cannot copy it: the first
+# recipe's model wrote "stemtery" for "lottery" and "rey" for "rename".
+PIECE_SHARE = 0.6
+_MAX_PIECE_LETTERS = 6
+
+
+class WordPieces:
+    """The letter-only pieces of a tokenizer's vocabulary: lowercase ones, and capitalised ones to start names."""
+
+    def __init__(self, vocabulary: Iterable[str]):
+        letters = [t for t in vocabulary if t.isascii() and t.isalpha() and len(t) <= _MAX_PIECE_LETTERS]
+        self.lower = sorted(t for t in letters if t.islower())
+        self.capital = sorted(t for t in letters if t[0].isupper() and (len(t) == 1 or t[1:].islower()))
+        if not self.lower or not self.capital:
+            raise ValueError("the vocabulary has no lowercase or no capitalised letter-only pieces")
+
+    def word(self, rng: random.Random, pieces: tuple[int, int], capital: bool = False) -> str:
+        """A made-up word of `pieces` random pieces, at least 3 letters, containing no held-out word."""
+        while True:
+            first = rng.choice(self.capital if capital else self.lower)
+            word = first + "".join(rng.choice(self.lower) for _ in range(rng.randint(*pieces) - 1))
+            lowered = word.lower()
+            if len(word) >= 3 and not any(held in lowered for held in _HELDOUT_WORDS):
+                return word
+
+
 def _tool(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "description": description, "parameters": {
         "type": "object", "properties": properties, "required": required}}}
@@ -140,9 +169,12 @@ def _format_number(x: float) -> str:
 class ConversationGenerator:
     """Draws conversations of every kind for one split; deterministic for a given seed."""
 
-    def __init__(self, seed: int, split: str = "train", copy_drill: float = 0.0):
+    def __init__(self, seed: int, split: str = "train", copy_drill: float = 0.0,
+                 vocabulary: Iterable[str] | None = None):
         """`copy_drill`: the share of extra "repeat after me" conversations with made-up words, cities and
-        numbers — drills for the copying that tool arguments need (0 keeps the original mix)."""
+        numbers — drills for the copying that tool arguments need (0 keeps the original mix).
+        `vocabulary`: the tokens of the model's tokenizer; when given, `PIECE_SHARE` of the training split's
+        made-up words are strings of its word pieces (see `WordPieces`)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         if not 0.0 <= copy_drill < 1.0:
@@ -151,6 +183,15 @@ class ConversationGenerator:
         self.rng = random.Random(seed)
         self.split = split
         self.cities = CITIES if split == "train" else HELDOUT_CITIES
+        # The held-out splits stay independent of the tokenizer, so that every model is evaluated on the same data.
+        self.pieces = WordPieces(vocabulary) if vocabulary is not None and split == "train" else None
+
+    def _made_up(self, syllables: tuple[int, int], capital: bool = False) -> str:
+        rng = self.rng
+        if self.pieces is not None and rng.random() < PIECE_SHARE:
+            return self.pieces.word(rng, syllables, capital)
+        word = pseudo_word(rng, syllables)
+        return word.capitalize() if capital else word
 
     # Training uses mostly made-up words, so that the model learns to copy cities, names and tool names from
     # the request and the tool list instead of memorising them; held-out splits use real words it never saw.
@@ -158,12 +199,12 @@ class ConversationGenerator:
         rng = self.rng
         if self.split == "train" and rng.random() < MADE_UP_SHARE:
             words = 2 if rng.random() < 0.15 else 1
-            return " ".join(pseudo_word(rng, (1, 3) if words == 2 else (2, 4)).capitalize() for _ in range(words))
+            return " ".join(self._made_up((1, 3) if words == 2 else (2, 4), capital=True) for _ in range(words))
         return rng.choice(self.cities)
 
     def _name_value(self) -> str:
         rng = self.rng
-        word = pseudo_word(rng) if rng.random() < 0.5 else rng.choice(NAME_WORDS)
+        word = self._made_up((2, 3)) if rng.random() < 0.5 else rng.choice(NAME_WORDS)
         return word + ("-" + str(rng.randint(1, 99)) if rng.random() < 0.5 else "")
 
     # ------------------------------------------------------------------ tools
@@ -175,11 +216,11 @@ class ConversationGenerator:
         if not heldout_words and self.split == "train" and rng.random() < MADE_UP_SHARE:
             roll = rng.random()
             if roll < 0.7:
-                verb, noun = pseudo_word(rng, (1, 3)), pseudo_word(rng, (1, 3))
+                verb, noun = self._made_up((1, 3)), self._made_up((1, 3))
             elif roll < 0.85:
-                verb = pseudo_word(rng, (1, 3))
+                verb = self._made_up((1, 3))
             else:
-                noun = pseudo_word(rng, (1, 3))
+                noun = self._made_up((1, 3))
         suffixes = rng.sample(PARAM_SUFFIXES, rng.randint(1, 3))
         params = [(f"{noun}_{s}", "integer" if s in INT_SUFFIXES else "string") for s in suffixes]
         tool = _tool(f"{verb}_{noun}", f"{verb.capitalize()} a {noun}.",
@@ -380,10 +421,11 @@ class ConversationGenerator:
             yield self.conversation()
 
 
-def generate(num: int, seed: int, split: str = "train", copy_drill: float = 0.0) -> list[dict[str, Any]]:
+def generate(num: int, seed: int, split: str = "train", copy_drill: float = 0.0,
+             vocabulary: Iterable[str] | None = None) -> list[dict[str, Any]]:
     if num <= 0:
         raise ValueError(f"num must be a positive number of conversations, got {num}")
-    generator = ConversationGenerator(seed, split, copy_drill)
+    generator = ConversationGenerator(seed, split, copy_drill, vocabulary)
     return [generator.conversation() for _ in range(num)]
 
 
@@ -403,8 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", choices=SPLITS)
     parser.add_argument("--copy-drill", type=float, default=0.0, help="share of extra copying drills")
+    parser.add_argument("--tokenizer", help="a tokenizer.json whose word pieces build some of the made-up words")
     args = parser.parse_args(argv)
-    write_jsonl(generate(args.num, args.seed, args.split, args.copy_drill), args.out)
+    vocabulary = None
+    if args.tokenizer:
+        from tokenizers import Tokenizer
+        vocabulary = Tokenizer.from_file(args.tokenizer).get_vocab()
+    write_jsonl(generate(args.num, args.seed, args.split, args.copy_drill, vocabulary), args.out)
     return 0
 
 

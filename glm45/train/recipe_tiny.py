@@ -52,21 +52,23 @@ INSTALLED_FILES = ("config.json", "model.safetensors", "generation_config.json",
 
 
 def prepare(out: Path, num_train: int, num_eval: int, data_seed: int = 0, copy_drill: float = 0.0,
-            tokenizer_dir: Path | None = None) -> tuple[Path, Path, Path, Path]:
+            tokenizer_dir: Path | None = None, piece_share: float = 0.0) -> tuple[Path, Path, Path, Path]:
     """Write data, tokenizer (unless one is given) and model config into `out`; returns their paths.
 
-    The tokenizer is trained on conversations whose made-up words are all syllable words; the training
-    conversations are then drawn again (same seed) with half of the made-up words strung from that tokenizer's
-    word pieces, so that every piece is written in a copied value (`glm45.train.synthetic.WordPieces`)."""
+    The tokenizer is trained on the rendered training conversations. With `piece_share` > 0 the training
+    conversations are then drawn again (same seed) with that share of the made-up words strung from the
+    tokenizer's word pieces (`glm45.train.synthetic.WordPieces`); the tokenizer stays the one trained on the
+    first draw."""
     out.mkdir(parents=True, exist_ok=True)
+    train_conversations = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill)
     if tokenizer_dir is None:
-        base = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill)
         texts = (render_chat(c["messages"], c["tools"], enable_thinking=c["enable_thinking"],
-                             add_generation_prompt=False) for c in base)
+                             add_generation_prompt=False) for c in train_conversations)
         tokenizer_dir = build_tokenizer(texts, VOCAB_SIZE, out / "tokenizer", COPY_SPLIT_PATTERN)
-    vocabulary = tokenizers.Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab()
-    train_conversations = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill,
-                                   vocabulary=vocabulary)
+    if piece_share > 0:
+        vocabulary = tokenizers.Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab()
+        train_conversations = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill,
+                                       vocabulary=vocabulary, piece_share=piece_share)
     train_file = write_jsonl(train_conversations, out / "train.jsonl")
     eval_file = write_jsonl(generate(num_eval, seed=1, split="heldout"), out / "eval.jsonl")
     config_file = out / "model_config.json"
@@ -76,7 +78,7 @@ def prepare(out: Path, num_train: int, num_eval: int, data_seed: int = 0, copy_d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the bundled small GLM-4.5-architecture model.")
-    parser.add_argument("--out", default="runs/glm45-tiny-v2")
+    parser.add_argument("--out", default="runs/glm45-tiny-v3")
     parser.add_argument("--num-train", type=int, default=40000)
     parser.add_argument("--num-eval", type=int, default=100)
     parser.add_argument("--max-steps", type=int, default=2700)
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--copy-drill", type=float, default=0.2, help="share of extra copying drills")
     parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--piece-share", type=float, default=0.6,
+                        help="share of made-up training words strung from the tokenizer's word pieces (0: syllables only)")
     parser.add_argument("--install", action="store_true", help=f"copy the trained model into {ASSET_DIR}")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     given_tokenizer = Path(args.init_from) if args.init_from else None
     train_file, eval_file, tokenizer_dir, config_file = prepare(out, args.num_train, args.num_eval, args.data_seed,
-                                                                args.copy_drill, given_tokenizer)
+                                                                args.copy_drill, given_tokenizer, args.piece_share)
     config = TrainConfig(
         data=str(train_file), eval_data=str(eval_file), output_dir=str(out),
         init_config=None if args.init_from else str(config_file), model=args.init_from,

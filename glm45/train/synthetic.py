@@ -118,8 +118,8 @@ def pseudo_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> str:
 # Of the made-up words, the share strung together from the tokenizer's own word pieces (when it is given).
 # A held-out English word is also a string of those pieces ("lottery" = lot·t·ery), but many pieces never
 # occur in a syllable word or in a copied value: they come from the template's words ("pro" from
-# "properties"). A model that has never *written* a piece in a copied value cannot copy it: the first
-# recipe's model wrote "stemtery" for "lottery" and "rey" for "rename".
+# "properties"). A model that has rarely *written* a piece in a copied value copies it badly: the model of
+# recipe v2 (syllable words only) wrote "stemtery" for "lottery" and "rey" for "rename".
 PIECE_SHARE = 0.6
 _MAX_PIECE_LETTERS = 6
 
@@ -170,15 +170,18 @@ class ConversationGenerator:
     """Draws conversations of every kind for one split; deterministic for a given seed."""
 
     def __init__(self, seed: int, split: str = "train", copy_drill: float = 0.0,
-                 vocabulary: Iterable[str] | None = None):
+                 vocabulary: Iterable[str] | None = None, piece_share: float = PIECE_SHARE):
         """`copy_drill`: the share of extra "repeat after me" conversations with made-up words, cities and
         numbers — drills for the copying that tool arguments need (0 keeps the original mix).
-        `vocabulary`: the tokens of the model's tokenizer; when given, `PIECE_SHARE` of the training split's
+        `vocabulary`: the tokens of the model's tokenizer; when given, `piece_share` of the training split's
         made-up words are strings of its word pieces (see `WordPieces`)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         if not 0.0 <= copy_drill < 1.0:
             raise ValueError(f"copy_drill must be in [0, 1), got {copy_drill}")
+        if not 0.0 <= piece_share <= 1.0:
+            raise ValueError(f"piece_share must be in [0, 1], got {piece_share}")
+        self.piece_share = piece_share
         self.copy_drill = copy_drill
         self.rng = random.Random(seed)
         self.split = split
@@ -188,7 +191,7 @@ class ConversationGenerator:
 
     def _made_up(self, syllables: tuple[int, int], capital: bool = False) -> str:
         rng = self.rng
-        if self.pieces is not None and rng.random() < PIECE_SHARE:
+        if self.pieces is not None and rng.random() < self.piece_share:
             return self.pieces.word(rng, syllables, capital)
         word = pseudo_word(rng, syllables)
         return word.capitalize() if capital else word
@@ -422,10 +425,10 @@ class ConversationGenerator:
 
 
 def generate(num: int, seed: int, split: str = "train", copy_drill: float = 0.0,
-             vocabulary: Iterable[str] | None = None) -> list[dict[str, Any]]:
+             vocabulary: Iterable[str] | None = None, piece_share: float = PIECE_SHARE) -> list[dict[str, Any]]:
     if num <= 0:
         raise ValueError(f"num must be a positive number of conversations, got {num}")
-    generator = ConversationGenerator(seed, split, copy_drill, vocabulary)
+    generator = ConversationGenerator(seed, split, copy_drill, vocabulary, piece_share)
     return [generator.conversation() for _ in range(num)]
 
 
@@ -446,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train", choices=SPLITS)
     parser.add_argument("--copy-drill", type=float, default=0.0, help="share of extra copying drills")
     parser.add_argument("--tokenizer", help="a tokenizer.json whose word pieces build some of the made-up words")
+    parser.add_argument("--piece-share", type=float, default=PIECE_SHARE,
+                        help="with --tokenizer: the share of made-up words strung from its word pieces")
     args = parser.parse_args(argv)
     vocabulary = None
     if args.tokenizer:
         from tokenizers import Tokenizer
         vocabulary = Tokenizer.from_file(args.tokenizer).get_vocab()
-    write_jsonl(generate(args.num, args.seed, args.split, args.copy_drill, vocabulary), args.out)
+    write_jsonl(generate(args.num, args.seed, args.split, args.copy_drill, vocabulary, args.piece_share), args.out)
     return 0
 
 

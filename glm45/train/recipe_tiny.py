@@ -2,17 +2,20 @@
 
 One command trains it from scratch in under 90 minutes on the 2-core CPU (both threads):
 
-    python -m glm45.train.recipe_tiny --out runs/glm45-tiny-v2 --install
+    python -m glm45.train.recipe_tiny --out runs/glm45-tiny-v3 --install
 
-(the defaults are the bundled model's settings: 40,000 conversations, 2,700 steps of 6,144 padded tokens,
-stopping at 86 minutes at the latest, 2 threads, 20% copying drills).
+(the defaults are the bundled model's settings, recipe v3: 40,000 conversations, 2,700 planned steps of 6,144
+padded tokens, stopping at 86 minutes at the latest, 2 threads, 20% copying drills, 60% of the made-up words
+strung from the tokenizer's word pieces; `--piece-share 0` is recipe v2).
 
 1. generates synthetic agent conversations (`glm45.train.synthetic`, `--data-seed`) and a held-out split
    (seed 1), with `--copy-drill` of them "repeat after me" drills;
 2. trains a 3k-token byte-level BPE with all GLM-4.5 added tokens on their rendered text, with the copy split
    (`glm45.tokenizer_build.COPY_SPLIT_PATTERN`: spaces and digits are their own pieces, so a city or a number
    is the same tokens in the request and in the tool call that must copy it);
-3. trains a GLM-4.5-architecture model from scratch (QK-norm, partial RoPE, one dense layer then MoE layers
+3. draws the training conversations again with `--piece-share` of the made-up words strung from that
+   tokenizer's word pieces, so that every piece a real word is made of is written in a copied value;
+4. trains a GLM-4.5-architecture model from scratch (QK-norm, partial RoPE, one dense layer then MoE layers
    with sigmoid routing and a shared expert, one MTP layer) with Muon, loss-free balancing and the MTP loss.
 
 `--init-from` continues from a trained model instead, keeping its tokenizer; `--install` copies the result

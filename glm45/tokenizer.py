@@ -68,6 +68,11 @@ class Tokenizer:
         """Number of token ids, added tokens included (the model's embedding may be larger)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def vocab(self) -> list[str]:
+        """The text of every token in the vocabulary (byte-level: "Ġ" stands for a space), added ones included."""
+        return list(self._tok.get_vocab(with_added_tokens=True))
+
     def encode(self, text: str) -> list[int]:
         """Ids for `text`. No BOS is added; special-token texts in `text` become their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids

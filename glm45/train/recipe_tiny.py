@@ -27,14 +27,14 @@ exact command the bundled weights came from and their evaluation
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
 from pathlib import Path
 
-import tokenizers
-
 from glm45.chat import render_chat
+from glm45.tokenizer import Tokenizer
 from glm45.tokenizer_build import COPY_SPLIT_PATTERN, build_tokenizer
 from glm45.train.sft import TrainConfig, train
 from glm45.train.synthetic import generate, write_jsonl
@@ -63,15 +63,17 @@ def prepare(out: Path, num_train: int, num_eval: int, data_seed: int = 0, copy_d
     tokenizer's word pieces (`glm45.train.synthetic.WordPieces`); the tokenizer stays the one trained on the
     first draw."""
     out.mkdir(parents=True, exist_ok=True)
-    train_conversations = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill)
+    draw = functools.partial(generate, num_train, seed=data_seed, split="train", copy_drill=copy_drill)
+    train_conversations = None
     if tokenizer_dir is None:
+        train_conversations = draw()
         texts = (render_chat(c["messages"], c["tools"], enable_thinking=c["enable_thinking"],
                              add_generation_prompt=False) for c in train_conversations)
         tokenizer_dir = build_tokenizer(texts, VOCAB_SIZE, out / "tokenizer", COPY_SPLIT_PATTERN)
     if piece_share > 0:
-        vocabulary = tokenizers.Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab()
-        train_conversations = generate(num_train, seed=data_seed, split="train", copy_drill=copy_drill,
-                                       vocabulary=vocabulary, piece_share=piece_share)
+        train_conversations = draw(vocabulary=Tokenizer.from_pretrained(tokenizer_dir).vocab, piece_share=piece_share)
+    elif train_conversations is None:
+        train_conversations = draw()
     train_file = write_jsonl(train_conversations, out / "train.jsonl")
     eval_file = write_jsonl(generate(num_eval, seed=1, split="heldout"), out / "eval.jsonl")
     config_file = out / "model_config.json"
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copy-drill", type=float, default=0.2, help="share of extra copying drills")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--piece-share", type=float, default=0.6,
-                        help="share of made-up training words strung from the tokenizer's word pieces (0: syllables only)")
+                        help="share of made-up training words strung from the tokenizer's word pieces "
+                             "(0: syllables only, recipe v2)")
     parser.add_argument("--install", action="store_true", help=f"copy the trained model into {ASSET_DIR}")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -448,14 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", choices=SPLITS)
     parser.add_argument("--copy-drill", type=float, default=0.0, help="share of extra copying drills")
-    parser.add_argument("--tokenizer", help="a tokenizer.json whose word pieces build some of the made-up words")
+    parser.add_argument("--tokenizer", help="a tokenizer folder whose word pieces build some of the made-up words")
     parser.add_argument("--piece-share", type=float, default=PIECE_SHARE,
                         help="with --tokenizer: the share of made-up words strung from its word pieces")
     args = parser.parse_args(argv)
     vocabulary = None
     if args.tokenizer:
-        from tokenizers import Tokenizer
-        vocabulary = Tokenizer.from_file(args.tokenizer).get_vocab()
+        from glm45.tokenizer import Tokenizer
+        vocabulary = Tokenizer.from_pretrained(args.tokenizer).vocab
     write_jsonl(generate(args.num, args.seed, args.split, args.copy_drill, vocabulary, args.piece_share), args.out)
     return 0
 

@@ -12,7 +12,14 @@ from glm45.model.moe import Experts
 from glm45.train.evaluate import format_ok, greedy_generate, mtp_acceptance
 from glm45.train.experts import TrainingExperts, use_training_experts
 from glm45.train.plot import plot
-from glm45.train.synthetic import CITIES, HELDOUT_CITIES, HELDOUT_TOOL_NOUNS, WordPieces, generate
+from glm45.train.synthetic import (
+    CITIES,
+    HELDOUT_CITIES,
+    HELDOUT_TOOL_NOUNS,
+    WEATHER_TOOL,
+    WordPieces,
+    generate,
+)
 
 
 @pytest.fixture
@@ -95,6 +102,20 @@ def test_made_up_words_can_be_strung_from_the_tokenizers_word_pieces():
     assert generate(20, seed=2, split="heldout", vocabulary=vocabulary) == generate(20, seed=2, split="heldout")
     with pytest.raises(ValueError, match="letter-only pieces"):
         WordPieces(["<think>", "12"])
+
+
+def test_weather_tasks_also_use_other_schemas_and_questions_without_a_unit():
+    weather = [c for c in generate(600, seed=0) if c["meta"]["kind"] == "get_weather"]
+    unitless = [c for c in weather if "unit" not in c["meta"]["call"]["arguments"]]
+    assert unitless and len(unitless) < len(weather) / 2
+    for conversation in unitless:  # the call carries the city only, and the declared tool does not require a unit
+        schema = next(t for t in conversation["tools"] if t["function"]["name"] == "get_weather")["function"]
+        assert schema["parameters"]["required"] == ["city"]
+        question = next(m for m in conversation["messages"] if m["role"] == "user")["content"]
+        assert conversation["meta"]["call"]["arguments"]["city"] in question
+        assert not any(word in question.lower() for word in ("celsius", "fahrenheit"))
+    schemas = {json.dumps(next(t for t in c["tools"] if t["function"]["name"] == "get_weather")) for c in weather}
+    assert WEATHER_TOOL in [json.loads(s) for s in schemas] and len(schemas) > 5
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -83,7 +83,7 @@ def prepare(out: Path, num_train: int, num_eval: int, data_seed: int = 0, copy_d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the bundled small GLM-4.5-architecture model.")
-    parser.add_argument("--out", default="runs/glm45-tiny-v3")
+    parser.add_argument("--out", default="runs/glm45-tiny-v4")
     parser.add_argument("--num-train", type=int, default=40000)
     parser.add_argument("--num-eval", type=int, default=100)
     parser.add_argument("--max-steps", type=int, default=2700)

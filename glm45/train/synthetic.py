@@ -157,6 +157,16 @@ CONVERT_TOOL = _tool("convert_units", "Convert a value from one unit to another.
     "value": {"type": "number"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}},
     ["value", "from_unit", "to_unit"])
 FIXED_TOOLS = [WEATHER_TOOL, CALCULATOR_TOOL, CONVERT_TOOL]
+# Users declare get_weather in their own words. Besides the schema above (unit required), this share of weather
+# tasks uses a schema where the unit is optional or absent, described differently, often with parameter
+# descriptions; half of those questions name no unit, and the call then carries the city only.
+WEATHER_VARIANT_SHARE = 0.35
+WEATHER_DESCRIPTIONS = ["Get the current weather in a city.", "Current weather in a city",
+                        "Look up the weather for a city.", "Returns the current weather conditions for a city."]
+CITY_DESCRIPTIONS = ["the city name", "The city, e.g. Paris", "city to look up", "name of the city"]
+UNITLESS_WEATHER_QUESTIONS = ["What's the weather like in {city} right now?", "How is the weather in {city} today?",
+                              "What's the weather in {city}?", "Weather in {city}?", "Tell me the weather in {city}.",
+                              "Is it cold in {city} right now?"]
 
 
 def _format_number(x: float) -> str:
@@ -244,10 +254,26 @@ class ConversationGenerator:
         return tools
 
     # ------------------------------------------------------------------ tasks
+    def weather_tool_variant(self) -> tuple[dict[str, Any], bool]:
+        """A get_weather schema in other words, with the unit optional or absent → (tool, has a unit)."""
+        rng = self.rng
+        city: dict[str, Any] = {"type": "string"}
+        if rng.random() < 0.5:
+            city["description"] = rng.choice(CITY_DESCRIPTIONS)
+        properties = {"city": city}
+        has_unit = rng.random() < 0.6
+        if has_unit:
+            properties["unit"] = {"type": "string", "enum": list(UNITS)}
+        return _tool("get_weather", rng.choice(WEATHER_DESCRIPTIONS), properties, ["city"]), has_unit
+
     def weather_task(self) -> dict[str, Any]:
         rng = self.rng
         city = self._city()
-        unit = rng.choice(list(UNITS))
+        tool, ask_unit = WEATHER_TOOL, True
+        if rng.random() < WEATHER_VARIANT_SHARE:
+            tool, has_unit = self.weather_tool_variant()
+            ask_unit = has_unit and rng.random() < 0.5
+        unit = rng.choice(list(UNITS)) if ask_unit else "celsius"  # the service's default
         unit_word = rng.choice([UNITS[unit][0], UNITS[unit][2]])
         user = rng.choice([
             f"What's the weather in {city} in {unit_word}?",
@@ -255,7 +281,7 @@ class ConversationGenerator:
             f"Tell me the current weather in {city}, in {unit_word} please.",
             f"Weather for {city} in {unit_word}?",
             f"Is it cold in {city} right now? Answer in {unit_word}.",
-        ])
+        ]) if ask_unit else rng.choice(UNITLESS_WEATHER_QUESTIONS).format(city=city)
         temp = rng.randint(-20, 40) if unit == "celsius" else rng.randint(-5, 105)
         condition = rng.choice(CONDITIONS)
         result = json.dumps({"city": city, "temperature": temp, "unit": unit, "condition": condition})
@@ -265,9 +291,11 @@ class ConversationGenerator:
             f"The weather in {city} is {condition} with a temperature of {temp}{symbol}.",
             f"{city}: {temp}{symbol}, {condition}.",
         ])
-        return {"tool": WEATHER_TOOL, "user": user, "arguments": {"city": city, "unit": unit}, "result": result,
+        arguments = {"city": city, "unit": unit} if ask_unit else {"city": city}
+        wanted = f"the weather in {city} in {unit}" if ask_unit else f"the weather in {city}"
+        return {"tool": tool, "user": user, "arguments": arguments, "result": result,
                 "answer": answer, "must_mention": [str(temp), condition],
-                "plan": f"The user wants the weather in {city} in {unit}. I will call get_weather.",
+                "plan": f"The user wants {wanted}. I will call get_weather.",
                 "after": f"The tool says {temp}{symbol} and {condition}."}
 
     def calculator_task(self) -> dict[str, Any]:

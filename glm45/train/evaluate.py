@@ -3,7 +3,8 @@
 For each held-out conversation (a new seed, cities never seen in training, new numbers) the model generates
 greedily from the prompt, as a server would:
 - **tool accuracy**: after the user turn, exactly one call, to the right tool, with exactly the right
-  arguments (parsed by `glm45.parsers.parse_tool_calls` with the tool schemas);
+  arguments (parsed by `glm45.parsers.parse_tool_calls` with the tool schemas); also per kind of tool
+  (get_weather declared as in `synthetic.WEATHER_TOOL` or in other words, calculator, convert_units, random);
 - **answer accuracy**: after the reference call and its `<|observation|>` result, an answer that mentions the
   values of the result (temperature and condition, the number, the status);
 - **format validity**: every output ends with an end-of-turn token; in thinking mode it is
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from glm45.chat import render_chat
 from glm45.parsers import parse_reasoning, parse_tool_calls
-from glm45.train.synthetic import generate
+from glm45.train.synthetic import WEATHER_TOOL, generate
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ def format_ok(text: str, thinking: bool, stopped: bool) -> bool:
     return text.startswith("\n") and "<think>" not in text and "</think>" not in text and text.strip() != ""
 
 
+_FIXED_KINDS = {"get_weather", "get_weather (other schema)", "calculator", "convert_units"}
+
+
 def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed: int = 2,
              max_new_tokens: int = 192, limit_minutes: float = 0.0) -> dict[str, Any]:
     from glm45.model import Glm4MoeForCausalLM
@@ -113,6 +117,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
     counts = {k: 0 for k in ("tool_total", "tool_right", "answer_total", "answer_right", "format_total",
                              "format_ok", "unseen_total", "unseen_name", "unseen_exact", "mtp_accepted",
                              "mtp_drafted")}
+    by_kind: dict[str, list[int]] = {}  # tool kind → [exact calls, calls]
     failures: list[dict[str, Any]] = []
     format_failures: list[dict[str, Any]] = []
     conversations = generate(num, seed, "heldout") + (generate(num_unseen, seed, "unseen_tools") if num_unseen else [])
@@ -154,6 +159,12 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         else:
             counts["tool_total"] += 1
             counts["tool_right"] += exact
+            kind = meta["kind"]
+            if kind == "get_weather" and WEATHER_TOOL not in (tools or []):
+                kind += " (other schema)"
+            tally = by_kind.setdefault(kind if kind in _FIXED_KINDS else "random tool", [0, 0])
+            tally[0] += exact
+            tally[1] += 1
         if not exact and len(failures) < 20:
             failures.append({"expected": expected, "output": text})
         # The answer from the tool result, after the reference call (teacher-forced like a real tool loop).
@@ -175,6 +186,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         "unseen_tool_name_accuracy": ratio("unseen_name", "unseen_total"),
         "unseen_tool_exact_accuracy": ratio("unseen_exact", "unseen_total"),
         "mtp_acceptance_first_position": ratio("mtp_accepted", "mtp_drafted"),
+        "tool_accuracy_by_kind": {k: f"{right}/{total}" for k, (right, total) in sorted(by_kind.items())},
         "minutes": round((time.perf_counter() - started) / 60, 2), "counts": counts, "failures": failures,
         "format_failures": format_failures,
     }

@@ -53,7 +53,9 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7,
 
 
 def _default_ns_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    # torch.cpu's feature probes are private; a torch without them is treated as a CPU without bf16 units.
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    if device.type == "cpu" and not any(probe is not None and probe() for probe in probes):
         return torch.float32
     return torch.bfloat16
 

@@ -54,7 +54,6 @@ def test_batched_muon_treats_each_expert_slice_as_its_own_matrix():
 def test_float32_newton_schulz_orthogonalises():
     torch.manual_seed(2)
     p = torch.nn.Parameter(torch.zeros(16, 32))
-    BatchedMuon([p], lr=1.0, momentum=0.0, nesterov=False)
     opt = BatchedMuon([p], lr=1.0 / muon_lr_scale(p.shape), momentum=0.0, nesterov=False, ns_dtype=torch.float32)
     _step(opt, [p], [torch.randn(16, 32)])
     singular = torch.linalg.svdvals(-p.detach())

@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 from glm45.chat import render_chat
 from glm45.parsers import parse_reasoning, parse_tool_calls
-from glm45.train.synthetic import WEATHER_TOOL, generate
+from glm45.train.synthetic import FIXED_TOOLS, WEATHER_TOOL, generate
 
 logger = logging.getLogger(__name__)
+_FIXED_TOOL_NAMES = {tool["function"]["name"] for tool in FIXED_TOOLS}
 
 
 class ContiguousCache:
@@ -103,9 +104,6 @@ def format_ok(text: str, thinking: bool, stopped: bool) -> bool:
     return text.startswith("\n") and "<think>" not in text and "</think>" not in text and text.strip() != ""
 
 
-_FIXED_KINDS = {"get_weather", "get_weather (other schema)", "calculator", "convert_units"}
-
-
 def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed: int = 2,
              max_new_tokens: int = 192, limit_minutes: float = 0.0) -> dict[str, Any]:
     from glm45.model import Glm4MoeForCausalLM
@@ -159,10 +157,10 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         else:
             counts["tool_total"] += 1
             counts["tool_right"] += exact
-            kind = meta["kind"]
-            if kind == "get_weather" and WEATHER_TOOL not in (tools or []):
+            kind = meta["kind"] if meta["kind"] in _FIXED_TOOL_NAMES else "random tool"
+            if kind == "get_weather" and WEATHER_TOOL not in tools:
                 kind += " (other schema)"
-            tally = by_kind.setdefault(kind if kind in _FIXED_KINDS else "random tool", [0, 0])
+            tally = by_kind.setdefault(kind, [0, 0])
             tally[0] += exact
             tally[1] += 1
         if not exact and len(failures) < 20:

@@ -16,6 +16,7 @@ heads, norms, biases and routers stay on AdamW (`--optimizer adamw` puts every p
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -52,12 +53,15 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     return x.mT if transposed else x
 
 
-def _default_ns_dtype(device: torch.device) -> torch.dtype:
+@functools.cache
+def _cpu_has_bf16_matmul() -> bool:
     # torch.cpu's feature probes are private; a torch without them is treated as a CPU without bf16 units.
     probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    if device.type == "cpu" and not any(probe is not None and probe() for probe in probes):
-        return torch.float32
-    return torch.bfloat16
+    return any(probe is not None and probe() for probe in probes)
+
+
+def _default_ns_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" and not _cpu_has_bf16_matmul() else torch.bfloat16
 
 
 def muon_lr_scale(shape: torch.Size) -> float:

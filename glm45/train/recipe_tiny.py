@@ -2,12 +2,14 @@
 
 One command trains it from scratch in under 90 minutes on the 2-core CPU (both threads):
 
-    python -m glm45.train.recipe_tiny --out runs/glm45-tiny-v4 --install
+    python -m glm45.train.recipe_tiny --out runs/glm45-tiny-v5 --install
 
-(the defaults are recipe v4: 40,000 conversations, 3,200 planned steps of 6,144 padded tokens, stopping at 86
-minutes at the latest, 2 threads, 20% copying drills, 60% of the made-up words strung from the tokenizer's word
-pieces; `--piece-share 0` was recipe v2. v4 is v3 with get_weather also declared in other words and asked
-about without a unit, in the data generator; `glm45/assets/glm45-tiny/README.md` says which one is bundled).
+(the defaults are recipe v5: 40,000 conversations, 3,200 planned steps of 6,144 padded tokens, stopping at 86
+minutes at the latest, 2 threads, 10% copying drills, 60% of the made-up words strung from the tokenizer's word
+pieces; `--piece-share 0` was recipe v2. v4 was v3 with get_weather also declared in other words and asked
+about without a unit, in the data generator; v5 is v4 with the training task mix
+`glm45.train.synthetic.TRAIN_TASK_MIX`, more random tools, and `--copy-drill 0.1` instead of 0.2.
+`glm45/assets/glm45-tiny/README.md` says which one is bundled).
 
 1. generates synthetic agent conversations (`glm45.train.synthetic`, `--data-seed`) and a held-out split
    (seed 1), with `--copy-drill` of them "repeat after me" drills;
@@ -84,7 +86,7 @@ def prepare(out: Path, num_train: int, num_eval: int, data_seed: int = 0, copy_d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the bundled small GLM-4.5-architecture model.")
-    parser.add_argument("--out", default="runs/glm45-tiny-v4")
+    parser.add_argument("--out", default="runs/glm45-tiny-v5")
     parser.add_argument("--num-train", type=int, default=40000)
     parser.add_argument("--num-eval", type=int, default=100)
     parser.add_argument("--max-steps", type=int, default=3200)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init-from", default=None, help="stage 2: continue from this trained model folder")
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--copy-drill", type=float, default=0.2, help="share of extra copying drills")
+    parser.add_argument("--copy-drill", type=float, default=0.1, help="share of extra copying drills")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--piece-share", type=float, default=0.6,
                         help="share of made-up training words strung from the tokenizer's word pieces "

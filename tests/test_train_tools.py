@@ -15,7 +15,9 @@ from glm45.train.plot import plot
 from glm45.train.synthetic import (
     CITIES,
     HELDOUT_CITIES,
+    HELDOUT_TASK_MIX,
     HELDOUT_TOOL_NOUNS,
+    TRAIN_TASK_MIX,
     WEATHER_TOOL,
     WordPieces,
     generate,
@@ -116,6 +118,21 @@ def test_weather_tasks_also_use_other_schemas_and_questions_without_a_unit():
         assert not any(word in question.lower() for word in ("celsius", "fahrenheit"))
     schemas = {json.dumps(next(t for t in c["tools"] if t["function"]["name"] == "get_weather")) for c in weather}
     assert WEATHER_TOOL in [json.loads(s) for s in schemas] and len(schemas) > 5
+
+
+def test_training_draws_its_own_task_mix_and_held_out_splits_keep_theirs():
+    def shares(conversations):
+        kinds = [c["meta"]["kind"] for c in conversations]
+        fixed = {"chat", "get_weather", "calculator", "convert_units"}
+        return {k: kinds.count(k) / len(kinds) for k in fixed} | {
+            "random_tool": sum(k not in fixed for k in kinds) / len(kinds)}
+
+    train, heldout = shares(generate(3000, seed=0)), shares(generate(3000, seed=0, split="heldout"))
+    for name, kind in [("weather", "get_weather"), ("calculator", "calculator"), ("convert", "convert_units"),
+                       ("random_tool", "random_tool"), ("chat", "chat")]:
+        assert train[kind] == pytest.approx(TRAIN_TASK_MIX[name], abs=0.03)
+        assert heldout[kind] == pytest.approx(HELDOUT_TASK_MIX[name], abs=0.03)
+    assert sum(TRAIN_TASK_MIX.values()) == pytest.approx(1) and sum(HELDOUT_TASK_MIX.values()) == pytest.approx(1)
 
 
 def test_plot_writes_a_png(tmp_path):

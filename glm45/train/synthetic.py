@@ -20,6 +20,7 @@ the final answer must mention); the trainer ignores it, the evaluation script re
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -413,12 +414,10 @@ class ConversationGenerator:
         elif self.copy_drill and self.split == "train" and rng.random() < self.copy_drill:
             task = self.copy_task()
         else:
-            roll, threshold = rng.random(), 0.0
+            roll = rng.random()
             mix = TRAIN_TASK_MIX if self.split == "train" else HELDOUT_TASK_MIX
-            for kind, share in mix.items():
-                threshold += share
-                if roll < threshold:
-                    break
+            edges = itertools.accumulate(mix.values())
+            kind = next((k for k, edge in zip(mix, edges, strict=True) if roll < edge), "chat")
             task = getattr(self, f"{kind}_task")()
         # Thinking mode: think then answer, or answer straight away with an empty thought; or /nothink.
         mode = rng.choices(["think", "direct", "nothink"], weights=[0.4, 0.3, 0.3])[0]

@@ -171,10 +171,9 @@ UNITLESS_WEATHER_QUESTIONS = ["What's the weather like in {city} right now?", "H
 
 
 # The kinds of task (`ConversationGenerator.<kind>_task`) and their shares. The held-out splits keep the mix every
-# bundled model so far was evaluated on. Training gives random tools more: calculator and convert_units were exact
-# every time in recipe v4's evaluation while tools it had to find by reading the tool list were not, and the skill
-# that lacks, finding the request's verb and copying its first piece, was as weak on training-like made-up verbs
-# (74% teacher-forced) as on held-out English ones.
+# bundled model so far was evaluated on. Training (recipe v5) gives random tools more: recipe v4's model called
+# calculator and convert_units exactly every time, while its misses were on tools it had to find by reading the
+# tool list, and it missed those as often with made-up training-like names as with held-out English ones.
 HELDOUT_TASK_MIX = {"weather": 0.2, "calculator": 0.2, "convert": 0.2, "random_tool": 0.25, "chat": 0.15}
 TRAIN_TASK_MIX = {"weather": 0.22, "calculator": 0.12, "convert": 0.12, "random_tool": 0.39, "chat": 0.15}
 

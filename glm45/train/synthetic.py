@@ -416,7 +416,8 @@ class ConversationGenerator:
             roll = rng.random()
             mix = TRAIN_TASK_MIX if self.split == "train" else HELDOUT_TASK_MIX
             edges = itertools.accumulate(mix.values())
-            kind = next((k for k, edge in zip(mix, edges, strict=True) if roll < edge), "chat")
+            last = list(mix)[-1]  # where the shares' float sum falls short of 1
+            kind = next((k for k, edge in zip(mix, edges, strict=True) if roll < edge), last)
             task = getattr(self, f"{kind}_task")()
         # Thinking mode: think then answer, or answer straight away with an empty thought; or /nothink.
         mode = rng.choices(["think", "direct", "nothink"], weights=[0.4, 0.3, 0.3])[0]

@@ -6,10 +6,8 @@ One command trains it from scratch in under 90 minutes on the 2-core CPU (both t
 
 (the defaults are recipe v5: 40,000 conversations, 3,200 planned steps of 6,144 padded tokens, stopping at 86
 minutes at the latest, 2 threads, 10% copying drills, 60% of the made-up words strung from the tokenizer's word
-pieces; `--piece-share 0` was recipe v2. v4 was v3 with get_weather also declared in other words and asked
-about without a unit, in the data generator; v5 is v4 with the training task mix
-`glm45.train.synthetic.TRAIN_TASK_MIX`, more random tools, and `--copy-drill 0.1` instead of 0.2.
-`glm45/assets/glm45-tiny/README.md` says which one is bundled).
+pieces, the training task mix `glm45.train.synthetic.TRAIN_TASK_MIX`; `--piece-share 0` was recipe v2.
+`glm45/assets/glm45-tiny/README.md` has the history of the recipe and says which one is bundled).
 
 1. generates synthetic agent conversations (`glm45.train.synthetic`, `--data-seed`) and a held-out split
    (seed 1), with `--copy-drill` of them "repeat after me" drills;

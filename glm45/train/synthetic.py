@@ -20,7 +20,6 @@ the final answer must mention); the trainer ignores it, the evaluation script re
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -413,11 +412,8 @@ class ConversationGenerator:
         elif self.copy_drill and self.split == "train" and rng.random() < self.copy_drill:
             task = self.copy_task()
         else:
-            roll = rng.random()
             mix = TRAIN_TASK_MIX if self.split == "train" else HELDOUT_TASK_MIX
-            edges = itertools.accumulate(mix.values())
-            last = list(mix)[-1]  # where the shares' float sum falls short of 1
-            kind = next((k for k, edge in zip(mix, edges, strict=True) if roll < edge), last)
+            kind = rng.choices(list(mix), weights=list(mix.values()))[0]
             task = getattr(self, f"{kind}_task")()
         # Thinking mode: think then answer, or answer straight away with an empty thought; or /nothink.
         mode = rng.choices(["think", "direct", "nothink"], weights=[0.4, 0.3, 0.3])[0]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+ASSETS = Path(__file__).resolve().parent / "assets"
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
 
@@ -232,3 +233,11 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(f"kv_cache_memory_bytes must be ≥ 1, got {self.kv_cache_memory_bytes}")
+
+
+def bundled_model_path() -> Path:
+    """The small trained model that ships with the package (the first checkpoint folder in assets/)."""
+    candidates = sorted(p.parent for p in ASSETS.glob("*/config.json")) if ASSETS.is_dir() else []
+    if not candidates:
+        raise FileNotFoundError(f"no bundled model in {ASSETS}; pass a model folder explicitly")
+    return candidates[0]

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from glm45.config import ModelConfig
 from glm45.distributed import destroy_distributed, init_distributed
 from glm45.model import Glm4MoeForCausalLM
-from glm45.model.loader import load_model
 from glm45.parallel import parallelize_model
 from glm45.parallel.data_parallel import shard_for_training
 from glm45.train.lora import apply_lora
@@ -55,7 +54,7 @@ def model_checks(kind: str, folder: Path, group, results: dict) -> None:
             plan.update(parallelize_model(model, group, expert_parallel))
             return plan
 
-        shard = load_model(folder, dtype="float32", progress=False, parallelize=parallelize)
+        shard = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, parallelize=parallelize)
         with torch.no_grad():
             got = shard(IDS)
         entry = {

@@ -10,7 +10,7 @@ from tiny_checkpoints import AIR_LIKE, build_reference, save_reference
 
 from glm45.config import ModelConfig
 from glm45.model import Glm4MoeForCausalLM
-from glm45.model.loader import Checkpoint, CheckpointError, dequantize_fp8
+from glm45.model.checkpoint import Checkpoint, CheckpointError, dequantize_fp8
 
 IDS = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
 

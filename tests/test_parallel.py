@@ -13,7 +13,8 @@ from tiny_checkpoints import AIR_LIKE, save_reference
 from glm45.config import ModelConfig
 from glm45.distributed import ParallelGroup, free_port
 from glm45.model import Glm4MoeForCausalLM
-from glm45.model.loader import Checkpoint, ShardSpec
+from glm45.model.checkpoint import Checkpoint
+from glm45.model.shard import ShardSpec
 from glm45.parallel import parallelize_model
 
 WORLD = 2
@@ -107,7 +108,8 @@ def test_shards_read_from_the_checkpoint_reassemble_the_tensor(tmp_path):
 
 
 def test_fp8_shards_dequantise_like_the_whole_tensor():
-    from glm45.model.loader import _dequantize_shard, dequantize_fp8
+    from glm45.model.checkpoint import dequantize_fp8
+    from glm45.model.checkpoint import dequantize_fp8_shard as _dequantize_shard
 
     weight = torch.randn(256, 384)
     quantized = weight.to(torch.float8_e4m3fn)

@@ -11,7 +11,7 @@ from tiny_checkpoints import save_mtp_model, save_reference
 from glm45 import LLM, SamplingParams
 from glm45.config import EngineConfig
 from glm45.engine import LLMEngine
-from glm45.parallel.workers import WorkerError
+from glm45.engine.workers import WorkerError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 ARGS = dict(dtype="float32", device="cpu", max_model_len=256, num_gpu_blocks_override=64, max_num_batched_tokens=32)

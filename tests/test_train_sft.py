@@ -11,7 +11,6 @@ from train_helpers import make_tokenizer
 from glm45.cli import main as cli_main
 from glm45.model import Glm4MoeForCausalLM
 from glm45.train.data import collate, tokenize_conversation
-from glm45.train.experts import use_training_experts
 from glm45.train.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, save_adapter
 from glm45.train.optim import build_optimizer
 from glm45.train.sft import TrainConfig, compute_losses, train
@@ -60,7 +59,6 @@ def train_steps(model, batch, steps, lr, optimizer="muon"):
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_full_fine_tuning_lowers_the_loss(base, fixed_batch, optimizer):
     model = Glm4MoeForCausalLM.from_pretrained(base[0], dtype=torch.float32, progress=False)
-    use_training_experts(model)
     losses = train_steps(model, fixed_batch, 5, 3e-3, optimizer)
     assert losses[-1] < losses[0] - 0.3, losses
 

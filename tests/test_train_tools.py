@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from train_helpers import tiny_model_config
 
 from glm45.model import Glm4MoeForCausalLM
-from glm45.model.moe import Experts
 from glm45.train.evaluate import format_ok, greedy_generate, mtp_acceptance
-from glm45.train.experts import TrainingExperts, use_training_experts
 from glm45.train.plot import plot
 from glm45.train.synthetic import (
     CITIES,
@@ -31,24 +30,29 @@ def model():
     return model.eval()
 
 
-def test_training_experts_compute_the_same_function_and_gradients(model):
+def test_grouped_expert_dispatch_matches_a_per_token_reference_in_values_and_gradients(model):
     experts = model.model.layers[1].mlp.experts
     x = torch.randn(10, 32, requires_grad=True)
     weights, ids = torch.rand(10, 2), torch.randint(0, 4, (10, 2))
     ids[:, 1] = (ids[:, 0] + 1) % 4
-    reference = experts(x, weights, ids)
-    reference.square().sum().backward()
+    out = experts(x, weights, ids)
+    out.square().sum().backward()
     grads = (x.grad.clone(), experts.gate_up_proj.grad.clone())
     x.grad = None
     experts.gate_up_proj.grad = None
-    assert use_training_experts(model) == 3  # two MoE layers and the MTP layer
-    assert type(experts) is TrainingExperts and "gate_up_proj" in dict(experts.named_parameters())
-    out = experts(x, weights, ids)
+
+    rows = []
+    for t in range(10):
+        total = 0
+        for k in range(2):
+            gate, up = (experts.gate_up_proj[ids[t, k]] @ x[t]).chunk(2)
+            total = total + weights[t, k] * (experts.down_proj[ids[t, k]] @ (F.silu(gate) * up))
+        rows.append(total)
+    reference = torch.stack(rows)
     torch.testing.assert_close(out, reference)
-    out.square().sum().backward()
-    torch.testing.assert_close(x.grad, grads[0])
-    torch.testing.assert_close(experts.gate_up_proj.grad, grads[1])
-    assert not any(type(m) is Experts for m in model.modules())
+    reference.square().sum().backward()
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], experts.gate_up_proj.grad)
 
 
 def test_cached_greedy_decoding_equals_full_recomputation(model):

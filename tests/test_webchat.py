@@ -179,7 +179,7 @@ def test_usage_counts_the_mtp_drafts_of_each_answer(tmp_path):
                    extra_body={"ignore_eos": True})
     with ServerThread(folder, num_speculative_tokens=2) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=60)
-        counted = server.engine.runner.stats
+        counted = server.engine.executor.stats
         before = sum(counted.proposed), sum(counted.accepted)
         chunks = list(client.chat.completions.create(**request, stream=True,
                                                      stream_options={"include_usage": True}))

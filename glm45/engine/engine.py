@@ -5,14 +5,18 @@
         for output in engine.step(): ...             # RequestOutput of every request that progressed
     engine.abort_request(request_id)                 # frees its KV blocks at once
 
-The engine owns the model, the tokenizer (optional: without one, prompts are token ids and outputs
-have no text), the paged KV cache, the scheduler and the runner. It is synchronous and single-threaded;
-the server drives it from a background thread.
+A step reads top to bottom: the scheduler picks the batch (`scheduler.py`), the executor runs it and samples
+(`executor.py`), the scheduler applies the result (`Scheduler.update`), the output processor detokenizes and
+checks stop strings (`output.py`), and with MTP the executor drafts for the next step.
 
-With `tensor_parallel_size` N > 1 the engine is rank 0 of N processes (glm45/parallel/workers.py): it
-spawns the other ranks (or joins them under torchrun), holds its own shard of the model and of the KV
-cache, and every model call of a step runs on all ranks in lock-step. `enable_expert_parallel` partitions
-the routed experts over those ranks instead of splitting each expert. Call `shutdown()` to stop them.
+The engine owns the model runner (model and paged KV cache), the tokenizer (optional: without one, prompts are
+token ids and outputs have no text), the scheduler, the executor and the output processor. It is synchronous
+and single-threaded; the server drives it from a background thread.
+
+With `tensor_parallel_size` N > 1 the engine is rank 0 of N processes (`workers.py`): it spawns the other ranks
+(or joins them under torchrun), holds its own shard of the model and of the KV cache, and every model call of
+a step runs on all ranks in lock-step. `enable_expert_parallel` partitions the routed experts over those ranks
+instead of splitting each expert. Call `shutdown()` to stop them.
 """
 
 from __future__ import annotations
@@ -23,37 +27,20 @@ from pathlib import Path
 
 import torch
 
-from glm45.config import EngineConfig
-from glm45.engine.executor import ModelExecutor
-from glm45.engine.kv_cache import BlockManager, allocate_kv_cache, kv_bytes_per_block
-from glm45.engine.runner import ModelRunner
+from glm45.config import EngineConfig, bundled_model_path
+from glm45.engine.block_manager import BlockManager
+from glm45.engine.device import resolve_device
+from glm45.engine.executor import Executor
+from glm45.engine.model_runner import ModelRunner, kv_cache_blocks
+from glm45.engine.output import OutputProcessor
 from glm45.engine.sampling_params import SamplingParams
 from glm45.engine.scheduler import Scheduler
 from glm45.engine.sequence import RequestOutput, Sequence
 from glm45.model import Glm4MoeForCausalLM
-from glm45.model.loader import load_model
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_CPU_KV_BYTES = 1 << 30
-
-
-def bundled_model_path() -> Path:
-    """The small trained model that ships with the package (the first checkpoint folder in assets/)."""
-    candidates = sorted(p.parent for p in ASSETS.glob("*/config.json")) if ASSETS.is_dir() else []
-    if not candidates:
-        raise FileNotFoundError(f"no bundled model in {ASSETS}; pass a model folder explicitly")
-    return candidates[0]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available")
-    return resolved
+__all__ = ["LLMEngine", "bundled_model_path", "resolve_device"]
 
 
 class LLMEngine:
@@ -66,7 +53,7 @@ class LLMEngine:
             if model is not None:
                 raise ValueError("tensor_parallel_size > 1 loads each rank's shard from the model folder; "
                                  "pass EngineConfig.model instead of a loaded model")
-            from glm45.parallel.workers import WorkerGroup
+            from glm45.engine.workers import WorkerGroup
 
             self.workers = WorkerGroup.start(config, model_path)  # under torchrun, only rank 0 returns
             self.device = self.workers.device
@@ -80,9 +67,9 @@ class LLMEngine:
 
     def _setup(self, config: EngineConfig, model_path: Path, model: Glm4MoeForCausalLM | None, tokenizer) -> None:
         if model is None:
-            model = load_model(model_path, dtype=config.dtype, device=self.device,
-                               load_mtp=config.num_speculative_tokens > 0,
-                               parallelize=self.workers.parallelize if self.workers else None)
+            model = Glm4MoeForCausalLM.from_pretrained(
+                model_path, dtype=config.dtype, device=self.device, load_mtp=config.num_speculative_tokens > 0,
+                parallelize=self.workers.parallelize if self.workers else None)
         self.model = model.eval()
         self.model_config = model.config
         if tokenizer is None:
@@ -101,19 +88,11 @@ class LLMEngine:
             # so blocks cannot be shared by prefix alone while MTP runs.
             logger.info("prefix caching is off while MTP speculative decoding is on")
 
-        mc = self.model_config
-        num_cache_layers = mc.num_hidden_layers + (1 if k else 0)
-        dtype = model.dtype
-        kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's share under tensor parallelism
-        per_block = kv_bytes_per_block(num_cache_layers, config.block_size, kv_heads, mc.head_dim, dtype)
-        if config.num_gpu_blocks_override:
-            num_blocks = config.num_gpu_blocks_override
-        else:
-            budget = config.kv_cache_memory_bytes or self._default_kv_budget()
-            num_blocks = budget // per_block
+        num_cache_layers = self.model_config.num_hidden_layers + (1 if k else 0)
+        num_blocks = kv_cache_blocks(config, model, self.device, num_cache_layers)
         lookahead = 2 * k
         capacity = num_blocks * config.block_size - lookahead
-        max_model_len = config.max_model_len or min(mc.max_position_embeddings, capacity)
+        max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, capacity)
         if max_model_len > capacity:
             raise ValueError(
                 f"max_model_len={max_model_len} does not fit the KV cache: {num_blocks} blocks of "
@@ -123,16 +102,16 @@ class LLMEngine:
             raise ValueError(f"the KV cache holds only {num_blocks} blocks, too few to run anything")
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(num_blocks, config.block_size, enable_prefix_caching)
-        self.kv_cache = allocate_kv_cache(num_cache_layers, num_blocks, config.block_size, kv_heads,
-                                          mc.head_dim, dtype, self.device)
         if self.workers is not None:
-            executor = self.workers.executor(model, self.kv_cache, num_cache_layers)
+            self.runner = self.workers.runner(model, num_blocks, num_cache_layers)
         else:
-            executor = ModelExecutor(model, self.kv_cache, config.block_size)
-        self.runner = ModelRunner(executor, self.block_manager, max_model_len, k)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, k)
+            self.runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size)
+        self.kv_cache = self.runner.kv_cache
+        self.executor = Executor(self.runner, self.block_manager, k)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   max_model_len, k)
+        self.output_processor = OutputProcessor(tokenizer, speculative=bool(k))
         self.requests: dict[str, list[Sequence]] = {}
-        self.prompts: dict[str, str | None] = {}
         self._seed_counter = config.seed
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -163,15 +142,6 @@ class LLMEngine:
         from glm45.tokenizer import Tokenizer
 
         return Tokenizer.from_pretrained(folder)
-
-    def _default_kv_budget(self) -> int:
-        if self.device.type == "cuda":
-            # vLLM's meaning: the whole process may use this share of the GPU; the KV cache gets what the
-            # weights and a margin for activations leave of it.
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            return max(0, int(total * self.config.gpu_memory_utilization - used - 0.05 * total))
-        return DEFAULT_CPU_KV_BYTES
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -210,33 +180,32 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids with this model")
 
+        # Every sequence of the request is built before any enters the scheduler: a request is admitted whole
+        # or not at all.
         now = time.monotonic() if arrival_time is None else arrival_time
-        seqs = []
-        for index in range(params.n):
-            generator = None
-            if not params.greedy:
-                generator = torch.Generator(device=self.device)
-                if params.seed is not None:
-                    generator.manual_seed(params.seed + index)
-                else:
-                    self._seed_counter += 1
-                    generator.manual_seed(hash((self.config.seed, self._seed_counter)) & (2**63 - 1))
-            detokenizer = None
-            if self.tokenizer is not None:
-                from glm45.tokenizer import IncrementalDetokenizer
-
-                detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-            seq = Sequence(request_id, prompt_ids, params, self.eos_token_ids, detokenizer, generator, index)
-            seq.arrival_time = now
-            seqs.append(seq)
+        seqs = [Sequence(request_id, prompt_ids, params, self.eos_token_ids, self._generator(params, index), index,
+                         now) for index in range(params.n)]
+        self.output_processor.add_request(request_id, prompt_text, seqs)
+        for seq in seqs:
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
-        self.prompts[request_id] = prompt_text
         self.num_prompt_tokens += len(prompt_ids) * params.n
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        """The random stream of one sampled completion: the request's seed + index, or the engine's own."""
+        if params.greedy:
+            return None
+        generator = torch.Generator(device=self.device)
+        if params.seed is not None:
+            generator.manual_seed(params.seed + index)
+        else:
+            self._seed_counter += 1
+            generator.manual_seed(hash((self.config.seed, self._seed_counter)) & (2**63 - 1))
+        return generator
 
     def abort_request(self, request_id: str) -> bool:
         seqs = self.requests.pop(request_id, None)
-        self.prompts.pop(request_id, None)
+        self.output_processor.remove_request(request_id)
         if seqs is None:
             return False
         for seq in seqs:
@@ -253,47 +222,23 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        before = {item.seq.seq_id: len(item.seq) for item in batch}
-        self.runner.execute(batch)
-        now = time.monotonic()
-        touched: dict[str, None] = {}
-        for item in batch:
-            seq = item.seq
-            new = len(seq) - before[seq.seq_id]
-            self.num_generation_tokens += new
-            if new and seq.first_token_time is None:
-                seq.first_token_time = now
-            if seq.is_finished:
-                self.scheduler.finish(seq)
-            touched[seq.request_id] = None
-        outputs = []
-        for request_id in touched:
-            seqs = self.requests.get(request_id)
-            if seqs is None:
-                continue
-            output = self._output(request_id, seqs)
+        before = sum(len(item.seq) for item in batch)
+        result = self.executor.execute(batch)
+        seqs = self.scheduler.update(batch, result)
+        outputs, stopped = self.output_processor.process(seqs)
+        for seq in stopped:
+            self.scheduler.finish(seq)
+        self.num_generation_tokens += sum(len(seq) for seq in seqs) - before
+        for output in outputs:
             if output.finished:
-                del self.requests[request_id]
-                del self.prompts[request_id]
-            outputs.append(output)
+                del self.requests[output.request_id]
+        if self.num_speculative_tokens:
+            self.scheduler.set_drafts(self.executor.propose_drafts())
         return outputs
-
-    def _output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
-        return RequestOutput(
-            request_id=request_id,
-            prompt=self.prompts.get(request_id),
-            prompt_token_ids=seqs[0].token_ids[: seqs[0].num_prompt_tokens],
-            outputs=[seq.completion() for seq in seqs],
-            finished=all(seq.is_finished for seq in seqs),
-            num_cached_tokens=seqs[0].num_cached_tokens,
-            metrics={"spec_draft_tokens": sum(seq.num_draft_tokens for seq in seqs),
-                     "spec_accepted_tokens": sum(seq.num_accepted_tokens for seq in seqs)}
-            if self.num_speculative_tokens else {},
-        )
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict:
-        spec = self.runner.stats
+        spec = self.executor.stats
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),

@@ -1,73 +1,138 @@
-"""The model's side of an engine step: forward passes over the paged KV cache, from plain inputs.
+"""The executor: runs a scheduled batch on the model and turns the logits into tokens.
 
-The runner decides *what* to compute (token ids, positions, slot mapping, per-sequence slices, which rows
-need logits) and does all the sampling; the executor owns the model and its KV cache and computes. The split
-exists for tensor parallelism: every rank runs an executor over its own shard of the model and of the KV
-cache, and rank 0 forwards each call's plain inputs to the others (glm45/parallel/workers.py), so the
-scheduler, the sequences and the sampler live only on rank 0.
+`execute(batch)` covers, for each scheduled sequence, its next `num_tokens` known tokens (a prefill chunk, or
+the one pending token of a decode), plus its MTP drafts when it decodes speculatively: it builds the flat
+inputs, positions and slot mapping, has the model runner run the target model's cached forward, then samples
+(or verifies the drafts) and returns a `StepResult`. It changes no sequence; the scheduler applies the result.
+`propose_drafts()` then runs the MTP layer over the pairs that step computed and returns k draft tokens for
+every sequence that decodes next.
 
-The hidden states of one step stay here between its calls: the target forward keeps its final hidden
-states, the first MTP draft reads rows of them, and each later draft step carries the previous one's.
+The executor sits above the model runner (as in vLLM): with tensor parallelism the runner is rank 0's
+`DistributedModelRunner`, which sends each call's plain inputs to the other ranks first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from glm45.engine.attention import PagedAttention, SeqSlice
+from glm45.engine.attention import SeqSlice
+from glm45.engine.block_manager import BlockManager
+from glm45.engine.model_runner import ModelRunner, StepInputs
+from glm45.engine.sampler import Sampler, top_logprobs
+from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
+from glm45.engine.sequence import Sequence
+from glm45.engine.speculative import AcceptanceStats, choose_draft, verify
 
 
 @dataclass
-class StepInputs:
-    """The flat tokens of one forward over the cache, sequence after sequence."""
+class _Computed:
+    """Where one sequence's tokens sat in the last forward, for drafting from its hidden states."""
 
-    token_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    slices: list[SeqSlice] = field(default_factory=list)
+    seq: Sequence
+    start: int      # its first position in the forward
+    num_valid: int  # positions whose K/V (and hidden state) stays valid: known tokens and accepted drafts
+    q_start: int    # its first row in the forward
 
 
-class ModelExecutor:
-    def __init__(self, model, kv_cache: torch.Tensor, block_size: int):
-        self.model = model
-        self.kv_cache = kv_cache  # [layers, 2, blocks, block_size, local kv heads, head_dim]
-        self.block_size = block_size
-        self.device = model.device
-        self.hidden: torch.Tensor | None = None        # the last target forward's final hidden states [N, D]
-        self.draft_hidden: torch.Tensor | None = None  # the last MTP step's normalised h' at its logit rows
+class Executor:
+    def __init__(self, runner: ModelRunner, block_manager: BlockManager, num_speculative_tokens: int = 0):
+        self.runner = runner
+        self.block_manager = block_manager
+        self.k = num_speculative_tokens if runner.has_mtp else 0
+        self.sampler = Sampler()
+        self.stats = AcceptanceStats(max(self.k, 1))
+        self._computed: list[_Computed] = []
 
-    @property
-    def has_mtp(self) -> bool:
-        return self.model.mtp is not None
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _context(self, inputs: StepInputs) -> PagedAttention:
-        return PagedAttention(self.kv_cache, self._tensor(inputs.slot_mapping), inputs.slices, self.block_size)
+    def _slots(self, seq: Sequence, start: int, count: int) -> list[int]:
+        return [self.block_manager.slot(seq, p) for p in range(start, start + count)]
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs, logit_rows: list[int]) -> torch.Tensor | None:
-        """The target model over `inputs` (its K/V written to the cache) → float32 logits at `logit_rows`."""
-        ctx = self._context(inputs)
-        self.hidden = self.model.hidden_states(self._tensor(inputs.token_ids), self._tensor(inputs.positions), ctx)
-        if not logit_rows:
-            return None
-        return self.model.compute_logits(self.hidden[self._tensor(logit_rows)]).float()
+    def execute(self, batch: list[ScheduledSeq]) -> StepResult:
+        ids, positions, slots, slices = [], [], [], []
+        plan = []  # (seq, start, num_tokens, drafts, q_start)
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            ends_known = start + item.num_tokens == len(seq)
+            drafts = list(seq.draft_token_ids) if ends_known and item.num_tokens == 1 else []
+            tokens = seq.token_ids[start:start + item.num_tokens] + drafts
+            plan.append((seq, start, item.num_tokens, drafts, len(ids)))
+            slices.append(SeqSlice(len(ids), len(tokens), start + len(tokens), seq.block_table))
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            slots += self._slots(seq, start, len(tokens))
 
-    @torch.inference_mode()
-    def draft(self, inputs: StepInputs, hidden_rows: list[int] | None, logit_rows: list[int]) -> torch.Tensor | None:
-        """One MTP step over `inputs` (its K/V written to the MTP layer's cache) → float32 logits at `logit_rows`.
+        # Logits only where something is sampled: the last known token, and every draft position.
+        logit_rows, owners = [], []
+        for seq, start, num_tokens, drafts, q_start in plan:
+            if start + num_tokens == len(seq):
+                owners.append((seq, len(logit_rows), len(drafts)))
+                logit_rows += range(q_start + num_tokens - 1, q_start + num_tokens + len(drafts))
+        logits = self.runner.forward(StepInputs(ids, positions, slots, slices), logit_rows)
+        new_tokens = self._sample(logits, owners)
 
-        The hidden input pairs with each token: rows `hidden_rows` of the last target forward, or, when None,
-        the previous draft step's h' (one row per token, in order). The new h' is kept at `logit_rows`."""
-        source = self.draft_hidden if hidden_rows is None else self.hidden[self._tensor(hidden_rows)]
-        h = self.model.mtp_hidden_states(self._tensor(inputs.token_ids), source, self._tensor(inputs.positions),
-                                         self._context(inputs))
-        if not logit_rows:
-            self.draft_hidden = None
-            return None
-        self.draft_hidden = h[self._tensor(logit_rows)]
-        return self.model.compute_mtp_logits(self.draft_hidden).float()
+        results, self._computed = {}, []
+        for seq, start, num_tokens, drafts, q_start in plan:
+            tokens, logprobs = new_tokens.get(seq.seq_id, ([], []))
+            # K/V stays valid for the known tokens and for each accepted draft.
+            num_valid = num_tokens + max(0, len(tokens) - 1) if drafts else num_tokens
+            results[seq.seq_id] = SeqResult(tokens, logprobs, start + num_valid, len(drafts))
+            self._computed.append(_Computed(seq, start, num_valid, q_start))
+        return StepResult(results)
+
+    def _sample(self, logits: torch.Tensor | None, owners: list) -> dict[int, tuple[list[int], list]]:
+        """{seq_id: (new tokens, their logprobs)} for the sequences that sample this step."""
+        new_tokens: dict[int, tuple[list[int], list]] = {}
+        plain = [(seq, row) for seq, row, num_drafts in owners if num_drafts == 0]
+        if plain:
+            sampled = self.sampler(logits[[row for _, row in plain]], [seq for seq, _ in plain])
+            for (seq, _), (token, logprobs) in zip(plain, sampled, strict=True):
+                new_tokens[seq.seq_id] = ([token], [logprobs])
+        for seq, row, num_drafts in owners:
+            if num_drafts:
+                rows = logits[row:row + num_drafts + 1]
+                tokens = verify(rows, seq)
+                self.stats.record(num_drafts, len(tokens))
+                k = seq.params.logprobs
+                new_tokens[seq.seq_id] = (tokens, [None if k is None else top_logprobs(rows[i], t, k)
+                                                   for i, t in enumerate(tokens)])
+        return new_tokens
+
+    def propose_drafts(self) -> list[tuple[Sequence, list[int], torch.Tensor | None]]:
+        """MTP over the pairs (h_t, x_{t+1}) the last step computed (their MTP K/V), then k draft tokens for each
+        sequence that decodes next: [(seq, drafts, draft distributions or None for greedy)]."""
+        items = [c for c in self._computed if not c.seq.is_finished] if self.k else []
+        self._computed = []
+        if not items:
+            return []
+        ids, positions, slots, slices, rows = [], [], [], [], []
+        for c in items:
+            slices.append(SeqSlice(len(ids), c.num_valid, c.start + c.num_valid, c.seq.block_table))
+            ids += c.seq.token_ids[c.start + 1:c.start + c.num_valid + 1]
+            positions += range(c.start, c.start + c.num_valid)
+            slots += self._slots(c.seq, c.start, c.num_valid)
+            rows += range(c.q_start, c.q_start + c.num_valid)
+        # Every pair gets its MTP K/V; logits only at the last pair of sequences that decode next step.
+        decoding = [i for i, c in enumerate(items) if not c.seq.in_prefill]
+        last_rows = [slices[i].q_start + slices[i].q_len - 1 for i in decoding]
+        logits = self.runner.draft(StepInputs(ids, positions, slots, slices), rows, last_rows)
+        seqs = [items[i].seq for i in decoding]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor | None]] = [[] for _ in seqs]
+        for step in range(self.k if seqs else 0):
+            for b, seq in enumerate(seqs):
+                token, q = choose_draft(logits[b], seq)
+                drafts[b].append(token)
+                probs[b].append(q)
+            if step == self.k - 1:
+                break
+            # The pair (h', d_j) sits at position n + j - 1, where n is the pending token's position.
+            pos = [len(seq) - 1 + step for seq in seqs]
+            pairs = list(zip(seqs, pos, strict=True))
+            step_slices = [SeqSlice(b, 1, p + 1, seq.block_table) for b, (seq, p) in enumerate(pairs)]
+            step_slots = [self.block_manager.slot(seq, p) for seq, p in pairs]
+            tokens = [d[-1] for d in drafts]
+            logits = self.runner.draft(StepInputs(tokens, pos, step_slots, step_slices), None, list(range(len(seqs))))
+        return [(seq, d, None if seq.params.greedy else torch.stack(q))
+                for seq, d, q in zip(seqs, drafts, probs, strict=True)]

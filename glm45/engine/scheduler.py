@@ -1,4 +1,5 @@
-"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+"""Continuous batching: which sequences run in the next step and how many of their tokens (`schedule`), and
+what a step did to them (`update`).
 
 Each step has a token budget (`max_num_batched_tokens`) and a sequence limit (`max_num_seqs`). Running
 sequences come first, in arrival order: a decoding sequence needs 1 token (plus its drafts), a sequence
@@ -8,24 +9,52 @@ sequences are admitted after them, first looking their prompt up in the prefix c
 When the KV cache has no block left for a running sequence, the most recently admitted running sequence
 is preempted by recompute: its blocks are freed, its computed-token count reset, and it returns to the
 front of the queue with all its tokens, to be prefilled again later. No request is lost or crashes.
+
+After the model has run, `update` applies the step's `StepResult`: the sequences' new tokens (finishing those
+that hit a stop token, `max_tokens` or the context length), how far their K/V is now valid, the prefix-cache
+hashes of blocks that became full, and the blocks of finished sequences.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from dataclasses import dataclass, field
 
-from glm45.engine.kv_cache import BlockManager
-from glm45.engine.runner import ScheduledSeq
+import torch
+
+from glm45.engine.block_manager import BlockManager
 from glm45.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # known tokens to compute this step (drafts come on top)
+
+
+@dataclass
+class SeqResult:
+    """What one step did for one sequence."""
+
+    token_ids: list[int]                              # new tokens (none for a prefill chunk before the end)
+    logprobs: list[dict[int, float] | None] = field(default_factory=list)  # per new token, when asked for
+    num_computed_tokens: int = 0                      # tokens whose K/V is valid after the step
+    num_drafts: int = 0                               # draft tokens verified in the step
+
+
+@dataclass
+class StepResult:
+    seqs: dict[int, SeqResult]  # by seq_id, for every scheduled sequence
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_speculative_tokens: int = 0):
+                 max_model_len: int, num_speculative_tokens: int = 0):
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_speculative_tokens = num_speculative_tokens
@@ -40,9 +69,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -98,6 +124,31 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, num_tokens))
             budget -= num_tokens
         return batch
+
+    def update(self, batch: list[ScheduledSeq], result: StepResult) -> list[Sequence]:
+        """Apply a step's result to its sequences; returns them (finished ones are already freed)."""
+        for item in batch:
+            seq, done = item.seq, result.seqs[item.seq.seq_id]
+            seq.num_computed_tokens = done.num_computed_tokens
+            seq.draft_token_ids, seq.draft_probs = [], None
+            if done.num_drafts:
+                seq.num_draft_tokens += done.num_drafts
+                seq.num_accepted_tokens += min(done.num_drafts, len(done.token_ids) - 1)
+            logprobs = done.logprobs or [None] * len(done.token_ids)
+            for token, token_logprobs in zip(done.token_ids, logprobs, strict=True):
+                seq.append_token(token, self.max_model_len, token_logprobs)
+                if seq.is_finished:
+                    break
+            self.block_manager.register_computed_blocks(seq)
+            if seq.is_finished:
+                self.finish(seq)
+        return [item.seq for item in batch]
+
+    def set_drafts(self, drafts: list[tuple[Sequence, list[int], torch.Tensor | None]]) -> None:
+        """The MTP drafts each decoding sequence will have verified in its next step."""
+        for seq, tokens, probs in drafts:
+            if not seq.is_finished:
+                seq.draft_token_ids, seq.draft_probs = tokens, probs
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and return its blocks at once."""

@@ -13,6 +13,7 @@ Two ways to run the same weights and maths:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,9 @@ from torch import nn
 from glm45.config import ModelConfig
 from glm45.model.decoder import AttentionContext, DecoderLayer
 from glm45.model.layers import Linear, RMSNorm, RotaryEmbedding
+from glm45.model.loader import load_model, save_model
 from glm45.model.mtp import MTPLayer
+from glm45.model.shard import ShardPlan
 
 
 class Glm4MoeModel(nn.Module):
@@ -109,10 +112,11 @@ class Glm4MoeForCausalLM(nn.Module):
         positions: torch.Tensor,
         ctx: AttentionContext | None = None,
     ) -> torch.Tensor:
-        """The MTP step's normalised h' only; `compute_mtp_logits` turns the rows that are sampled into logits."""
+        """The one MTP forward: the step's normalised h' (engine drafting and the training loss both use it);
+        `compute_mtp_logits` turns the rows that are needed into logits."""
         if self.mtp is None:
             raise ValueError("this model has no MTP layer (the checkpoint has no model.layers.{N}.* tensors)")
-        return self.mtp.draft_hidden(next_token_ids, hidden, self.rope(positions, hidden.dtype), ctx)
+        return self.mtp(next_token_ids, hidden, self.rope(positions, hidden.dtype), ctx)
 
     def compute_mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.mtp.shared_head.head(h)
@@ -136,14 +140,15 @@ class Glm4MoeForCausalLM(nn.Module):
         device: torch.device | str = "cpu",
         load_mtp: bool = True,
         progress: bool = True,
+        parallelize: Callable[[nn.Module], ShardPlan] | None = None,
     ) -> Glm4MoeForCausalLM:
-        """Load an HF-layout folder (BF16/FP32/FP8, one file or sharded, per-expert or fused experts)."""
-        from glm45.model.loader import load_model
+        """Load an HF-layout folder (BF16/FP32/FP8, one file or sharded, per-expert or fused experts).
 
-        return load_model(path, dtype=dtype, device=device, load_mtp=load_mtp, progress=progress)
+        `parallelize(meta_model)` (glm45.parallel) cuts the model to one rank's shard before loading; each
+        parameter it cut is then read shard by shard."""
+        return load_model(cls, path, dtype=dtype, device=device, load_mtp=load_mtp, progress=progress,
+                          parallelize=parallelize)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
         """Write an HF-layout folder (config, safetensors with per-expert names and the MTP layer)."""
-        from glm45.model.loader import save_model
-
         save_model(self, path, max_shard_bytes=max_shard_bytes)

@@ -82,17 +82,14 @@ class Experts(nn.Module):
         order = flat_ids.argsort(stable=True)
         token_of_row = order // top_k
         rows_per_expert = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-
-        x_sorted = x_TD[token_of_row]
-        out_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for expert, count in enumerate(rows_per_expert):
-            if count == 0:
-                continue
-            end = start + count
-            gate, up = cpu.linear(x_sorted[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            out_sorted[start:end] = cpu.linear(F.silu(gate) * up, self.down_proj[expert])
-            start = end
+        # Per-expert outputs are concatenated rather than written into a preallocated buffer: in backward every
+        # slice assignment would clone and zero-fill the whole buffer, and in inference the one copy is cheap.
+        outputs = []
+        for expert, rows in enumerate(x_TD[token_of_row].split(rows_per_expert)):
+            if rows.shape[0]:
+                gate, up = cpu.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+                outputs.append(cpu.linear(F.silu(gate) * up, self.down_proj[expert]))
+        out_sorted = torch.cat(outputs)
 
         # Weighting in float32 then casting back matches the reference's rounding.
         weights = topk_weights_TK.reshape(-1)[order, None]

@@ -42,25 +42,15 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
-    def draft(
-        self,
-        next_token_ids: torch.Tensor,
-        hidden: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        ctx: AttentionContext | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_{t+1} ids [...], h_t [..., D]) → (normalised h' [..., D], logits for x_{t+2} [..., V])."""
-        h_next = self.draft_hidden(next_token_ids, hidden, rope, ctx)
-        return h_next, self.shared_head.head(h_next)
-
-    def draft_hidden(
+    def forward(
         self,
         next_token_ids: torch.Tensor,
         hidden: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         ctx: AttentionContext | None = None,
     ) -> torch.Tensor:
-        """The normalised h' alone, for callers that need logits at only some of the positions."""
+        """(x_{t+1} ids [...], h_t [..., D]) → the normalised h' [..., D]. The head is applied separately
+        (`shared_head.head`), only at the rows whose logits are needed."""
         embedded = self.enorm(self.embed_tokens(next_token_ids))
         x = self.eh_proj(torch.cat([embedded, self.hnorm(hidden)], dim=-1))
         x = super().forward(x, rope, ctx)

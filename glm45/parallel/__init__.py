@@ -6,7 +6,6 @@
 - `expert_parallel`: the routed experts partitioned over the ranks instead.
 - `data_parallel.shard_for_training`: FSDP2 for full fine-tuning, replicated weights with averaged
   gradients (DDP) for LoRA.
-- `workers`: the engine's worker processes that run the model in lock-step with rank 0.
 """
 
 from glm45.parallel.tensor_parallel import parallelize_model

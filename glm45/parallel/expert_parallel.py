@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from glm45.distributed import ParallelGroup
-from glm45.model.loader import ShardSpec
 from glm45.model.moe import Experts
+from glm45.model.shard import ShardSpec
 
 
 class ExpertParallelExperts(Experts):

@@ -33,8 +33,8 @@ from torch import nn
 
 from glm45.config import ModelConfig
 from glm45.distributed import ParallelGroup
-from glm45.model.loader import ShardSpec
 from glm45.model.moe import MoE
+from glm45.model.shard import ShardSpec
 from glm45.parallel.expert_parallel import partition_experts
 
 logger = logging.getLogger(__name__)

@@ -7,16 +7,14 @@ model through h_t, as in DeepSeek-V3 and GLM-4.5, so that trained checkpoints ha
 
 Most positions of a chat (system prompt, tool list, user turns, tool results) take no loss, so the output
 heads — the largest matmuls of a small model — are applied only at the positions that do
-(`masked_cross_entropy`). For the MTP head this means running the MTP layer's parts here rather than through
-`mtp_draft`, which applies the head everywhere; a test checks that both give the same logits.
+(`masked_cross_entropy`): the MTP loss takes the model's one MTP forward (`mtp_hidden_states`, which returns
+h' without logits) and applies the head at the trained positions only.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from glm45.model.decoder import DecoderLayer
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,13 +34,9 @@ def masked_cross_entropy(head, hidden: torch.Tensor, labels: torch.Tensor) -> to
 
 
 def mtp_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """The MTP layer's normalised output h' for the pairs (h_t, x_{t+1}), t = 0..T−2 (as in `mtp_draft`)."""
-    mtp = model.mtp
+    """The MTP layer's normalised output h' for the pairs (h_t, x_{t+1}), t = 0..T−2."""
     positions = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
-    embedded = mtp.enorm(mtp.embed_tokens(input_ids[:, 1:]))
-    x = mtp.eh_proj(torch.cat([embedded, mtp.hnorm(hidden[:, :-1])], dim=-1))
-    x = DecoderLayer.forward(mtp, x, model.rope(positions, x.dtype))
-    return mtp.shared_head.norm(x)
+    return model.mtp_hidden_states(input_ids[:, 1:], hidden[:, :-1], positions)
 
 
 def mtp_loss(model, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,6 @@ from tqdm import tqdm
 from glm45.config import ModelConfig
 from glm45.train import data as train_data
 from glm45.train.balance import RouterMonitor, load_imbalance
-from glm45.train.experts import use_training_experts
 from glm45.train.lora import DEFAULT_TARGETS, apply_lora, save_adapter
 from glm45.train.losses import masked_cross_entropy, mtp_loss
 from glm45.train.optim import OPTIMIZER_CHOICES, build_optimizer, lr_factor
@@ -290,7 +289,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.lora_rank:
         names = apply_lora(model, config.lora_rank, config.lora_alpha, targets, config.lora_dropout)
         logger.info("LoRA rank %d on %d linear layers", config.lora_rank, len(names))
-    use_training_experts(model)
     parallel = join_data_parallel(model)
     rank, world_size = (parallel.rank, parallel.world_size) if parallel else (0, 1)
     is_main = rank == 0

@@ -43,14 +43,14 @@ from glm45.distributed import (
     launched_by_torchrun,
     local_rank,
 )
-from glm45.engine.executor import ModelExecutor, StepInputs
-from glm45.engine.kv_cache import allocate_kv_cache
-from glm45.model.loader import load_model
+from glm45.engine.device import resolve_device
+from glm45.engine.model_runner import ModelRunner, StepInputs, local_kv_heads
+from glm45.model import Glm4MoeForCausalLM
 from glm45.parallel.tensor_parallel import parallelize_model
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("forward", "draft")  # the executor calls that rank 0 may ask the workers to run
+COMMANDS = ("forward", "draft")  # the model-runner calls that rank 0 may ask the workers to run
 JOIN_TIMEOUT_S = 30.0
 
 
@@ -60,8 +60,6 @@ class WorkerError(RuntimeError):
 
 def rank_device(config: EngineConfig, rank_on_machine: int) -> torch.device:
     """The device of one rank: CPU, or the CUDA device with the rank's index on this machine."""
-    from glm45.engine.engine import resolve_device
-
     device = resolve_device(config.device)
     if device.type != "cuda":
         return device
@@ -75,15 +73,10 @@ def rank_device(config: EngineConfig, rank_on_machine: int) -> torch.device:
 
 def load_shard(config: EngineConfig, model_path: Path, group: ParallelGroup, device: torch.device):
     """This rank's shard of the model, read shard by shard from the checkpoint."""
-    return load_model(model_path, dtype=config.dtype, device=device, load_mtp=config.num_speculative_tokens > 0,
-                      progress=group.rank == 0,
-                      parallelize=functools.partial(parallelize_model, group=group,
-                                                    expert_parallel=config.enable_expert_parallel))
-
-
-def local_kv_heads(model) -> int:
-    """KV heads this rank caches (its share, or the one replicated head when ranks outnumber KV heads)."""
-    return model.model.layers[0].self_attn.num_kv_heads
+    return Glm4MoeForCausalLM.from_pretrained(
+        model_path, dtype=config.dtype, device=device, load_mtp=config.num_speculative_tokens > 0,
+        progress=group.rank == 0,
+        parallelize=functools.partial(parallelize_model, group=group, expert_parallel=config.enable_expert_parallel))
 
 
 def _broadcast(control: dist.ProcessGroup, message=None):
@@ -102,15 +95,13 @@ def serve_steps(config: EngineConfig, model_path: Path, group: ParallelGroup, co
     if start is None:  # rank 0 gave up before serving (its own load or sizing failed)
         return
     num_blocks, num_cache_layers = start
-    kv_cache = allocate_kv_cache(num_cache_layers, num_blocks, config.block_size, local_kv_heads(model),
-                                 model.config.head_dim, model.dtype, device)
-    executor = ModelExecutor(model, kv_cache, config.block_size)
+    runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size)
     logger.info("rank %d serving: %d KV blocks of its %d KV heads", group.rank, num_blocks, local_kv_heads(model))
     while (command := _broadcast(control)) is not None:
         name, args = command
         if name not in COMMANDS:
             raise RuntimeError(f"rank 0 sent an unknown command {name!r}")
-        getattr(executor, name)(*args)
+        getattr(runner, name)(*args)
 
 
 def _spawned_worker(rank: int, world_size: int, init_method: str, config: EngineConfig, model_path: Path,
@@ -190,14 +181,15 @@ class WorkerGroup:
     def parallelize(self, model) -> dict:
         return parallelize_model(model, self.group, self.config.enable_expert_parallel)
 
-    def executor(self, model, kv_cache: torch.Tensor, num_cache_layers: int) -> DistributedExecutor:
-        """Tell the workers to allocate their KV caches like rank 0's, and return rank 0's executor."""
+    def runner(self, model, num_blocks: int, num_cache_layers: int) -> DistributedModelRunner:
+        """Tell the workers to allocate their KV caches like rank 0's, and return rank 0's model runner."""
         self.check()
         try:
-            _broadcast(self.control, (kv_cache.shape[2], num_cache_layers))
+            _broadcast(self.control, (num_blocks, num_cache_layers))
         except Exception as e:
             raise self.fail(e) from e
-        return DistributedExecutor(model, kv_cache, self.config.block_size, self)
+        local = ModelRunner.create(model, num_blocks, num_cache_layers, self.config.block_size)
+        return DistributedModelRunner(model, local.kv_cache, self.config.block_size, self)
 
     # ------------------------------------------------------------------ failure
     def _watch(self) -> None:
@@ -262,8 +254,8 @@ class WorkerGroup:
         atexit.unregister(self.shutdown)
 
 
-class DistributedExecutor(ModelExecutor):
-    """Rank 0's executor: each call goes to the workers first, then runs here on rank 0's shard."""
+class DistributedModelRunner(ModelRunner):
+    """Rank 0's model runner: each call goes to the workers first, then runs here on rank 0's shard."""
 
     def __init__(self, model, kv_cache: torch.Tensor, block_size: int, workers: WorkerGroup):
         super().__init__(model, kv_cache, block_size)

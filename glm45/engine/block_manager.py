@@ -1,7 +1,8 @@
-"""The paged KV cache: a pool of fixed-size blocks, reference counted, with a prefix cache.
+"""The paged KV cache's bookkeeping: a pool of fixed-size blocks, reference counted, with a prefix cache.
 
-Memory: one tensor `[layers, 2 (k, v), num_blocks, block_size, kv_heads, head_dim]`. A sequence owns a
-`block_table` (block ids in order); token position p lives in slot `block_table[p // B] * B + p % B`.
+The memory itself is the model runner's (`model_runner.py`: one tensor per cache, `[layers, 2 (k, v),
+num_blocks, block_size, kv_heads, head_dim]`). A sequence owns a `block_table` (block ids in order); token
+position p lives in slot `block_table[p // B] * B + p % B`.
 
 Prefix cache: once a block is full of computed tokens it gets a hash chained from the previous block's
 hash and its own token ids, so equal hashes mean equal prefixes. A new sequence looks its prompt's full
@@ -15,8 +16,6 @@ import hashlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-
-import torch
 
 from glm45.engine.sequence import Sequence
 
@@ -137,14 +136,3 @@ class BlockManager:
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
-
-
-def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
-
-
-def allocate_kv_cache(
-    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device,
-) -> torch.Tensor:
-    return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)

@@ -1,0 +1,117 @@
+"""The model's side of an engine step: the model and its paged KV cache, forward passes from plain inputs.
+
+The executor (`executor.py`) decides what to compute — token ids, positions, slot mapping, per-sequence
+slices, which rows need logits — and samples; the model runner owns the model and its KV cache and computes.
+The split exists for tensor parallelism: every rank runs a model runner over its own shard of the model and
+of the KV cache, and rank 0 forwards each call's plain inputs to the others (`workers.py`), so the scheduler,
+the sequences and the sampler live only on rank 0.
+
+The hidden states of one step stay here between its calls: the target forward keeps its final hidden
+states, the first MTP draft reads rows of them, and each later draft step carries the previous one's.
+
+KV-cache sizing (`kv_cache_blocks`) is here too, since it is the model's memory that bounds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from glm45.engine.attention import PagedAttention, SeqSlice
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+CUDA_ACTIVATION_MARGIN = 0.05  # share of the GPU kept free for activations when sizing the KV cache
+
+
+@dataclass
+class StepInputs:
+    """The flat tokens of one forward over the cache, sequence after sequence."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    slices: list[SeqSlice] = field(default_factory=list)
+
+
+def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+
+def local_kv_heads(model) -> int:
+    """KV heads this rank caches (its share under tensor parallelism, or the one replicated head)."""
+    return model.model.layers[0].self_attn.num_kv_heads
+
+
+def kv_cache_blocks(config, model, device: torch.device, num_cache_layers: int) -> int:
+    """How many KV blocks the cache gets: `num_gpu_blocks_override`, else the byte budget
+    (`kv_cache_memory_bytes`, or on CUDA what `gpu_memory_utilization` leaves after the weights and a margin
+    for activations, or a fixed default on CPU) divided by the bytes of one block."""
+    if config.num_gpu_blocks_override:
+        return config.num_gpu_blocks_override
+    per_block = kv_bytes_per_block(num_cache_layers, config.block_size, local_kv_heads(model),
+                                   model.config.head_dim, model.dtype)
+    budget = config.kv_cache_memory_bytes
+    if budget is None and device.type == "cuda":
+        # vLLM's meaning: the whole process may use this share of the GPU.
+        free, total = torch.cuda.mem_get_info(device)
+        budget = max(0, int(total * (config.gpu_memory_utilization - CUDA_ACTIVATION_MARGIN) - (total - free)))
+    elif budget is None:
+        budget = DEFAULT_CPU_KV_BYTES
+    return budget // per_block
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache: torch.Tensor, block_size: int):
+        self.model = model
+        self.kv_cache = kv_cache  # [layers, 2, blocks, block_size, local kv heads, head_dim]
+        self.block_size = block_size
+        self.device = model.device
+        self.hidden: torch.Tensor | None = None        # the last target forward's final hidden states [N, D]
+        self.draft_hidden: torch.Tensor | None = None  # the last MTP step's normalised h' at its logit rows
+
+    @classmethod
+    def create(cls, model, num_blocks: int, num_cache_layers: int, block_size: int) -> ModelRunner:
+        kv_cache = allocate_kv_cache(num_cache_layers, num_blocks, block_size, local_kv_heads(model),
+                                     model.config.head_dim, model.dtype, model.device)
+        return cls(model, kv_cache, block_size)
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.model.mtp is not None
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _context(self, inputs: StepInputs) -> PagedAttention:
+        return PagedAttention(self.kv_cache, self._tensor(inputs.slot_mapping), inputs.slices, self.block_size)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, logit_rows: list[int]) -> torch.Tensor | None:
+        """The target model over `inputs` (its K/V written to the cache) → float32 logits at `logit_rows`."""
+        ctx = self._context(inputs)
+        self.hidden = self.model.hidden_states(self._tensor(inputs.token_ids), self._tensor(inputs.positions), ctx)
+        if not logit_rows:
+            return None
+        return self.model.compute_logits(self.hidden[self._tensor(logit_rows)]).float()
+
+    @torch.inference_mode()
+    def draft(self, inputs: StepInputs, hidden_rows: list[int] | None, logit_rows: list[int]) -> torch.Tensor | None:
+        """One MTP step over `inputs` (its K/V written to the MTP layer's cache) → float32 logits at `logit_rows`.
+
+        The hidden input pairs with each token: rows `hidden_rows` of the last target forward, or, when None,
+        the previous draft step's h' (one row per token, in order). The new h' is kept at `logit_rows`."""
+        source = self.draft_hidden if hidden_rows is None else self.hidden[self._tensor(hidden_rows)]
+        h = self.model.mtp_hidden_states(self._tensor(inputs.token_ids), source, self._tensor(inputs.positions),
+                                         self._context(inputs))
+        if not logit_rows:
+            self.draft_hidden = None
+            return None
+        self.draft_hidden = h[self._tensor(logit_rows)]
+        return self.model.compute_mtp_logits(self.draft_hidden).float()

@@ -1,0 +1,157 @@
+"""Output processing, the last part of an engine step: new tokens → text, stop strings, `RequestOutput`s.
+
+Each sequence has an incremental detokenizer (bytes of a character split across tokens are held back until
+the character is whole). Stop strings are matched on the new text only: a stop string can only end inside
+what was just added, so for each new end position the processor looks up the suffixes of the few lengths the
+stop strings have in a set — O(new characters × distinct stop lengths) per step, however long the list. A
+sequence that hits one is cut right after the token that completed the match (text cut before the stop
+string, or after it with `include_stop_str_in_output`) and reported as stopped, for the scheduler to free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from glm45.engine.sequence import CompletionOutput, RequestOutput, Sequence
+
+
+@dataclass
+class _StopStrings:
+    strings: frozenset[str]
+    lengths: tuple[int, ...]  # the distinct lengths, longest first: at one end position the longest match wins
+    longest: int
+
+    @classmethod
+    def of(cls, stops: list[str]) -> _StopStrings | None:
+        if not stops:
+            return None
+        lengths = tuple(sorted({len(s) for s in stops}, reverse=True))
+        return cls(frozenset(stops), lengths, lengths[0])
+
+    def first_match(self, text: str, new_from: int) -> tuple[int, str] | None:
+        """(end position, stop string) of the earliest match ending after `new_from`, else None."""
+        for end in range(max(new_from + 1, 1), len(text) + 1):
+            for length in self.lengths:
+                if length <= end and text[end - length:end] in self.strings:
+                    return end, text[end - length:end]
+        return None
+
+
+@dataclass
+class _SeqText:
+    detokenizer: object | None
+    stops: _StopStrings | None
+    text: str = ""
+    num_fed: int = 0  # output tokens given to the detokenizer so far
+
+
+@dataclass
+class _Request:
+    prompt: str | None
+    seqs: list[Sequence]
+    texts: dict[int, _SeqText] = field(default_factory=dict)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer=None, speculative: bool = False):
+        self.tokenizer = tokenizer
+        self.speculative = speculative  # report draft/accepted token counts per request
+        self.requests: dict[str, _Request] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, seqs: list[Sequence]) -> None:
+        request = _Request(prompt, seqs)
+        for seq in seqs:
+            detokenizer = None
+            if self.tokenizer is not None:
+                from glm45.tokenizer import IncrementalDetokenizer
+
+                detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
+            request.texts[seq.seq_id] = _SeqText(detokenizer, _StopStrings.of(seq.params.stop))
+        self.requests[request_id] = request
+
+    def remove_request(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+
+    def process(self, seqs: list[Sequence]) -> tuple[list[RequestOutput], list[Sequence]]:
+        """Detokenize what `seqs` gained this step and check their stop strings. Returns the outputs of the
+        requests they belong to (finished requests are forgotten) and the sequences that a stop string
+        finished."""
+        stopped = []
+        touched: dict[str, None] = {}
+        for seq in seqs:
+            request = self.requests.get(seq.request_id)
+            if request is None:
+                continue
+            touched[seq.request_id] = None
+            if self._detokenize(seq, request.texts[seq.seq_id]):
+                stopped.append(seq)
+        outputs = []
+        for request_id in touched:
+            output = self.output(request_id)
+            if output.finished:
+                del self.requests[request_id]
+            outputs.append(output)
+        return outputs, stopped
+
+    def _detokenize(self, seq: Sequence, state: _SeqText) -> bool:
+        """Feed the sequence's new output tokens; True when a stop string finished it."""
+        tokens = seq.output_token_ids
+        end = len(tokens)
+        if seq.finish_reason == "stop" and isinstance(seq.stop_reason, int):
+            end -= 1  # the stop token itself is not part of the text
+        if state.detokenizer is not None:
+            for i in range(state.num_fed, end):
+                delta = state.detokenizer.feed(tokens[i])
+                state.num_fed = i + 1
+                if not delta:
+                    continue
+                before = len(state.text)
+                state.text += delta
+                if state.stops is not None and (match := state.stops.first_match(state.text, before)):
+                    self._stop_at(seq, state, *match)
+                    return True
+            if seq.is_finished and state.num_fed == end:
+                state.text += state.detokenizer.finish()  # bytes held back for an incomplete character
+                state.num_fed = end + 1  # flushed once
+        return False
+
+    @staticmethod
+    def _stop_at(seq: Sequence, state: _SeqText, end: int, stop: str) -> None:
+        keep = end if seq.params.include_stop_str_in_output else end - len(stop)
+        state.text = state.text[:keep]
+        del seq.token_ids[seq.num_prompt_tokens + state.num_fed:]  # tokens after the one completing the match
+        if seq.logprobs is not None:
+            del seq.logprobs[state.num_fed:]
+        seq.finish("stop", stop)
+
+    def output(self, request_id: str) -> RequestOutput:
+        request = self.requests[request_id]
+        first = request.seqs[0]
+        spec = {}
+        if self.speculative:
+            spec = {"spec_draft_tokens": sum(seq.num_draft_tokens for seq in request.seqs),
+                    "spec_accepted_tokens": sum(seq.num_accepted_tokens for seq in request.seqs)}
+        return RequestOutput(
+            request_id=request_id,
+            prompt=request.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=[self._completion(seq, request.texts[seq.seq_id]) for seq in request.seqs],
+            finished=all(seq.is_finished for seq in request.seqs),
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=spec,
+        )
+
+    @staticmethod
+    def _completion(seq: Sequence, state: _SeqText) -> CompletionOutput:
+        text = state.text
+        if not seq.is_finished and state.stops is not None:
+            # While running, hold back a tail that could be the start of a stop string.
+            text = text[: max(0, len(text) - state.stops.longest + 1)]
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=list(seq.output_token_ids),
+            finish_reason=seq.finish_reason,
+            logprobs=None if seq.logprobs is None else list(seq.logprobs),
+            stop_reason=seq.stop_reason,
+        )

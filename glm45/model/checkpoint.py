@@ -1,0 +1,200 @@
+"""Reading checkpoint files: memory-mapped safetensors (one file or shards with an index) and FP8 scales.
+
+A `Checkpoint` gives every tensor of a folder by its stored name, as a zero-copy view of a copy-on-write
+memory map, so a tensor whose dtype already matches costs no copy. `Checkpoint.weight` applies an FP8 weight's
+scale: every `X.weight` with a sibling `X.weight_scale` (per output channel, compressed-tensors) or
+`X.weight_scale_inv` (128×128 blocks) becomes `W_fp8 · scale`. What the stored names mean for the model is
+`state_dict.py`'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+
+from glm45.model.shard import ShardSpec
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIXES = ("_scale", "_scale_inv")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: what is wrong and which tensors or files are concerned."""
+
+
+class SafetensorsFile:
+    """A memory-mapped .safetensors file: an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the raw data. Tensors are zero-copy views of the map."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            if size < 8:
+                raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise CheckpointError(
+                    f"{path} is truncated or corrupt: its header claims {header_len} bytes but the file has {size}"
+                )
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        data_size = size - self.data_start
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(s) for s in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry {info!r}") from e
+            expected = math.prod(shape) * dtype.itemsize
+            if end - begin != expected:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} "
+                    f"({expected} expected)"
+                )
+            if end > data_size:
+                raise CheckpointError(
+                    f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
+                    f"which has only {data_size} bytes"
+                )
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def shape(self, name: str) -> list[int]:
+        return self.entries[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self.data_start + begin)
+        return flat.view(shape)
+
+
+class Checkpoint:
+    """All tensors of a checkpoint folder, by name, whichever file holds them."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+        index_file = self.folder / "model.safetensors.index.json"
+        if index_file.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_file} is not a valid safetensors index: {e}") from e
+            file_names = sorted(set(weight_map.values()))
+        else:
+            file_names = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            weight_map = {}
+        if not file_names:
+            raise CheckpointError(f"no .safetensors files in {self.folder}")
+        missing_files = [n for n in file_names if not (self.folder / n).is_file()]
+        if missing_files:
+            raise CheckpointError(f"{index_file} names files that are not in {self.folder}: {missing_files}")
+        self.files = {n: SafetensorsFile(self.folder / n) for n in file_names}
+        self.location: dict[str, SafetensorsFile] = {}
+        for file in self.files.values():
+            for name in file.entries:
+                if weight_map and weight_map.get(name) != file.path.name:
+                    continue
+                self.location[name] = file
+        absent = [n for n in weight_map if n not in self.location]
+        if absent:
+            raise CheckpointError(f"the index lists tensors that are not in their files: {some_names(absent)}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def shape(self, name: str) -> list[int]:
+        return self.location[name].shape(name)
+
+    def raw(self, name: str) -> torch.Tensor:
+        return self.location[name].get(name)
+
+    def weight(self, name: str, dtype: torch.dtype, shard: ShardSpec | None = None) -> tuple[torch.Tensor, list[str]]:
+        """The tensor `name` (or its `shard`) in `dtype`, dequantised if it has an FP8 scale; also the names it
+        consumed. A shard is cut from the memory map before any conversion and owns its memory."""
+        tensor = self.raw(name)
+        for suffix in SCALE_SUFFIXES:
+            scale_name = name + suffix
+            if scale_name in self:
+                if tensor.dtype not in FP8_DTYPES:
+                    raise CheckpointError(f"{name} has a {scale_name} but is {tensor.dtype}, not an FP8 dtype")
+                scale = self.raw(scale_name)
+                if shard is None:
+                    return dequantize_fp8(tensor, scale, name).to(dtype), [name, scale_name]
+                return dequantize_fp8_shard(tensor, scale, shard, name).to(dtype), [name, scale_name]
+        if tensor.dtype in FP8_DTYPES:
+            raise CheckpointError(f"{name} is stored in {tensor.dtype} but has no weight_scale/weight_scale_inv")
+        if shard is None:
+            return tensor.to(dtype), [name]
+        piece = shard.slice(tensor)
+        # A copy of the piece only: the rank must not keep a view that pins the whole tensor's pages.
+        return piece.to(dtype, copy=piece.dtype == dtype, memory_format=torch.contiguous_format), [name]
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """W = W_fp8 · scale, with scale per tensor [1], per output channel [out, 1], or per block [⌈out/b⌉, ⌈in/b⌉]."""
+    w = weight.float()
+    s = scale.float()
+    out_features, in_features = w.shape
+    if s.numel() == 1:
+        return w * s.reshape(())
+    if s.numel() == out_features and (s.dim() == 1 or s.shape[-1] == 1):
+        return w * s.reshape(out_features, 1)
+    if s.dim() == 2:
+        block_out = math.ceil(out_features / s.shape[0])
+        block_in = math.ceil(in_features / s.shape[1])
+        if math.ceil(out_features / block_out) == s.shape[0] and math.ceil(in_features / block_in) == s.shape[1]:
+            expanded = s.repeat_interleave(block_out, 0)[:out_features].repeat_interleave(block_in, 1)
+            return w * expanded[:, :in_features]
+    raise CheckpointError(f"{name}: cannot read FP8 scale of shape {list(s.shape)} for a weight {list(w.shape)}")
+
+
+def dequantize_fp8_shard(weight: torch.Tensor, scale: torch.Tensor, shard: ShardSpec, name: str) -> torch.Tensor:
+    """Dequantise only one rank's shard of an FP8 weight: cut the scale with the weight where it has a row
+    (per channel) or a block (128×128) per piece of the shard; else dequantise the whole tensor and cut."""
+    if scale.numel() == 1:
+        return dequantize_fp8(shard.slice(weight), scale, name)
+    per_channel = scale.numel() == weight.shape[0] and (scale.dim() == 1 or scale.shape[-1] == 1)
+    if per_channel:
+        if shard.dim == 0:
+            return dequantize_fp8(shard.slice(weight), shard.slice(scale.reshape(-1, 1)), name)
+        return dequantize_fp8(shard.slice(weight), scale, name)
+    if scale.dim() == 2 and weight.dim() == 2:
+        size = weight.shape[shard.dim]
+        block = math.ceil(size / scale.shape[shard.dim])
+        if all(start % block == 0 and length % block == 0 for start, length in shard.ranges(size)):
+            return dequantize_fp8(shard.slice(weight), shard.slice(scale), name)
+    logger.debug("%s: FP8 scale does not align with the shard; dequantising the whole tensor first", name)
+    return shard.slice(dequantize_fp8(weight, scale, name)).contiguous()
+
+
+def some_names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")

@@ -52,9 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from glm45.cli_args import dataclass_from_args
     from glm45.config import EngineConfig
     from glm45.engine.engine import LLMEngine
-    from glm45.server.config import dataclass_from_args
     from glm45.terminal_chat import ChatSettings, TerminalChat, load_tools
 
     if args.model and args.model_positional and args.model != args.model_positional:
@@ -62,27 +62,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine_config = dataclass_from_args(EngineConfig, args, model=args.model or args.model_positional)
     tools = load_tools(args.tools)
     engine = LLMEngine(engine_config)
-    settings = dataclass_from_args(ChatSettings, args, thinking=not args.no_thinking,
-                                   color=not args.no_color and sys.stdout.isatty())
+    settings = dataclass_from_args(ChatSettings, args, color=args.color and sys.stdout.isatty())
     TerminalChat(engine, settings, tools).run()
     return 0
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    from glm45.cli_args import add_dataclass_arguments
     from glm45.config import EngineConfig
-    from glm45.server.config import add_dataclass_arguments
+    from glm45.terminal_chat import ChatSettings
 
     parser.add_argument("model_positional", nargs="?", metavar="MODEL",
                         help="a local model folder; default: the bundled small model")
     parser.add_argument("--model", default=None, help="the model folder (same as the positional MODEL)")
-    parser.add_argument("--no-thinking", action="store_true", help="answer without thinking first")
-    parser.add_argument("--hide-thinking", action="store_true", help="think, but do not print the reasoning")
-    parser.add_argument("--system", default=None, help="a system prompt")
     parser.add_argument("--tools", default=None, metavar="FILE", help="a JSON list of OpenAI tool definitions")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-tokens", type=int, default=2048)
-    parser.add_argument("--no-color", action="store_true", help="no ANSI styles")
+    add_dataclass_arguments(parser, ChatSettings)
     add_dataclass_arguments(parser, EngineConfig, skip=("model",))
 
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from glm45.cli_args import arg
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
@@ -202,22 +204,22 @@ class ModelConfig:
 class EngineConfig:
     """How the engine runs a model. Field names follow vLLM's flags (`--max-model-len` ↔ `max_model_len`)."""
 
-    model: str | None = None                 # a local folder; None means the bundled small model
-    tokenizer: str | None = None             # defaults to the model folder
-    dtype: str = "auto"                      # auto | bfloat16 | float16 | float32
-    device: str = "auto"                     # auto (cuda if available) | cpu | cuda | cuda:N
-    max_model_len: int | None = None         # defaults to the model's context length, capped by the KV budget
-    max_num_seqs: int = 64                   # sequences in one batch
-    max_num_batched_tokens: int = 2048       # token budget of one step (chunked prefill splits longer prompts)
-    block_size: int = 16                     # tokens per KV-cache block
-    kv_cache_memory_bytes: int | None = None # KV-cache budget; None: a default per device
-    gpu_memory_utilization: float = 0.9      # on CUDA, without a KV budget: the share of the GPU to fill
-    num_gpu_blocks_override: int | None = None  # exact number of KV blocks (tests, tuning)
-    enable_prefix_caching: bool = True
-    num_speculative_tokens: int = 0          # MTP draft tokens per step (0 disables speculative decoding)
-    seed: int = 0                            # for requests without their own seed
-    tensor_parallel_size: int = 1            # ranks that split the model (spawned here, or launched by torchrun)
-    enable_expert_parallel: bool = False     # partition routed experts over those ranks instead of splitting each
+    model: str | None = arg(None, "a local folder; None means the bundled small model")
+    tokenizer: str | None = arg(None, "defaults to the model folder")
+    dtype: str = arg("auto", "auto | bfloat16 | float16 | float32")
+    device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    max_model_len: int | None = arg(None, "defaults to the model's context length, capped by the KV budget")
+    max_num_seqs: int = arg(64, "sequences in one batch")
+    max_num_batched_tokens: int = arg(2048, "token budget of one step (chunked prefill splits longer prompts)")
+    block_size: int = arg(16, "tokens per KV-cache block")
+    kv_cache_memory_bytes: int | None = arg(None, "KV-cache budget; None: a default per device")
+    gpu_memory_utilization: float = arg(0.9, "on CUDA, without a KV budget: the share of the GPU to fill")
+    num_gpu_blocks_override: int | None = arg(None, "exact number of KV blocks (tests, tuning)")
+    enable_prefix_caching: bool = arg(True, "share the KV blocks of prompts that begin alike")
+    num_speculative_tokens: int = arg(0, "MTP draft tokens per step (0 disables speculative decoding)")
+    seed: int = arg(0, "for requests without their own seed")
+    tensor_parallel_size: int = arg(1, "ranks that split the model (spawned here, or launched by torchrun)")
+    enable_expert_parallel: bool = arg(False, "partition routed experts over those ranks instead of splitting each")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from glm45.chat import render_chat
+from glm45.chat import AssistantTurn, plan_chat
+from glm45.cli_args import arg
 from glm45.engine.engine import LLMEngine
 from glm45.engine.sampling_params import SamplingParams
-from glm45.parsers import ChatOutputParser, ContentDelta, ReasoningDelta, ToolCallDelta
+from glm45.parsers import ContentDelta, ReasoningDelta
 
 DIM, BOLD, RESET = "\033[2m", "\033[1m", "\033[0m"
 HELP = "commands: /reset (start over), /exit (quit); Ctrl-C stops an answer, Ctrl-D quits"
@@ -27,13 +28,13 @@ HELP = "commands: /reset (start over), /exit (quit); Ctrl-C stops an answer, Ctr
 
 @dataclass
 class ChatSettings:
-    thinking: bool = True            # let the model think before answering
-    hide_thinking: bool = False      # think, but do not print the reasoning
-    system: str | None = None        # a system prompt
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 2048
-    color: bool = True               # ANSI styles (dim reasoning, bold tool calls)
+    thinking: bool = arg(True, "let the model think before answering")
+    hide_thinking: bool = arg(False, "think, but do not print the reasoning")
+    system: str | None = arg(None, "a system prompt")
+    temperature: float = arg(0.6, "sampling temperature")
+    top_p: float = arg(0.95, "nucleus sampling mass")
+    max_tokens: int = arg(2048, "longest answer in tokens")
+    color: bool = arg(True, "ANSI styles (dim reasoning, bold tool calls)")
 
 
 class TerminalChat:
@@ -62,64 +63,46 @@ class TerminalChat:
     def reply(self) -> dict[str, Any]:
         """Generate, print and record the assistant's next turn; returns the assistant message."""
         s = self.settings
-        prompt = render_chat(self.messages, tools=self.tools, enable_thinking=s.thinking)
-        max_tokens = min(s.max_tokens, self.engine.max_model_len - len(self.engine.tokenizer.encode(prompt)))
+        plan = plan_chat(self.messages, self.tools, default_template_kwargs={"enable_thinking": s.thinking})
+        max_tokens = min(s.max_tokens, self.engine.max_model_len - len(self.engine.tokenizer.encode(plan.prompt)))
         if max_tokens < 1:
             raise ValueError(f"the conversation fills the context ({self.engine.max_model_len} tokens); /reset")
         request_id = f"chat-{next(self._ids)}"
-        self.engine.add_request(request_id, prompt, SamplingParams(temperature=s.temperature, top_p=s.top_p,
-                                                                   max_tokens=max_tokens))
-        parser = ChatOutputParser(self.tools, reasoning=s.thinking)
-        reasoning, content, calls = [], [], {}
+        self.engine.add_request(request_id, plan.prompt, SamplingParams(temperature=s.temperature, top_p=s.top_p,
+                                                                        max_tokens=max_tokens))
+        turn = AssistantTurn.for_plan(plan)
         state = None  # what was printed last: "reasoning" | "content"
-        sent = 0
-        finished = False
 
         def show(events) -> None:
             nonlocal state
             for event in events:
-                if isinstance(event, ReasoningDelta):
-                    reasoning.append(event.text)
-                    if not s.hide_thinking:
-                        self._print(self._style(event.text, DIM))
-                        state = "reasoning"
+                if isinstance(event, ReasoningDelta) and not s.hide_thinking:
+                    self._print(self._style(event.text, DIM))
+                    state = "reasoning"
                 elif isinstance(event, ContentDelta):
                     if state == "reasoning":
                         self._print("\n\n")
-                    content.append(event.text)
                     self._print(event.text)
                     state = "content"
-                elif isinstance(event, ToolCallDelta):
-                    call = calls.setdefault(event.index, {"id": event.id, "name": event.name, "arguments": ""})
-                    call["arguments"] += event.arguments
 
+        sent, finished = 0, False
         try:
             while not finished:
                 for output in self.engine.step():
                     if output.request_id != request_id:
                         continue
                     completion = output.outputs[0]
-                    show(parser.feed(completion.text[sent:]))
+                    show(turn.feed(completion.text[sent:]))
                     sent = len(completion.text)
                     finished = output.finished
-            show(parser.finish())
+            show(turn.finish())
         except KeyboardInterrupt:
             self.engine.abort_request(request_id)
             self._print(self._style(" [stopped]", DIM))
         self._print("\n")
-        tool_calls = []
-        for call in calls.values():
-            arguments = call["arguments"] or "{}"
-            self._print(self._style(f"→ tool call: {call['name']}({arguments})", BOLD) + "\n")
-            tool_calls.append({"id": call["id"], "type": "function",
-                               "function": {"name": call["name"], "arguments": arguments}})
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
-        if reasoning:
-            message["reasoning_content"] = "".join(reasoning)
-        if tool_calls:
-            message["tool_calls"] = tool_calls
-        if message["content"] is None and not tool_calls:
-            message["content"] = ""
+        for call in turn.tool_calls:
+            self._print(self._style(f"→ tool call: {call.name}({call.arguments or '{}'})", BOLD) + "\n")
+        message = turn.message()
         self.messages.append(message)
         return message
 

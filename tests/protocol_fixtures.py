@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
+from glm45_tiny.tokenizer_build import build_tokenizer
+
 from glm45.tokenizer import Tokenizer
-from glm45.tokenizer_build import build_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Tokenizers split text into pieces.",

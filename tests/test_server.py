@@ -26,8 +26,7 @@ from server_helpers import (
     save_scripted_model,
 )
 
-from glm45.chat import render_chat
-from glm45.chat_template import GLM45_CHAT_TEMPLATE
+from glm45.chat import GLM45_CHAT_TEMPLATE, render_chat
 from glm45.config import EngineConfig
 from glm45.engine import LLMEngine, SamplingParams
 from glm45.server.async_engine import AsyncEngine

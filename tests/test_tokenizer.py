@@ -4,13 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+from glm45_tiny.tokenizer_build import COPY_SPLIT_PATTERN, GLM45_ADDED_TOKENS, build_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_fixtures import build_tiny_tokenizer
 
-from glm45.chat_template import GLM45_CHAT_TEMPLATE
+from glm45.chat import GLM45_CHAT_TEMPLATE
 from glm45.tokenizer import IncrementalDetokenizer, Tokenizer
-from glm45.tokenizer_build import COPY_SPLIT_PATTERN, GLM45_ADDED_TOKENS, build_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/glm-4.5"
 PROTOCOL_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",

@@ -4,14 +4,14 @@ tool call (the full measured targets are in glm45/assets/glm45-tiny/README.md)."
 from pathlib import Path
 
 import torch
+from glm45_tiny.evaluate import greedy_generate
+from glm45_tiny.synthetic import CALCULATOR_TOOL, WEATHER_TOOL
 
 import glm45
 from glm45.chat import render_chat
 from glm45.model import Glm4MoeForCausalLM
 from glm45.parsers import parse_reasoning, parse_tool_calls
 from glm45.tokenizer import Tokenizer
-from glm45.train.evaluate import greedy_generate
-from glm45.train.synthetic import CALCULATOR_TOOL, WEATHER_TOOL
 
 BUNDLED = Path(glm45.__file__).parent / "assets" / "glm45-tiny"
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from glm45_tiny.synthetic import WEATHER_TOOL, generate
 from train_helpers import make_tokenizer
 
 from glm45.train.data import (
@@ -13,7 +14,6 @@ from glm45.train.data import (
     load_conversations,
     tokenize_conversation,
 )
-from glm45.train.synthetic import WEATHER_TOOL, generate
 
 
 @pytest.fixture(scope="module")

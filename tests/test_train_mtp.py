@@ -9,7 +9,7 @@ from glm45.model import Glm4MoeForCausalLM
 from glm45.train.data import Batch
 from glm45.train.losses import masked_cross_entropy, mtp_hidden, mtp_loss
 from glm45.train.optim import build_optimizer
-from glm45.train.sft import compute_losses
+from glm45.train.trainer import compute_losses
 
 
 @pytest.fixture

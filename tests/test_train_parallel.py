@@ -8,13 +8,14 @@ import sys
 
 import pytest
 import torch
+from glm45_tiny.synthetic import generate, write_jsonl
 from tiny_checkpoints import save_reference
 from train_helpers import make_tokenizer
 
 from glm45.distributed import free_port
 from glm45.model import Glm4MoeForCausalLM
-from glm45.train.sft import TrainConfig, train
-from glm45.train.synthetic import generate, write_jsonl
+from glm45.train.config import TrainConfig
+from glm45.train.trainer import train
 
 
 def read_metrics(run):

@@ -5,16 +5,17 @@ import json
 
 import pytest
 import torch
+from glm45_tiny.synthetic import generate, write_jsonl
 from tiny_checkpoints import save_reference
 from train_helpers import make_tokenizer
 
 from glm45.cli import main as cli_main
 from glm45.model import Glm4MoeForCausalLM
+from glm45.train.config import TrainConfig
 from glm45.train.data import collate, tokenize_conversation
 from glm45.train.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, save_adapter
 from glm45.train.optim import build_optimizer
-from glm45.train.sft import TrainConfig, compute_losses, train
-from glm45.train.synthetic import generate, write_jsonl
+from glm45.train.trainer import compute_losses, train
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import tiny_model_config
-
-from glm45.model import Glm4MoeForCausalLM
-from glm45.train.evaluate import format_ok, greedy_generate, mtp_acceptance
-from glm45.train.plot import plot
-from glm45.train.synthetic import (
+from glm45_tiny.evaluate import format_ok, greedy_generate, mtp_acceptance
+from glm45_tiny.plot import plot
+from glm45_tiny.synthetic import (
     CITIES,
     HELDOUT_CITIES,
     HELDOUT_TASK_MIX,
@@ -21,6 +18,9 @@ from glm45.train.synthetic import (
     WordPieces,
     generate,
 )
+from train_helpers import tiny_model_config
+
+from glm45.model import Glm4MoeForCausalLM
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_plot_writes_a_png(tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients_and_counts_routes_once(model):
     from glm45.train.balance import RouterMonitor
     from glm45.train.data import Batch
-    from glm45.train.sft import compute_losses, enable_gradient_checkpointing
+    from glm45.train.trainer import compute_losses, enable_gradient_checkpointing
 
     ids = torch.randint(0, 320, (2, 9))
     labels = torch.roll(ids, -1, 1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from glm45_tiny.synthetic import generate
+from glm45_tiny.tokenizer_build import build_tokenizer
+
 from glm45.chat import render_chat
 from glm45.tokenizer import Tokenizer
-from glm45.tokenizer_build import build_tokenizer
-from glm45.train.synthetic import generate
 
 TINY_VOCAB = 320  # the tiny reference checkpoints have 320 embeddings
 

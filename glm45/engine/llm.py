@@ -104,21 +104,24 @@ class LLM:
         tools: Sequence[Mapping[str, Any]] | None = None,
         enable_thinking: bool = True,
         use_tqdm: bool = True,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[ChatResult]:
-        from glm45.chat import render_chat
-        from glm45.parsers import parse_chat_output
+        """Answer one conversation or a list of them; each answer parsed into reasoning, content and tool calls.
+        `tool_choice` and `chat_template_kwargs` mean what they mean on the server (`glm45.chat.plan_chat`)."""
+        from glm45.chat import assemble_turn, plan_chat
 
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer, and this model folder has none")
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
-        prompts = [render_chat(c, tools=tools, enable_thinking=enable_thinking) for c in conversations]
-        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        plans = [plan_chat(c, tools, tool_choice, template_kwargs=chat_template_kwargs,
+                           default_template_kwargs={"enable_thinking": enable_thinking}) for c in conversations]
+        outputs = self.generate([plan.prompt for plan in plans], sampling_params, use_tqdm=use_tqdm)
         results = []
-        for output in outputs:
+        for plan, output in zip(plans, outputs, strict=True):
             completion = output.outputs[0]
-            # With thinking on, the model opens its turn with `<think>`; with it off the prompt already
-            # closed the thought block, so everything generated is the answer.
-            parsed = parse_chat_output(completion.text, tools, reasoning=enable_thinking)
-            finish = "tool_calls" if parsed.tool_calls else completion.finish_reason
-            results.append(ChatResult(parsed.reasoning, parsed.content, parsed.tool_calls, finish, output))
+            turn = assemble_turn(completion.text, plan)
+            calls = [{"name": call.name, "arguments": call.parsed_arguments()} for call in turn.tool_calls]
+            finish = "tool_calls" if calls else completion.finish_reason
+            results.append(ChatResult(turn.reasoning, turn.content, calls, finish, output))
         return results

@@ -29,7 +29,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import glm45
-from glm45.chat import render_chat
 from glm45.config import EngineConfig
 from glm45.engine.engine import LLMEngine
 from glm45.server.async_engine import AsyncEngine
@@ -44,7 +43,6 @@ from glm45.server.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
-    plain_messages,
 )
 from glm45.server.serving import ClientDisconnected, RequestError
 from glm45.server.serving_chat import OpenAIServingChat
@@ -220,17 +218,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
             raise RequestError("this model has no tokenizer")
         if (request.prompt is None) == (request.messages is None):
             raise RequestError("send exactly one of `prompt` and `messages`", param="prompt")
-        text = request.prompt
-        if request.messages is not None:
-            kwargs = request.chat_template_kwargs or config.default_chat_template_kwargs or {}
-            tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
-            try:
-                text = render_chat(plain_messages(request.messages), tools=tools,
-                                   enable_thinking=bool(kwargs.get("enable_thinking", True)),
-                                   add_generation_prompt=request.add_generation_prompt,
-                                   chat_template=chat.chat_template)
-            except ValueError as e:
-                raise RequestError(str(e), param="messages") from None
+        text = request.prompt if request.messages is None else chat.plan_chat(request).prompt
         tokens = engine.tokenizer.encode(text)
         return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
 

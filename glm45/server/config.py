@@ -1,7 +1,7 @@
 """What `glm45 serve` is configured with, and its command-line flags, generated from the dataclasses.
 
-The engine's flags come from `EngineConfig` (one flag per field, kebab-case, help text from the field's
-comment), the server's own from `ServerConfig` below. Names are vLLM's wherever the meaning is the same
+The engine's flags come from `EngineConfig`, the server's own from `ServerConfig` below (`glm45.cli_args`: one
+kebab-case flag per field). Names are vLLM's wherever the meaning is the same
 (`--max-model-len`, `--served-model-name`, `--enable-auto-tool-choice`, …), and the spellings of
 speculative decoding that GLM-4.5 recipes use are all accepted: vLLM's `--speculative-config` JSON,
 SGLang's `--speculative-algorithm/-num-steps/-eagle-topk/-num-draft-tokens`, and the engine's own
@@ -11,17 +11,12 @@ SGLang's `--speculative-algorithm/-num-steps/-eagle-topk/-num-draft-tokens`, and
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
-import json
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glm45.cli_args import add_dataclass_arguments, arg, dataclass_from_args, json_object
 from glm45.config import EngineConfig
 
 MTP_METHODS = ("mtp", "glm4_moe_mtp", "deepseek_mtp", "nextn", "eagle")
@@ -31,18 +26,19 @@ MTP_METHODS = ("mtp", "glm4_moe_mtp", "deepseek_mtp", "nextn", "eagle")
 class ServerConfig:
     """How the HTTP server runs (the engine's settings are in `EngineConfig`)."""
 
-    host: str = "127.0.0.1"                   # address to listen on (0.0.0.0: every interface)
-    port: int = 8000                          # TCP port to listen on
-    served_model_name: list[str] | None = None  # model name(s) clients use; default: the model folder name
-    api_key: str | None = None                # require `Authorization: Bearer KEY` on /v1/* (or $GLM45_API_KEY)
-    chat_template: str | None = None          # a jinja chat template (file or text) instead of the built-in one
-    default_chat_template_kwargs: dict[str, Any] | None = None  # JSON, e.g. '{"enable_thinking": false}'
-    tool_call_parser: str = "glm45"           # glm45 | none
-    reasoning_parser: str = "glm45"           # glm45 | none (reasoning stays in the content)
-    enable_auto_tool_choice: bool = True      # let the model decide to call tools (tool_choice "auto")
-    max_request_body_bytes: int = 16 * 2**20  # larger request bodies are refused with 413
-    shutdown_timeout: float = 60.0            # seconds SIGTERM waits for in-flight requests to finish
-    uvicorn_log_level: str = "info"           # log level of uvicorn's own loggers
+    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = arg(8000, "TCP port to listen on")
+    served_model_name: list[str] | None = arg(None, "model name(s) clients use; default: the model folder name")
+    api_key: str | None = arg(None, "require `Authorization: Bearer KEY` on /v1/* (or $GLM45_API_KEY)")
+    chat_template: str | None = arg(None, "a jinja chat template (file or text) instead of the built-in one")
+    default_chat_template_kwargs: dict[str, Any] | None = arg(
+        None, 'chat template kwargs for every request unless it sets them, e.g. \'{"enable_thinking": false}\'')
+    tool_call_parser: str = arg("glm45", "glm45 | none")
+    reasoning_parser: str = arg("glm45", "glm45 | none (reasoning stays in the content)")
+    enable_auto_tool_choice: bool = arg(True, 'let the model decide to call tools (tool_choice "auto")')
+    max_request_body_bytes: int = arg(16 * 2**20, "larger request bodies are refused with 413")
+    shutdown_timeout: float = arg(60.0, "seconds SIGTERM waits for in-flight requests to finish")
+    uvicorn_log_level: str = arg("info", "log level of uvicorn's own loggers")
 
     def __post_init__(self) -> None:
         if self.tool_call_parser not in ("glm45", "none"):
@@ -72,71 +68,6 @@ class ServerConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Flags from dataclasses
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in the class source: the help text of its flag."""
-    comments: dict[str, str] = {}
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # installed without sources: flags without help text
-        return comments
-    for line in source.splitlines():
-        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
-def _flag_type(annotation: Any) -> tuple[Any, bool]:
-    """(scalar type, is a list) of a field annotation such as `int | None` or `list[str] | None`."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]
-    if typing.get_origin(annotation) is list:
-        return typing.get_args(annotation)[0], True
-    return annotation, False
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--kebab-case` flag per field of `cls`; booleans get `--flag/--no-flag`."""
-    hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind, is_list = _flag_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = comments.get(f.name, "")
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif typing.get_origin(kind) is dict or kind is dict:
-            group.add_argument(flag, type=_json_object, default=default, metavar="JSON", help=help_text)
-        else:
-            group.add_argument(flag, type=kind, default=default, nargs="+" if is_list else None,
-                               help=f"{help_text} (default: {default})")
-
-
-def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    values.update(overrides)
-    return cls(**values)
-
-
-# ---------------------------------------------------------------------------------------------------
 # The serve command's flags
 
 
@@ -146,11 +77,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="the model folder (same as the positional MODEL)")
     add_dataclass_arguments(parser, EngineConfig, skip=("model",))
     add_dataclass_arguments(parser, ServerConfig)
-    if not _engine_has("tensor_parallel_size"):
-        parser.add_argument("--tensor-parallel-size", type=int, default=1,
-                            help="devices per model; this engine runs on one (default: 1)")
     spec = parser.add_argument_group("speculative decoding (other spellings of --num-speculative-tokens)")
-    spec.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+    spec.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
                       help='vLLM style, e.g. \'{"method": "mtp", "num_speculative_tokens": 1}\'')
     spec.add_argument("--speculative-num-steps", type=int, default=None,
                       help="SGLang style: MTP draft tokens per step")
@@ -183,13 +111,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         num_speculative_tokens = args.speculative_num_steps
     elif args.speculative_algorithm is not None and not num_speculative_tokens:
         num_speculative_tokens = 1
-    if not _engine_has("tensor_parallel_size") and args.tensor_parallel_size != 1:
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: this engine runs a model on one "
-                         "device; use --tensor-parallel-size 1")
     engine_config = dataclass_from_args(EngineConfig, args, model=model,
                                         num_speculative_tokens=num_speculative_tokens)
     return engine_config, dataclass_from_args(ServerConfig, args)
-
-
-def _engine_has(name: str) -> bool:
-    return any(f.name == name for f in dataclasses.fields(EngineConfig))

@@ -18,9 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from glm45.train.sft import TrainConfig, config_from_args, train
+    from glm45.cli_args import dataclass_from_args
+    from glm45.train.config import TrainConfig
+    from glm45.train.trainer import train
 
-    config = config_from_args(TrainConfig, args, args.config)
+    config = dataclass_from_args(TrainConfig, args, args.config)
     summary = train(config)
     print(json.dumps(summary, indent=2))
     return 0
@@ -30,21 +32,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
     from glm45.model import Glm4MoeForCausalLM
+    from glm45.train.checkpoint import copy_tokenizer
+    from glm45.train.config import DTYPES
     from glm45.train.lora import load_adapter, merge_lora
-    from glm45.train.sft import DTYPES, _copy_tokenizer
 
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     model = Glm4MoeForCausalLM.from_pretrained(args.base, dtype=torch.float32, progress=False)
     names = load_adapter(model, args.adapter)
     merge_lora(model).to(DTYPES[args.dtype]).save_pretrained(args.out)
-    _copy_tokenizer(args.base, Path(args.out))
+    copy_tokenizer(args.base, Path(args.out))
     logger.info("merged %d LoRA adapters into %s", len(names), args.out)
     return 0
 
 
 def add_train_subcommands(sub) -> None:
-    from glm45.train.sft import TrainConfig, add_dataclass_arguments
+    from glm45.cli_args import add_dataclass_arguments
+    from glm45.train.config import TrainConfig
 
     train = sub.add_parser("train", help="fine-tune (full or LoRA) or train from scratch",
                            description="Supervised fine-tuning on JSONL conversations, loss on assistant tokens.")

@@ -1,7 +1,7 @@
 """Chat messages and tools → the GLM-4.5 prompt text.
 
 The model only behaves well on prompts laid out exactly as in training, so `render_chat` reproduces the
-official chat template (`glm45.chat_template`) byte for byte, in plain Python: no jinja on the hot path,
+official chat template (`glm45.chat.template`) byte for byte, in plain Python: no jinja on the hot path,
 and a readable statement of the protocol. `render_chat(..., chat_template=text)` renders with a
 checkpoint's own jinja template instead, in the same sandboxed environment transformers uses.
 
@@ -22,10 +22,6 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-from glm45.chat_template import GLM45_CHAT_TEMPLATE
-
-__all__ = ["GLM45_CHAT_TEMPLATE", "normalize_messages", "normalize_tools", "render_chat"]
 
 PROMPT_PREFIX = "[gMASK]<sop>"
 ROLES = ("system", "user", "assistant", "tool")

@@ -3,7 +3,7 @@
 Each run's training loss (thin) and held-out loss (markers) are drawn against the step, one colour per run,
 with the expert-load balance (max/mean per router) in a second panel when the runs logged it.
 
-    python -m glm45.train.plot runs/a/metrics.jsonl runs/b/metrics.jsonl --labels Muon AdamW --out loss.png
+    python -m glm45_tiny.plot runs/a/metrics.jsonl runs/b/metrics.jsonl --labels Muon AdamW --out loss.png
 """
 
 from __future__ import annotations

@@ -2,17 +2,17 @@
 
 One command trains it from scratch in under 90 minutes on the 2-core CPU (both threads):
 
-    python -m glm45.train.recipe_tiny --out runs/glm45-tiny-v5 --install
+    python -m glm45_tiny.recipe --out runs/glm45-tiny-v5 --install
 
 (the defaults are recipe v5: 40,000 conversations, 3,200 planned steps of 6,144 padded tokens, stopping at 86
 minutes at the latest, 2 threads, 10% copying drills, 60% of the made-up words strung from the tokenizer's word
-pieces, the training task mix `glm45.train.synthetic.TRAIN_TASK_MIX`; `--piece-share 0` was recipe v2.
+pieces, the training task mix `glm45_tiny.synthetic.TRAIN_TASK_MIX`; `--piece-share 0` was recipe v2.
 `glm45/assets/glm45-tiny/README.md` has the history of the recipe and says which one is bundled).
 
-1. generates synthetic agent conversations (`glm45.train.synthetic`, `--data-seed`) and a held-out split
+1. generates synthetic agent conversations (`glm45_tiny.synthetic`, `--data-seed`) and a held-out split
    (seed 1), with `--copy-drill` of them "repeat after me" drills;
 2. trains a 3k-token byte-level BPE with all GLM-4.5 added tokens on their rendered text, with the copy split
-   (`glm45.tokenizer_build.COPY_SPLIT_PATTERN`: spaces and digits are their own pieces, so a city or a number
+   (`glm45_tiny.tokenizer_build.COPY_SPLIT_PATTERN`: spaces and digits are their own pieces, so a city or a number
    is the same tokens in the request and in the tool call that must copy it);
 3. draws the training conversations again with `--piece-share` of the made-up words strung from that
    tokenizer's word pieces, so that every piece a real word is made of is written in a copied value;
@@ -22,7 +22,7 @@ pieces, the training task mix `glm45.train.synthetic.TRAIN_TASK_MIX`; `--piece-s
 `--init-from` continues from a trained model instead, keeping its tokenizer; `--install` copies the result
 (config, weights with the MTP layer, tokenizer) into the package. `glm45/assets/glm45-tiny/README.md` has the
 exact command the bundled weights came from and their evaluation
-(`python -m glm45.train.evaluate glm45/assets/glm45-tiny`).
+(`python -m glm45_tiny.evaluate glm45/assets/glm45-tiny`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from pathlib import Path
 
 from glm45.chat import render_chat
 from glm45.tokenizer import Tokenizer
-from glm45.tokenizer_build import COPY_SPLIT_PATTERN, build_tokenizer
-from glm45.train.sft import TrainConfig, train
-from glm45.train.synthetic import generate, write_jsonl
+from glm45.train.config import TrainConfig
+from glm45.train.trainer import train
+from glm45_tiny.synthetic import generate, write_jsonl
+from glm45_tiny.tokenizer_build import COPY_SPLIT_PATTERN, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def prepare(out: Path, num_train: int, num_eval: int, data_seed: int = 0, copy_d
 
     The tokenizer is trained on the rendered training conversations. With `piece_share` > 0 the training
     conversations are then drawn again (same seed) with that share of the made-up words strung from the
-    tokenizer's word pieces (`glm45.train.synthetic.WordPieces`); the tokenizer stays the one trained on the
+    tokenizer's word pieces (`glm45_tiny.synthetic.WordPieces`); the tokenizer stays the one trained on the
     first draw."""
     out.mkdir(parents=True, exist_ok=True)
     draw = functools.partial(generate, num_train, seed=data_seed, split="train", copy_drill=copy_drill)

@@ -13,7 +13,7 @@ greedily from the prompt, as a server would:
 - **MTP acceptance**: on each generated turn, how often the MTP head's greedy draft from (h_t, x_{t+1}) equals
   the model's own greedy token x_{t+2}, i.e. the first-position acceptance of greedy speculative decoding.
 
-    python -m glm45.train.evaluate glm45/assets/glm45-tiny --num 300 --num-unseen 100 --seed 2
+    python -m glm45_tiny.evaluate glm45/assets/glm45-tiny --num 300 --num-unseen 100 --seed 2
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from glm45.chat import render_chat
 from glm45.parsers import parse_reasoning, parse_tool_calls
-from glm45.train.synthetic import FIXED_TOOLS, WEATHER_TOOL, generate
+from glm45_tiny.synthetic import FIXED_TOOLS, WEATHER_TOOL, generate
 
 logger = logging.getLogger(__name__)
 _FIXED_TOOL_NAMES = {tool["function"]["name"] for tool in FIXED_TOOLS}

@@ -14,7 +14,7 @@ vocabulary (cities, tool words) so that evaluation can use things the model neve
 Each conversation also carries `"meta"`: what a correct model must do (the expected call and the values
 the final answer must mention); the trainer ignores it, the evaluation script reads it.
 
-    python -m glm45.train.synthetic --out data/train.jsonl --num 40000 --seed 0
+    python -m glm45_tiny.synthetic --out data/train.jsonl --num 40000 --seed 0
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ rate γ changes.
 - `balance`: the best Muon setting with γ = 1e-3 (DeepSeek-V3's rate, meant for very long runs), γ = 1e-2 and
   γ = 0: the max/mean expert load of every MoE layer over the last logging window.
 
-    python -m glm45.train.compare --out runs/compare --tokenizer runs/glm45-tiny/tokenizer
+    python -m glm45_tiny.compare --out runs/compare --tokenizer runs/glm45-tiny/tokenizer
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import json
 import logging
 from pathlib import Path
 
-from glm45.train.plot import plot, read_metrics
-from glm45.train.sft import TrainConfig, train
-from glm45.train.synthetic import generate, write_jsonl
+from glm45.train.config import TrainConfig
+from glm45.train.trainer import train
+from glm45_tiny.plot import plot, read_metrics
+from glm45_tiny.synthetic import generate, write_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 
 It lives in the package because two things need the exact text at run time: `build_tokenizer` writes it
 into the tokenizer_config.json of the models we train, and `render_chat(..., chat_template=...)` can be
-pointed at it to render with jinja instead of the pure-Python renderer in `glm45.chat`. A test checks it
+pointed at it to render with jinja instead of the pure-Python renderer in `glm45.chat.render`. A test checks it
 byte for byte against the reference copy.
 """
 

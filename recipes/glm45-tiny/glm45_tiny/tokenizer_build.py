@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from glm45.chat_template import GLM45_CHAT_TEMPLATE
+from glm45.chat import GLM45_CHAT_TEMPLATE
 
 # The released GLM-4.5 added tokens (ids 151329–151364 there), in order, with their `special` flags.
 # `<think>`, `<tool_call>` and the argument tags are not special, so they survive skip_special_tokens;

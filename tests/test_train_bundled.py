@@ -1,5 +1,5 @@
 """The small model that ships with the package: it loads, and a short greedy chat with a tool gives a parseable
-tool call (the full measured targets are in glm45/assets/glm45-tiny/README.md)."""
+tool call (the full measured targets are in recipes/glm45-tiny/README.md)."""
 
 from pathlib import Path
 
@@ -36,6 +36,6 @@ def test_bundled_model_calls_a_tool_greedily():
     _, content = parse_reasoning(tokenizer.decode(new[:-1], skip_special_tokens=False))
     _, calls = parse_tool_calls(content or "", tools)
     # A parseable call to the right tool with the tool's parameters; how often the argument values are exactly
-    # right is measured by `python -m glm45.train.evaluate` (see the model's README).
+    # right is measured by `python -m glm45_tiny.evaluate` (see recipes/glm45-tiny/README.md).
     assert len(calls) == 1 and calls[0]["name"] == "get_weather"
     assert set(calls[0]["arguments"]) == {"city", "unit"} and calls[0]["arguments"]["unit"] == "celsius"

@@ -1,4 +1,5 @@
 """Training and fine-tuning of GLM-4.5-architecture models: SFT (full and LoRA), Muon, MoE balancing, MTP.
 
-See `glm45.train.sft` for the loop behind `glm45 train`, and `glm45.train.recipe_tiny` for the bundled model.
+`glm45.train.trainer` is the loop behind `glm45 train` (settings: `glm45.train.config.TrainConfig`); data,
+losses, LoRA, optimizers, balancing and checkpoints each have a module of their own.
 """

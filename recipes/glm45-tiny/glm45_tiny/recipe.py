@@ -4,10 +4,10 @@ One command trains it from scratch in under 90 minutes on the 2-core CPU (both t
 
     python -m glm45_tiny.recipe --out runs/glm45-tiny-v5 --install
 
-(the defaults are recipe v5: 40,000 conversations, 3,200 planned steps of 6,144 padded tokens, stopping at 86
-minutes at the latest, 2 threads, 10% copying drills, 60% of the made-up words strung from the tokenizer's word
-pieces, the training task mix `glm45_tiny.synthetic.TRAIN_TASK_MIX`; `--piece-share 0` was recipe v2.
-`glm45/assets/glm45-tiny/README.md` has the history of the recipe and says which one is bundled).
+(the defaults: 40,000 conversations, 3,200 planned steps of 6,144 padded tokens, stopping at 86 minutes at the
+latest, 2 threads, 10% copying drills, 60% of the made-up words strung from the tokenizer's word pieces, the
+training task mix `glm45_tiny.synthetic.TRAIN_TASK_MIX`. The history of the recipe and which one is bundled:
+`recipes/glm45-tiny/README.md`).
 
 1. generates synthetic agent conversations (`glm45_tiny.synthetic`, `--data-seed`) and a held-out split
    (seed 1), with `--copy-drill` of them "repeat after me" drills;
@@ -20,8 +20,8 @@ pieces, the training task mix `glm45_tiny.synthetic.TRAIN_TASK_MIX`; `--piece-sh
    with sigmoid routing and a shared expert, one MTP layer) with Muon, loss-free balancing and the MTP loss.
 
 `--init-from` continues from a trained model instead, keeping its tokenizer; `--install` copies the result
-(config, weights with the MTP layer, tokenizer) into the package. `glm45/assets/glm45-tiny/README.md` has the
-exact command the bundled weights came from and their evaluation
+(config, weights with the MTP layer, tokenizer) into the package. `recipes/glm45-tiny/README.md` has the exact
+command the bundled weights came from and their evaluation
 (`python -m glm45_tiny.evaluate glm45/assets/glm45-tiny`).
 """
 
@@ -43,7 +43,7 @@ from glm45_tiny.tokenizer_build import COPY_SPLIT_PATTERN, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "glm45-tiny"
+ASSET_DIR = Path(__file__).resolve().parents[3] / "glm45" / "assets" / "glm45-tiny"
 VOCAB_SIZE = 3072
 MODEL_CONFIG = {
     "hidden_size": 256, "intermediate_size": 768, "moe_intermediate_size": 128, "num_hidden_layers": 4,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--piece-share", type=float, default=0.6,
                         help="share of made-up training words strung from the tokenizer's word pieces "
-                             "(0: syllables only, recipe v2)")
+                             "(0: syllables only)")
     parser.add_argument("--install", action="store_true", help=f"copy the trained model into {ASSET_DIR}")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -118,8 +118,8 @@ def pseudo_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> str:
 # Of the made-up words, the share strung together from the tokenizer's own word pieces (when it is given).
 # A held-out English word is also a string of those pieces ("lottery" = lot·t·ery), but many pieces never
 # occur in a syllable word or in a copied value: they come from the template's words ("pro" from
-# "properties"). A model that has rarely *written* a piece in a copied value copies it badly: the model of
-# recipe v2 (syllable words only) wrote "stemtery" for "lottery" and "rey" for "rename".
+# "properties"). A model that has rarely *written* a piece in a copied value copies it badly, so copied values
+# are built from every piece the tokenizer has.
 PIECE_SHARE = 0.6
 _MAX_PIECE_LETTERS = 6
 
@@ -169,10 +169,9 @@ UNITLESS_WEATHER_QUESTIONS = ["What's the weather like in {city} right now?", "H
                               "Is it cold in {city} right now?"]
 
 
-# The kinds of task (`ConversationGenerator.<kind>_task`) and their shares. The held-out splits keep the mix every
-# bundled model so far was evaluated on. Training (recipe v5) gives random tools more: recipe v4's model called
-# calculator and convert_units exactly every time, while its misses were on tools it had to find by reading the
-# tool list, and it missed those as often with made-up training-like names as with held-out English ones.
+# The kinds of task (`ConversationGenerator.<kind>_task`) and their shares. The held-out splits keep one fixed mix,
+# so that models are compared on the same conversations. Training weights random tools (found by reading the
+# tool list, the hardest skill) more than the fixed calculator and unit-conversion tools.
 HELDOUT_TASK_MIX = {"weather": 0.2, "calculator": 0.2, "convert": 0.2, "random_tool": 0.25, "chat": 0.15}
 TRAIN_TASK_MIX = {"weather": 0.22, "calculator": 0.12, "convert": 0.12, "random_tool": 0.39, "chat": 0.15}
 

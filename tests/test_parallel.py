@@ -108,15 +108,14 @@ def test_shards_read_from_the_checkpoint_reassemble_the_tensor(tmp_path):
 
 
 def test_fp8_shards_dequantise_like_the_whole_tensor():
-    from glm45.model.checkpoint import dequantize_fp8
-    from glm45.model.checkpoint import dequantize_fp8_shard as _dequantize_shard
+    from glm45.model.checkpoint import dequantize_fp8, dequantize_fp8_shard
 
     weight = torch.randn(256, 384)
     quantized = weight.to(torch.float8_e4m3fn)
     for scale in (torch.rand(256, 1) + 0.5, torch.rand(2, 3) + 0.5, torch.tensor([0.7])):
         whole = dequantize_fp8(quantized, scale)
         for spec in (ShardSpec(0, 2, 1), ShardSpec(1, 3, 2), ShardSpec(0, 4, 1, parts=2), ShardSpec(1, 2, 0)):
-            assert torch.equal(_dequantize_shard(quantized, scale, spec, "w"), spec.slice(whole))
+            assert torch.equal(dequantize_fp8_shard(quantized, scale, spec, "w"), spec.slice(whole))
 
 
 def test_unsplittable_sizes_are_a_clear_error(tmp_path):

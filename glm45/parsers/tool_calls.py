@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from glm45.chat import normalize_tools
 from glm45.parsers.events import (
     ContentDelta,
     Event,
@@ -40,6 +39,7 @@ from glm45.parsers.events import (
     none_if_blank,
     partial_tag_length,
 )
+from glm45.tool_definitions import normalize_tools
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 ARG_KEY_START, ARG_KEY_END = "<arg_key>", "</arg_key>"

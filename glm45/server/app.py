@@ -149,8 +149,15 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
     app.state.async_engine = async_engine
     app.state.metrics = metrics
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes)
+    add_error_handlers(app)
+    add_routes(app, engine, async_engine, metrics, chat, completion, names)
+    add_webchat(app)  # the chat page at `/`
+    return app
 
-    # ------------------------------------------------------------------ errors
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every failure becomes the OpenAI error JSON with its status; a bug is a logged 500, never a traceback."""
+
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError):
         logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
@@ -178,7 +185,9 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
         logger.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(500, f"internal server error: {type(exc).__name__}", type="server_error")
 
-    # ------------------------------------------------------------------ routes
+
+def add_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, metrics: ServerMetrics,
+               chat: OpenAIServingChat, completion: OpenAIServingCompletion, names: list[str]) -> None:
     @app.get("/health")
     async def health() -> Response:
         if not async_engine.is_alive:
@@ -232,9 +241,6 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {engine.tokenizer.vocab_size})",
                                param="tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens, skip_special_tokens=False))
-
-    add_webchat(app)  # the chat page at `/`
-    return app
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:

@@ -12,7 +12,7 @@ CPU, NCCL on GPUs.
 
 - "fsdp" applies `torch.distributed.fsdp.fully_shard` (FSDP2) to each decoder layer and to every other
   module that owns parameters and is *called* (embeddings, norms, heads, the MTP layer's parts), not to the
-  root, because the trainer calls `hidden_states`, `compute_logits` and `mtp_draft` rather than `forward`,
+  root, because the trainer calls `hidden_states`, `compute_logits` and `mtp_hidden_states` rather than `forward`,
   and FSDP2 gathers a module's parameters in its forward hooks. Parameters become DTensors sharded on dim 0;
   gradients are reduce-scattered during backward, so `reduce_gradients` has nothing left to do.
 - "ddp" keeps the weights whole on every rank (equal from rank 0 at the start) and `reduce_gradients`
@@ -77,8 +77,8 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]
     mtp = getattr(model, "mtp", None)
     if mtp is not None:
-        # The MTP block's own forward is not called by `draft`, so its parts are units. Its MoE returns a view,
-        # which FSDP2 warns about; the router, experts and shared expert return fresh tensors.
+        # The MTP head is applied outside the MTP forward, so the MTP parts are units of their own. Its MoE returns
+        # a view, which FSDP2 warns about; the router, experts and shared expert return fresh tensors.
         mlp_parts = [mtp.mlp.gate, mtp.mlp.experts, mtp.mlp.shared_experts] if hasattr(mtp.mlp, "gate") else [mtp.mlp]
         units += [mtp.embed_tokens, mtp.enorm, mtp.hnorm, mtp.eh_proj, mtp.self_attn, *mlp_parts,
                   mtp.input_layernorm, mtp.post_attention_layernorm, mtp.shared_head.norm, mtp.shared_head.head]

@@ -24,7 +24,9 @@ there are at least as many as ranks, else one per rank; vocabulary rows split; n
     fits         weights + KV + reserve ≤ gpu_memory_utilization × GPU memory, per GPU.
 
 GPUs: H100 79.1 GiB, H200 139.8 GiB (the totals torch reports). `--max-num-seqs` defaults to 1: one sequence
-at the full context, what the engine needs to start.
+at the full context, what the engine needs to start. Quantized weights and an fp8 cache are counted as held
+in their format; until the engine keeps them so (it dequantizes FP8 checkpoints to bf16 at load today), plan
+today's engine with quantization="bf16" and kv_cache_dtype="auto".
 
 GLM-4.5's own hardware table (zai-org/GLM-4.5 README, July 2025: MTP on, batch ≤ 8, FP8 cache) is checked in
 tests/test_plan.py with FP8 cache, k = 3 and 8 sequences: of 16K tokens each for the minimum table, which

@@ -429,7 +429,10 @@ class MemoryPlan:
         return kv_bytes_per_token(self.config, self.kv_bytes, 1, self.mtp_on)
 
     def fit(self, gpu: str) -> GpuFit:
-        return next(f for f in self.gpus if f.gpu.name == gpu)
+        for f in self.gpus:
+            if f.gpu.name == gpu:
+                return f
+        raise ValueError(f"no plan for GPU {gpu!r}; planned: {', '.join(f.gpu.name for f in self.gpus)}")
 
 
 def resolve_quantization(config: ModelConfig, quantization: str) -> str:
@@ -460,8 +463,10 @@ def _tp_sizes(config: ModelConfig, fmt: WeightFormat, tensor_parallel_size: int 
     from glm45.parallel.tensor_parallel import _unsplittable, allowed_sizes
 
     if tensor_parallel_size is not None:
-        problems = _unsplittable(config, tensor_parallel_size, False) if tensor_parallel_size >= 1 else ["it"]
-        problems = problems or block_problems(config, fmt, tensor_parallel_size)
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be ≥ 1, got {tensor_parallel_size}")
+        problems = _unsplittable(config, tensor_parallel_size, False) or block_problems(config, fmt,
+                                                                                         tensor_parallel_size)
         if problems:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} does not evenly split "
                              f"{', '.join(problems)} of this model; allowed: {allowed_sizes(config, False)}")

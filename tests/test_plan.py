@@ -2,6 +2,7 @@
 of GLM-4.5 (reproduced or explained, row by row) and the command line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,6 +253,14 @@ def test_cli_prints_the_plan(capsys):
     assert "GPU (96.0 GiB): TP 8" in capsys.readouterr().out
 
 
+def test_readme_example_is_the_real_output(capsys):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("```console\n$ glm45 plan ", 1)[1].split("```", 1)[0]
+    command, expected = block.split("\n", 1)
+    assert main(["plan", *command.split()]) == 0
+    assert capsys.readouterr().out == expected
+
+
 def test_describe_is_what_the_cli_prints(capsys):
     main(["plan", "GLM-4.5"])
     assert capsys.readouterr().out.strip() == describe(plan_model("GLM-4.5"))
@@ -264,6 +273,9 @@ def test_describe_is_what_the_cli_prints(capsys):
     (["GLM-4.5", "--gpu", "A100"], "unknown GPU 'A100'; known: H100, H200"),
     (["GLM-4.5", "--max-model-len", "200000"], "max_model_len=200000 exceeds the model's context length (131072"),
     (["GLM-4.5", "--tensor-parallel-size", "64"], "tensor_parallel_size=64 does not evenly split num_attention_heads"),
+    (["GLM-4.5", "--tensor-parallel-size", "0"], "tensor_parallel_size must be ≥ 1, got 0"),
+    (["GLM-4.5", "--max-num-seqs", "0"], "max_num_seqs must be ≥ 1, got 0"),
+    (["GLM-4.5", "--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1], got 1.5"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(capsys, args, message):
     assert main(["plan", *args]) == 2

@@ -1,6 +1,7 @@
 """The `glm45` command line: one entry point with subcommands.
 
     glm45 info MODEL      load a checkpoint and print its architecture and parameter counts
+    glm45 plan MODEL      the memory a model needs (weights, KV cache, activations) and the GPUs that fit it
     glm45 serve [MODEL]   the OpenAI-compatible server (vLLM's flags); default: the bundled small model
     glm45 chat [MODEL]    an interactive chat in the terminal
     glm45 train           fine-tune (full or LoRA) or train from scratch on JSONL conversations
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="a local folder in the Hugging Face layout")
     info.add_argument("--dtype", default="auto")
     info.set_defaults(func=cmd_info)
+
+    from glm45.plan import add_plan_arguments, cmd_plan
+
+    plan = sub.add_parser("plan", help="the memory a model needs and the smallest tensor-parallel size that fits",
+                          description="Memory accounting from config.json alone (flags as in vLLM).")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=cmd_plan)
 
     from glm45.server.config import add_serve_arguments
 

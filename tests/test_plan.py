@@ -14,18 +14,18 @@ from glm45.cli import main
 from glm45.config import ModelConfig
 from glm45.distributed import ParallelGroup
 from glm45.model import Glm4MoeForCausalLM
-from glm45.model.loader import checkpoint_prefix, checkpoint_tensors
+from glm45.model.state_dict import checkpoint_name, checkpoint_tensors
 from glm45.parallel.tensor_parallel import parallelize_model
 from glm45.plan import (
     GPUS,
     LABELS,
     WEIGHT_FORMATS,
     WeightBytes,
-    _part_of,
     block_problems,
     checkpoint_format,
     describe,
     kv_bytes_per_token,
+    part_of,
     plan_memory,
     plan_model,
     weight_bytes,
@@ -83,7 +83,7 @@ def test_kv_bytes_per_token():
 def _bytes_by_part(state: dict[str, torch.Tensor], config: ModelConfig, names=lambda n: n) -> WeightBytes:
     parts = dict.fromkeys(LABELS, 0)
     for name, tensor in state.items():
-        parts[_part_of(names(name), config)] += tensor.numel() * tensor.element_size()
+        parts[part_of(names(name), config)] += tensor.numel() * tensor.element_size()
     return WeightBytes(**parts)
 
 
@@ -96,7 +96,7 @@ def test_weight_bytes_equal_the_models_tensors_on_each_rank(kind, tp):
     with torch.device("meta"):
         model = Glm4MoeForCausalLM(config, with_mtp=True)
         parallelize_model(model, ParallelGroup(None, tp - 1, tp))
-    held = _bytes_by_part(model.state_dict(), config, lambda n: checkpoint_prefix(n, config))
+    held = _bytes_by_part(model.state_dict(), config, lambda n: checkpoint_name(n, config))
     assert weight_bytes(config, WEIGHT_FORMATS["fp32"], tp) == held
 
 

@@ -95,10 +95,10 @@ def _all_reduce_hook(group: ParallelGroup) -> Callable:
 
 def allowed_sizes(config: ModelConfig, expert_parallel: bool, limit: int = 64) -> list[int]:
     """Tensor-parallel sizes (up to `limit`) that split every dimension of this model evenly."""
-    return [n for n in range(1, limit + 1) if not _unsplittable(config, n, expert_parallel)]
+    return [n for n in range(1, limit + 1) if not unsplittable_fields(config, n, expert_parallel)]
 
 
-def _unsplittable(config: ModelConfig, size: int, expert_parallel: bool) -> list[str]:
+def unsplittable_fields(config: ModelConfig, size: int, expert_parallel: bool) -> list[str]:
     """The config fields that `size` ranks cannot split evenly."""
     problems = []
     kv = config.num_key_value_heads
@@ -122,7 +122,7 @@ def parallelize_model(model: nn.Module, group: ParallelGroup, expert_parallel: b
     if group.size == 1:
         return {}
     config: ModelConfig = model.config
-    problems = _unsplittable(config, group.size, expert_parallel)
+    problems = unsplittable_fields(config, group.size, expert_parallel)
     if problems:
         raise ValueError(
             f"tensor_parallel_size={group.size} does not evenly split {', '.join(problems)} of this model; "

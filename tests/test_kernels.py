@@ -1,22 +1,36 @@
-"""The bf16 CPU linear paths agree with a float32 reference, and stay out of autograd."""
+"""The CPU kernels against torch references: every weight format, plain and grouped (MoE), for each instruction
+set this CPU can run (AVX2, and AVX-512 where present), and their fallbacks keep torch's semantics."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from glm45.kernels import cpu
+from glm45.quant.packed import dequantize, quantize
 
-needs_kernel = pytest.mark.skipif(cpu._library() is None, reason="no C compiler or no AVX2 on this CPU")
+ISAS = [isa for isa in ("avx2", "avx512")
+        if (isa == "avx2" and {"avx2", "fma", "f16c"} <= cpu.cpu_features())
+        or (isa == "avx512" and all(f in cpu.cpu_features() for f in cpu.AVX512_FEATURES))]
+needs_kernel = pytest.mark.skipif(cpu.library() is None, reason="no C compiler or no AVX2 on this CPU")
+
+
+@pytest.fixture(params=ISAS or [None])
+def isa(request, monkeypatch):
+    if request.param is None:
+        pytest.skip("this CPU has neither AVX2+FMA+F16C nor AVX-512: the kernels do not run here")
+    monkeypatch.setenv("GLM45_CPU_ISA", request.param)
+    cpu.library.cache_clear()
+    yield request.param
+    cpu.library.cache_clear()
 
 
 def reference(x, w, bias=None):
-    y = F.linear(x.float(), w.float(), None if bias is None else bias.float())
-    return y
+    return F.linear(x.float(), w.float(), None if bias is None else bias.float())
 
 
-@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_gemv_kernel_matches_float32(rows):
+def test_bf16_kernel_matches_float32(isa, rows):
+    assert cpu.library().glm45_isa().decode() == isa
     torch.manual_seed(rows)
     w = torch.randn(300, 96).bfloat16()
     x = torch.randn(rows, 96).bfloat16()
@@ -25,6 +39,54 @@ def test_gemv_kernel_matches_float32(rows):
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 300)
     # the only rounding is of the fp32 result to bf16
     assert torch.allclose(got.float(), reference(x, w, bias), rtol=2**-8, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_packed_kernels_match_the_dequantized_reference(isa, fmt, rows):
+    torch.manual_seed(7)
+    w = torch.randn(130, 256) * 0.05
+    packed = quantize(w, fmt)
+    x = torch.randn(rows, 256)
+    bias = torch.randn(130)
+    expected = reference(x, dequantize(packed), bias)
+    got = cpu.linear(x, packed, bias)
+    # int8/int4 quantize the activation row to int8 per block of 32 (≈ 0.4% of its range) for integer dots
+    tolerance = 1e-4 if fmt == "fp8" or rows > cpu.MAX_KERNEL_ROWS else 2e-2
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "fp8"])
+def test_grouped_kernel_matches_per_expert_products(isa, fmt):
+    torch.manual_seed(1)
+    stack = torch.randn(5, 40, 64) * 0.1
+    x = torch.randn(6, 64)
+    experts = torch.tensor([0, 0, 3, 4, 1, 3])
+    weight = stack.bfloat16() if fmt == "bf16" else quantize(stack, fmt)
+    dense = stack.bfloat16().float() if fmt == "bf16" else dequantize(weight)
+    got = cpu.grouped_linear(x.bfloat16() if fmt == "bf16" else x, weight, experts).float()
+    expected = torch.stack([reference(x[r:r + 1], dense[e])[0] for r, e in enumerate(experts.tolist())])
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+def test_dequantize_and_embedding_kernels_equal_the_reference(isa, fmt):
+    torch.manual_seed(2)
+    w = torch.randn(50, 96)
+    packed = quantize(w, fmt)
+    torch.testing.assert_close(cpu.dequantize_rows(packed, 0, 3, 20), dequantize(packed)[3:20])
+    ids = torch.tensor([[4, 0], [49, 4]])
+    torch.testing.assert_close(cpu.embedding(ids, packed), dequantize(packed)[ids])
+
+
+def test_fp8_block_scales_match_the_reference(isa):
+    from glm45.quant.packed import fp8_block_weight
+
+    torch.manual_seed(3)
+    data = (torch.randn(200, 300) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+    packed = fp8_block_weight(data, torch.rand(2, 3) + 0.5)
+    x = torch.randn(2, 300)
+    torch.testing.assert_close(cpu.linear(x, packed), x @ dequantize(packed).t(), rtol=1e-4, atol=1e-3)
 
 
 def test_upcast_path_for_many_rows_matches_float32():
@@ -36,19 +98,8 @@ def test_upcast_path_for_many_rows_matches_float32():
     assert torch.allclose(got.float(), reference(x, w), rtol=2**-8, atol=1e-3)
 
 
-@needs_kernel
-def test_grouped_gemv_matches_per_expert_products():
-    torch.manual_seed(1)
-    stack = torch.randn(5, 40, 32).bfloat16()
-    x = torch.randn(6, 32).bfloat16()
-    experts = torch.tensor([0, 0, 3, 4, 1, 3])
-    got = cpu.grouped_gemv(x, stack, experts)
-    expected = torch.stack([reference(x[r:r + 1], stack[e])[0] for r, e in enumerate(experts.tolist())])
-    assert torch.allclose(got.float(), expected, rtol=2**-8, atol=1e-3)
-
-
 def test_fallbacks_keep_torch_semantics():
-    w = torch.randn(8, 24).bfloat16()  # 24 is not a multiple of 16: torch's kernel
+    w = torch.randn(8, 24).bfloat16()  # 24 is not a multiple of 32: torch's kernel
     x = torch.randn(1, 24).bfloat16()
     assert torch.equal(cpu.linear(x, w), F.linear(x, w))
     w32, x32 = w.float().requires_grad_(), x.float()

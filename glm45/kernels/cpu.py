@@ -1,15 +1,17 @@
-"""Fast bf16 linear layers on CPU: a small AVX2 kernel for decode-sized inputs, fp32 upcasting for the rest.
+"""glm45's CPU kernels, compiled on first use for the instruction set this CPU has, and their torch-side calls.
 
-On AVX2-only CPUs (no native bf16 arithmetic) torch's bf16 matmul runs at 6–10 GFLOP/s whatever the batch,
-and its bf16 matrix-vector product reaches about half the memory bandwidth. Measured on the 2-core CI
-machine, and used here:
-- 1–4 input rows (decoding): `cpu_bf16.c` streams the bf16 weights once, widening in registers —
-  about 2× torch on a 151k × 1024 head; for MoE experts one call covers all (row, expert) pairs;
-- more rows (prefill, batched decode): the weights are widened to fp32 a few hundred rows at a time,
-  so the fp32 copy stays in cache, and MKL's fp32 GEMM does the rest — 3–8× torch's bf16 GEMM.
-The kernel is compiled with the system C compiler on first use into a per-user cache; without a
-compiler, on other CPUs, or with GLM45_DISABLE_CPU_KERNELS=1, torch's own ops are used. Autograd never
-goes through these paths (they are for inference only).
+The C sources (`csrc/`) are built with the system C compiler into a per-user cache, once per source hash and
+instruction set: AVX-512 (F, BW, VL, DQ, VNNI, BF16) when the CPU has all of those, else AVX2 + FMA + F16C.
+`GLM45_CPU_ISA=avx2|avx512` forces one (tests run both where the CPU allows), and `GLM45_DISABLE_CPU_KERNELS=1`
+turns the kernels off: torch's own ops are used then, as on CPUs without AVX2 or machines without a compiler.
+
+Measured on the 2-core machine, and used here:
+- 1–4 input rows (decoding): the kernels stream the weights once and widen them in registers (bf16, fp8) or
+  dot quantized activations with them in integers (int8, int4) — about 2× torch's bf16 GEMV on a 151k × 1024
+  head; for MoE experts one call covers all (row, expert) pairs;
+- more rows (prefill, batched decode): the weights are widened or dequantized to fp32 a few hundred rows at a
+  time, so the fp32 copy stays in cache, and torch's fp32 GEMM (MKL) does the rest — 3–8× torch's bf16 GEMM.
+Autograd never goes through these paths (they are for inference only).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -29,95 +31,211 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_bf16.c")
+SOURCES = Path(__file__).with_name("csrc")
 MAX_KERNEL_ROWS = 4
 UPCAST_CHUNK_ROWS = 512
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+               "-mavx512vnni", "-mavx512bf16"],
+}
+AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
+FORMATS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3, "fp8": 4}
+QBLOCK = 32
 
 
-@lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
+class Weight(ctypes.Structure):
+    """The C `Weight` descriptor (csrc/common.h)."""
+
+    _fields_ = [("fmt", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("num_experts", ctypes.c_int64), ("fp8_block", ctypes.c_int64), ("data", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("minimum", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+def cpu_features() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def chosen_isa() -> str | None:
+    """avx512, avx2, or None when the kernels cannot run here (or are turned off)."""
     if os.environ.get("GLM45_DISABLE_CPU_KERNELS") == "1":
         return None
-    if "avx2" not in torch.backends.cpu.get_cpu_capability().lower() and "avx512" not in (
-        torch.backends.cpu.get_cpu_capability().lower()
-    ):
-        return None
+    features = cpu_features()
+    forced = os.environ.get("GLM45_CPU_ISA")
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"GLM45_CPU_ISA={forced!r}: choose one of {sorted(ISA_FLAGS)}")
+        return forced
+    if all(f in features for f in AVX512_FEATURES):
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= features:
+        return "avx2"
+    return None
+
+
+def _compile(isa: str) -> Path | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler found: bf16 CPU linear layers use torch's kernels")
+        logger.info("no C compiler found: CPU linear layers use torch's kernels")
         return None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:16]
+    sources = sorted(SOURCES.glob("*.c"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SOURCES.glob("*.[ch]")))).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glm45" / "kernels"
-    target = cache / f"cpu_bf16-{digest}.so"
+    target = cache / f"glm45_cpu-{isa}-{digest}.so"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        built = Path(tmp) / target.name
+        command = [compiler, "-O3", *ISA_FLAGS[isa], "-fopenmp", "-shared", "-fPIC", "-I", str(SOURCES),
+                   *map(str, sources), "-o", str(built), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            logger.warning("could not compile the CPU kernels (%s); using torch's", result.stderr.strip()[:300])
+            return None
+        built.replace(target)  # atomic: concurrent processes never load a half-written file
+    return target
+
+
+@cache
+def library(isa: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels for `isa` (default: the CPU's best), or None when they cannot run here."""
+    isa = isa or chosen_isa()
+    if isa is None:
+        return None
     try:
-        if not target.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                built = Path(tmp) / target.name
-                command = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o",
-                           str(built)]
-                result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-                if result.returncode != 0:
-                    logger.warning("could not compile the CPU kernels (%s); using torch's",
-                                   result.stderr.strip()[:200])
-                    return None
-                built.replace(target)  # atomic: concurrent processes never load a half-written file
-        library = ctypes.CDLL(str(target))
+        path = _compile(isa)
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("CPU kernels unavailable (%s); using torch's", e)
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.gemv_bf16.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
-    library.grouped_gemv_bf16.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
-    return library
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    w = ctypes.POINTER(Weight)
+    lib.glm45_linear.argtypes = [w, p, i64, i64, p, i64, i32, i32]
+    lib.glm45_grouped_linear.argtypes = [w, p, i64, i64, p, p, i64, i32, i32]
+    lib.glm45_dequantize.argtypes = [w, i64, i64, i64, p, i32]
+    lib.glm45_embedding.argtypes = [w, p, i64, p]
+    lib.glm45_isa.restype = ctypes.c_char_p
+    logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
+    return lib
 
 
-def _inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        weight.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    )
+def available() -> bool:
+    return library() is not None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, faster for bf16 weights on CPU at inference."""
-    if not _inference_bf16(x, weight):
-        return F.linear(x, weight, bias)
+# ---------------------------------------------------------------------- weight descriptors
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def describe(weight, bias: torch.Tensor | None = None) -> Weight | None:
+    """The C descriptor of a weight: a contiguous f32/bf16 tensor [N, K] or [E, N, K], or a `PackedWeight`
+    (glm45.quant); None when the kernels do not take it."""
+    from glm45.quant.packed import PackedWeight
+
+    if isinstance(weight, PackedWeight):
+        experts, n, k = weight.num_experts, weight.out_features, weight.in_features
+        return Weight(FORMATS[weight.format], n, k, experts, weight.block if weight.format == "fp8" else 0,
+                      _ptr(weight.data), _ptr(weight.scale), _ptr(weight.minimum), _ptr(bias))
+    if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_contiguous() or weight.dim() not in (2, 3):
+        return None
+    n, k = weight.shape[-2:]
+    experts = weight.shape[0] if weight.dim() == 3 else 1
+    fmt = FORMATS["f32" if weight.dtype == torch.float32 else "bf16"]
+    return Weight(fmt, n, k, experts, 0, weight.data_ptr(), None, None, _ptr(bias))
+
+
+def _inference(x: torch.Tensor, weight) -> bool:
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or
+                                                                      getattr(weight, "requires_grad", False)))
+
+
+def _rows_input(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------------- torch-facing calls
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, faster on CPU at inference, for plain (f32/bf16) and packed (int8/int4/fp8) weights. The
+    result has x's dtype (bf16 results rounded once, as torch rounds them)."""
+    from glm45.quant.packed import PackedWeight
+
+    packed = isinstance(weight, PackedWeight)
+    if not _inference(x, weight) or (not packed and weight.dtype != torch.bfloat16 and weight.dtype != x.dtype):
+        return F.linear(x, weight.dequantize(x.dtype) if packed else weight, bias)
+    lib = library() if x.device.type == "cpu" else None
     rows = x.numel() // x.shape[-1]
-    out_features, in_features = weight.shape
-    if rows <= MAX_KERNEL_ROWS:
-        library = _library()
-        if library is None or in_features % 16 or x.dtype != torch.bfloat16 or not weight.is_contiguous():
-            return F.linear(x, weight, bias)
-        x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-        library.gemv_bf16(weight.data_ptr(), x.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
-                          y.data_ptr(), rows, out_features, in_features, torch.get_num_threads())
-        return y
-    x32 = x.reshape(rows, in_features).float()
+    out_features = weight.shape[-2]
+    kernel_ok = lib is not None and weight.shape[-1] % QBLOCK == 0 and (packed or weight.is_contiguous())
+    if rows <= MAX_KERNEL_ROWS and kernel_ok and (packed or weight.dtype == torch.bfloat16):
+        x32 = _rows_input(x)
+        y = torch.empty(rows, out_features, dtype=torch.float32)
+        bias32 = None if bias is None else bias.float().contiguous()
+        lib.glm45_linear(ctypes.byref(describe(weight, bias32)), x32.data_ptr(), rows, x32.shape[-1], y.data_ptr(),
+                         out_features, int(x.dtype == torch.bfloat16), torch.get_num_threads())
+        return y.to(x.dtype).view(*x.shape[:-1], out_features)
+    if not packed and weight.dtype == x.dtype and x.dtype != torch.bfloat16:
+        return F.linear(x, weight, bias)
+    # Prefill and batched decode: widen/dequantize cache-sized blocks of rows, multiply in fp32 (MKL).
+    x32 = x.reshape(rows, x.shape[-1]).float()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     for start in range(0, out_features, UPCAST_CHUNK_ROWS):
-        block = weight[start:start + UPCAST_CHUNK_ROWS]
-        torch.mm(x32, block.float().t(), out=y[:, start:start + block.shape[0]])
+        stop = min(start + UPCAST_CHUNK_ROWS, out_features)
+        block = dequantize_rows(weight, 0, start, stop) if packed else weight[start:stop].float()
+        torch.mm(x32, block.t(), out=y[:, start:stop])
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
-def grouped_gemv(x: torch.Tensor, weight: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor | None:
-    """y[r] = weight[expert_of_row[r]] @ x[r] for bf16 expert stacks [E, N, K]; None when not applicable."""
-    if not _inference_bf16(x, weight) or x.dtype != torch.bfloat16 or weight.shape[-1] % 16:
+def grouped_linear(x: torch.Tensor, weight, expert_of_row: torch.Tensor) -> torch.Tensor | None:
+    """y[r] = weight[expert_of_row[r]] @ x[r] for expert stacks [E, N, K] (plain bf16 or packed); None when the
+    kernels do not apply (the caller then groups rows by expert)."""
+    from glm45.quant.packed import PackedWeight
+
+    packed = isinstance(weight, PackedWeight)
+    lib = library() if x.device.type == "cpu" else None
+    if lib is None or not _inference(x, weight) or weight.shape[-1] % QBLOCK:
         return None
-    library = _library()
-    if library is None or not weight.is_contiguous():
+    if not packed and (weight.dtype != torch.bfloat16 or not weight.is_contiguous()):
         return None
-    rows, (_, out_features, in_features) = x.shape[0], weight.shape
-    x = x.contiguous()
+    rows, out_features = x.shape[0], weight.shape[-2]
+    x32 = _rows_input(x)
     experts = expert_of_row.to(torch.int64).contiguous()
-    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
-    library.grouped_gemv_bf16(weight.data_ptr(), x.data_ptr(), experts.data_ptr(), y.data_ptr(), rows,
-                              out_features, in_features, torch.get_num_threads())
-    return y
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    lib.glm45_grouped_linear(ctypes.byref(describe(weight)), x32.data_ptr(), rows, x32.shape[-1], experts.data_ptr(),
+                             y.data_ptr(), out_features, int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return y.to(x.dtype)
+
+
+def dequantize_rows(weight, expert: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of expert `expert` of a packed weight, as fp32 (kernels, or torch's reference)."""
+    lib = library()
+    if lib is None:
+        return weight.dequantize_reference(expert, start, stop)
+    out = torch.empty(stop - start, weight.in_features, dtype=torch.float32)
+    lib.glm45_dequantize(ctypes.byref(describe(weight)), expert, start, stop, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
+    """Rows of a packed embedding table, fp32."""
+    lib = library()
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    if lib is None:
+        out = torch.stack([weight.dequantize_reference(0, int(i), int(i) + 1)[0] for i in flat]) if flat.numel() \
+            else torch.empty(0, weight.in_features)
+    else:
+        out = torch.empty(flat.numel(), weight.in_features, dtype=torch.float32)
+        lib.glm45_embedding(ctypes.byref(describe(weight)), flat.data_ptr(), flat.numel(), out.data_ptr())
+    return out.view(*ids.shape, weight.in_features)

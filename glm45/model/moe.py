@@ -14,6 +14,7 @@ from torch import nn
 from glm45.config import ModelConfig
 from glm45.kernels import cpu
 from glm45.model.layers import MLP
+from glm45.quant.modules import expert_weight
 
 
 class Router(nn.Module):
@@ -84,11 +85,12 @@ class Experts(nn.Module):
         rows_per_expert = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         # Per-expert outputs are concatenated rather than written into a preallocated buffer: in backward every
         # slice assignment would clone and zero-fill the whole buffer, and in inference the one copy is cheap.
+        gate_up_proj, down_proj = self.weights()
         outputs = []
         for expert, rows in enumerate(x_TD[token_of_row].split(rows_per_expert)):
             if rows.shape[0]:
-                gate, up = cpu.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
-                outputs.append(cpu.linear(F.silu(gate) * up, self.down_proj[expert]))
+                gate, up = cpu.linear(rows, gate_up_proj[expert]).chunk(2, dim=-1)
+                outputs.append(cpu.linear(F.silu(gate) * up, down_proj[expert]))
         out_sorted = torch.cat(outputs)
 
         # Weighting in float32 then casting back matches the reference's rounding.
@@ -96,17 +98,22 @@ class Experts(nn.Module):
         weighted = (out_sorted * weights).to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_of_row, weighted)
 
+    def weights(self):
+        """(gate_up_proj, down_proj): plain tensors, or `PackedWeight`s when the model is quantized."""
+        return expert_weight(self, "gate_up_proj"), expert_weight(self, "down_proj")
+
     def _decode(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor):
         """A handful of tokens (decoding): no sorting, every (token, expert) pair in one grouped call per
         projection; the K expert outputs of a token are summed in float32. None when the kernel cannot run."""
         num_tokens, top_k = topk_ids_TK.shape
+        gate_up_proj, down_proj = self.weights()
         x_rows = x_TD.repeat_interleave(top_k, dim=0)
         expert_of_row = topk_ids_TK.reshape(-1)
-        gate_up = cpu.grouped_gemv(x_rows, self.gate_up_proj, expert_of_row)
+        gate_up = cpu.grouped_linear(x_rows, gate_up_proj, expert_of_row)
         if gate_up is None:
             return None
         gate, up = gate_up.chunk(2, dim=-1)
-        out_rows = cpu.grouped_gemv(F.silu(gate) * up, self.down_proj, expert_of_row)
+        out_rows = cpu.grouped_linear(F.silu(gate) * up, down_proj, expert_of_row)
         out_TKD = out_rows.view(num_tokens, top_k, -1).float() * topk_weights_TK[..., None]
         return out_TKD.sum(dim=1).to(x_TD.dtype)
 

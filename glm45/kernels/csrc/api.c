@@ -1,0 +1,87 @@
+/* Standalone entry points for torch-side callers (glm45/kernels/cpu.py): each wraps a kernel in its own OpenMP
+ * region. The decode-step program (program.c) calls the same kernels inside one region for the whole step. */
+#include <omp.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+/* Threads pay off only when a call streams a lot of weights; below that, fork/join costs more than it saves. */
+static int threads_for(int64_t weight_elements, int threads) { return weight_elements >= (1 << 18) ? threads : 1; }
+
+typedef struct {
+    int8_t *xq;
+    float *xd, *xs;
+} QScratch;
+
+static QScratch quantized(const Weight *w, Act *a) {
+    QScratch s = {0};
+    if (!weight_needs_qact(w)) return s;
+    int64_t nb = a->K / QBLOCK;
+    s.xq = (int8_t *)malloc(a->M * a->K);
+    s.xd = (float *)malloc(a->M * nb * sizeof(float));
+    s.xs = (float *)malloc(a->M * nb * sizeof(float));
+    quantize_act_rows(a->x, a->ldx, 0, a->M, a->K, s.xq, s.xd, s.xs);
+    a->xq = s.xq, a->xd = s.xd, a->xs = s.xs;
+    return s;
+}
+
+static void release(QScratch s) {
+    free(s.xq);
+    free(s.xd);
+    free(s.xs);
+}
+
+/* y[M, N] = x[M, K] · Wᵀ (+ bias). */
+void glm45_linear(const Weight *w, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int round,
+                  int threads) {
+    Act a = {x, M, w->K, ldx, NULL, NULL, NULL};
+    QScratch s = quantized(w, &a);
+    int nth = threads_for(w->N * w->K, threads);
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        int64_t n0, n1;
+        split_range(w->N, omp_get_thread_num(), omp_get_num_threads(), 16, &n0, &n1);
+        if (n1 > n0) weight_rows(w, 0, n0, n1, &a, 0, M, y, ldy, round);
+    }
+    release(s);
+}
+
+/* y[r] = W[expert[r]] · x[r] for R rows (MoE decoding: one row per (token, chosen expert) pair). */
+void glm45_grouped_linear(const Weight *w, const float *x, int64_t R, int64_t ldx, const int64_t *expert, float *y,
+                          int64_t ldy, int round, int threads) {
+    Act a = {x, R, w->K, ldx, NULL, NULL, NULL};
+    QScratch s = quantized(w, &a);
+    const int64_t chunk = 16, chunks = (w->N + chunk - 1) / chunk;
+    int nth = threads_for(R * w->N * w->K, threads);
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        int64_t i0, i1;
+        split_range(R * chunks, omp_get_thread_num(), omp_get_num_threads(), 1, &i0, &i1);
+        for (int64_t i = i0; i < i1; i++) {
+            int64_t r = i / chunks, n0 = (i % chunks) * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
+            weight_rows(w, expert[r], n0, n1, &a, r, 1, y, ldy, round);
+        }
+    }
+    release(s);
+}
+
+/* Rows [n0, n1) of expert `expert`'s matrix as fp32, [n1 - n0, K]. */
+void glm45_dequantize(const Weight *w, int64_t expert, int64_t n0, int64_t n1, float *out, int threads) {
+    int nth = threads_for((n1 - n0) * w->K, threads);
+#pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
+    for (int64_t n = n0; n < n1; n++) dequant_row(w, expert, n, out + (n - n0) * w->K);
+}
+
+/* Rows `ids[t]` of an embedding table, [T, K] fp32. */
+void glm45_embedding(const Weight *w, const int64_t *ids, int64_t T, float *out) {
+    for (int64_t t = 0; t < T; t++) dequant_row(w, 0, ids[t], out + t * w->K);
+}
+
+/* Which instruction set this build targets (checked by the loader against its file name). */
+const char *glm45_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#else
+    return "avx2";
+#endif
+}

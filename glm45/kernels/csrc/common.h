@@ -1,0 +1,96 @@
+/* Shared definitions of glm45's CPU kernels (glm45/kernels/cpu.py compiles them once per instruction set).
+ *
+ * Weights come in five formats (the `Weight` descriptor below); activations are fp32 rows. Every kernel is
+ * written as "my share of the work": it takes the thread index `ith` of `nth`, so the same function serves a
+ * standalone call (wrapped in its own OpenMP region) and the decode-step program (program.c), whose single
+ * OpenMP region runs every op of a step with a barrier between ops.
+ *
+ * Numbers: sums are fp32. With `round_bf16` a result is rounded to the nearest bf16 (ties to even) and kept in
+ * fp32, which reproduces where a bf16 model rounds in torch.
+ */
+#ifndef GLM45_COMMON_H
+#define GLM45_COMMON_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_Q8 = 2, FMT_Q4 = 3, FMT_FP8 = 4 };
+#define QBLOCK 32 /* int8/int4 weights: one scale (and minimum) per 32 inputs */
+
+/* A weight matrix [N, K] (y = W x), or a stack of E of them for MoE experts. */
+typedef struct {
+    int64_t fmt;
+    int64_t N, K;
+    int64_t num_experts;    /* 1 for a plain matrix */
+    int64_t fp8_block;      /* fp8: 0 = one scale per output row, else square blocks of this size */
+    const void *data;       /* f32 / bf16 (uint16) / int8 / packed int4 (uint8, [N, K/2]) / e4m3 (uint8) */
+    const void *scale;      /* q8, q4: fp16 [N, K/32]; fp8: float [N] or [ceil(N/b), ceil(K/b)] */
+    const void *minimum;    /* q4: fp16 [N, K/32] (w = scale * q + minimum, q in 0..15) */
+    const float *bias;      /* optional [N] (plain matrices only) */
+} Weight;
+
+/* Activation rows quantized for the integer-dot formats: per block of 32, xq = round(x / d) with
+ * d = max|x| / 127, and s = d * sum(xq) (the minimum term of int4). */
+typedef struct {
+    const float *x;  /* [M, K] */
+    int64_t M, K, ldx;
+    int8_t *xq;      /* [M, K] or NULL */
+    float *xd, *xs;  /* [M, K/32] */
+} Act;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);                  /* round to nearest, ties to even */
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static inline float fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+/* e4m3 → fp32. Placing e4m3's 7 exponent+mantissa bits at fp16's bits 13..7 gives an fp16 whose value is the
+ * e4m3 value times 2^-8 (exponent bias 15 instead of 7), subnormals included; the kernels fold 2^8 into the
+ * scale. NaN (0x7f/0xff) is not produced by quantizers and is not special-cased. */
+#define FP8_RESCALE 256.0f
+static inline float fp8_to_f32(uint8_t v) {
+    uint16_t h = (uint16_t)(((v & 0x7f) << 7) | ((v & 0x80) << 8));
+    return _cvtsh_ss(h) * FP8_RESCALE;
+}
+
+/* [begin, end) of `n` items for thread ith of nth, in chunks of `align`. */
+static inline void split_range(int64_t n, int ith, int nth, int64_t align, int64_t *begin, int64_t *end) {
+    int64_t chunks = (n + align - 1) / align;
+    int64_t per = chunks / nth, extra = chunks % nth;
+    int64_t c0 = ith * per + (ith < extra ? ith : extra);
+    int64_t c1 = c0 + per + (ith < extra ? 1 : 0);
+    *begin = c0 * align < n ? c0 * align : n;
+    *end = c1 * align < n ? c1 * align : n;
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- kernels shared between files ---- */
+void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
+                 float *y, int64_t ldy, int round);
+void quantize_act_rows(const float *x, int64_t ldx, int64_t m0, int64_t m1, int64_t K, int8_t *xq, float *xd,
+                       float *xs);
+int weight_needs_qact(const Weight *w);
+void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out);
+
+#endif

@@ -1,0 +1,283 @@
+/* Matrix-vector products for decoding: a few activation rows against a weight matrix in any of five formats.
+ *
+ * Decoding reads every active weight once per token, so these kernels stream each weight row once and dot it
+ * with up to 4 activation rows at a time (more rows loop over groups of 4 while the row is in cache):
+ *   f32, bf16   widened in registers (a bf16 is the top half of an fp32), fp32 FMA;
+ *   fp8 (e4m3)  widened through fp16 (see fp8_to_f32), fp32 FMA, one scale per row or per 128×128 block;
+ *   int8 (q8)   blocks of 32 with an fp16 scale; the activation row is quantized to int8 per block of 32 and
+ *               the dot products are integer (maddubs, or VNNI's dpbusd): llama.cpp's route for Q8_0;
+ *   int4 (q4)   blocks of 32 with an fp16 scale and minimum (w = d·q + m, q in 0..15), packed two per byte
+ *               (byte j: element j in the low nibble, element j + 16 in the high one); integer dots as int8,
+ *               plus m · Σx from the quantized activation's block sums.
+ * f32/bf16/fp8 use the widest vectors the build has (AVX-512 or AVX2); int8/int4 work on 256-bit blocks of 32.
+ */
+#include <stdlib.h>
+
+#include "common.h"
+
+#ifdef __AVX512F__
+#define VL 16
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vhsum(v) _mm512_reduce_add_ps(v)
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline vf vload_fp8(const uint8_t *p) {
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7f)), 7),
+                                _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8));
+    return _mm512_cvtph_ps(h);
+}
+#else
+#define VL 8
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vhsum(v) hsum256(v)
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vf vload_fp8(const uint8_t *p) {
+    __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7f)), 7),
+                             _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8));
+    return _mm256_cvtph_ps(h);
+}
+#endif
+
+static inline float finish(float sum, const Weight *w, int64_t n, int round) {
+    if (w->bias) sum += w->bias[n];
+    return round ? round_bf16(sum) : sum;
+}
+
+/* ---------------------------------------------------------------- f32, bf16, fp8: widen and FMA */
+/* One weight row (already widened by LOAD) against mc ≤ 4 activation rows; two accumulators each. */
+#define FLOAT_ROWS(NAME, TYPE, LOAD, SCALAR)                                                                   \
+    static void NAME(const TYPE *row, int64_t K, const Act *a, int64_t m0, int64_t mc, float out[4]) {       \
+        vf acc[4][2];                                                                                          \
+        for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = vzero();                                           \
+        const float *x0 = a->x + m0 * a->ldx;                                                                  \
+        int64_t k = 0;                                                                                         \
+        if (mc == 1) {                                                                                         \
+            vf b0 = vzero(), b1 = vzero(), b2 = vzero(), b3 = vzero();                                         \
+            for (; k + 4 * VL <= K; k += 4 * VL) {                                                             \
+                b0 = vfma(LOAD(row + k), vload(x0 + k), b0);                                                   \
+                b1 = vfma(LOAD(row + k + VL), vload(x0 + k + VL), b1);                                         \
+                b2 = vfma(LOAD(row + k + 2 * VL), vload(x0 + k + 2 * VL), b2);                                 \
+                b3 = vfma(LOAD(row + k + 3 * VL), vload(x0 + k + 3 * VL), b3);                                 \
+            }                                                                                                  \
+            acc[0][0] = vadd(vadd(b0, b1), vadd(b2, b3));                                                      \
+        }                                                                                                      \
+        for (; k + 2 * VL <= K; k += 2 * VL) {                                                                 \
+            vf w0 = LOAD(row + k), w1 = LOAD(row + k + VL);                                                    \
+            for (int m = 0; m < mc; m++) {                                                                     \
+                const float *xm = x0 + m * a->ldx + k;                                                         \
+                acc[m][0] = vfma(w0, vload(xm), acc[m][0]);                                                    \
+                acc[m][1] = vfma(w1, vload(xm + VL), acc[m][1]);                                               \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int m = 0; m < mc; m++) {                                                                         \
+            float s = vhsum(vadd(acc[m][0], acc[m][1]));                                                       \
+            const float *xm = x0 + m * a->ldx;                                                                 \
+            for (int64_t t = k; t < K; t++) s += SCALAR(row[t]) * xm[t];                                       \
+            out[m] = s;                                                                                        \
+        }                                                                                                      \
+    }
+
+static inline float f32_id(float v) { return v; }
+FLOAT_ROWS(row_f32, float, vload, f32_id)
+FLOAT_ROWS(row_bf16, uint16_t, vload_bf16, bf16_to_f32)
+
+/* fp8 rows accumulate per 128-wide block when the scales are per block. */
+static inline float fp8_raw(uint8_t v) { return fp8_to_f32(v) / FP8_RESCALE; }
+FLOAT_ROWS(row_fp8_raw, uint8_t, vload_fp8, fp8_raw)
+
+static void rows_float(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
+                       float *y, int64_t ldy, int round) {
+    const int64_t K = w->K;
+    float out[4];
+    for (int64_t n = n0; n < n1; n++) {
+        if (w->fmt == FMT_F32) {
+            row_f32((const float *)w->data + (e * w->N + n) * K, K, a, m0, mc, out);
+        } else {
+            row_bf16((const uint16_t *)w->data + (e * w->N + n) * K, K, a, m0, mc, out);
+        }
+        for (int m = 0; m < mc; m++) y[(m0 + m) * ldy + n] = finish(out[m], w, n, round);
+    }
+}
+
+static void rows_fp8(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
+                     float *y, int64_t ldy, int round) {
+    const int64_t K = w->K, B = w->fp8_block;
+    const uint8_t *base = (const uint8_t *)w->data + e * w->N * K;
+    const float *scale = (const float *)w->scale;
+    float out[4], part[4];
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = base + n * K;
+        if (B == 0) {
+            row_fp8_raw(row, K, a, m0, mc, out);
+            float s = scale[e * w->N + n] * FP8_RESCALE;
+            for (int m = 0; m < mc; m++) out[m] *= s;
+        } else {
+            int64_t kb = (K + B - 1) / B;
+            const float *srow = scale + (e * ((w->N + B - 1) / B) + n / B) * kb;
+            for (int m = 0; m < mc; m++) out[m] = 0.0f;
+            for (int64_t b = 0; b < kb; b++) {
+                Act sub = *a;
+                sub.x = a->x + b * B;
+                int64_t len = (b + 1) * B <= K ? B : K - b * B;
+                row_fp8_raw(row + b * B, len, &sub, m0, mc, part);
+                for (int m = 0; m < mc; m++) out[m] += part[m] * srow[b] * FP8_RESCALE;
+            }
+        }
+        for (int m = 0; m < mc; m++) y[(m0 + m) * ldy + n] = finish(out[m], w, n, round);
+    }
+}
+
+/* ---------------------------------------------------------------- int8 / int4: integer dots */
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+static void rows_q8(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
+                    float *y, int64_t ldy, int round) {
+    const int64_t K = w->K, nb = K / QBLOCK;
+    const int8_t *base = (const int8_t *)w->data + e * w->N * K;
+    const uint16_t *dbase = (const uint16_t *)w->scale + e * w->N * nb;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *row = base + n * K;
+        const uint16_t *d = dbase + n * nb;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i wq = _mm256_loadu_si256((const __m256i *)(row + b * QBLOCK));
+            __m256i wabs = _mm256_sign_epi8(wq, wq);  /* |w| as unsigned; the sign moves onto x */
+            float dw = fp16_to_f32(d[b]);
+            for (int m = 0; m < mc; m++) {
+                const int64_t r = m0 + m;
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + r * K + b * QBLOCK));
+                __m256i p = dot_u8s8(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(xq, wq));
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->xd[r * nb + b]), acc[m]);
+            }
+        }
+        for (int m = 0; m < mc; m++) y[(m0 + m) * ldy + n] = finish(hsum256(acc[m]), w, n, round);
+    }
+}
+
+static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
+                    float *y, int64_t ldy, int round) {
+    const int64_t K = w->K, nb = K / QBLOCK;
+    const uint8_t *base = (const uint8_t *)w->data + e * w->N * (K / 2);
+    const uint16_t *dbase = (const uint16_t *)w->scale + e * w->N * nb;
+    const uint16_t *mbase = (const uint16_t *)w->minimum + e * w->N * nb;
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = base + n * (K / 2);
+        const uint16_t *d = dbase + n * nb, *mn = mbase + n * nb;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        float mins[4] = {0, 0, 0, 0};
+        for (int64_t b = 0; b < nb; b++) {
+            __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
+            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+            float dw = fp16_to_f32(d[b]), mw = fp16_to_f32(mn[b]);
+            for (int m = 0; m < mc; m++) {
+                const int64_t r = m0 + m;
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + r * K + b * QBLOCK));
+                __m256i p = dot_u8s8(_mm256_setzero_si256(), q, xq);
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->xd[r * nb + b]), acc[m]);
+                mins[m] += mw * a->xs[r * nb + b];
+            }
+        }
+        for (int m = 0; m < mc; m++) y[(m0 + m) * ldy + n] = finish(hsum256(acc[m]) + mins[m], w, n, round);
+    }
+}
+
+/* ---------------------------------------------------------------- entry points shared with program.c */
+int weight_needs_qact(const Weight *w) { return w->fmt == FMT_Q8 || w->fmt == FMT_Q4; }
+
+void quantize_act_rows(const float *x, int64_t ldx, int64_t m0, int64_t m1, int64_t K, int8_t *xq, float *xd,
+                       float *xs) {
+    const int64_t nb = K / QBLOCK;
+    for (int64_t m = m0; m < m1; m++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *v = x + m * ldx + b * QBLOCK;
+            float amax = 0.0f;
+            for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
+            float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            int sum = 0;
+            int8_t *q = xq + m * K + b * QBLOCK;
+            for (int i = 0; i < QBLOCK; i++) {
+                int t = (int)nearbyintf(v[i] * inv);
+                q[i] = (int8_t)t;
+                sum += t;
+            }
+            xd[m * nb + b] = d;
+            xs[m * nb + b] = d * (float)sum;
+        }
+    }
+}
+
+/* y[m, n] for n in [n0, n1) and activation rows [m0, m0 + mc), of expert `expert`'s matrix. */
+void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
+                 float *y, int64_t ldy, int round) {
+    for (int64_t m = m0; m < m0 + mc; m += 4) {
+        int64_t c = m0 + mc - m < 4 ? m0 + mc - m : 4;
+        switch (w->fmt) {
+        case FMT_F32:
+        case FMT_BF16: rows_float(w, expert, n0, n1, a, m, c, y, ldy, round); break;
+        case FMT_FP8: rows_fp8(w, expert, n0, n1, a, m, c, y, ldy, round); break;
+        case FMT_Q8: rows_q8(w, expert, n0, n1, a, m, c, y, ldy, round); break;
+        case FMT_Q4: rows_q4(w, expert, n0, n1, a, m, c, y, ldy, round); break;
+        }
+    }
+}
+
+/* Row n of expert `expert`, as fp32 (embedding lookups and the prefill path's dequantization). */
+void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out) {
+    const int64_t K = w->K, nb = K / QBLOCK, r = expert * w->N + n;
+    switch (w->fmt) {
+    case FMT_F32: memcpy(out, (const float *)w->data + r * K, K * sizeof(float)); break;
+    case FMT_BF16:
+        for (int64_t k = 0; k < K; k++) out[k] = bf16_to_f32(((const uint16_t *)w->data)[r * K + k]);
+        break;
+    case FMT_FP8: {
+        const uint8_t *row = (const uint8_t *)w->data + r * K;
+        const float *scale = (const float *)w->scale;
+        const int64_t B = w->fp8_block;
+        for (int64_t k = 0; k < K; k++) {
+            float s = B == 0 ? scale[r]
+                             : scale[(expert * ((w->N + B - 1) / B) + n / B) * ((K + B - 1) / B) + k / B];
+            out[k] = fp8_to_f32(row[k]) * s;
+        }
+        break;
+    }
+    case FMT_Q8: {
+        const int8_t *row = (const int8_t *)w->data + r * K;
+        const uint16_t *d = (const uint16_t *)w->scale + r * nb;
+        for (int64_t k = 0; k < K; k++) out[k] = row[k] * fp16_to_f32(d[k / QBLOCK]);
+        break;
+    }
+    case FMT_Q4: {
+        const uint8_t *row = (const uint8_t *)w->data + r * (K / 2);
+        const uint16_t *d = (const uint16_t *)w->scale + r * nb, *mn = (const uint16_t *)w->minimum + r * nb;
+        for (int64_t b = 0; b < nb; b++) {
+            float db = fp16_to_f32(d[b]), mb = fp16_to_f32(mn[b]);
+            for (int j = 0; j < QBLOCK / 2; j++) {
+                uint8_t byte = row[b * (QBLOCK / 2) + j];
+                out[b * QBLOCK + j] = db * (byte & 0x0f) + mb;
+                out[b * QBLOCK + j + QBLOCK / 2] = db * (byte >> 4) + mb;
+            }
+        }
+        break;
+    }
+    }
+}

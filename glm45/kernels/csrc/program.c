@@ -1,0 +1,344 @@
+/* The captured decode step: a list of ops (built once per batch size by glm45/engine/captured_cpu.py) run in one
+ * OpenMP region, each op split over the threads, with a barrier between ops. Compared with one torch call per
+ * small op, a step then costs its bytes: no Python, no dispatcher, no fork/join per op.
+ *
+ * Rows: a step has R rows (tokens); row r has a token, a position, a KV slot, a block-table row and a context
+ * length. Padding rows write their K/V to a scratch block and are ignored. Activations are fp32 buffers; with
+ * the program's `round_bf16` set, values are rounded to bf16 where a bf16 model rounds in torch, so the result
+ * follows the eager path's arithmetic (the matrix products sum in another order).
+ *
+ * Op slots (Op.p = pointers, Op.n = integers, Op.f = floats) are listed per kind below.
+ */
+#include <omp.h>
+#include "common.h"
+
+enum {
+    OP_EMBED = 1,    /* p: Weight*, tokens(i64), out | n: R, ld_out */
+    OP_RMSNORM = 2,  /* p: x, weight, out, add(or NULL) | n: R, D, ld_x, ld_out, ld_add | f: eps
+                        x += add (in place, rounded) when add; out = weight * rms_norm(x) */
+    OP_QUANT = 3,    /* p: x, xq, xd, xs | n: R, K, ld_x */
+    OP_LINEAR = 4,   /* p: x, xq, xd, xs, (Weight*, out) × up to 3 | n: R, ld_x, count, ld_out × 3 */
+    OP_QK_ROPE = 5,  /* p: qkv, q_norm, k_norm, positions(i64), k_cache, v_cache, slots(i64), inv_freq
+                        | n: R, Hq, Hkv, hd, rotary_dim, ld_qkv, kv_dtype | f: eps */
+    OP_ATTN = 6,     /* p: qkv, k_cache, v_cache, tables(i32 [R, max_blocks]), ctx_lens(i32), out, scratch
+                        | n: R, Hq, Hkv, hd, block_size, max_blocks, ld_qkv, ld_out, kv_dtype, max_context
+                        | f: scale   (scratch: f32 [threads, Hq / Hkv, max_context]) */
+    OP_SILU_MUL = 7, /* p: gate_up, out | n: rows, I, ld_in, ld_out  (gate = cols [0, I), up = [I, 2I)) */
+    OP_ROUTER = 8,   /* p: x, weight(f32 [E, D]), bias(f32 [E]), ids(i64 [R, K]), weights(f32 [R, K])
+                        | n: R, D, E, K, n_group, topk_group, norm_topk, ld_x | f: scaling */
+    OP_GROUPED = 9,  /* p: x, xq, xd, xs, Weight*, ids(i64 [P]), out | n: P, rows_per_input, ld_x, ld_out */
+    OP_COMBINE = 10, /* p: expert_out, weights, shared, out | n: R, K, D, ld_out
+                        out = (Σ_k expert_out[r·K + k] · w[r, k]) + shared[r] */
+    OP_GATHER = 11,  /* p: src, rows(i64), out | n: count, D, ld_src, ld_out */
+};
+enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
+
+typedef struct {
+    int64_t kind;
+    void *p[12];
+    int64_t n[12];
+    float f[4];
+} Op;
+
+static inline float rnd(float v, int round) { return round ? round_bf16(v) : v; }
+
+static inline float kv_load(const void *cache, int64_t i, int64_t dtype) {
+    if (dtype == KV_BF16) return bf16_to_f32(((const uint16_t *)cache)[i]);
+    if (dtype == KV_FP8) return fp8_to_f32(((const uint8_t *)cache)[i]);
+    return ((const float *)cache)[i];
+}
+
+static inline void kv_store(void *cache, int64_t i, float v, int64_t dtype) {
+    if (dtype == KV_BF16) {
+        ((uint16_t *)cache)[i] = f32_to_bf16(v);
+    } else if (dtype == KV_FP8) {
+        /* fp32 → fp16 (×2^-8, see fp8_to_f32) → round the mantissa from 10 to 3 bits, ties to even, and saturate
+         * at 448: the magnitude bits are monotonic, so a carry into the exponent is the right rounding. */
+        uint16_t h = _cvtss_sh(v / FP8_RESCALE, _MM_FROUND_TO_NEAREST_INT);
+        uint16_t mag = h & 0x7fff, code = (uint16_t)((mag + 0x3f + ((mag >> 7) & 1)) >> 7);
+        ((uint8_t *)cache)[i] = (uint8_t)((code > 0x7e ? 0x7e : code) | ((h >> 8) & 0x80));
+    } else {
+        ((float *)cache)[i] = v;
+    }
+}
+
+static void rms_row(const float *x, const float *w, float *out, int64_t D, float eps, int round) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int64_t i = 0; i < D; i++) out[i] = rnd(w[i] * rnd(x[i] * inv, round), round);
+}
+
+static void op_rmsnorm(const Op *op, int ith, int nth, int round) {
+    float *x = op->p[0], *add = op->p[3];
+    const float *w = op->p[1];
+    float *out = op->p[2];
+    int64_t r0, r1, D = op->n[1];
+    split_range(op->n[0], ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        float *xr = x + r * op->n[2];
+        if (add)
+            for (int64_t i = 0; i < D; i++) xr[i] = rnd(xr[i] + add[r * op->n[4] + i], round);
+        rms_row(xr, w, out + r * op->n[3], D, op->f[0], round);
+    }
+}
+
+static void op_linear(const Op *op, int ith, int nth, int round) {
+    Act a = {op->p[0], op->n[0], 0, op->n[1], op->p[1], op->p[2], op->p[3]};
+    int64_t count = op->n[2], total = 0;
+    for (int64_t j = 0; j < count; j++) total += ((const Weight *)op->p[4 + 2 * j])->N;
+    int64_t i0, i1;
+    split_range(total, ith, nth, 16, &i0, &i1);
+    int64_t offset = 0;
+    for (int64_t j = 0; j < count && i0 < i1; j++) {
+        const Weight *w = op->p[4 + 2 * j];
+        int64_t b = i0 - offset > 0 ? i0 - offset : 0, e = i1 - offset < w->N ? i1 - offset : w->N;
+        if (b < e) {
+            a.K = w->K;
+            weight_rows(w, 0, b, e, &a, 0, a.M, op->p[5 + 2 * j], op->n[3 + j], round);
+        }
+        offset += w->N;
+    }
+}
+
+static void op_qk_rope(const Op *op, int ith, int nth, int round) {
+    float *qkv = op->p[0];
+    const float *qn = op->p[1], *kn = op->p[2], *inv_freq = op->p[7];
+    const int64_t *pos = op->p[3], *slots = op->p[6];
+    const int64_t Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], rd = op->n[4], ld = op->n[5], dt = op->n[6];
+    const int64_t half = rd / 2;
+    int64_t r0, r1;
+    split_range(op->n[0], ith, nth, 1, &r0, &r1);
+    float tmp[1024], cs[512], sn[512];
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t i = 0; i < half; i++) {
+            float angle = (float)pos[r] * inv_freq[i];
+            cs[i] = rnd(cosf(angle), round);
+            sn[i] = rnd(sinf(angle), round);
+        }
+        float *row = qkv + r * ld;
+        for (int64_t h = 0; h < Hq + Hkv; h++) {
+            float *v = row + h * hd;
+            const float *norm = h < Hq ? qn : kn;
+            if (norm) {
+                rms_row(v, norm, tmp, hd, op->f[0], round);
+                memcpy(v, tmp, hd * sizeof(float));
+            }
+            /* rotate-half on the first rd dims: x_rot·cos + rotate_half(x_rot)·sin, rounded like torch */
+            for (int64_t i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                tmp[i] = rnd(rnd(a * cs[i], round) + rnd(-b * sn[i], round), round);
+                tmp[i + half] = rnd(rnd(b * cs[i], round) + rnd(a * sn[i], round), round);
+            }
+            memcpy(v, tmp, rd * sizeof(float));
+        }
+        /* K and V of this token into its cache slot */
+        const float *k = row + Hq * hd, *vv = row + (Hq + Hkv) * hd;
+        for (int64_t i = 0; i < Hkv * hd; i++) {
+            kv_store(op->p[4], slots[r] * Hkv * hd + i, k[i], dt);
+            kv_store(op->p[5], slots[r] * Hkv * hd + i, vv[i], dt);
+        }
+    }
+}
+
+static void op_attn(const Op *op, int ith, int nth, int round) {
+    const float *qkv = op->p[0];
+    const void *kc = op->p[1], *vc = op->p[2];
+    const int32_t *tables = op->p[3], *ctx = op->p[4];
+    float *out = op->p[5];
+    const int64_t R = op->n[0], Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], bs = op->n[4], mb = op->n[5];
+    const int64_t ldq = op->n[6], ldo = op->n[7], dt = op->n[8], group = Hq / Hkv;
+    const float scale = op->f[0];
+    int64_t i0, i1;
+    split_range(R * Hkv, ith, nth, 1, &i0, &i1);
+    const int64_t max_ctx = op->n[9];
+    float *scores = (float *)op->p[6] + (int64_t)ith * group * max_ctx;
+    float acc[1024];
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t r = i / Hkv, kvh = i % Hkv, L = ctx[r];
+        const int32_t *table = tables + r * mb;
+        for (int64_t g = 0; g < group; g++) {
+            const float *q = qkv + r * ldq + (kvh * group + g) * hd;
+            float *s = scores + g * max_ctx, mx = -INFINITY;
+            for (int64_t t = 0; t < L; t++) {
+                const int64_t base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
+                float dot = 0.0f;
+                if (dt == KV_BF16) {
+                    const uint16_t *k = (const uint16_t *)kc + base;
+                    for (int64_t d = 0; d < hd; d++) dot += q[d] * bf16_to_f32(k[d]);
+                } else if (dt == KV_F32) {
+                    const float *k = (const float *)kc + base;
+                    for (int64_t d = 0; d < hd; d++) dot += q[d] * k[d];
+                } else {
+                    for (int64_t d = 0; d < hd; d++) dot += q[d] * kv_load(kc, base + d, dt);
+                }
+                s[t] = dot * scale;
+                mx = s[t] > mx ? s[t] : mx;
+            }
+            float total = 0.0f;
+            for (int64_t t = 0; t < L; t++) total += (s[t] = expf(s[t] - mx));
+            for (int64_t d = 0; d < hd; d++) acc[d] = 0.0f;
+            for (int64_t t = 0; t < L; t++) {
+                const int64_t base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
+                const float p = s[t] / total;
+                if (dt == KV_BF16) {
+                    const uint16_t *v = (const uint16_t *)vc + base;
+                    for (int64_t d = 0; d < hd; d++) acc[d] += p * bf16_to_f32(v[d]);
+                } else if (dt == KV_F32) {
+                    const float *v = (const float *)vc + base;
+                    for (int64_t d = 0; d < hd; d++) acc[d] += p * v[d];
+                } else {
+                    for (int64_t d = 0; d < hd; d++) acc[d] += p * kv_load(vc, base + d, dt);
+                }
+            }
+            float *o = out + r * ldo + (kvh * group + g) * hd;
+            for (int64_t d = 0; d < hd; d++) o[d] = rnd(acc[d], round);
+        }
+    }
+}
+
+static void op_silu_mul(const Op *op, int ith, int nth, int round) {
+    const float *in = op->p[0];
+    float *out = op->p[1];
+    const int64_t I = op->n[1];
+    int64_t r0, r1;
+    split_range(op->n[0], ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        const float *g = in + r * op->n[2], *u = g + I;
+        float *o = out + r * op->n[3];
+        for (int64_t i = 0; i < I; i++) o[i] = rnd(rnd(g[i] / (1.0f + expf(-g[i])), round) * u[i], round);
+    }
+}
+
+static void op_router(const Op *op, int ith, int nth) {
+    const float *x = op->p[0], *W = op->p[1], *bias = op->p[2];
+    int64_t *ids = op->p[3];
+    float *wout = op->p[4];
+    const int64_t D = op->n[1], E = op->n[2], K = op->n[3], G = op->n[4], TG = op->n[5], ld = op->n[7];
+    int64_t r0, r1;
+    split_range(op->n[0], ith, nth, 1, &r0, &r1);
+    float score[1024], choice[1024];
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = x + r * ld;
+        for (int64_t e = 0; e < E; e++) {
+            float dot = 0.0f;
+            for (int64_t d = 0; d < D; d++) dot += xr[d] * W[e * D + d];
+            score[e] = 1.0f / (1.0f + expf(-dot));
+            choice[e] = score[e] + bias[e];
+        }
+        if (G > 1) { /* keep the topk_group groups with the best sums of their two best biased scores */
+            const int64_t per = E / G;
+            float gscore[64];
+            int keep[64] = {0};
+            for (int64_t g = 0; g < G; g++) {
+                float a = -INFINITY, b = -INFINITY;
+                for (int64_t e = g * per; e < (g + 1) * per; e++) {
+                    if (choice[e] > a) { b = a; a = choice[e]; } else if (choice[e] > b) { b = choice[e]; }
+                }
+                gscore[g] = a + b;
+            }
+            for (int64_t t = 0; t < TG; t++) {
+                int64_t best = -1;
+                for (int64_t g = 0; g < G; g++)
+                    if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+                keep[best] = 1;
+            }
+            for (int64_t e = 0; e < E; e++)
+                if (!keep[e / per]) choice[e] = -INFINITY;
+        }
+        float total = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (choice[e] != -INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
+            if (best < 0) best = 0; /* unreachable for valid configs */
+            ids[r * K + k] = best;
+            wout[r * K + k] = score[best];
+            total += score[best];
+            choice[best] = -INFINITY;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            float v = wout[r * K + k];
+            if (op->n[6]) v = v / (total + 1e-20f);
+            wout[r * K + k] = v * op->f[0];
+        }
+    }
+}
+
+static void op_grouped(const Op *op, int ith, int nth, int round) {
+    const Weight *w = op->p[4];
+    const int64_t *ids = op->p[5];
+    const int64_t P = op->n[0], per = op->n[1];
+    /* Rows of pair p read input row p / per; give each (pair, chunk of 16 output rows) to one thread. */
+    Act a = {op->p[0], 0, w->K, op->n[2], op->p[1], op->p[2], op->p[3]};
+    const int64_t chunk = 16, chunks = (w->N + chunk - 1) / chunk;
+    int64_t i0, i1;
+    split_range(P * chunks, ith, nth, 1, &i0, &i1);
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t p = i / chunks, n0 = (i % chunks) * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
+        a.M = p / per + 1;
+        float *y = (float *)op->p[6] + p * op->n[3] - (p / per) * op->n[3];
+        weight_rows(w, ids[p], n0, n1, &a, p / per, 1, y, op->n[3], round);
+    }
+}
+
+static void op_combine(const Op *op, int ith, int nth, int round) {
+    const float *eo = op->p[0], *w = op->p[1], *shared = op->p[2];
+    float *out = op->p[3];
+    const int64_t K = op->n[1], D = op->n[2];
+    int64_t r0, r1;
+    split_range(op->n[0], ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t d = 0; d < D; d++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) s += eo[(r * K + k) * D + d] * w[r * K + k];
+            out[r * op->n[3] + d] = rnd(rnd(s, round) + shared[r * D + d], round);
+        }
+}
+
+static void run_op(const Op *op, int ith, int nth, int round) {
+    int64_t r0, r1;
+    switch (op->kind) {
+    case OP_EMBED:
+        split_range(op->n[0], ith, nth, 1, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++) {
+            float *o = (float *)op->p[2] + r * op->n[1];
+            dequant_row(op->p[0], 0, ((const int64_t *)op->p[1])[r], o);
+            if (round)
+                for (int64_t i = 0; i < ((const Weight *)op->p[0])->K; i++) o[i] = round_bf16(o[i]);
+        }
+        break;
+    case OP_RMSNORM: op_rmsnorm(op, ith, nth, round); break;
+    case OP_QUANT:
+        split_range(op->n[0], ith, nth, 1, &r0, &r1);
+        quantize_act_rows(op->p[0], op->n[2], r0, r1, op->n[1], op->p[1], op->p[2], op->p[3]);
+        break;
+    case OP_LINEAR: op_linear(op, ith, nth, round); break;
+    case OP_QK_ROPE: op_qk_rope(op, ith, nth, round); break;
+    case OP_ATTN: op_attn(op, ith, nth, round); break;
+    case OP_SILU_MUL: op_silu_mul(op, ith, nth, round); break;
+    case OP_ROUTER: op_router(op, ith, nth); break;
+    case OP_GROUPED: op_grouped(op, ith, nth, round); break;
+    case OP_COMBINE: op_combine(op, ith, nth, round); break;
+    case OP_GATHER:
+        split_range(op->n[0], ith, nth, 1, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++)
+            memcpy((float *)op->p[2] + r * op->n[3],
+                   (const float *)op->p[0] + ((const int64_t *)op->p[1])[r] * op->n[2], op->n[1] * sizeof(float));
+        break;
+    }
+}
+
+/* Run a captured step: every op in order, all threads in one region, a barrier after each op. */
+void glm45_run_program(const Op *ops, int64_t count, int round, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
+        for (int64_t i = 0; i < count; i++) {
+            run_op(&ops[i], ith, nth, round);
+#pragma omp barrier
+        }
+    }
+}
+
+int64_t glm45_op_size(void) { return sizeof(Op); }

@@ -147,7 +147,7 @@ def test_reasoning_never_leaks_a_partial_tag():
 
 
 REASONING_PIECES = ["<think>", "</think>", "<thi", "</th", "<", ">", "/", "think", "\n", "\n\n", " ", "a", "b c",
-                    "北京", "😀", "<tool_call>"]
+                    "北京", "😀", "<tool_call>", "<tool_ca", "ll>"]
 
 
 @examples(200)

@@ -306,7 +306,7 @@ class ToolCallParser:
             else:
                 _warn_key_without_value(self._name, self._key.strip())
                 self._state = "between"
-                self._on_stop(events, stop)
+                self._on_stop(events, stop)  # "<arg_key>" or "</tool_call>", as between pairs
         elif stop == TOOL_CALL_END:
             if state == "value":
                 self._close_value(events)

@@ -147,7 +147,7 @@ def test_reasoning_never_leaks_a_partial_tag():
 
 
 REASONING_PIECES = ["<think>", "</think>", "<thi", "</th", "<", ">", "/", "think", "\n", "\n\n", " ", "a", "b c",
-                    "北京", "😀", "<tool_call>"]
+                    "北京", "😀", "<tool_call>", "<tool_ca", "ll>"]
 
 
 @examples(200)
@@ -213,12 +213,31 @@ TOOL_CASES = [
     ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>", None,
      [{"name": "get_weather", "arguments": {"city": "Oslo"}}]),
     ("<tool_call>get_weather\nstray<arg_key>x</arg_key>\n<arg_key>city</arg_key>junk<arg_value>Rome</arg_value>"
-     "more<arg_key>days</arg_key>\n<arg_value>2</tool_call>", None,
+     " \n<arg_key>days</arg_key>\n<arg_value>2</tool_call>", None,
      [{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}]),
     ("<tool_call>get_weather\n<arg_key>city</arg_key><arg_value>A</arg_value><arg_key>city</arg_key>"
      "<arg_value>B</arg_value></tool_call>", None, [{"name": "get_weather", "arguments": {"city": "B"}}]),
     # partial tags in plain content are content
     ("a <tool_ca b </tool_call> <arg_key>", "a <tool_ca b </tool_call> <arg_key>", []),
+    # a literal two-character \n (backslash, n) where the template has a newline, between any tags
+    ("<tool_call>get_weather\\n<arg_key>city</arg_key>\\n<arg_value>Tokyo</arg_value>\\n</tool_call>", None,
+     [{"name": "get_weather", "arguments": {"city": "Tokyo"}}]),
+    ("<tool_call>now\\n</tool_call>", None, [{"name": "now", "arguments": {}}]),
+    # values coerced to the declared type when the text spells it unambiguously
+    ("<tool_call>search\n<arg_key>score</arg_key>\n<arg_value>\"42\"</arg_value>\n<arg_key>exact</arg_key>\n"
+     "<arg_value>True</arg_value>\n<arg_key>tags</arg_key>\n<arg_value>['a', 'b']</arg_value>\n</tool_call>",
+     None, [{"name": "search", "arguments": {"score": 42, "exact": True, "tags": ["a", "b"]}}]),
+    # a value whose <arg_value> is missing is read up to its </arg_value>; a key with no value is skipped
+    ("<tool_call>get_weather\n<arg_key>city</arg_key>\nOslo</arg_value>\n<arg_key>unit</arg_key>\n"
+     "<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n<arg_key>extra</arg_key></tool_call>", None,
+     [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]),
+    # a literal </arg_value> inside a value is data unless <arg_key> or </tool_call> follows it
+    ("<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>s.split('</arg_value>')[0]</arg_value>\n"
+     "<arg_key>limit</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", None,
+     [{"name": "search", "arguments": {"q": "s.split('</arg_value>')[0]", "limit": 3}}]),
+    # ... and a literal </tool_call> always ends the call (string values are written unescaped)
+    ("<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>a</tool_call>b</arg_value>\n</tool_call>",
+     "b</arg_value>\n</tool_call>", [{"name": "search", "arguments": {"q": "a"}}]),
 ]
 
 
@@ -278,11 +297,48 @@ def test_tools_none_accepts_any_name_and_parses_json_values():
         ("Infinity", {"type": "number"}, "Infinity"),
         ("", {"type": "integer"}, ""),
         ("hello", {"description": "no type"}, "hello"),
+        # unambiguous spellings of the declared type
+        ('"42"', {"type": "number"}, 42),
+        ('"42"', {"type": "integer"}, 42),
+        ('"4.5"', {"type": "number"}, 4.5),
+        ("3.0", {"type": "integer"}, 3),
+        ("3.0", {"type": "number"}, 3.0),
+        ('"true"', {"type": "boolean"}, True),
+        ("True", {"type": "boolean"}, True),
+        ("FALSE", {"type": "boolean"}, False),
+        ("None", {"type": "null"}, None),
+        ("None", {"type": ["integer", "null"]}, None),
+        ('"[1, 2]"', {"type": "array"}, [1, 2]),
+        ("['a', None, True]", {"type": "array"}, ["a", None, True]),
+        ("{'pattern': '\\d+'}", {"type": "object"}, {"pattern": "\\d+"}),
+        ('[{\\"id\\": \\"1\\"}]', {"type": "array"}, [{"id": "1"}]),
+        # ... and what is left as written
+        ("None", {"type": ["string", "null"]}, "None"),  # may be the string
+        ("True", None, "True"),  # no declared type: only JSON is typed
+        ("yes", {"type": "boolean"}, "yes"),
+        ('"forty"', {"type": "integer"}, "forty"),
+        ("(1, 2)", {"type": "array"}, "(1, 2)"),  # a tuple literal is not JSON
+        ("{1, 2}", {"type": "array"}, "{1, 2}"),
+        ("123_456", {"type": "integer"}, "123_456"),
+        ('"42"', {"type": "string"}, '"42"'),  # a string keeps its quotes
     ],
 )
 def test_convert_value_follows_the_schema(raw, schema, value):
     assert convert_value(raw, schema) == value
     assert type(convert_value(raw, schema)) is type(value)
+
+
+@pytest.mark.parametrize("tail", ["<arg_key>unit</arg_key>\n</tool_call>", "<arg_key>unit</tool_call>",
+                                  "<arg_key>unit</arg_key>\n<arg_key>city</arg_key><arg_value>x</arg_value></tool_call>"])
+def test_a_key_without_a_value_is_skipped_with_a_warning(tail, caplog):
+    text = "<tool_call>get_weather\n" + tail
+    for parse in (lambda: parse_tool_calls(text, TOOLS)[1], lambda: parsed(collect(run(ToolCallParser(TOOLS),
+                                                                                         list(text)))[2])):
+        caplog.clear()
+        calls = parse()
+        assert "unit" not in calls[0]["arguments"]
+        assert [r.getMessage() for r in caplog.records] == [
+            "tool call 'get_weather': argument 'unit' has no <arg_value>; skipped"]
 
 
 def test_streamed_arguments_are_json_dumps_of_the_arguments():
@@ -315,9 +371,10 @@ def test_name_is_sent_as_soon_as_complete_and_the_brace_only_at_the_end():
     events = parser.feed("<arg_key>city</arg_key>\n<arg_value>Ber")
     assert events == [ToolCallDelta(0, '{"city": "Ber')]
     assert parser.feed("lin</arg_val") == [ToolCallDelta(0, "lin")]  # the tag prefix is held back
-    assert parser.feed("ue>\n</tool_ca") == [ToolCallDelta(0, '"')]
+    # "</arg_value>" closes the value only if "<arg_key>" or "</tool_call>" follows: held until known.
+    assert parser.feed("ue>\n</tool_ca") == []
     assert parser.unterminated
-    assert parser.feed("ll>") == [ToolCallDelta(0, "}")]
+    assert parser.feed("ll>") == [ToolCallDelta(0, '"}')]
     assert not parser.unterminated and parser.finish() == []
 
 
@@ -325,17 +382,18 @@ def test_name_is_sent_as_soon_as_complete_and_the_brace_only_at_the_end():
 # Tool calls: generated outputs, any chunking
 
 texts = st.lists(st.sampled_from(["a", " ", "\n", "北京", "😀", '"', "\\", "<", ">", "/", "{", "}", "x y",
-                                  "<tool_ca", "tool_call>", "</arg_key>", "<arg_value>", "<think>", "\t"]),
+                                  "<tool_ca", "tool_call>", "</arg_key>", "<arg_value>", "<think>", "\t",
+                                  "</arg_value>", "\\n", "</arg_val"]),
                  max_size=6).map("".join)
 VALUES = {
     "city": texts, "q": texts,
-    "days": st.integers(-5, 10**6).map(str) | st.just(" 7\n") | st.just("3 days"),
+    "days": st.integers(-5, 10**6).map(str) | st.sampled_from([" 7\n", "3 days", '"7"', "7.0"]),
     "unit": st.sampled_from(["c", "f", "k"]),
-    "limit": st.sampled_from(["null", "10", "ten"]),
+    "limit": st.sampled_from(["null", "10", "ten", "None"]),
     "filters": st.dictionaries(texts, st.integers() | texts, max_size=2).map(
-        lambda d: json.dumps(d, ensure_ascii=False)),
-    "tags": st.lists(texts, max_size=3).map(json.dumps),
-    "exact": st.sampled_from(["true", "false", "yes"]),
+        lambda d: json.dumps(d, ensure_ascii=False)) | st.sampled_from(["{'k': None}", '{\\"k\\": 1}']),
+    "tags": st.lists(texts, max_size=3).map(json.dumps) | st.lists(texts, max_size=2).map(repr),
+    "exact": st.sampled_from(["true", "false", "yes", "True", '"false"']),
     "score": st.floats(allow_nan=False, allow_infinity=False).map(repr),
     "mixed": st.sampled_from(["1", "one", "[1]"]),
     "extra": texts | st.sampled_from(["42", "[1, 2]", '{"k": null}', "true"]),
@@ -348,12 +406,15 @@ PARAMS = {"get_weather": ["city", "days", "unit", "extra"], "search": [p for p i
 def tool_calls(draw):
     name = draw(st.sampled_from(["get_weather", "search", "now", "now", "unknown_tool"]))
     keys = draw(st.lists(st.sampled_from(PARAMS.get(name, ["extra"])), max_size=4))
-    sep = draw(st.sampled_from(["\n", "\n", "", " \n"]))
+    sep = draw(st.sampled_from(["\n", "\n", "", " \n", "\\n"]))
     pairs = []
     for key in keys:
-        value, gap = draw(VALUES[key]), draw(st.sampled_from(["\n", ""]))
-        pairs.append(f"<arg_key>{key}</arg_key>{gap}<arg_value>{value}</arg_value>")
-        pairs.append(draw(st.sampled_from(["\n", "\n", "", "junk"])))
+        value, gap = draw(VALUES[key]), draw(st.sampled_from(["\n", "", "\\n"]))
+        # Sometimes malformed: no <arg_value> (vllm#49248), or no value at all.
+        opening = draw(st.sampled_from(["<arg_value>", "<arg_value>", "<arg_value>", ""]))
+        value_text = draw(st.sampled_from([f"{opening}{value}</arg_value>"] * 5 + [""]))
+        pairs.append(f"<arg_key>{key}</arg_key>{gap}{value_text}")
+        pairs.append(draw(st.sampled_from(["\n", "\n", "", "\\n", "junk"])))
     return f"<tool_call>{name}{sep}{''.join(pairs)}</tool_call>"
 
 
@@ -378,7 +439,7 @@ def test_tool_call_streaming_equals_one_shot_for_any_chunking(text, data):
 
 
 FUZZ_PIECES = ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "get_weather",
-               "now", "city", "days", "x", "3", "\n", " ", "<", "</", "北"]
+               "now", "city", "days", "x", "3", "\n", " ", "<", "</", "北", "\\n", "\\", '"7"', "True"]
 
 
 @examples(200)
@@ -476,12 +537,24 @@ def test_thinking_disabled_output_is_content():
     assert parse_chat_output("\n4", TOOLS) == ChatOutput(None, "4")
 
 
-def test_tool_call_inside_reasoning_is_not_a_call():
-    text = "<think>I could write <tool_call>now\n</tool_call> but won't</think>\nNo call."
-    want = ChatOutput("I could write <tool_call>now\n</tool_call> but won't", "No call.")
+def test_tool_call_interrupting_reasoning_ends_it():
+    # The model opens a thought and calls a tool without closing it: the reasoning ends at "<tool_call>".
+    text = "<think>I need the weather.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Oslo" \
+           "</arg_value>\n</tool_call>"
+    want = ChatOutput("I need the weather.", None, [{"name": "get_weather", "arguments": {"city": "Oslo"}}])
     assert parse_chat_output(text, TOOLS) == want
-    cut = "<think>maybe <tool_call>now\n"  # cut off mid-thought: all reasoning, no call
-    assert parse_chat_output(cut, TOOLS) == ChatOutput("maybe <tool_call>now\n", None)
+    assert parse_reasoning(text) == ("I need the weather.", text[text.index("<tool_call>"):])
+    split = text.index("<tool_call>") + 5  # "<tool_call>" split across chunks, and every chunk size
+    for pieces in [[text[:split], text[split:]], *all_chunkings(text)]:
+        r, c, calls = collect(run(ChatOutputParser(TOOLS), pieces))
+        assert ChatOutput(r, c, parsed(calls)) == want
+    # A later "</think>" is then plain content; a cut-off call is content, as after a closed thought.
+    text = "<think>I could write <tool_call>now\n</tool_call> but won't</think>\nNo call."
+    assert parse_chat_output(text, TOOLS) == ChatOutput(
+        "I could write ", " but won't</think>\nNo call.", [{"name": "now", "arguments": {}}])
+    assert parse_chat_output("<think>maybe <tool_call>now\n", TOOLS) == ChatOutput("maybe ", "<tool_call>now\n")
+    # Without "<tool_call>" a cut-off thought is still all reasoning.
+    assert parse_chat_output("<think>maybe <tool_ca", TOOLS) == ChatOutput("maybe <tool_ca")
 
 
 def test_parsers_can_be_switched_off():

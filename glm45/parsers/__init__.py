@@ -4,6 +4,7 @@ One-shot: `parse_reasoning(text) -> (reasoning, content)`, `parse_tool_calls(tex
 (content, calls)`, `parse_chat_output(text, tools) -> ChatOutput`. Streaming: `ReasoningParser`,
 `ToolCallParser`, `ChatOutputParser`, each with `feed(delta) -> events` and `finish() -> events`; the
 events (`ReasoningDelta`, `ContentDelta`, `ToolCallDelta`) map one to one onto OpenAI stream deltas.
+`convert_value(raw, schema)` (in `glm45.parsers.values`) types one argument value from its JSON schema.
 """
 
 from glm45.parsers.chat_output import ChatOutput, ChatOutputParser, parse_chat_output

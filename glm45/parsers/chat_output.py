@@ -1,8 +1,10 @@
 """Reasoning, content and tool calls of one generated assistant turn, as the server and `LLM.chat` need them.
 
-Reasoning is split off first and tool calls are looked for only in the content after it, so a model
-thinking about a `<tool_call>` does not make one. `ChatOutputParser` streams; `parse_chat_output` is the
-one-shot equivalent, and for any chunking of a turn the two agree (see the two parsers' docstrings).
+Reasoning is split off first and tool calls are looked for only in the content after it. A thought ends at
+`</think>`, or at a `<tool_call>` written before it (the model calling a tool without closing its thought;
+see `glm45.parsers.reasoning`), so that call is parsed as a call. `ChatOutputParser` streams;
+`parse_chat_output` is the one-shot equivalent, and for any chunking of a turn the two agree (see the two
+parsers' docstrings).
 """
 
 from __future__ import annotations

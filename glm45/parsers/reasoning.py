@@ -6,11 +6,14 @@ The parser looks only at what the model generated in this turn (the prompt's pas
   that skips thinking (or runs with thinking disabled, whose prompt already closed the thought) is all
   content; a `<think>` later in the text is literal content.
 - `</think>` ends the reasoning; output cut off before it (max tokens) is all reasoning, no content.
+- So does a `<tool_call>` before any `</think>`: the model sometimes starts calling a tool without closing
+  its thought, and the call belongs to the answer (SGLang's GLM-4.5 parser does the same). The tag stays
+  at the start of the content, for the tool-call parser; a `</think>` after it is then plain content.
 - The newlines the template puts around the tags are not part of either: leading newlines of the
-  reasoning and of the content, and trailing newlines of a closed reasoning, are dropped.
+  reasoning and of the content, and trailing newlines of an ended reasoning, are dropped.
 - Whitespace-only reasoning or content is None.
-While streaming, text that might be the start of a tag (`<thi`, `</thin`) is held back until it is
-known, so no partial tag ever reaches either stream.
+While streaming, text that might be the start of a tag (`<thi`, `</thin`, `<tool_ca`) is held back until
+it is known, so no partial tag ever reaches either stream.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from glm45.parsers.events import (
     LeadingBlankHold,
     ReasoningDelta,
     append_event,
+    find_first,
     none_if_blank,
     partial_tag_length,
 )
 
 THINK_START = "<think>"
 THINK_END = "</think>"
+TOOL_CALL_START = "<tool_call>"
+_REASONING_ENDS = (THINK_END, TOOL_CALL_START)  # what ends a thought; "<tool_call>" stays in the content
 
 
 def parse_reasoning(text: str) -> tuple[str | None, str | None]:
@@ -35,10 +41,11 @@ def parse_reasoning(text: str) -> tuple[str | None, str | None]:
     if not head.startswith(THINK_START):
         return None, none_if_blank(text.lstrip("\n"))
     after = head[len(THINK_START):]
-    reasoning, closed, content = after.partition(THINK_END)
-    if not closed:
+    end, tag = find_first(after, _REASONING_ENDS)
+    if tag is None:
         return none_if_blank(after.lstrip("\n")), None
-    return none_if_blank(reasoning.lstrip("\n").rstrip("\n")), none_if_blank(content.lstrip("\n"))
+    content = after[end + len(THINK_END):] if tag == THINK_END else after[end:]
+    return none_if_blank(after[:end].lstrip("\n").rstrip("\n")), none_if_blank(content.lstrip("\n"))
 
 
 class ReasoningParser:
@@ -76,17 +83,18 @@ class ReasoningParser:
             else:
                 self._state = "content"
         if self._state == "reasoning":
-            end = self._buf.find(THINK_END)
-            if end >= 0:
+            end, tag = find_first(self._buf, _REASONING_ENDS)
+            if tag is not None:
                 self._emit_reasoning(events, self._buf[:end].rstrip("\n"))
-                self._state, self._buf = "content", self._buf[end + len(THINK_END):]
+                skip = len(THINK_END) if tag == THINK_END else 0
+                self._state, self._buf = "content", self._buf[end + skip:]
             elif final:
                 self._emit_reasoning(events, self._buf)
                 self._buf = ""
                 return
             else:
-                safe = self._buf[:len(self._buf) - partial_tag_length(self._buf, (THINK_END,))]
-                # Trailing newlines wait: they are dropped if "</think>" comes next.
+                safe = self._buf[:len(self._buf) - partial_tag_length(self._buf, _REASONING_ENDS)]
+                # Trailing newlines wait: they are dropped if "</think>" or "<tool_call>" comes next.
                 safe = safe.rstrip("\n")
                 self._emit_reasoning(events, safe)
                 self._buf = self._buf[len(safe):]

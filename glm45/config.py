@@ -17,6 +17,8 @@ from glm45.cli_args import arg
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
+QUANTIZATIONS = ("fp8", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
 
 
@@ -220,6 +222,12 @@ class EngineConfig:
     seed: int = arg(0, "for requests without their own seed")
     tensor_parallel_size: int = arg(1, "ranks that split the model (spawned here, or launched by torchrun)")
     enable_expert_parallel: bool = arg(False, "partition routed experts over those ranks instead of splitting each")
+    quantization: str | None = arg(None, "keep weights quantized: fp8 | int8 | int4 (FP8 checkpoints are detected "
+                                         "and kept in FP8 without this flag; none dequantizes them)")
+    kv_cache_dtype: str = arg("auto", "auto (the model's dtype) | fp8 (e4m3, half the KV bytes)")
+    enforce_eager: bool = arg(False, "never run the captured decode step (CUDA graphs, or the CPU step program)")
+    cuda_graph_sizes: list[int] | None = arg(None, "row counts the decode step is captured for (CUDA graphs, or the "
+                                                   "CPU step program); default 1, 2, 4, 8, 16, 32")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
@@ -235,6 +243,14 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(f"kv_cache_memory_bytes must be ≥ 1, got {self.kv_cache_memory_bytes}")
+        if self.quantization is not None and self.quantization not in (*QUANTIZATIONS, "none"):
+            raise ValueError(f"quantization {self.quantization!r} is not supported; choose one of "
+                             f"{', '.join(QUANTIZATIONS)}, none (or leave it unset)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; choose one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.cuda_graph_sizes is not None and (not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
+            raise ValueError(f"cuda_graph_sizes must be positive row counts, got {self.cuda_graph_sizes}")
 
 
 def bundled_model_path() -> Path:

@@ -11,6 +11,7 @@ from tiny_checkpoints import AIR_LIKE, build_reference, save_reference
 from glm45.config import ModelConfig
 from glm45.model import Glm4MoeForCausalLM
 from glm45.model.checkpoint import Checkpoint, CheckpointError, dequantize_fp8
+from glm45.quant.packed import PackedWeight
 
 IDS = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
 
@@ -133,7 +134,7 @@ def is_quantized_linear(name: str, tensor: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("scheme", ["channel", "block"])
-def test_fp8_checkpoints_dequantize(tmp_path, air_folder, scheme):
+def test_fp8_checkpoints_stay_fp8(tmp_path, air_folder, scheme):
     folder = copy_checkpoint(air_folder, tmp_path / scheme)
     originals = {}
 
@@ -160,9 +161,23 @@ def test_fp8_checkpoints_dequantize(tmp_path, air_folder, scheme):
     (folder / "config.json").write_text(json.dumps(config))
     assert len(originals) > 50
 
+    # Kept in FP8 with its scales (no flag: read from quantization_config); "none" dequantizes at load.
     model = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False)
-    q_proj = model.model.layers[0].self_attn.q_proj.weight
-    expert = model.model.layers[1].mlp.experts.gate_up_proj[3, :32]
+    packed_q = model.model.layers[0].self_attn.q_proj.packed
+    packed_experts = model.model.layers[1].mlp.experts.weights()[0]
+    assert packed_q.format == "fp8" and packed_q.data.dtype == torch.float8_e4m3fn
+    assert scheme == "block" or packed_experts.format == "fp8"
+    # Block scales are kept as stored; an expert stack whose gate and up rows would share a 128-row scale block
+    # (this tiny model's 32-row experts) is kept dequantized instead.
+    assert packed_q.block == (0 if scheme == "channel" else 128)
+    if scheme == "block":
+        assert isinstance(packed_experts, torch.nn.Parameter)
+        packed_experts = PackedWeight("fp8", packed_experts.detach(), torch.ones(packed_experts.shape[:2]))
+    assert isinstance(model.lm_head.weight, torch.nn.Parameter)  # not quantized in FP8 releases: kept as shipped
+    dense = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization="none")
+    torch.testing.assert_close(dense.model.layers[0].self_attn.q_proj.weight, packed_q.dequantize())
+    q_proj = packed_q.dequantize()
+    expert = packed_experts.dequantize()[3, :32]
     for got, name in [(q_proj, "model.layers.0.self_attn.q_proj.weight"),
                       (expert, "model.layers.1.mlp.experts.3.gate_proj.weight")]:
         want = originals[name]

@@ -169,7 +169,7 @@ def test_checkpoint_formats_from_quantization_config():
     block = {"quant_method": "compressed-tensors",
              "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block"}}}}
     assert fmt(block) == "fp8_block"
-    with pytest.raises(ValueError, match="not a format glm45 plans for"):
+    with pytest.raises(ValueError, match="not a format glm45 reads"):
         fmt({"quant_method": "awq", "bits": 4})
     int4 = tiny_config("air_like", quantization_config={"quant_method": "int4"})
     with pytest.raises(ValueError, match="--quantization int8 contradicts the checkpoint, which is stored in int4"):

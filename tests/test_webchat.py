@@ -306,7 +306,8 @@ def test_html_in_model_output_is_shown_not_run(browser, tmp_path):
 
 def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(browser, tmp_path):
     folder = save_random_model(tmp_path / "model")  # gibberish, and plenty of it
-    with ServerThread(folder) as server:
+    # The eager decode path keeps 900 tokens slower than a click; the captured one can finish them first.
+    with ServerThread(folder, enforce_eager=True) as server:
         chat = ChatPage(browser, server.url)
         chat.page.fill("#max-tokens", "900")
         chat.send("Talk for a long time")

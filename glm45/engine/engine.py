@@ -106,6 +106,8 @@ class LLMEngine:
             self.runner = self.workers.runner(model, num_blocks, num_cache_layers)
         else:
             self.runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size)
+            if not config.enforce_eager:
+                self.runner.capture(max_model_len + lookahead, config.cuda_graph_sizes)
         self.kv_cache = self.runner.kv_cache
         self.executor = Executor(self.runner, self.block_manager, k)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

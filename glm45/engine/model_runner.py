@@ -14,11 +14,14 @@ KV-cache sizing (`kv_cache_blocks`) is here too, since it is the model's memory 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from glm45.engine.attention import PagedAttention, SeqSlice
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 CUDA_ACTIVATION_MARGIN = 0.05  # share of the GPU kept free for activations when sizing the KV cache
@@ -70,17 +73,41 @@ def kv_cache_blocks(config, model, device: torch.device, num_cache_layers: int) 
 class ModelRunner:
     def __init__(self, model, kv_cache: torch.Tensor, block_size: int):
         self.model = model
-        self.kv_cache = kv_cache  # [layers, 2, blocks, block_size, local kv heads, head_dim]
+        # [layers, 2, blocks + 1, block_size, local kv heads, head_dim]: the last block is scratch for the padding
+        # rows of captured steps; the block manager never hands it out.
+        self.kv_cache = kv_cache
         self.block_size = block_size
+        self.scratch_block = kv_cache.shape[2] - 1
         self.device = model.device
         self.hidden: torch.Tensor | None = None        # the last target forward's final hidden states [N, D]
         self.draft_hidden: torch.Tensor | None = None  # the last MTP step's normalised h' at its logit rows
+        self.captured = None                           # the captured decode step, when enabled
 
     @classmethod
     def create(cls, model, num_blocks: int, num_cache_layers: int, block_size: int) -> ModelRunner:
-        kv_cache = allocate_kv_cache(num_cache_layers, num_blocks, block_size, local_kv_heads(model),
+        kv_cache = allocate_kv_cache(num_cache_layers, num_blocks + 1, block_size, local_kv_heads(model),
                                      model.config.head_dim, model.dtype, model.device)
         return cls(model, kv_cache, block_size)
+
+    def capture(self, max_model_len: int, sizes: list[int] | None = None) -> None:
+        """Capture the decode step for these row counts (CPU: a program of C kernels, see captured_cpu.py). A
+        model or machine it cannot run on, or a capture that fails, leaves the eager path with one warning."""
+        from glm45.engine import captured_cpu
+
+        reason = captured_cpu.supported(self.model, self.kv_cache)
+        if reason is not None:
+            logger.info("decode step not captured: %s", reason)
+            return
+        try:
+            self.captured = captured_cpu.CapturedDecode(self.model, self.kv_cache, self.block_size,
+                                                         self.scratch_block, max_model_len,
+                                                         sizes or captured_cpu.DEFAULT_SIZES)
+        except Exception as e:  # a capture that fails must never take the engine down
+            logger.warning("could not capture the decode step (%s: %s); running eagerly", type(e).__name__, e)
+            self.captured = None
+
+    def _captured_rows(self, rows: int) -> bool:
+        return self.captured is not None and self.captured.size_for(rows) is not None
 
     @property
     def has_mtp(self) -> bool:
@@ -95,6 +122,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, logit_rows: list[int]) -> torch.Tensor | None:
         """The target model over `inputs` (its K/V written to the cache) → float32 logits at `logit_rows`."""
+        if self._captured_rows(len(inputs.token_ids)):
+            logits, self.hidden = self.captured.forward(inputs, logit_rows)
+            return logits
         ctx = self._context(inputs)
         self.hidden = self.model.hidden_states(self._tensor(inputs.token_ids), self._tensor(inputs.positions), ctx)
         if not logit_rows:
@@ -108,6 +138,11 @@ class ModelRunner:
         The hidden input pairs with each token: rows `hidden_rows` of the last target forward, or, when None,
         the previous draft step's h' (one row per token, in order). The new h' is kept at `logit_rows`."""
         source = self.draft_hidden if hidden_rows is None else self.hidden[self._tensor(hidden_rows)]
+        if self._captured_rows(len(inputs.token_ids)):
+            logits, h = self.captured.draft(inputs, source, logit_rows)
+            self.draft_hidden = h[self._tensor(logit_rows)] if logit_rows else None
+            return logits
+        source = source.to(self.model.dtype)
         h = self.model.mtp_hidden_states(self._tensor(inputs.token_ids), source, self._tensor(inputs.positions),
                                          self._context(inputs))
         if not logit_rows:

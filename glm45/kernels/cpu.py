@@ -124,6 +124,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_grouped_linear.argtypes = [w, p, i64, i64, p, p, i64, i32, i32]
     lib.glm45_dequantize.argtypes = [w, i64, i64, i64, p, i32]
     lib.glm45_embedding.argtypes = [w, p, i64, p]
+    lib.glm45_run_program.argtypes = [p, i64, i32, i32]
     lib.glm45_isa.restype = ctypes.c_char_p
     logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
     return lib

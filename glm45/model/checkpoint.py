@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from glm45.model.shard import ShardSpec
+from glm45.quant.packed import PackedWeight, fp8_block_weight
 
 logger = logging.getLogger(__name__)
 
@@ -198,3 +199,52 @@ def dequantize_fp8_shard(weight: torch.Tensor, scale: torch.Tensor, shard: Shard
 def some_names(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------- packed (quantized) weights
+def stored_packed(checkpoint: Checkpoint, name: str, stored: str) -> tuple[PackedWeight, list[str]] | None:
+    """The tensor `name` as the checkpoint stores it, when it is packed (with its scale): FP8 per channel
+    (`weight_scale`) or per block (`weight_scale_inv`), or glm45's int8/int4 (`_scale`, int4 also `_min`)."""
+    for suffix in ("_scale", "_scale_inv"):
+        if name + suffix not in checkpoint:
+            continue
+        data, scale = checkpoint.raw(name), checkpoint.raw(name + suffix)
+        names = [name, name + suffix]
+        if data.dtype in FP8_DTYPES:
+            if suffix == "_scale_inv" or (scale.dim() >= 2 and scale.shape[-1] > 1 and stored == "fp8_block"):
+                return fp8_block_weight(data, scale), names
+            per_row = scale.float().reshape(*data.shape[:-1]) if scale.numel() > 1 else \
+                scale.float().reshape(()).expand(data.shape[:-1]).contiguous()
+            return PackedWeight("fp8", data, per_row.contiguous()), names
+        if stored in ("int8", "int4"):
+            minimum = None
+            if stored == "int4":
+                if name + "_min" not in checkpoint:
+                    raise CheckpointError(f"{name} is int4 but has no {name}_min")
+                minimum = checkpoint.raw(name + "_min")
+                names.append(name + "_min")
+            return PackedWeight(stored, data, scale, minimum), names
+    return None
+
+
+def stack_stored_packed(checkpoint: Checkpoint, prefix: str, kind: str, num_experts: int,
+                        stored: str) -> tuple[PackedWeight, list[str]] | None:
+    """An FP8 checkpoint's per-expert weights stacked as one packed [E, N, K] weight, without dequantizing."""
+    parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+    pieces, names = [], []
+    for expert in range(num_experts):
+        loaded = [stored_packed(checkpoint, f"{prefix}.{expert}.{part}.weight", stored) for part in parts]
+        if any(item is None for item in loaded):
+            return None
+        for _, consumed in loaded:
+            names += consumed
+        packed = [p for p, _ in loaded]
+        if len({p.block for p in packed}) != 1:
+            return None
+        if packed[0].block and packed[0].out_features % packed[0].block:
+            return None  # gate and up rows would share a scale block
+        pieces.append(PackedWeight("fp8", torch.cat([p.data for p in packed]), torch.cat([p.scale for p in packed]),
+                                   None, packed[0].block))
+    first = pieces[0]
+    return PackedWeight("fp8", torch.stack([p.data for p in pieces]), torch.stack([p.scale for p in pieces]), None,
+                        first.block), names

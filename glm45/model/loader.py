@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from glm45.config import ModelConfig
-from glm45.model.checkpoint import Checkpoint, CheckpointError, some_names
+from glm45.model.checkpoint import Checkpoint, CheckpointError, some_names, stack_stored_packed, stored_packed
 from glm45.model.shard import ShardPlan
 from glm45.model.state_dict import (
     EXPERT_STACK,
@@ -35,6 +35,9 @@ from glm45.model.state_dict import (
     is_skipped_mtp,
     stack_experts,
 )
+from glm45.quant.loading import install, pack, to_device
+from glm45.quant.packed import PackedWeight
+from glm45.quant.scheme import checkpoint_format, quantizes, served_format
 
 logger = logging.getLogger(__name__)
 
@@ -59,70 +62,130 @@ def load_model(
     load_mtp: bool = True,
     progress: bool = True,
     parallelize: Callable[[torch.nn.Module], ShardPlan] | None = None,
+    quantization: str | None = None,
 ):
     """Build a `model_class` (Glm4MoeForCausalLM) on the meta device and assign its tensors from the checkpoint.
 
     `parallelize(meta_model)` (tensor/expert parallelism) turns the model into this rank's shard and returns
-    the `ShardSpec` of every parameter it cut; those parameters are read shard by shard."""
+    the `ShardSpec` of every parameter it cut; those parameters are read shard by shard. `quantization` (fp8,
+    int8, int4; default: the checkpoint's own format) keeps weights packed (glm45.quant.scheme says which)."""
     config = ModelConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype, config)
     device = torch.device(device)
+    fmt = served_format(quantization, config)
     checkpoint = Checkpoint(path)
     with_mtp = load_mtp and config.num_nextn_predict_layers > 0 and has_mtp_tensors(checkpoint, config)
     with torch.device("meta"):
         model = model_class(config, with_mtp=with_mtp)
     plan: ShardPlan = parallelize(model) if parallelize is not None else {}
 
-    expected = model.state_dict()
-    consumed: set[str] = set()
-    missing: list[str] = []
-    wrong_shape: list[str] = []
-    state: dict[str, torch.Tensor] = {}
-    bar = tqdm(expected.items(), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
+    reader = _Reader(checkpoint, config, dtype, device, plan, fmt)
+    bar = tqdm(model.state_dict().items(), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
     for internal, meta in bar:
-        target_dtype = torch.float32 if FLOAT32_PARAMS.match(internal) else dtype
-        ckpt_name = checkpoint_name(internal, config)
-        stack = EXPERT_STACK.match(ckpt_name)
-        shard = plan.get(internal)
-        if ckpt_name in checkpoint:
-            shape = checkpoint.shape(ckpt_name)
-            local_shape = shard.local_shape(shape) if shard else shape
-            if local_shape != list(meta.shape):
-                what = f"whose shard {shard} is {local_shape}" if shard else ""
-                wrong_shape.append(f"{ckpt_name} is {shape}{what}, expected {list(meta.shape)}")
-                continue
-            tensor, names = checkpoint.weight(ckpt_name, target_dtype, shard)
-        elif stack:
-            tensor, names, problems = stack_experts(checkpoint, stack["prefix"], stack["kind"], meta, target_dtype,
-                                                     shard)
-            missing += problems["missing"]
-            wrong_shape += problems["wrong_shape"]
-            if tensor is None:
-                continue
-        else:
-            missing.append(ckpt_name)
-            continue
-        consumed.update(names)
-        state[internal] = tensor.to(device)
-
+        reader.read(internal, meta)
     unexpected = [
         n for n in checkpoint.names()
-        if n not in consumed and not IGNORABLE.match(n) and not is_skipped_mtp(n, config, with_mtp)
+        if n not in reader.consumed and not IGNORABLE.match(n) and not is_skipped_mtp(n, config, with_mtp)
     ]
     problems = []
-    if missing:
-        problems.append(f"missing tensors: {some_names(missing)}")
+    if reader.missing:
+        problems.append(f"missing tensors: {some_names(reader.missing)}")
     if unexpected:
         problems.append(f"unexpected tensors: {some_names(unexpected)}")
-    if wrong_shape:
-        problems.append(f"wrong shapes: {some_names(wrong_shape)}")
+    if reader.wrong_shape:
+        problems.append(f"wrong shapes: {some_names(reader.wrong_shape)}")
     if problems:
         raise CheckpointError(f"cannot load {path}: " + "; ".join(problems))
 
-    model.load_state_dict(state, strict=True, assign=True)
+    install(model, reader.packed, reader.state, dtype)
+    model.load_state_dict(reader.state, strict=False, assign=True)
+    left = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"cannot load {path}: tensors left unassigned: {some_names(left)}")
     model.eval()
-    logger.info("loaded %s (%s, %s%s)", path, dtype, device, ", with MTP layer" if with_mtp else "")
+    logger.info("loaded %s (%s%s, %s%s)", path, dtype, f", weights in {fmt}" if fmt else "", device,
+                ", with MTP layer" if with_mtp else "")
     return model
+
+
+class _Reader:
+    """Reads each model tensor from the checkpoint: plain, or packed in the served format."""
+
+    def __init__(self, checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 plan: ShardPlan, fmt: str | None):
+        self.checkpoint, self.config, self.dtype, self.device, self.plan, self.fmt = (
+            checkpoint, config, dtype, device, plan, fmt)
+        stored = checkpoint_format(config)
+        self.stored = stored
+        # A checkpoint served in its own packed format keeps what it stores (FP8 releases: bf16 embeddings and
+        # heads as shipped); one quantized at load follows glm45's policy for every weight.
+        self.as_shipped = fmt is not None and (stored == fmt or (fmt == "fp8" and stored.startswith("fp8")))
+        self.consumed: set[str] = set()
+        self.missing: list[str] = []
+        self.wrong_shape: list[str] = []
+        self.state: dict[str, torch.Tensor] = {}
+        self.packed: dict[str, PackedWeight] = {}
+
+    def read(self, internal: str, meta: torch.Tensor) -> None:
+        ckpt_name = checkpoint_name(internal, self.config)
+        stack = EXPERT_STACK.match(ckpt_name)
+        shard = self.plan.get(internal)
+        if quantizes(internal, self.fmt) and self._read_packed(internal, ckpt_name, stack, shard, meta):
+            return
+        target_dtype = torch.float32 if FLOAT32_PARAMS.match(internal) else self.dtype
+        if self.stored in ("int8", "int4") and shard is None and (found := self._stored(ckpt_name, stack, meta)):
+            packed, names = found  # glm45's own int8/int4, served dequantized ("none")
+            self.consumed.update(names)
+            self.state[internal] = packed.dequantize(target_dtype).to(self.device)
+            return
+        if ckpt_name in self.checkpoint:
+            shape = self.checkpoint.shape(ckpt_name)
+            local_shape = shard.local_shape(shape) if shard else shape
+            if local_shape != list(meta.shape):
+                what = f"whose shard {shard} is {local_shape}" if shard else ""
+                self.wrong_shape.append(f"{ckpt_name} is {shape}{what}, expected {list(meta.shape)}")
+                return
+            tensor, names = self.checkpoint.weight(ckpt_name, target_dtype, shard)
+        elif stack:
+            tensor, names, problems = stack_experts(self.checkpoint, stack["prefix"], stack["kind"], meta,
+                                                     target_dtype, shard)
+            self.missing += problems["missing"]
+            self.wrong_shape += problems["wrong_shape"]
+            if tensor is None:
+                return
+        else:
+            self.missing.append(ckpt_name)
+            return
+        self.consumed.update(names)
+        # An FP8 tensor that could not be taken as stored (a shard, or an expert stack whose gate and up rows
+        # would share scale blocks) is kept dequantized: exact, at the cost of its memory.
+        if quantizes(internal, self.fmt) and not self.as_shipped:
+            self.packed[internal] = pack(tensor, self.fmt, self.device)
+        else:
+            self.state[internal] = tensor.to(self.device)
+
+    def _read_packed(self, internal: str, ckpt_name: str, stack, shard, meta: torch.Tensor) -> bool:
+        """Take a weight the checkpoint stores in the served format as it is; False to read it plainly."""
+        if shard is not None or not self.as_shipped:
+            return False
+        found = self._stored(ckpt_name, stack, meta)
+        if found is None:
+            return False
+        packed, names = found
+        if list(packed.shape) != list(meta.shape):
+            self.wrong_shape.append(f"{ckpt_name} is {list(packed.shape)}, expected {list(meta.shape)}")
+            return True
+        self.packed[internal] = to_device(packed, self.device)
+        self.consumed.update(names)
+        return True
+
+    def _stored(self, ckpt_name: str, stack, meta: torch.Tensor):
+        """(PackedWeight, names) of a weight the checkpoint stores packed, or None."""
+        if ckpt_name in self.checkpoint:
+            return stored_packed(self.checkpoint, ckpt_name, self.stored)
+        if stack and self.stored.startswith("fp8"):
+            return stack_stored_packed(self.checkpoint, stack["prefix"], stack["kind"], meta.shape[0], self.stored)
+        return None
 
 
 def save_model(model, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:

@@ -76,9 +76,9 @@ from glm45.plan.planner import (  # noqa: F401
 from glm45.plan.sources import (  # noqa: F401
     BUILTIN_MODELS,
     FP8_RELEASE_QUANTIZATION,
-    checkpoint_format,
     index_bytes,
     load_model_source,
     part_of,
     stored_bytes,
 )
+from glm45.quant.scheme import checkpoint_format  # noqa: F401

@@ -29,7 +29,8 @@ from glm45.plan.formats import (
     GpuSpec,
     WeightFormat,
 )
-from glm45.plan.sources import checkpoint_format, index_bytes, load_model_source, stored_bytes
+from glm45.plan.sources import index_bytes, load_model_source, stored_bytes
+from glm45.quant.scheme import checkpoint_format
 
 
 @dataclass(frozen=True)

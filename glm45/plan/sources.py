@@ -10,7 +10,6 @@ from pathlib import Path
 
 from glm45.config import ModelConfig
 from glm45.plan.accounting import LABELS, WeightBytes
-from glm45.plan.formats import WEIGHT_FORMATS
 
 BUILTIN_MODELS = {"glm-4.5": "GLM-4.5.json", "glm-4.5-air": "GLM-4.5-Air.json"}
 # The GLM-4.5 FP8 releases' quantization_config (see glm45/plan/configs and the reference README).
@@ -23,28 +22,6 @@ FP8_RELEASE_QUANTIZATION = {
     "ignore": ["lm_head", "re:.*mlp.gate$"],
 }
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-
-
-def checkpoint_format(config: ModelConfig) -> str:
-    """The weight format a checkpoint is stored in, from its `quantization_config` and `torch_dtype`."""
-    qc = config.quantization_config
-    if not qc:
-        return "fp32" if config.torch_dtype == "float32" else "bf16"
-    method = str(qc.get("quant_method", "")).lower()
-    if method == "fp8":  # DeepSeek / vLLM style
-        return "fp8_block" if qc.get("weight_block_size") else "fp8"
-    if method in WEIGHT_FORMATS:  # glm45's own checkpoints name their format
-        return method
-    if method == "compressed-tensors":
-        for group in (qc.get("config_groups") or {}).values():
-            weights = group.get("weights") or {}
-            bits, kind, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
-            if kind == "float" and bits == 8:
-                return "fp8_block" if strategy == "block" else "fp8"
-            if kind == "int" and bits in (8, 4):
-                return f"int{bits}"
-    raise ValueError(f"quantization_config {json.dumps(qc)[:200]} is not a format glm45 plans for; "
-                     f"supported: {', '.join(WEIGHT_FORMATS)}")
 
 
 def part_of(name: str, config: ModelConfig) -> str:

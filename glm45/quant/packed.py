@@ -189,8 +189,9 @@ def fp8_block_weight(data: torch.Tensor, scale_inv: torch.Tensor) -> PackedWeigh
     """An FP8 checkpoint's weight with 2-D block scales (`weight_scale_inv` [⌈N/b⌉, ⌈K/b⌉], a multiplier)."""
     n, k = data.shape[-2:]
     rows, cols = scale_inv.shape[-2:]
-    block = math.ceil(n / rows)
-    if math.ceil(k / block) != cols:
-        raise ValueError(f"FP8 block scales {list(scale_inv.shape)} do not tile a weight {list(data.shape)} in "
-                         "square blocks")
-    return PackedWeight("fp8", data, scale_inv.float(), None, block)
+    # The block size is 128 in every release; a small weight (one block) fits several sizes.
+    for block in (128, 64, 256, 32, 512, math.ceil(n / rows)):
+        if math.ceil(n / block) == rows and math.ceil(k / block) == cols:
+            return PackedWeight("fp8", data, scale_inv.float(), None, block)
+    raise ValueError(f"FP8 block scales {list(scale_inv.shape)} do not tile a weight {list(data.shape)} in square "
+                     "blocks")

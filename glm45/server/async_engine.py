@@ -7,7 +7,7 @@ When idle the thread blocks on the queue, so an idle server costs nothing.
 
 `add_request` waits until the engine has accepted the request, so validation errors (context too long,
 bad token ids) reach the handler as `ValueError` before any response has started. Outputs are cumulative
-(the full text so far), so a handler that falls behind simply skips to the newest one.
+(the full text so far); the handler reads every step's output in order.
 
 The thread also keeps the statistics: a snapshot of `engine.stats()` after every step for /metrics, and
 per-request token timings for the latency histograms.
@@ -51,10 +51,10 @@ class RequestStream:
             pass
 
     async def __aiter__(self):
+        # Every step's output is yielded, in order, so a stream's chunks follow the engine's steps whatever the
+        # handler's speed.
         while not self.finished:
             item = await self._queue.get()
-            while not self._queue.empty() and not isinstance(item, BaseException):
-                item = self._queue.get_nowait()  # outputs are cumulative: the newest has everything
             if isinstance(item, BaseException):
                 self.finished = True
                 raise item

@@ -34,8 +34,8 @@ typedef struct {
 /* Activation rows quantized for the integer-dot formats: per block of 32, xq = round(x / d) with
  * d = max|x| / 127, and s = d * sum(xq) (the minimum term of int4). */
 typedef struct {
-    const float *x;  /* [M, K] */
-    int64_t M, K, ldx;
+    const float *x;  /* [M, ldx] */
+    int64_t M, K, ldx; /* K: the row stride of xq (the width that was quantized) */
     int8_t *xq;      /* [M, K] or NULL */
     float *xd, *xs;  /* [M, K/32] */
 } Act;
@@ -84,6 +84,43 @@ static inline float hsum256(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+/* ---- the widest float vectors of this build: 16 lanes with AVX-512, 8 with AVX2 ---- */
+#ifdef __AVX512F__
+#define VL 16
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vhsum(v) _mm512_reduce_add_ps(v)
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline vf vload_fp8(const uint8_t *p) {
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7f)), 7),
+                                _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8));
+    return _mm512_cvtph_ps(h);
+}
+#else
+#define VL 8
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vhsum(v) hsum256(v)
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vf vload_fp8(const uint8_t *p) {
+    __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7f)), 7),
+                             _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8));
+    return _mm256_cvtph_ps(h);
+}
+#endif
 
 /* ---- kernels shared between files ---- */
 void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,

@@ -15,42 +15,6 @@
 
 #include "common.h"
 
-#ifdef __AVX512F__
-#define VL 16
-typedef __m512 vf;
-#define vzero() _mm512_setzero_ps()
-#define vload(p) _mm512_loadu_ps(p)
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vadd(a, b) _mm512_add_ps(a, b)
-#define vhsum(v) _mm512_reduce_add_ps(v)
-static inline vf vload_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-static inline vf vload_fp8(const uint8_t *p) {
-    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7f)), 7),
-                                _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8));
-    return _mm512_cvtph_ps(h);
-}
-#else
-#define VL 8
-typedef __m256 vf;
-#define vzero() _mm256_setzero_ps()
-#define vload(p) _mm256_loadu_ps(p)
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vadd(a, b) _mm256_add_ps(a, b)
-#define vhsum(v) hsum256(v)
-static inline vf vload_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-static inline vf vload_fp8(const uint8_t *p) {
-    __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
-    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7f)), 7),
-                             _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8));
-    return _mm256_cvtph_ps(h);
-}
-#endif
-
 static inline float finish(float sum, const Weight *w, int64_t n, int round) {
     if (w->bias) sum += w->bias[n];
     return round ? round_bf16(sum) : sum;
@@ -151,7 +115,7 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 
 static void rows_q8(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                     float *y, int64_t ldy, int round) {
-    const int64_t K = w->K, nb = K / QBLOCK;
+    const int64_t K = w->K, nb = K / QBLOCK, xnb = a->K / QBLOCK;
     const int8_t *base = (const int8_t *)w->data + e * w->N * K;
     const uint16_t *dbase = (const uint16_t *)w->scale + e * w->N * nb;
     for (int64_t n = n0; n < n1; n++) {
@@ -164,9 +128,9 @@ static void rows_q8(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
             float dw = fp16_to_f32(d[b]);
             for (int m = 0; m < mc; m++) {
                 const int64_t r = m0 + m;
-                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + r * K + b * QBLOCK));
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + r * a->K + b * QBLOCK));
                 __m256i p = dot_u8s8(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(xq, wq));
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->xd[r * nb + b]), acc[m]);
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->xd[r * xnb + b]), acc[m]);
             }
         }
         for (int m = 0; m < mc; m++) y[(m0 + m) * ldy + n] = finish(hsum256(acc[m]), w, n, round);
@@ -175,7 +139,7 @@ static void rows_q8(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
 
 static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                     float *y, int64_t ldy, int round) {
-    const int64_t K = w->K, nb = K / QBLOCK;
+    const int64_t K = w->K, nb = K / QBLOCK, xnb = a->K / QBLOCK;
     const uint8_t *base = (const uint8_t *)w->data + e * w->N * (K / 2);
     const uint16_t *dbase = (const uint16_t *)w->scale + e * w->N * nb;
     const uint16_t *mbase = (const uint16_t *)w->minimum + e * w->N * nb;
@@ -191,10 +155,10 @@ static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
             float dw = fp16_to_f32(d[b]), mw = fp16_to_f32(mn[b]);
             for (int m = 0; m < mc; m++) {
                 const int64_t r = m0 + m;
-                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + r * K + b * QBLOCK));
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + r * a->K + b * QBLOCK));
                 __m256i p = dot_u8s8(_mm256_setzero_si256(), q, xq);
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->xd[r * nb + b]), acc[m]);
-                mins[m] += mw * a->xs[r * nb + b];
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->xd[r * xnb + b]), acc[m]);
+                mins[m] += mw * a->xs[r * xnb + b];
             }
         }
         for (int m = 0; m < mc; m++) y[(m0 + m) * ldy + n] = finish(hsum256(acc[m]) + mins[m], w, n, round);

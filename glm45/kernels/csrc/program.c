@@ -17,7 +17,7 @@ enum {
     OP_RMSNORM = 2,  /* p: x, weight, out, add(or NULL) | n: R, D, ld_x, ld_out, ld_add | f: eps
                         x += add (in place, rounded) when add; out = weight * rms_norm(x) */
     OP_QUANT = 3,    /* p: x, xq, xd, xs | n: R, K, ld_x */
-    OP_LINEAR = 4,   /* p: x, xq, xd, xs, (Weight*, out) × up to 3 | n: R, ld_x, count, ld_out × 3 */
+    OP_LINEAR = 4,   /* p: x, xq, xd, xs, (Weight*, out) × up to 3 | n: R, ld_x, count, ld_out × 3, ld_xq */
     OP_QK_ROPE = 5,  /* p: qkv, q_norm, k_norm, positions(i64), k_cache, v_cache, slots(i64), inv_freq
                         | n: R, Hq, Hkv, hd, rotary_dim, ld_qkv, kv_dtype | f: eps */
     OP_ATTN = 6,     /* p: qkv, k_cache, v_cache, tables(i32 [R, max_blocks]), ctx_lens(i32), out, scratch
@@ -26,7 +26,7 @@ enum {
     OP_SILU_MUL = 7, /* p: gate_up, out | n: rows, I, ld_in, ld_out  (gate = cols [0, I), up = [I, 2I)) */
     OP_ROUTER = 8,   /* p: x, weight(f32 [E, D]), bias(f32 [E]), ids(i64 [R, K]), weights(f32 [R, K])
                         | n: R, D, E, K, n_group, topk_group, norm_topk, ld_x | f: scaling */
-    OP_GROUPED = 9,  /* p: x, xq, xd, xs, Weight*, ids(i64 [P]), out | n: P, rows_per_input, ld_x, ld_out */
+    OP_GROUPED = 9,  /* p: x, xq, xd, xs, Weight*, ids(i64 [P]), out | n: P, rows_per_input, ld_x, ld_out, ld_xq */
     OP_COMBINE = 10, /* p: expert_out, weights, shared, out | n: R, K, D, ld_out
                         out = (Σ_k expert_out[r·K + k] · w[r, k]) + shared[r] */
     OP_GATHER = 11,  /* p: src, rows(i64), out | n: count, D, ld_src, ld_out */
@@ -84,7 +84,7 @@ static void op_rmsnorm(const Op *op, int ith, int nth, int round) {
 }
 
 static void op_linear(const Op *op, int ith, int nth, int round) {
-    Act a = {op->p[0], op->n[0], 0, op->n[1], op->p[1], op->p[2], op->p[3]};
+    Act a = {op->p[0], op->n[0], op->n[6], op->n[1], op->p[1], op->p[2], op->p[3]};
     int64_t count = op->n[2], total = 0;
     for (int64_t j = 0; j < count; j++) total += ((const Weight *)op->p[4 + 2 * j])->N;
     int64_t i0, i1;
@@ -94,7 +94,6 @@ static void op_linear(const Op *op, int ith, int nth, int round) {
         const Weight *w = op->p[4 + 2 * j];
         int64_t b = i0 - offset > 0 ? i0 - offset : 0, e = i1 - offset < w->N ? i1 - offset : w->N;
         if (b < e) {
-            a.K = w->K;
             weight_rows(w, 0, b, e, &a, 0, a.M, op->p[5 + 2 * j], op->n[3 + j], round);
         }
         offset += w->N;
@@ -141,58 +140,103 @@ static void op_qk_rope(const Op *op, int ith, int nth, int round) {
     }
 }
 
+#ifdef __AVX512F__
+#define vset1(v) _mm512_set1_ps(v)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vsub(a, b) _mm512_sub_ps(a, b)
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vround(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+static inline vf vpow2i(vf n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+#else
+#define vset1(v) _mm256_set1_ps(v)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vround(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+static inline vf vpow2i(vf n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+#endif
+
+/* e^x for x ≤ 0 (softmax after subtracting the maximum): 2^n · p(r), n = round(x / ln 2), |r| ≤ ln 2 / 2,
+ * p a degree-6 Taylor polynomial (relative error below 2e-7); below -87 the result is flushed to 0. */
+static inline vf vexp_nonpositive(vf x) {
+    x = vmax(x, vset1(-87.0f));
+    vf n = vround(vmul(x, vset1(1.44269504f)));
+    vf r = vsub(vsub(x, vmul(n, vset1(0.693145751953125f))), vmul(n, vset1(1.428606765330187e-06f)));
+    vf p = vset1(1.0f / 720.0f);
+    p = vfma(p, r, vset1(1.0f / 120.0f));
+    p = vfma(p, r, vset1(1.0f / 24.0f));
+    p = vfma(p, r, vset1(1.0f / 6.0f));
+    p = vfma(p, r, vset1(0.5f));
+    p = vfma(p, r, vset1(1.0f));
+    p = vfma(p, r, vset1(1.0f));
+    return vmul(p, vpow2i(n));
+}
+
+static inline vf kv_vec(const void *cache, int64_t i, int64_t dtype) {
+    if (dtype == KV_BF16) return vload_bf16((const uint16_t *)cache + i);
+    if (dtype == KV_FP8) return vmul(vload_fp8((const uint8_t *)cache + i), vset1(FP8_RESCALE));
+    return vload((const float *)cache + i);
+}
+
+/* Decode attention of one row and one KV head over its cached context, for the `group` query heads that share
+ * the KV head: each K and V row is read once for all of them. hd must be a multiple of VL. */
 static void op_attn(const Op *op, int ith, int nth, int round) {
     const float *qkv = op->p[0];
     const void *kc = op->p[1], *vc = op->p[2];
     const int32_t *tables = op->p[3], *ctx = op->p[4];
     float *out = op->p[5];
     const int64_t R = op->n[0], Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], bs = op->n[4], mb = op->n[5];
-    const int64_t ldq = op->n[6], ldo = op->n[7], dt = op->n[8], group = Hq / Hkv;
+    const int64_t ldq = op->n[6], ldo = op->n[7], dt = op->n[8], max_ctx = op->n[9], group = Hq / Hkv;
     const float scale = op->f[0];
     int64_t i0, i1;
     split_range(R * Hkv, ith, nth, 1, &i0, &i1);
-    const int64_t max_ctx = op->n[9];
     float *scores = (float *)op->p[6] + (int64_t)ith * group * max_ctx;
-    float acc[1024];
+    float acc[64 * 128];
     for (int64_t i = i0; i < i1; i++) {
         const int64_t r = i / Hkv, kvh = i % Hkv, L = ctx[r];
         const int32_t *table = tables + r * mb;
+        const float *q0 = qkv + r * ldq + kvh * group * hd;
+        for (int64_t t = 0; t < L; t++) {
+            const int64_t base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
+            for (int64_t g = 0; g < group; g++) {
+                vf s = vzero();
+                for (int64_t d = 0; d < hd; d += VL) s = vfma(kv_vec(kc, base + d, dt), vload(q0 + g * hd + d), s);
+                scores[g * max_ctx + t] = vhsum(s) * scale;
+            }
+        }
         for (int64_t g = 0; g < group; g++) {
-            const float *q = qkv + r * ldq + (kvh * group + g) * hd;
-            float *s = scores + g * max_ctx, mx = -INFINITY;
-            for (int64_t t = 0; t < L; t++) {
-                const int64_t base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
-                float dot = 0.0f;
-                if (dt == KV_BF16) {
-                    const uint16_t *k = (const uint16_t *)kc + base;
-                    for (int64_t d = 0; d < hd; d++) dot += q[d] * bf16_to_f32(k[d]);
-                } else if (dt == KV_F32) {
-                    const float *k = (const float *)kc + base;
-                    for (int64_t d = 0; d < hd; d++) dot += q[d] * k[d];
-                } else {
-                    for (int64_t d = 0; d < hd; d++) dot += q[d] * kv_load(kc, base + d, dt);
-                }
-                s[t] = dot * scale;
-                mx = s[t] > mx ? s[t] : mx;
+            float *s = scores + g * max_ctx, mx = -INFINITY, total = 0.0f;
+            for (int64_t t = 0; t < L; t++) mx = s[t] > mx ? s[t] : mx;
+            int64_t t = 0;
+            vf vt = vzero();
+            for (; t + VL <= L; t += VL) {
+                vf e = vexp_nonpositive(vsub(vload(s + t), vset1(mx)));
+                vstore(s + t, e);
+                vt = vadd(vt, e);
             }
-            float total = 0.0f;
-            for (int64_t t = 0; t < L; t++) total += (s[t] = expf(s[t] - mx));
-            for (int64_t d = 0; d < hd; d++) acc[d] = 0.0f;
-            for (int64_t t = 0; t < L; t++) {
-                const int64_t base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
-                const float p = s[t] / total;
-                if (dt == KV_BF16) {
-                    const uint16_t *v = (const uint16_t *)vc + base;
-                    for (int64_t d = 0; d < hd; d++) acc[d] += p * bf16_to_f32(v[d]);
-                } else if (dt == KV_F32) {
-                    const float *v = (const float *)vc + base;
-                    for (int64_t d = 0; d < hd; d++) acc[d] += p * v[d];
-                } else {
-                    for (int64_t d = 0; d < hd; d++) acc[d] += p * kv_load(vc, base + d, dt);
-                }
+            total = vhsum(vt);
+            for (; t < L; t++) total += (s[t] = expf(s[t] - mx));
+            const float inv = 1.0f / total;
+            for (t = 0; t < L; t++) s[t] *= inv;
+            for (int64_t d = 0; d < hd; d++) acc[g * hd + d] = 0.0f;
+        }
+        for (int64_t t = 0; t < L; t++) {
+            const int64_t base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
+            for (int64_t d = 0; d < hd; d += VL) {
+                vf v = kv_vec(vc, base + d, dt);
+                for (int64_t g = 0; g < group; g++)
+                    vstore(acc + g * hd + d, vfma(vset1(scores[g * max_ctx + t]), v, vload(acc + g * hd + d)));
             }
+        }
+        for (int64_t g = 0; g < group; g++) {
             float *o = out + r * ldo + (kvh * group + g) * hd;
-            for (int64_t d = 0; d < hd; d++) o[d] = rnd(acc[d], round);
+            for (int64_t d = 0; d < hd; d++) o[d] = rnd(acc[g * hd + d], round);
         }
     }
 }
@@ -211,7 +255,8 @@ static void op_silu_mul(const Op *op, int ith, int nth, int round) {
 }
 
 static void op_router(const Op *op, int ith, int nth) {
-    const float *x = op->p[0], *W = op->p[1], *bias = op->p[2];
+    const float *x = op->p[0], *bias = op->p[2];
+    const void *W = op->p[1];
     int64_t *ids = op->p[3];
     float *wout = op->p[4];
     const int64_t D = op->n[1], E = op->n[2], K = op->n[3], G = op->n[4], TG = op->n[5], ld = op->n[7];
@@ -219,11 +264,11 @@ static void op_router(const Op *op, int ith, int nth) {
     split_range(op->n[0], ith, nth, 1, &r0, &r1);
     float score[1024], choice[1024];
     for (int64_t r = r0; r < r1; r++) {
-        const float *xr = x + r * ld;
+        const Weight router = {FMT_F32, E, D, 1, 0, W, NULL, NULL, NULL};
+        const Act a = {x, op->n[0], D, ld, NULL, NULL, NULL};
+        weight_rows(&router, 0, 0, E, &a, r, 1, score - r * E, E, 0);  /* score[e] = x[r] · W[e] */
         for (int64_t e = 0; e < E; e++) {
-            float dot = 0.0f;
-            for (int64_t d = 0; d < D; d++) dot += xr[d] * W[e * D + d];
-            score[e] = 1.0f / (1.0f + expf(-dot));
+            score[e] = 1.0f / (1.0f + expf(-score[e]));
             choice[e] = score[e] + bias[e];
         }
         if (G > 1) { /* keep the topk_group groups with the best sums of their two best biased scores */
@@ -270,7 +315,7 @@ static void op_grouped(const Op *op, int ith, int nth, int round) {
     const int64_t *ids = op->p[5];
     const int64_t P = op->n[0], per = op->n[1];
     /* Rows of pair p read input row p / per; give each (pair, chunk of 16 output rows) to one thread. */
-    Act a = {op->p[0], 0, w->K, op->n[2], op->p[1], op->p[2], op->p[3]};
+    Act a = {op->p[0], 0, op->n[4], op->n[2], op->p[1], op->p[2], op->p[3]};
     const int64_t chunk = 16, chunks = (w->N + chunk - 1) / chunk;
     int64_t i0, i1;
     split_range(P * chunks, ith, nth, 1, &i0, &i1);

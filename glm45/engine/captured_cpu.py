@@ -1,0 +1,389 @@
+"""The captured decode step on CPU: the model's forward for a few rows as one precompiled program of C kernels.
+
+Why: a decode step of a small model is hundreds of tiny torch ops (norms, RoPE, routing, SiLU, …), each a few
+microseconds of Python and dispatch, and the MoE decode alone forks OpenMP threads dozens of times; on the
+2-core machine the bundled model spent most of a step there, and an Air-shaped model about half its time.
+CUDA graphs remove that on GPUs; here the same idea is a list of C ops (`csrc/program.c`) built once per row
+count and run in one call, inside one OpenMP region with a barrier between ops. torch.compile (inductor's C++
+backend) was the other candidate: it still leaves the MoE dispatch and paged attention outside the graph
+(data-dependent shapes), and it took minutes to compile per shape on 2 cores.
+
+A program has R rows; row r is one token with its position, KV slot, block table and context length, so a
+decode batch, MTP verification (k+1 rows per sequence) and short prefill chunks all fit. Rows are padded up to
+the captured size: padding rows write K/V to a scratch block past the cache's blocks and are ignored. Two
+programs per size: the trunk (embedding → layers → final norm, keeping the hidden states) and the head
+(gathering the rows whose logits are needed → LM head), and likewise for the MTP layer. The arithmetic is the
+eager path's (same kernels for the matrices; bf16 rounding at the same places for bf16 models), so greedy
+tokens agree with it (tests/test_captured_cpu.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+
+import numpy as np
+import torch
+
+from glm45.kernels import cpu
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 32)
+(OP_EMBED, OP_RMSNORM, OP_QUANT, OP_LINEAR, OP_QK_ROPE, OP_ATTN, OP_SILU_MUL, OP_ROUTER, OP_GROUPED, OP_COMBINE,
+ OP_GATHER) = range(1, 12)
+KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
+
+
+class Op(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("p", ctypes.c_void_p * 12), ("n", ctypes.c_int64 * 12),
+                ("f", ctypes.c_float * 4)]
+
+
+def supported(model, kv_cache: torch.Tensor) -> str | None:
+    """Why the captured step cannot run this model here (None when it can)."""
+    if cpu.library() is None:
+        return "the CPU kernels are not available here"
+    if model.device.type != "cpu":
+        return "the model is not on the CPU"
+    if model.dtype not in (torch.float32, torch.bfloat16):
+        return f"the model's dtype is {model.dtype}"
+    if kv_cache.dtype not in KV_DTYPES:
+        return f"the KV cache's dtype is {kv_cache.dtype}"
+    config = model.config
+    dims = [config.hidden_size, config.head_dim * config.num_attention_heads, config.moe_intermediate_size,
+            config.intermediate_size]
+    if any(d % cpu.QBLOCK for d in dims):
+        return f"a width of this model is not a multiple of {cpu.QBLOCK}"
+    if config.head_dim % 16 or config.head_dim > 128 or config.n_routed_experts > 1024 or config.n_group > 64:
+        return "a head dimension (a multiple of 16 up to 128), expert count or group count beyond the kernels' limits"
+    return None
+
+
+class _Program:
+    """A list of ops and everything they point at (kept alive with them)."""
+
+    def __init__(self):
+        self.ops: list[Op] = []
+        self.keep: list = []
+        self.array = None
+
+    def ptr(self, t) -> int | None:
+        if t is None:
+            return None
+        if isinstance(t, torch.Tensor):
+            self.keep.append(t)
+            return t.data_ptr()
+        self.keep.append(t)
+        return ctypes.addressof(t)
+
+    def add(self, kind: int, p=(), n=(), f=()) -> Op:
+        op = Op()
+        op.kind = kind
+        for i, value in enumerate(p):
+            op.p[i] = self.ptr(value)
+        for i, value in enumerate(n):
+            op.n[i] = int(value)
+        for i, value in enumerate(f):
+            op.f[i] = float(value)
+        self.ops.append(op)
+        return op
+
+    def finish(self) -> None:
+        self.array = (Op * len(self.ops))(*self.ops)
+
+    def run(self, rounding: bool, threads: int) -> None:
+        cpu.library().glm45_run_program(self.array, len(self.ops), int(rounding), threads)
+
+
+def _linear_weight(module):
+    """(descriptor source, fp32 bias) of a Linear or QuantLinear."""
+    packed = getattr(module, "packed", None)
+    return (packed if packed is not None else module.weight), (
+        None if module.bias is None else module.bias.detach().float().contiguous())
+
+
+def _describe(program: _Program, weight, bias=None) -> cpu.Weight:
+    if isinstance(weight, torch.Tensor):
+        weight = weight.detach().contiguous()
+        program.keep.append(weight)
+    else:
+        program.keep.append(weight)
+    if bias is not None:
+        program.keep.append(bias)
+    descriptor = cpu.describe(weight, bias)
+    if descriptor is None:
+        raise ValueError(f"the CPU kernels do not take a {type(weight).__name__} of dtype "
+                         f"{getattr(weight, 'dtype', None)}")
+    return descriptor
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+class StepBuffers:
+    """Inputs, activations and outputs of the captured programs, allocated once for the largest size."""
+
+    def __init__(self, model, rows: int, max_blocks: int, max_context: int, threads: int):
+        c = model.config
+        D, hd, K = c.hidden_size, c.head_dim, c.num_experts_per_tok
+        width = max(c.intermediate_size, c.moe_intermediate_size * max(1, c.n_shared_experts))
+        f32 = dict(dtype=torch.float32)
+        self.rows, self.max_blocks = rows, max_blocks
+        self.tokens = torch.zeros(rows, dtype=torch.int64)
+        self.positions = torch.zeros(rows, dtype=torch.int64)
+        self.slots = torch.zeros(rows, dtype=torch.int64)
+        self.tables = torch.zeros(rows, max_blocks, dtype=torch.int32)
+        self.context = torch.ones(rows, dtype=torch.int32)
+        self.source_rows = torch.zeros(rows, dtype=torch.int64)
+        self.logit_rows = torch.zeros(rows, dtype=torch.int64)
+        self.x, self.h, self.delta = (torch.zeros(rows, D, **f32) for _ in range(3))
+        self.qkv = torch.zeros(rows, (c.num_attention_heads + 2 * c.num_key_value_heads) * hd, **f32)
+        self.attn = torch.zeros(rows, c.num_attention_heads * hd, **f32)
+        self.gate_up, self.act = torch.zeros(rows, 2 * width, **f32), torch.zeros(rows, width, **f32)
+        self.expert_gate_up = torch.zeros(rows * K, 2 * c.moe_intermediate_size, **f32)
+        self.expert_act = torch.zeros(rows * K, c.moe_intermediate_size, **f32)
+        self.expert_out = torch.zeros(rows * K, D, **f32)
+        self.shared_out = torch.zeros(rows, D, **f32)
+        self.ids = torch.zeros(rows, K, dtype=torch.int64)
+        self.weights = torch.zeros(rows, K, **f32)
+        self.hidden = torch.zeros(rows, D, **f32)         # the target's final hidden states
+        self.draft_hidden = torch.zeros(rows, D, **f32)   # the MTP layer's normalised h'
+        self.concat = torch.zeros(rows, 2 * D, **f32)
+        self.source = torch.zeros(rows, D, **f32)
+        self.head_in = torch.zeros(rows, D, **f32)
+        self.logits = torch.zeros(rows, c.vocab_size, **f32)
+        self.draft_logits = torch.zeros(rows, c.vocab_size, **f32)
+        self.scores = torch.zeros(threads, c.num_attention_heads // c.num_key_value_heads, max_context, **f32)
+        self.inv_freq = _f32(model.rotary.inv_freq(torch.device("cpu")))
+        self._quant: dict[tuple, tuple] = {}
+
+    def quant(self, buffer: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scratch for an activation buffer's int8 form (one per buffer, shared by all sizes)."""
+        key = (buffer.data_ptr(),)
+        if key not in self._quant:
+            width = buffer.shape[1]
+            self._quant[key] = (torch.zeros(buffer.shape[0], width, dtype=torch.int8),
+                                torch.zeros(buffer.shape[0], width // cpu.QBLOCK),
+                                torch.zeros(buffer.shape[0], width // cpu.QBLOCK))
+        return self._quant[key]
+
+
+class _Builder:
+    """Emits the ops of one program for `rows` rows over shared buffers."""
+
+    def __init__(self, model, kv_cache: torch.Tensor, block_size: int, buffers: StepBuffers, rows: int):
+        self.model, self.config, self.kv_cache, self.block_size = model, model.config, kv_cache, block_size
+        self.b, self.rows = buffers, rows
+        self.program = _Program()
+
+    # -------------------------------------------------------------- pieces
+    def quantize_if_needed(self, buffer: torch.Tensor, rows: int, weights: list) -> tuple:
+        """An int8 copy of `buffer`'s rows for weights that take integer dots (int8, int4)."""
+        if not any(getattr(w, "format", None) in ("int8", "int4") for w in weights):
+            return (None, None, None)
+        xq, xd, xs = self.b.quant(buffer, rows)
+        self.program.add(OP_QUANT, (buffer, xq, xd, xs), (rows, buffer.shape[1], buffer.shape[1]))
+        return xq, xd, xs
+
+    def linear(self, x: torch.Tensor, rows: int, outputs: list[tuple]) -> None:
+        """outputs: [(module or (weight, bias), out tensor view start, out row stride)]."""
+        weights = [(_linear_weight(m) if not isinstance(m, tuple) else m) for m, _, _ in outputs]
+        quant = self.quantize_if_needed(x, rows, [w for w, _ in weights])
+        pointers, strides = [x, *quant], [rows, x.shape[1], len(outputs), 0, 0, 0, x.shape[1]]
+        for j, ((weight, bias), (_, out, ld)) in enumerate(zip(weights, outputs, strict=True)):
+            pointers += [_describe(self.program, weight, bias), out]
+            strides[3 + j] = ld
+        self.program.add(OP_LINEAR, pointers, strides)
+
+    def norm(self, x: torch.Tensor, weight, out: torch.Tensor, add: torch.Tensor | None = None) -> None:
+        D = weight.numel()
+        self.program.add(OP_RMSNORM, (x, _f32(weight), out, add),
+                         (self.rows, D, x.shape[1], out.stride(0), 0 if add is None else add.shape[1]),
+                         (self.config.rms_norm_eps,))
+
+    def block(self, layer, cache_index: int, input_delta: torch.Tensor | None) -> None:
+        """One decoder block; the residual add of the previous block's output is fused into the first norm."""
+        b, c, R = self.b, self.config, self.rows
+        attn = layer.self_attn
+        hd, Hq, Hkv = c.head_dim, attn.num_heads, attn.num_kv_heads
+        self.norm(b.x, layer.input_layernorm.weight, b.h, input_delta)
+        q_width, kv_width = Hq * hd, Hkv * hd
+        ld = b.qkv.shape[1]
+        self.linear(b.h, R, [(attn.q_proj, b.qkv, ld), (attn.k_proj, b.qkv[:, q_width:], ld),
+                             (attn.v_proj, b.qkv[:, q_width + kv_width:], ld)])
+        k_cache, v_cache = self.kv_cache[cache_index, 0], self.kv_cache[cache_index, 1]
+        qn = _f32(attn.q_norm.weight) if attn.use_qk_norm else None
+        kn = _f32(attn.k_norm.weight) if attn.use_qk_norm else None
+        kv_dtype = KV_DTYPES[self.kv_cache.dtype]
+        self.program.add(OP_QK_ROPE, (b.qkv, qn, kn, b.positions, k_cache, v_cache, b.slots, b.inv_freq),
+                         (R, Hq, Hkv, hd, c.rotary_dim, ld, kv_dtype), (c.rms_norm_eps,))
+        self.program.add(OP_ATTN, (b.qkv, k_cache, v_cache, b.tables, b.context, b.attn, b.scores),
+                         (R, Hq, Hkv, hd, self.block_size, b.max_blocks, ld, b.attn.shape[1], kv_dtype,
+                          b.scores.shape[2]), (attn.scale,))
+        self.linear(b.attn, R, [(attn.o_proj, b.delta, b.delta.shape[1])])
+        self.norm(b.x, layer.post_attention_layernorm.weight, b.h, b.delta)
+        if hasattr(layer.mlp, "gate"):
+            self.moe(layer.mlp)
+        else:
+            self.mlp(layer.mlp, b.delta)
+
+    def mlp(self, mlp, out: torch.Tensor) -> None:
+        """gate/up → SiLU(gate)·up → down. The buffers are as wide as the widest MLP; narrower ones use their
+        first columns (the kernels take row strides)."""
+        b, R = self.b, self.rows
+        width = _linear_weight(mlp.gate_proj)[0].shape[-2]
+        ld = b.gate_up.shape[1]
+        self.linear(b.h, R, [(mlp.gate_proj, b.gate_up, ld), (mlp.up_proj, b.gate_up[:, width:], ld)])
+        self.program.add(OP_SILU_MUL, (b.gate_up, b.act), (R, width, ld, b.act.shape[1]))
+        self.linear(b.act, R, [(mlp.down_proj, out, out.shape[1])])
+
+    def moe(self, moe) -> None:
+        b, c, R = self.b, self.config, self.rows
+        K, I = c.num_experts_per_tok, c.moe_intermediate_size
+        router = moe.gate
+        self.program.add(OP_ROUTER, (b.h, _f32(router.weight), _f32(router.e_score_correction_bias), b.ids,
+                                     b.weights),
+                         (R, c.hidden_size, c.n_routed_experts, K, c.n_group, c.topk_group, int(c.norm_topk_prob),
+                          b.h.shape[1]), (c.routed_scaling_factor,))
+        gate_up, down = moe.experts.weights()
+        quant = self.quantize_if_needed(b.h, R, [gate_up])
+        self.program.add(OP_GROUPED, (b.h, *quant, _describe(self.program, gate_up), b.ids, b.expert_gate_up),
+                         (R * K, K, b.h.shape[1], b.expert_gate_up.shape[1], b.h.shape[1]))
+        self.program.add(OP_SILU_MUL, (b.expert_gate_up, b.expert_act), (R * K, I, 2 * I, I))
+        quant = self.quantize_if_needed(b.expert_act, R * K, [down])
+        self.program.add(OP_GROUPED, (b.expert_act, *quant, _describe(self.program, down), b.ids, b.expert_out),
+                         (R * K, 1, I, b.expert_out.shape[1], I))
+        self.mlp(moe.shared_experts, b.shared_out)
+        self.program.add(OP_COMBINE, (b.expert_out, b.weights, b.shared_out, b.delta),
+                         (R, K, c.hidden_size, b.delta.shape[1]))
+
+    def embed(self, embedding, out: torch.Tensor) -> None:
+        weight = getattr(embedding, "packed", None)
+        weight = weight if weight is not None else embedding.weight
+        self.program.add(OP_EMBED, (_describe(self.program, weight), self.b.tokens, out), (self.rows, out.shape[1]))
+
+    def head(self, source: torch.Tensor, head_module, logits: torch.Tensor) -> None:
+        b = self.b
+        self.program.add(OP_GATHER, (source, b.logit_rows, b.head_in), (self.rows, source.shape[1], source.shape[1],
+                                                                       b.head_in.shape[1]))
+        self.linear(b.head_in, self.rows, [(head_module, logits, logits.shape[1])])
+
+
+def build_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> _Program:
+    builder = _Builder(model, kv_cache, block_size, buffers, rows)
+    b = buffers
+    builder.embed(model.model.embed_tokens, b.x)
+    delta = None
+    for index, layer in enumerate(model.model.layers):
+        builder.block(layer, index, delta)
+        delta = b.delta
+    builder.norm(b.x, model.model.norm.weight, b.hidden, delta)
+    builder.program.finish()
+    return builder.program
+
+
+def build_mtp_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> _Program:
+    """x = eh_proj([enorm(embed(token)), hnorm(h)]) → the MTP block → h' = shared_head.norm(x). The source rows
+    of h are gathered from `buffers.source` (filled per call)."""
+    builder = _Builder(model, kv_cache, block_size, buffers, rows)
+    b, mtp, D = buffers, model.mtp, model.config.hidden_size
+    builder.embed(mtp.embed_tokens, b.x)
+    builder.norm(b.x, mtp.enorm.weight, b.concat)
+    builder.norm(b.source, mtp.hnorm.weight, b.concat[:, D:])
+    builder.linear(b.concat, rows, [(mtp.eh_proj, b.x, D)])
+    builder.block(mtp, model.config.num_hidden_layers, None)
+    builder.norm(b.x, mtp.shared_head.norm.weight, b.draft_hidden, b.delta)
+    builder.program.finish()
+    return builder.program
+
+
+def build_head(model, buffers: StepBuffers, rows: int, draft: bool) -> _Program:
+    builder = _Builder(model, None, 0, buffers, rows)
+    if draft:
+        builder.head(buffers.draft_hidden, model.mtp.shared_head.head, buffers.draft_logits)
+    else:
+        builder.head(buffers.hidden, model.lm_head, buffers.logits)
+    builder.program.finish()
+    return builder.program
+
+
+class CapturedDecode:
+    """The captured programs of one model runner, by size, and the per-step filling of their inputs."""
+
+    def __init__(self, model, kv_cache: torch.Tensor, block_size: int, scratch_block: int, max_model_len: int,
+                 sizes=DEFAULT_SIZES):
+        start = time.perf_counter()
+        self.model, self.kv_cache, self.block_size, self.scratch_block = model, kv_cache, block_size, scratch_block
+        self.sizes = sorted(sizes)
+        self.threads = torch.get_num_threads()
+        self.rounding = model.dtype == torch.bfloat16
+        max_blocks = -(-max_model_len // block_size) + 1
+        self.buffers = StepBuffers(model, self.sizes[-1], max_blocks, max_model_len + block_size, self.threads)
+        self.trunks = {n: build_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
+        self.heads = {n: build_head(model, self.buffers, n, draft=False) for n in self.sizes}
+        self.mtp_trunks, self.mtp_heads = {}, {}
+        if model.mtp is not None:
+            self.mtp_trunks = {n: build_mtp_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
+            self.mtp_heads = {n: build_head(model, self.buffers, n, draft=True) for n in self.sizes}
+        self._np = {name: getattr(self.buffers, name).numpy() for name in
+                    ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows")}
+        logger.info("captured the CPU decode step for %s rows in %.2f s (%d threads)", self.sizes,
+                    time.perf_counter() - start, self.threads)
+
+    def size_for(self, rows: int) -> int | None:
+        return next((n for n in self.sizes if n >= rows), None)
+
+    def _fill(self, inputs, size: int) -> None:
+        n = len(inputs.token_ids)
+        a = self._np
+        a["tokens"][:n] = inputs.token_ids
+        a["positions"][:n] = inputs.positions
+        a["slots"][:n] = inputs.slot_mapping
+        for s in inputs.slices:
+            table = s.block_table[: -(-s.ctx_len // self.block_size)]
+            rows = slice(s.q_start, s.q_start + s.q_len)
+            a["tables"][rows, : len(table)] = table
+            a["context"][rows] = np.arange(s.ctx_len - s.q_len + 1, s.ctx_len + 1)
+        # Padding rows: token 0 at position 0, writing to the scratch block, attending to itself only.
+        a["tokens"][n:size] = 0
+        a["positions"][n:size] = 0
+        a["slots"][n:size] = self.scratch_block * self.block_size
+        a["tables"][n:size, 0] = self.scratch_block
+        a["context"][n:size] = 1
+
+    def _logit_rows(self, logit_rows: list[int], size: int) -> None:
+        self._np["logit_rows"][: len(logit_rows)] = logit_rows
+        self._np["logit_rows"][len(logit_rows):size] = 0
+
+    def forward(self, inputs, logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(float32 logits at `logit_rows`, final hidden states [rows, D]) of the target model."""
+        n = len(inputs.token_ids)
+        size = self.size_for(n)
+        self._fill(inputs, size)
+        self.trunks[size].run(self.rounding, self.threads)
+        hidden = self.buffers.hidden[:n]
+        if not logit_rows:
+            return None, hidden
+        head = self.size_for(len(logit_rows))
+        self._logit_rows(logit_rows, head)
+        self.heads[head].run(self.rounding, self.threads)
+        return self.buffers.logits[: len(logit_rows)], hidden
+
+    def draft(self, inputs, source: torch.Tensor, logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One MTP step: (float32 logits at `logit_rows`, normalised h' [rows, D]); `source` holds the hidden
+        state paired with each row, in order."""
+        n = len(inputs.token_ids)
+        size = self.size_for(n)
+        self._fill(inputs, size)
+        self.buffers.source[:n] = source
+        self.mtp_trunks[size].run(self.rounding, self.threads)
+        h = self.buffers.draft_hidden[:n]
+        if not logit_rows:
+            return None, h
+        head = self.size_for(len(logit_rows))
+        self._logit_rows(logit_rows, head)
+        self.mtp_heads[head].run(self.rounding, self.threads)
+        return self.buffers.draft_logits[: len(logit_rows)], h

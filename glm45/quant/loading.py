@@ -1,0 +1,58 @@
+"""Loading weights into a packed format, tensor by tensor, and putting the packed tensors into a model.
+
+The loader (`glm45.model.loader`) packs every tensor that `scheme.quantizes`: a weight the checkpoint already
+stores in the served format (FP8 with its scale, or glm45's own int8/int4; `Checkpoint.packed`) is taken as
+it is; any other is read in the compute dtype — one tensor, or one expert stack, at a time — and quantized
+here (`pack`). So a
+bf16 copy of the whole model never exists, and resident memory after loading is the packed size.
+`install` then replaces the model's modules by their quantized counterparts (QuantLinear, QuantEmbedding) or
+registers packed buffers on the expert stacks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glm45.quant.modules import QuantEmbedding, QuantLinear, register_packed
+from glm45.quant.packed import PackedWeight, quantize
+
+
+def pack(tensor: torch.Tensor, fmt: str, device: torch.device) -> PackedWeight:
+    packed = quantize(tensor, fmt)
+    return PackedWeight(packed.format, packed.data.to(device), packed.scale.to(device),
+                        None if packed.minimum is None else packed.minimum.to(device), packed.block)
+
+
+def to_device(packed: PackedWeight, device: torch.device) -> PackedWeight:
+    """A copy on `device` that owns its memory (never a view pinning a memory-mapped file)."""
+    def own(t):
+        return None if t is None else t.to(device, copy=True).contiguous()
+
+    return PackedWeight(packed.format, own(packed.data), own(packed.scale), own(packed.minimum), packed.block)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), leaf
+
+
+def install(model: nn.Module, packed: dict[str, PackedWeight], state: dict[str, torch.Tensor],
+            dtype: torch.dtype) -> None:
+    """Swap the modules whose weights are in `packed` (internal names) for quantized ones, taking their biases
+    out of `state`; the rest of `state` is then assigned by the caller."""
+    for name, weight in packed.items():
+        owner, leaf = _parent(model, name)
+        if leaf in ("gate_up_proj", "down_proj"):  # an expert stack
+            register_packed(owner, leaf, weight)
+            continue
+        module_name = name.removesuffix(".weight")
+        parent, attribute = _parent(model, module_name)
+        module = getattr(parent, attribute)
+        if isinstance(module, nn.Embedding):
+            quantized = QuantEmbedding(weight, dtype)
+        else:
+            bias = state.pop(f"{module_name}.bias", None) if getattr(module, "bias", None) is not None else None
+            quantized = QuantLinear(weight, bias)
+        quantized._forward_hooks = module._forward_hooks  # tensor parallelism's all-reduces stay attached
+        setattr(parent, attribute, quantized)

@@ -1,0 +1,85 @@
+"""Which format a checkpoint is stored in, which format a model is served in, and which tensors that covers.
+
+Served format (`--quantization`, or the checkpoint's own when not given):
+- bf16 checkpoint: any of fp8, int8, int4, quantized at load tensor by tensor;
+- FP8 checkpoint (compressed-tensors per-channel `weight_scale`, or 128×128 `weight_scale_inv`): kept in FP8
+  with its scales (no flag needed); int8 or int4 re-quantize it at load;
+- a checkpoint saved by `glm45 quantize`: served in its format; asking for another is an error;
+- "none" loads every weight dequantized to the compute dtype (training a quantized checkpoint).
+
+Quantized tensors: every linear layer's weight (attention, dense MLP, shared and routed experts, MTP's eh_proj),
+and — a choice of ours, documented in the README — the embedding tables and the LM heads too, since on an
+Air-shaped model they are two thirds of the bytes a decode step reads and of the resident memory. Routers,
+their correction bias, norms and biases stay in higher precision, as in the official FP8 releases. An FP8
+checkpoint keeps its bf16 embeddings and heads as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from glm45.config import QUANTIZATIONS, ModelConfig
+
+QUANTIZED_WEIGHT = re.compile(
+    r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|eh_proj|lm_head|head|embed_tokens)\.weight$"
+    r"|\.mlp\.experts\.(gate_up_proj|down_proj)$")
+GLM45_GROUP_SIZE = 32
+
+
+def checkpoint_format(config: ModelConfig) -> str:
+    """The weight format a checkpoint is stored in (bf16, fp32, fp8, fp8_block, int8, int4), from its
+    `quantization_config` and `torch_dtype`."""
+    qc = config.quantization_config
+    if not qc:
+        return "fp32" if config.torch_dtype == "float32" else "bf16"
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "fp8":  # DeepSeek / vLLM style
+        return "fp8_block" if qc.get("weight_block_size") else "fp8"
+    if method in QUANTIZATIONS:  # glm45's own checkpoints name their format
+        return method
+    if method == "compressed-tensors":
+        if qc.get("format") == "float-quantized" and not qc.get("config_groups"):
+            return "fp8"
+        for group in (qc.get("config_groups") or {}).values():
+            weights = group.get("weights") or {}
+            bits, kind, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
+            if kind == "float" and bits == 8:
+                return "fp8_block" if strategy == "block" else "fp8"
+            if kind == "int" and bits in (8, 4):
+                return f"int{bits}"
+    raise ValueError(f"quantization_config {json.dumps(qc)[:200]} is not a format glm45 reads; supported: "
+                     "compressed-tensors FP8, block FP8, and glm45's own int8/int4/fp8")
+
+
+def served_format(requested: str | None, config: ModelConfig) -> str | None:
+    """The packed format the model is served in (None: unquantized), or a ValueError when the request
+    contradicts the checkpoint."""
+    stored = checkpoint_format(config)
+    stored_packed = "fp8" if stored.startswith("fp8") else stored if stored in QUANTIZATIONS else None
+    if requested is None:
+        return stored_packed
+    if requested == "none":
+        return None
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization {requested!r} is not supported; choose one of {', '.join(QUANTIZATIONS)} "
+                         "or none")
+    if stored in ("int8", "int4") and requested != stored:
+        raise ValueError(f"the checkpoint is stored in {stored}; it cannot be served as {requested} "
+                         f"(use --quantization {stored}, or quantize the original checkpoint)")
+    return requested
+
+
+def quantizes(internal_name: str, fmt: str | None) -> bool:
+    """Whether the model tensor `internal_name` is held packed in format `fmt`."""
+    return fmt is not None and QUANTIZED_WEIGHT.search(internal_name) is not None
+
+
+def quantization_config(fmt: str) -> dict:
+    """The `quantization_config` a checkpoint saved in `fmt` carries (FP8 in the official releases' layout)."""
+    if fmt == "fp8":
+        return {"quant_method": "compressed-tensors", "format": "float-quantized",
+                "config_groups": {"group_0": {"targets": ["Linear"],
+                                              "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}},
+                "ignore": ["re:.*mlp.gate$"]}
+    return {"quant_method": fmt, "format": "glm45", "group_size": GLM45_GROUP_SIZE}

@@ -2,7 +2,8 @@
 
 The step's tokens arrive flattened, `[N, heads, head_dim]`, sequence after sequence. `attend` writes their
 K/V into the cache slots given by `slot_mapping`, then lets each sequence's queries attend over its own
-cached past (positions 0 … ctx_len-1, causally offset for the new tokens).
+cached past (positions 0 … ctx_len-1, causally offset for the new tokens). An FP8 cache (`--kv-cache-dtype
+fp8`) holds e4m3 values at scale 1, as vLLM does for checkpoints without KV scales, and is widened on read.
 
 Sequences with few new tokens (decode, speculative verification) are gathered into one padded batch and
 served by one SDPA call per layer, with K/V sliced to the longest context in the batch, not the whole
@@ -18,6 +19,21 @@ import torch
 import torch.nn.functional as F
 
 SHORT_QUERY = 16  # sequences with at most this many new tokens share the padded batch
+
+
+def write(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[slots] = values, converting to the cache's dtype (an FP8 cache saturates at ±448, scale 1)."""
+    if cache.dtype == torch.float8_e4m3fn:  # torch has no index_copy_ for float8: copy the bytes
+        cache.view(torch.uint8).index_copy_(0, slots, values.to(cache.dtype).view(torch.uint8))
+    else:
+        cache.index_copy_(0, slots, values.to(cache.dtype))
+
+
+def read(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[index] in the compute dtype."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return cache.view(torch.uint8)[index].view(cache.dtype).to(dtype)
+    return cache[index]
 
 
 @dataclass
@@ -71,22 +87,22 @@ class PagedAttention:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache = self.kv_cache[layer_idx, 0].view(-1, k.shape[-2], k.shape[-1])
         v_cache = self.kv_cache[layer_idx, 1].view(-1, v.shape[-2], v.shape[-1])
-        k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        write(k_cache, self.slot_mapping, k)
+        write(v_cache, self.slot_mapping, v)
         out = torch.empty_like(q)
         if self.batch is not None:
             q_rows, kv_slots, mask, valid, out_rows = self.batch
             # [B, Q, H, hd] → [B, H, Q, hd]
             batch_out = F.scaled_dot_product_attention(
-                q[q_rows].transpose(1, 2), k_cache[kv_slots].transpose(1, 2), v_cache[kv_slots].transpose(1, 2),
-                attn_mask=mask, enable_gqa=True,
+                q[q_rows].transpose(1, 2), read(k_cache, kv_slots, q.dtype).transpose(1, 2),
+                read(v_cache, kv_slots, q.dtype).transpose(1, 2), attn_mask=mask, enable_gqa=True,
             ).transpose(1, 2)
             out[out_rows] = batch_out.reshape(-1, *q.shape[1:])[valid]
         for s, kv_slots in self.long:
             rows = slice(s.q_start, s.q_start + s.q_len)
             query = q[rows].transpose(0, 1)[None]
-            keys = k_cache[kv_slots].transpose(0, 1)[None]
-            values = v_cache[kv_slots].transpose(0, 1)[None]
+            keys = read(k_cache, kv_slots, q.dtype).transpose(0, 1)[None]
+            values = read(v_cache, kv_slots, q.dtype).transpose(0, 1)[None]
             if s.ctx_len == s.q_len:
                 result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
             else:

@@ -69,7 +69,7 @@ class LLMEngine:
         if model is None:
             model = Glm4MoeForCausalLM.from_pretrained(
                 model_path, dtype=config.dtype, device=self.device, load_mtp=config.num_speculative_tokens > 0,
-                parallelize=self.workers.parallelize if self.workers else None)
+                parallelize=self.workers.parallelize if self.workers else None, quantization=config.quantization)
         self.model = model.eval()
         self.model_config = model.config
         if tokenizer is None:
@@ -105,7 +105,8 @@ class LLMEngine:
         if self.workers is not None:
             self.runner = self.workers.runner(model, num_blocks, num_cache_layers)
         else:
-            self.runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size)
+            self.runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size,
+                                             config.kv_cache_dtype)
             if not config.enforce_eager:
                 self.runner.capture(max_model_len + lookahead, config.cuda_graph_sizes)
         self.kv_cache = self.runner.kv_cache

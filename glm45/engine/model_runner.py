@@ -47,6 +47,11 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
     return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
 
 
+def kv_dtype(kv_cache_dtype: str, model) -> torch.dtype:
+    """The KV cache's element type: the model's dtype ("auto"), or e4m3 ("fp8", "fp8_e4m3")."""
+    return model.dtype if kv_cache_dtype == "auto" else torch.float8_e4m3fn
+
+
 def local_kv_heads(model) -> int:
     """KV heads this rank caches (its share under tensor parallelism, or the one replicated head)."""
     return model.model.layers[0].self_attn.num_kv_heads
@@ -59,7 +64,7 @@ def kv_cache_blocks(config, model, device: torch.device, num_cache_layers: int) 
     if config.num_gpu_blocks_override:
         return config.num_gpu_blocks_override
     per_block = kv_bytes_per_block(num_cache_layers, config.block_size, local_kv_heads(model),
-                                   model.config.head_dim, model.dtype)
+                                   model.config.head_dim, kv_dtype(config.kv_cache_dtype, model))
     budget = config.kv_cache_memory_bytes
     if budget is None and device.type == "cuda":
         # vLLM's meaning: the whole process may use this share of the GPU.
@@ -84,9 +89,10 @@ class ModelRunner:
         self.captured = None                           # the captured decode step, when enabled
 
     @classmethod
-    def create(cls, model, num_blocks: int, num_cache_layers: int, block_size: int) -> ModelRunner:
+    def create(cls, model, num_blocks: int, num_cache_layers: int, block_size: int,
+               kv_cache_dtype: str = "auto") -> ModelRunner:
         kv_cache = allocate_kv_cache(num_cache_layers, num_blocks + 1, block_size, local_kv_heads(model),
-                                     model.config.head_dim, model.dtype, model.device)
+                                     model.config.head_dim, kv_dtype(kv_cache_dtype, model), model.device)
         return cls(model, kv_cache, block_size)
 
     def capture(self, max_model_len: int, sizes: list[int] | None = None) -> None:

@@ -75,7 +75,7 @@ def load_shard(config: EngineConfig, model_path: Path, group: ParallelGroup, dev
     """This rank's shard of the model, read shard by shard from the checkpoint."""
     return Glm4MoeForCausalLM.from_pretrained(
         model_path, dtype=config.dtype, device=device, load_mtp=config.num_speculative_tokens > 0,
-        progress=group.rank == 0,
+        progress=group.rank == 0, quantization=config.quantization,
         parallelize=functools.partial(parallelize_model, group=group, expert_parallel=config.enable_expert_parallel))
 
 
@@ -95,7 +95,7 @@ def serve_steps(config: EngineConfig, model_path: Path, group: ParallelGroup, co
     if start is None:  # rank 0 gave up before serving (its own load or sizing failed)
         return
     num_blocks, num_cache_layers = start
-    runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size)
+    runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size, config.kv_cache_dtype)
     logger.info("rank %d serving: %d KV blocks of its %d KV heads", group.rank, num_blocks, local_kv_heads(model))
     while (command := _broadcast(control)) is not None:
         name, args = command
@@ -188,7 +188,8 @@ class WorkerGroup:
             _broadcast(self.control, (num_blocks, num_cache_layers))
         except Exception as e:
             raise self.fail(e) from e
-        local = ModelRunner.create(model, num_blocks, num_cache_layers, self.config.block_size)
+        local = ModelRunner.create(model, num_blocks, num_cache_layers, self.config.block_size,
+                                   self.config.kv_cache_dtype)
         return DistributedModelRunner(model, local.kv_cache, self.config.block_size, self)
 
     # ------------------------------------------------------------------ failure

@@ -68,6 +68,22 @@ static inline float fp8_to_f32(uint8_t v) {
     return _cvtsh_ss(h) * FP8_RESCALE;
 }
 
+/* fp32 → e4m3, rounded to nearest (ties to even) and saturated at ±448, as torch converts. Normal values: round
+ * the fp32 mantissa to 3 bits in place (the magnitude bits are monotonic, so a carry into the exponent is the
+ * right rounding) and re-bias the exponent from 127 to 7; below 2^-6 the value is a multiple of 2^-9. */
+static inline uint8_t f32_to_fp8(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    const uint8_t sign = (uint8_t)((bits >> 24) & 0x80);
+    const float a = fabsf(v);
+    if (!(a < 464.0f)) return sign | 0x7e; /* beyond the last rounding midpoint (and NaN): 448 */
+    if (a < 0.015625f) return sign | (uint8_t)nearbyintf(a * 512.0f);
+    uint32_t mag = bits & 0x7fffffffu;
+    mag += 0x7ffffu + ((mag >> 20) & 1u);
+    const uint32_t code = (mag >> 20) - (120u << 3);
+    return sign | (uint8_t)(code > 0x7e ? 0x7e : code);
+}
+
 /* [begin, end) of `n` items for thread ith of nth, in chunks of `align`. */
 static inline void split_range(int64_t n, int ith, int nth, int64_t align, int64_t *begin, int64_t *end) {
     int64_t chunks = (n + align - 1) / align;

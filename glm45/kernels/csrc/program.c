@@ -52,11 +52,7 @@ static inline void kv_store(void *cache, int64_t i, float v, int64_t dtype) {
     if (dtype == KV_BF16) {
         ((uint16_t *)cache)[i] = f32_to_bf16(v);
     } else if (dtype == KV_FP8) {
-        /* fp32 → fp16 (×2^-8, see fp8_to_f32) → round the mantissa from 10 to 3 bits, ties to even, and saturate
-         * at 448: the magnitude bits are monotonic, so a carry into the exponent is the right rounding. */
-        uint16_t h = _cvtss_sh(v / FP8_RESCALE, _MM_FROUND_TO_NEAREST_INT);
-        uint16_t mag = h & 0x7fff, code = (uint16_t)((mag + 0x3f + ((mag >> 7) & 1)) >> 7);
-        ((uint8_t *)cache)[i] = (uint8_t)((code > 0x7e ? 0x7e : code) | ((h >> 8) & 0x80));
+        ((uint8_t *)cache)[i] = f32_to_fp8(v);
     } else {
         ((float *)cache)[i] = v;
     }

@@ -1,0 +1,172 @@
+"""The captured CPU decode step against the eager path: same logits within float tolerance (teacher-forced, so
+a near-tie cannot send the two down different continuations), same argmax wherever the margin is clear, for
+tiny configurations (QK-norm and dense layers, grouped routing, one KV head), fp32 and bf16, every weight
+format, batched rows, MTP verification rows and MTP drafting; and identical greedy text end to end."""
+
+import pytest
+import torch
+from tiny_checkpoints import AIR_LIKE, TINY_CONFIGS, save_mtp_model, save_reference
+
+from glm45 import LLM, SamplingParams
+from glm45.engine.attention import SeqSlice
+from glm45.engine.model_runner import ModelRunner, StepInputs
+from glm45.kernels import cpu
+from glm45.model import Glm4MoeForCausalLM
+
+pytestmark = pytest.mark.skipif(cpu.library() is None, reason="the CPU kernels cannot run here (no AVX2 or compiler)")
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from transformers import Glm4MoeConfig
+    from transformers import Glm4MoeForCausalLM as Reference
+
+    out = {kind: save_reference(kind, tmp_path_factory.mktemp(kind)) for kind in TINY_CONFIGS}
+    torch.manual_seed(1)
+    one_kv = Reference(Glm4MoeConfig(**{**AIR_LIKE, "num_key_value_heads": 1})).eval()
+    with torch.no_grad():
+        for param in one_kv.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.08)
+    out["one_kv_head"] = tmp_path_factory.mktemp("one_kv_head")
+    one_kv.save_pretrained(out["one_kv_head"])
+    out["mtp"] = save_mtp_model(tmp_path_factory.mktemp("mtp"), attention_scale=0.5)
+    return out
+
+
+class Session:
+    """Sequences on one model runner, fed by hand: a prefill, then decode rows (one per sequence, or k+1)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.tables = {}
+
+    def inputs(self, rows: list[tuple[int, int, int]]) -> StepInputs:
+        """rows: (sequence, token, position), grouped by sequence, positions consecutive per sequence."""
+        ids, positions, slots, slices = [], [], [], []
+        for seq in dict.fromkeys(r[0] for r in rows):
+            mine = [r for r in rows if r[0] == seq]
+            table = self.tables.setdefault(seq, [seq * 8 + i for i in range(8)])
+            last = mine[-1][2]
+            slices.append(SeqSlice(len(ids), len(mine), last + 1, table))
+            for _, token, position in mine:
+                ids.append(token)
+                positions.append(position)
+                slots.append(table[position // BLOCK] * BLOCK + position % BLOCK)
+        return StepInputs(ids, positions, slots, slices)
+
+
+def runners(folder, dtype, quantization=None, kv_cache_dtype="auto"):
+    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype=dtype, progress=False, quantization=quantization)
+    layers = model.config.num_hidden_layers + (1 if model.mtp is not None else 0)
+    eager = ModelRunner.create(model, 32, layers, BLOCK, kv_cache_dtype)
+    captured = ModelRunner.create(model, 32, layers, BLOCK, kv_cache_dtype)
+    captured.capture(max_model_len=120, sizes=[1, 2, 4, 8])
+    assert captured.captured is not None
+    return Session(eager), Session(captured)
+
+
+class Agreement:
+    """Logits of the two paths, step by step. fp32 (`strict`): every step's largest difference ≤ 1e-4 of the
+    largest logit and the same argmax wherever the top-two margin is clear. bf16: the two paths round at the
+    same places, but torch's SDPA and the captured attention differ by an ulp in about a third of their outputs
+    (neither is the fp32 result rounded once), and in these small random models with large weights an ulp
+    can flip an expert choice; so bf16 is judged over all steps: the median step's mean difference ≤ 2.5% of
+    the mean logit, and the same argmax in ≥ 85% of the rows."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.mean_differences: list[float] = []
+        self.rows = self.agreeing = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        scale = a.abs().max()
+        if self.strict:
+            assert (a - b).abs().max() <= 1e-4 * scale, float((a - b).abs().max() / scale)
+            top2 = a.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 2e-4 * scale
+            assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
+        self.mean_differences.append(float((a - b).abs().mean() / a.abs().mean()))
+        self.rows += a.shape[0]
+        self.agreeing += int((a.argmax(-1) == b.argmax(-1)).sum())
+
+    def check(self) -> None:
+        if not self.strict:
+            median = sorted(self.mean_differences)[len(self.mean_differences) // 2]
+            assert median <= 0.025, self.mean_differences
+            assert self.agreeing >= 0.85 * self.rows, (self.agreeing, self.rows)
+
+
+def run_teacher_forced(eager: Session, captured: Session, strict: bool, steps: int = 12, verify: int = 1) -> None:
+    agreement = Agreement(strict)
+    # Sequence 0's prompt has more rows than the largest captured size (eager on both sides); sequence 1's
+    # fits, so the captured side prefills it with the program.
+    prompts = {0: list(range(3, 23)), 1: list(range(40, 47))}
+    for seq, prompt in prompts.items():
+        rows = [(seq, t, p) for p, t in enumerate(prompt)]
+        a = eager.runner.forward(eager.inputs(rows), [len(rows) - 1])
+        b = captured.runner.forward(captured.inputs(rows), [len(rows) - 1])
+        agreement.add(a, b)
+    last = {seq: (prompt[-1], len(prompt) - 1) for seq, prompt in prompts.items()}
+    for _ in range(steps):
+        # each sequence re-feeds its last token plus `verify - 1` guesses (MTP verification rows)
+        rows = []
+        for seq, (token, position) in last.items():
+            rows += [(seq, token if i == 0 else (token + i) % 300, position + i) for i in range(verify)]
+        a = eager.runner.forward(eager.inputs(rows), list(range(len(rows))))
+        b = captured.runner.forward(captured.inputs(rows), list(range(len(rows))))
+        agreement.add(a, b)
+        chosen = a.argmax(-1).tolist()
+        for k, seq in enumerate(last):
+            last[seq] = (chosen[k * verify], last[seq][1] + 1)
+    agreement.check()
+
+
+@pytest.mark.parametrize("kind", ["glm45_like", "air_like", "grouped", "one_kv_head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_step_matches_eager(folders, kind, dtype):
+    eager, captured = runners(folders[kind], dtype)
+    run_teacher_forced(eager, captured, strict=dtype == torch.float32)
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "int8", "int4"])
+def test_captured_step_matches_eager_for_packed_weights(folders, quantization):
+    eager, captured = runners(folders["glm45_like"], torch.bfloat16, quantization)
+    run_teacher_forced(eager, captured, strict=False)
+
+
+def test_captured_step_matches_eager_with_an_fp8_kv_cache(folders):
+    eager, captured = runners(folders["air_like"], torch.float32, kv_cache_dtype="fp8")
+    assert eager.runner.kv_cache.dtype == torch.float8_e4m3fn
+    # Both paths store e4m3 rounded to nearest and saturated at ±448, and widen it exactly on read.
+    run_teacher_forced(eager, captured, strict=True)
+
+
+def test_verification_rows_and_mtp_drafts_match_eager(folders):
+    eager, captured = runners(folders["mtp"], torch.float32)
+    run_teacher_forced(eager, captured, strict=True, steps=6, verify=3)
+    rows = [(0, 5, 30), (0, 6, 31), (1, 7, 17)]
+    for session in (eager, captured):
+        session.runner.forward(session.inputs(rows), [1, 2])
+    draft_rows = [(0, 6, 30), (0, 9, 31), (1, 8, 17)]
+    a = eager.runner.draft(eager.inputs(draft_rows), [0, 1, 2], [1, 2])
+    b = captured.runner.draft(captured.inputs(draft_rows), [0, 1, 2], [1, 2])
+    Agreement(strict=True).add(a, b)
+    chained = [(0, 11, 32), (1, 12, 18)]  # a second draft step carries h' of the first
+    a = eager.runner.draft(eager.inputs(chained), None, [0, 1])
+    b = captured.runner.draft(captured.inputs(chained), None, [0, 1])
+    Agreement(strict=True).add(a, b)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_bundled_model_greedy_text_is_identical(k):
+    prompts = ["[gMASK]<sop><|user|>\nWhat is the weather in Oslo?<|assistant|>",
+               "[gMASK]<sop><|user|>\nConvert 3 km to miles./nothink<|assistant|>\n<think></think>"]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    texts = {}
+    for eager in (True, False):
+        llm = LLM(enforce_eager=eager, num_speculative_tokens=k, dtype="float32")
+        assert (llm.engine.runner.captured is None) == eager
+        texts[eager] = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert texts[True] == texts[False]

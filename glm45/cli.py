@@ -1,6 +1,7 @@
 """The `glm45` command line: one entry point with subcommands.
 
     glm45 info MODEL      load a checkpoint and print its architecture and parameter counts
+    glm45 quantize MODEL  save a checkpoint with fp8, int8 or int4 weights
     glm45 plan MODEL      the memory a model needs (weights, KV cache, activations) and the GPUs that fit it
     glm45 serve [MODEL]   the OpenAI-compatible server (vLLM's flags); default: the bundled small model
     glm45 chat [MODEL]    an interactive chat in the terminal
@@ -40,6 +41,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters:       {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token, "
           f"{mtp / 1e6:.2f}M in the MTP layer{'' if model.mtp is not None else ' (none)'}")
     print(f"weight bytes:     {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Load a checkpoint quantized (tensor by tensor, so memory stays near the packed size) and save it."""
+    import shutil
+    from pathlib import Path
+
+    from glm45.model import Glm4MoeForCausalLM
+    from glm45.quant.scheme import quantization_config
+
+    model = Glm4MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization=args.to)
+    model.config.quantization_config = quantization_config(args.to)
+    model.save_pretrained(args.out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (Path(args.model) / name).is_file():
+            shutil.copy(Path(args.model) / name, Path(args.out) / name)
+    size = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
+    print(f"saved {args.model} in {args.to} to {args.out} ({size / 2**20:.1f} MiB of weights)")
     return 0
 
 
@@ -96,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Memory accounting from config.json alone (flags as in vLLM).")
     add_plan_arguments(plan)
     plan.set_defaults(func=cmd_plan)
+
+    quantize = sub.add_parser("quantize", help="save a checkpoint with its weights quantized (fp8, int8, int4)")
+    quantize.add_argument("model", help="a local folder in the Hugging Face layout (bf16 or FP8)")
+    quantize.add_argument("--to", required=True, choices=["fp8", "int8", "int4"], help="the weight format")
+    quantize.add_argument("--out", required=True, help="the folder to write")
+    quantize.add_argument("--dtype", default="auto", help="compute dtype of the unquantized parts (norms, biases)")
+    quantize.set_defaults(func=cmd_quantize)
 
     from glm45.server.config import add_serve_arguments
 

@@ -31,6 +31,7 @@ from glm45.config import EngineConfig, bundled_model_path
 from glm45.engine.block_manager import BlockManager
 from glm45.engine.device import resolve_device
 from glm45.engine.executor import Executor
+from glm45.engine.memory import memory_report
 from glm45.engine.model_runner import ModelRunner, kv_cache_blocks
 from glm45.engine.output import OutputProcessor
 from glm45.engine.sampling_params import SamplingParams
@@ -118,6 +119,8 @@ class LLMEngine:
         self._seed_counter = config.seed
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.memory = memory_report(model, self.kv_cache, config.block_size)
+        logger.info("memory: %s", self.memory.describe())
         parallel = ""
         if self.workers is not None:
             parallel = f", tensor parallel ×{config.tensor_parallel_size}"
@@ -255,4 +258,6 @@ class LLMEngine:
             "generation_tokens": self.num_generation_tokens,
             "spec_acceptance_rates": spec.acceptance_rates if self.num_speculative_tokens else [],
             "spec_mean_accepted_length": spec.mean_accepted_length if self.num_speculative_tokens else 0.0,
+            "weight_bytes": self.memory.weight_bytes,
+            "kv_cache_bytes": self.memory.kv_cache_bytes,
         }

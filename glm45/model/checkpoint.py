@@ -163,6 +163,8 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str = "weigh
     """W = W_fp8 · scale, with scale per tensor [1], per output channel [out, 1], or per block [⌈out/b⌉, ⌈in/b⌉]."""
     w = weight.float()
     s = scale.float()
+    if w.dim() == 3 and s.numel() == w.shape[0] * w.shape[1]:  # a fused expert stack with per-row scales
+        return w * s.reshape(*w.shape[:2], 1)
     out_features, in_features = w.shape
     if s.numel() == 1:
         return w * s.reshape(())

@@ -37,7 +37,7 @@ from glm45.model.state_dict import (
 )
 from glm45.quant.loading import install, pack, to_device
 from glm45.quant.packed import PackedWeight
-from glm45.quant.scheme import checkpoint_format, quantizes, served_format
+from glm45.quant.scheme import check_packable, checkpoint_format, quantizes, served_format
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def load_model(
     with torch.device("meta"):
         model = model_class(config, with_mtp=with_mtp)
     plan: ShardPlan = parallelize(model) if parallelize is not None else {}
+    check_packable(model.state_dict(), fmt, device)
 
     reader = _Reader(checkpoint, config, dtype, device, plan, fmt)
     bar = tqdm(model.state_dict().items(), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
@@ -195,7 +196,8 @@ def save_model(model, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     hf_config["num_nextn_predict_layers"] = config.num_nextn_predict_layers if model.mtp is not None else 0
-    hf_config.pop("quantization_config", None)  # weights are written dequantised
+    if not any(name.endswith("_scale") for name in model.state_dict()):
+        hf_config.pop("quantization_config", None)  # plain weights: an FP8 checkpoint loaded with "none"
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if config.eos_token_id:
         generation = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}

@@ -94,12 +94,14 @@ def stack_experts(checkpoint: Checkpoint, prefix: str, kind: str, meta: torch.Te
 
 
 def checkpoint_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors under their released checkpoint names (per-expert, MTP as the last layer)."""
+    """The model's tensors under their released checkpoint names (per-expert, MTP as the last layer). Packed
+    expert stacks (a quantized model) stay fused, beside their `_scale` (and `_min`) tensors."""
     config: ModelConfig = model.config
-    for internal, tensor in model.state_dict().items():
+    state = model.state_dict()
+    for internal, tensor in state.items():
         name = checkpoint_name(internal, config)
         stack = EXPERT_STACK.match(name)
-        if not stack:
+        if not stack or internal + "_scale" in state:
             yield name, tensor
             continue
         parts = ("gate_proj", "up_proj") if stack["kind"] == "gate_up_proj" else ("down_proj",)

@@ -76,10 +76,31 @@ def quantizes(internal_name: str, fmt: str | None) -> bool:
 
 
 def quantization_config(fmt: str) -> dict:
-    """The `quantization_config` a checkpoint saved in `fmt` carries (FP8 in the official releases' layout)."""
-    if fmt == "fp8":
-        return {"quant_method": "compressed-tensors", "format": "float-quantized",
-                "config_groups": {"group_0": {"targets": ["Linear"],
-                                              "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}},
-                "ignore": ["re:.*mlp.gate$"]}
-    return {"quant_method": fmt, "format": "glm45", "group_size": GLM45_GROUP_SIZE}
+    """The `quantization_config` of a checkpoint `glm45 quantize` saves in `fmt` (glm45's own layout: per-row
+    FP8 scales or 32-wide int8/int4 blocks, fused expert stacks, embeddings and heads packed too)."""
+    config = {"quant_method": fmt, "format": "glm45"}
+    if fmt != "fp8":
+        config["group_size"] = GLM45_GROUP_SIZE
+    return config
+
+
+def check_packable(tensors: dict, fmt: str | None, device) -> None:
+    """Before any weight is read: every tensor `fmt` packs must split into whole blocks, and the device must
+    run the format. `tensors` maps model names to (meta) tensors; a ValueError names what does not fit."""
+    if fmt is None:
+        return
+    if fmt == "fp8" and device.type == "cuda":
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"fp8 weights need a GPU with FP8 matrix units (compute capability 8.9 or newer); "
+                             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use int8, int4 or bf16")
+    if fmt not in ("int8", "int4"):
+        return
+    bad = [f"{name} {list(t.shape)}" for name, t in tensors.items()
+           if quantizes(name, fmt) and t.shape[-1] % GLM45_GROUP_SIZE]
+    if bad:
+        raise ValueError(f"{fmt} packs blocks of {GLM45_GROUP_SIZE} inputs, and these tensors' input widths are not "
+                         f"multiples of {GLM45_GROUP_SIZE}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; "
+                         "use fp8 for this model")

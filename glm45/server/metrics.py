@@ -53,6 +53,9 @@ class EngineStatsCollector(Collector):
         yield self._gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).",
                           stats["kv_cache_usage"])
         yield self._gauge("num_kv_cache_blocks", "KV-cache blocks in total.", stats["num_blocks"])
+        yield self._gauge("weight_bytes", "Bytes of the model's weights on this process (packed when quantized).",
+                          stats.get("weight_bytes", 0))
+        yield self._gauge("kv_cache_bytes", "Bytes of the KV cache on this process.", stats.get("kv_cache_bytes", 0))
         yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                             stats["prefix_cache_queries"])
         yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",

@@ -1,0 +1,131 @@
+"""Quantized weights: the formats' error bounds, loading tensor by tensor into packed modules, `glm45 quantize`
+round trips, resident memory against bf16, the engine and /metrics accounting, and clear errors on bad
+input before anything large is allocated."""
+
+import json
+
+import pytest
+import torch
+from tiny_checkpoints import save_reference
+
+from glm45 import LLM, SamplingParams
+from glm45.cli import main as cli_main
+from glm45.config import EngineConfig, bundled_model_path
+from glm45.model import Glm4MoeForCausalLM
+from glm45.quant.modules import QuantEmbedding, QuantLinear
+from glm45.quant.packed import dequantize, quantize
+
+IDS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_reference("glm45_like", tmp_path_factory.mktemp("glm45_like"))
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+# int8 and fp8 round to nearest: half a step. int4 fits scale and minimum by least squares, which may clip a
+# block's extremes a little to place the other 30 values better: at most one step of its range.
+@pytest.mark.parametrize("fmt, bound", [("int8", 1 / 254), ("int4", 1 / 15), ("fp8", 1 / 16)])
+def test_formats_stay_within_their_rounding_error(fmt, bound):
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    error = (dequantize(quantize(w, fmt)) - w).abs()
+    if fmt == "fp8":  # e4m3: 3 mantissa bits, relative to each value
+        assert (error <= w.abs() * bound + 1e-6).all()
+    else:  # blocks of 32
+        blocks = w.reshape(64, 4, 32)
+        scale = (blocks.amax(-1) - blocks.amin(-1)) if fmt == "int4" else 2 * blocks.abs().amax(-1)
+        assert (error.reshape(64, 4, 32) <= scale[..., None] * bound + 1e-6).all()
+
+
+def test_int4_least_squares_fit_beats_range_rounding():
+    torch.manual_seed(1)
+    w = torch.randn(256, 256)
+    blocks = w.reshape(256, 8, 32)
+    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    step = ((high - low) / 15).half().float()
+    plain = (torch.round((blocks - low.half().float()) / step).clamp(0, 15) * step + low.half().float())
+    plain_error = ((plain - blocks) ** 2).mean()
+    fitted_error = ((dequantize(quantize(w, "int4")) - w) ** 2).mean()
+    assert fitted_error < 0.9 * plain_error
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+def test_quantized_loading_packs_every_linear_layer_and_stays_close(folder, fmt):
+    plain = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False)
+    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization=fmt)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
+    assert model.model.layers[3].mlp.experts.weights()[0].format == fmt
+    assert model.model.layers[3].mlp.gate.weight.dtype == torch.float32  # routers stay in full precision
+    with torch.no_grad():
+        expected, got = plain(IDS), model(IDS)
+    # This tiny random model (weights of std 0.08, so activations grow layer by layer) magnifies rounding: measured
+    # 2.2% (int8), 12% (fp8), 36% (int4) of the mean logit; the bundled model's perplexity is the real measure.
+    relative = ((got - expected).abs().mean() / expected.abs().mean()).item()
+    assert relative < {"int8": 0.04, "fp8": 0.2, "int4": 0.5}[fmt], relative
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+def test_glm45_quantize_round_trip(folder, tmp_path, fmt):
+    out = tmp_path / fmt
+    assert cli_main(["--log-level", "WARNING", "quantize", str(folder), "--to", fmt, "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == fmt
+    at_load = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization=fmt)
+    saved = Glm4MoeForCausalLM.from_pretrained(out, dtype="float32", progress=False)  # format from its config
+    for (name, a), (_, b) in zip(at_load.state_dict().items(), saved.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                                                  b.view(torch.uint8) if b.dtype.itemsize == 1 else b), name
+    if fmt != "fp8":  # an int8/int4 checkpoint cannot become another format (FP8 ones re-quantize on request)
+        with pytest.raises(ValueError, match="cannot be served as"):
+            Glm4MoeForCausalLM.from_pretrained(out, progress=False, quantization="int4" if fmt == "int8" else "int8")
+    dense = Glm4MoeForCausalLM.from_pretrained(out, dtype="float32", progress=False, quantization="none")
+    torch.testing.assert_close(dense.lm_head.weight, saved.lm_head.packed.dequantize())
+
+
+def test_resident_memory_relative_to_bf16():
+    """The bundled model's weights: the issue's budget (int8, fp8 ≤ 0.55; int4 ≤ 0.32 of bf16) holds for the
+    parts every format packs; norms, biases and the fp32 routers are a larger share of this 8M-parameter model
+    than of a real one, so they are counted apart."""
+    path = bundled_model_path()
+    bf16 = Glm4MoeForCausalLM.from_pretrained(path, dtype="bfloat16", progress=False, load_mtp=False)
+    for fmt, budget in (("int8", 0.55), ("fp8", 0.55), ("int4", 0.32)):
+        model = Glm4MoeForCausalLM.from_pretrained(path, dtype="bfloat16", progress=False, load_mtp=False,
+                                                   quantization=fmt)
+        unpacked = sum(t.numel() * t.element_size() for n, t in model.named_parameters())
+        assert (weight_bytes(model) - unpacked) / (weight_bytes(bf16) - unpacked) <= budget, fmt
+
+
+def test_engine_reports_weight_and_kv_bytes():
+    plain = LLM(max_model_len=512, kv_cache_memory_bytes=8 << 20).engine
+    packed = LLM(max_model_len=512, kv_cache_memory_bytes=8 << 20, quantization="int4", kv_cache_dtype="fp8").engine
+    stats, packed_stats = plain.stats(), packed.stats()
+    assert packed_stats["weight_bytes"] < 0.3 * stats["weight_bytes"]
+    assert packed.memory.kv_bytes_per_token * plain.kv_cache.element_size() == plain.memory.kv_bytes_per_token
+    packed.add_request("r", "[gMASK]<sop><|user|>\nHi<|assistant|>", SamplingParams(temperature=0, max_tokens=8))
+    while packed.has_unfinished_requests():
+        outputs = packed.step()
+    assert outputs[0].finished and outputs[0].outputs[0].token_ids
+
+
+def test_bad_quantization_requests_are_clear_errors(folder, tmp_path):
+    with pytest.raises(ValueError, match="quantization 'int3' is not supported"):
+        EngineConfig(quantization="int3")
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int8' is not supported"):
+        EngineConfig(kv_cache_dtype="int8")
+    odd = tmp_path / "odd"
+    from tiny_checkpoints import build_reference
+
+    model = build_reference("air_like")
+    config = model.config
+    config.intermediate_size = 120  # the dense down_proj's inputs: 120 is not a multiple of 32
+    from transformers import Glm4MoeForCausalLM as Reference
+
+    Reference(config).save_pretrained(odd)
+    with pytest.raises(ValueError, match=r"int8 packs blocks of 32 inputs.*mlp\.down_proj\.weight \[64, 120\]"):
+        Glm4MoeForCausalLM.from_pretrained(odd, progress=False, quantization="int8")
+    assert cli_main(["quantize", str(odd), "--to", "int4", "--out", str(tmp_path / "x")]) == 2

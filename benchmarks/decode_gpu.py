@@ -1,26 +1,20 @@
-"""Decode speed of a random-weight GLM-4.5-Air-shaped model on one CUDA GPU (TP=1), bf16 and FP8 weights,
-beside the memory-bandwidth floor.
+"""Decode and long-prompt prefill of a random-weight GLM-4.5-Air-shaped model on one CUDA GPU (TP=1), bf16 and
+FP8 weights, eager and with the CUDA-graph-captured step, against the HBM bandwidth floor.
 
-    python benchmarks/decode_gpu.py                       # 8 Air layers, batch 1 and 8, bf16 and fp8
-    python benchmarks/decode_gpu.py --layers 46 --weights fp8   # the whole of Air's depth (FP8 checkpoint:
-                                                          # 106 GB on disk, but see below for memory)
+    python benchmarks/decode_gpu.py                   # 8 Air layers; bs 1, 8, 32; bf16 and fp8; eager and graph
+    python benchmarks/decode_gpu.py --layers 46 --weights fp8 --modes graph   # Air's whole depth in FP8
 
-The model has GLM-4.5-Air's real widths (hidden 4096, 96/8 heads × 128, 128 experts top-8 of width 1408
-plus a shared one, vocabulary 151,552) and `--layers` of its depth: Air's 46 layers do not fit one GPU in
-bf16 (212 GB), and decode time per layer is what the floor is about. Weights are random (std 0.02; the
-routers' outputs then spread over the experts like a trained model's, roughly), built on the GPU directly.
+The model has GLM-4.5-Air's real widths (hidden 4096, 96/8 heads × 128, 128 experts top-8 of width 1408 plus
+a shared one, vocabulary 151,552) and `--layers` of its depth (Air's 46 layers in bf16 are 212 GB, more than
+one GPU; decode time per layer is what the floor is about). Weights are random (std 0.02), built on the GPU.
+FP8 packs every linear weight, the embedding and the head in e4m3 with a scale per output row (glm45's
+`--quantization fp8`), multiplied with torch's scaled matmuls on dynamically quantized activations.
 
-- bf16: the weights as a bf16 checkpoint loads them.
-- fp8: every linear weight that an FP8 release quantises goes through e4m3 with a per-output-channel
-  scale and back, which is exactly what loading an FP8 (compressed-tensors) checkpoint does today:
-  glm45 dequantises FP8 to the compute dtype at load, so these weights are *resident in bf16* and a decode
-  step reads bf16 bytes. Its row therefore shows two floors: for the bytes it reads now, and for FP8 bytes
-  (what an FP8-matmul path — torch._scaled_mm — would read).
-
-Floor of one decode step = (weight bytes the step reads + KV bytes it reads) / measured copy bandwidth;
-the weight bytes count the experts a batch of B tokens touches on average (E·(1-(1-k/E)^B) per MoE layer).
-Timed: engine steps once every sequence of the batch is decoding (prefill excluded), after warm-up.
-Without CUDA the script says so and exits 0.
+Floor of one decode step = (weight bytes the step reads + KV bytes it reads) / measured copy bandwidth; the
+weight bytes count the experts a batch of B tokens touches on average (E·(1-(1-k/E)^B) per MoE layer), at the
+bytes per weight of the format. Timed: engine steps once every sequence decodes, after warm-up. Also: how
+close the graph's logits are to the eager ones, a 32k-token prompt through chunked prefill (peak memory), and
+the attention kernels each shape ran. Without CUDA the script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -40,12 +34,12 @@ from glm45 import SamplingParams  # noqa: E402
 from glm45.config import EngineConfig, ModelConfig  # noqa: E402
 from glm45.engine import LLMEngine  # noqa: E402
 from glm45.model import Glm4MoeForCausalLM  # noqa: E402
+from glm45.quant.loading import quantize_model  # noqa: E402
 
 AIR = dict(vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
            num_attention_heads=96, num_key_value_heads=8, head_dim=128, first_k_dense_replace=1,
            n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1, use_qk_norm=False,
            routed_scaling_factor=1.0, num_nextn_predict_layers=0, eos_token_id=[151329, 151336, 151338])
-FP8_SKIP = ("embed_tokens", "lm_head", "norm", "mlp.gate.")
 
 
 def measure_bandwidth(device: torch.device, size_bytes: int = 4 << 30) -> float:
@@ -74,13 +68,7 @@ def build_model(config: ModelConfig, weights: str, device: torch.device) -> Glm4
         if type(module).__name__ == "Router":
             module.float()
     if weights == "fp8":
-        fp8_max = torch.finfo(torch.float8_e4m3fn).max
-        for name, param in model.named_parameters():
-            if param.dim() < 2 or any(s in name for s in FP8_SKIP):
-                continue
-            w = param.float()
-            scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fp8_max
-            param.copy_(((w / scale).to(torch.float8_e4m3fn).float() * scale).to(param.dtype))
+        quantize_model(model, "fp8")
     return model.eval()
 
 
@@ -98,14 +86,13 @@ def step_bytes(config: ModelConfig, batch: int, context: int, bytes_per_weight: 
     return weights + kv
 
 
-def time_decode(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int) -> float:
-    """Seconds per decode step, averaged over the steps where every sequence decodes."""
+def run_requests(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, tag: str) -> list[float]:
+    """Seconds of each step where every sequence decodes."""
     params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     generator = torch.Generator().manual_seed(batch)
     vocab = engine.model_config.vocab_size
     for i in range(batch):
-        prompt = torch.randint(0, vocab, (prompt_len,), generator=generator).tolist()
-        engine.add_request(f"b{batch}-{i}", prompt, params)
+        engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (prompt_len,), generator=generator).tolist(), params)
     durations = []
     while engine.has_unfinished_requests():
         decoding = all(not seq.in_prefill for seq in engine.scheduler.running) and not engine.scheduler.waiting
@@ -115,51 +102,149 @@ def time_decode(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: i
         torch.cuda.synchronize()
         if decoding:
             durations.append(time.perf_counter() - start)
-    steady = durations[len(durations) // 4:]  # drop the first steps (allocator, lazy init)
-    return sum(steady) / len(steady)
+    return durations[len(durations) // 4:]  # drop the first steps (allocator, lazy init)
+
+
+def guarded(label: str, fn, extra: dict):
+    """Run one part of the benchmark; a failure is reported and the rest still runs."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 — a benchmark reports what broke and goes on
+        extra[f"{label}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(f"  {label}: FAILED — {extra[label + '_error']}")
+        return None
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def attention_kernels(engine: LLMEngine, prompt_len: int, tag: str) -> list[str]:
+    """Names of the attention kernels one request's steps launch (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_requests(engine, 1, prompt_len, 4, tag)
+    names = {e.key for e in prof.key_averages() if any(w in e.key.lower() for w in ("attention", "fmha", "flash",
+                                                                                     "softmax", "sdpa"))}
+    return sorted(names)[:6]
+
+
+def engine_for(folder: str, model, max_len: int, batches: list[int], eager: bool) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=folder, device="cuda", dtype="bfloat16", max_model_len=max_len,
+                                  num_gpu_blocks_override=max(batches) * (max_len // 16 + 2), enforce_eager=eager,
+                                  cuda_graph_sizes=[b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(batches)]),
+                     model=model)
+
+
+def graph_agreement(folder: str, model, max_len: int) -> float:
+    """Largest |logit difference| / largest |logit| between the eager and the captured step, same inputs."""
+    from glm45.engine.attention import SeqSlice
+    from glm45.engine.model_runner import StepInputs
+
+    engines = [engine_for(folder, model, max_len, [4], eager) for eager in (True, False)]
+    logits = []
+    for engine in engines:
+        runner = engine.runner
+        prompt = list(range(1000, 1040))
+        table = list(range(4))
+        runner.forward(StepInputs(prompt, list(range(40)), list(range(40)), [SeqSlice(0, 40, 40, table)]), [])
+        inputs = StepInputs([7], [40], [40], [SeqSlice(0, 1, 41, table)])
+        logits.append(runner.forward(inputs, [0]).float().cpu())
+    return float((logits[0] - logits[1]).abs().max() / logits[0].abs().max())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8, help="decoder layers of Air's 46 (1 dense, the rest MoE)")
     parser.add_argument("--weights", default="bf16,fp8", help="comma-separated: bf16, fp8")
-    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--modes", default="eager,graph", help="comma-separated: eager, graph")
+    parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--long-prompt", type=int, default=32768, help="prefill test length (0: skip)")
+    parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode_gpu: skipped — this benchmark needs a CUDA GPU and none is visible here "
               "(torch.cuda.is_available() is False).")
         return 0
-    unknown = set(args.weights.split(",")) - {"bf16", "fp8"}
-    if unknown:
-        raise ValueError(f"--weights {sorted(unknown)} are not supported; choose from bf16, fp8")
     device = torch.device("cuda")
     config = ModelConfig(**AIR, num_hidden_layers=args.layers, torch_dtype="bfloat16")
     bandwidth = measure_bandwidth(device)
-    print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-          f"Air-shaped, {args.layers} layers, TP=1, prompt {args.prompt_len}, {args.decode_tokens} decode tokens")
-    print(f"{'weights':8} {'batch':>5} {'ms/step':>8} {'tok/s':>8} {'floor ms':>9} {'of floor':>8} "
-          f"{'fp8 floor ms':>12}")
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}: copy bandwidth {bandwidth / 1e12:.2f} "
+          f"TB/s; Air-shaped, {args.layers} layers, TP=1, prompt {args.prompt_len}, {args.decode_tokens} tokens")
+    print(f"{'weights':8} {'mode':6} {'batch':>5} {'ms/step':>8} {'tok/s':>8} {'floor ms':>9} {'of floor':>8}")
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    rows, extra = [], {}
+    max_len = args.prompt_len + args.decode_tokens + 16
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config.to_hf_dict()))
         for weights in args.weights.split(","):
             model = build_model(config, weights, device)
-            max_len = args.prompt_len + args.decode_tokens + 16
-            engine = LLMEngine(EngineConfig(model=folder, device="cuda", dtype="bfloat16", max_model_len=max_len,
-                                            num_gpu_blocks_override=max(batches) * (max_len // 16 + 2)), model=model)
-            time_decode(engine, 1, 16, 8)  # warm-up
-            for batch in batches:
-                seconds = time_decode(engine, batch, args.prompt_len, args.decode_tokens)
-                context = args.prompt_len + args.decode_tokens // 2
-                floor = step_bytes(config, batch, context, 2) / bandwidth
-                fp8_floor = step_bytes(config, batch, context, 1) / bandwidth
-                print(f"{weights:8} {batch:>5} {seconds * 1e3:>8.2f} {batch / seconds:>8.1f} {floor * 1e3:>9.3f} "
-                      f"{floor / seconds:>8.1%} {fp8_floor * 1e3 if weights == 'fp8' else float('nan'):>12.3f}")
-            del engine, model
+            if "graph" in args.modes:
+                diff = guarded(f"{weights}_graph_vs_eager", lambda: graph_agreement(folder, model, max_len), extra)
+                if diff is not None:
+                    extra[f"{weights}_graph_vs_eager_max_logit_diff"] = diff
+                    print(f"  {weights}: graph vs eager logits, one decode step: max |diff| / max |logit| = {diff:.2e}")
+            for mode in args.modes.split(","):
+                start = time.perf_counter()
+                engine = guarded(f"{weights}_{mode}_engine", lambda mode=mode: engine_for(
+                    folder, model, max_len, batches, eager=mode == "eager"), extra)
+                if engine is None:
+                    continue
+                setup = time.perf_counter() - start
+                run_requests(engine, 1, 16, 8, f"warm-{weights}-{mode}")
+                for batch in batches:
+                    durations = guarded(f"{weights}_{mode}_{batch}", lambda b=batch, m=mode: run_requests(
+                        engine, b, args.prompt_len, args.decode_tokens, f"{weights}-{m}-{b}"), extra)
+                    if not durations:
+                        continue
+                    seconds = median(durations)
+                    context = args.prompt_len + args.decode_tokens // 2
+                    floor = step_bytes(config, batch, context, 1 if weights == "fp8" else 2) / bandwidth
+                    rows.append(dict(weights=weights, mode=mode, batch=batch, ms=seconds * 1e3, tok_s=batch / seconds,
+                                     floor_ms=floor * 1e3, of_floor=floor / seconds, setup_s=setup))
+                    print(f"{weights:8} {mode:6} {batch:>5} {seconds * 1e3:>8.2f} {batch / seconds:>8.1f} "
+                          f"{floor * 1e3:>9.3f} {floor / seconds:>8.1%}   (engine ready in {setup:.1f} s)")
+                if weights == "bf16" and mode == "graph":
+                    extra["decode_attention_kernels"] = guarded("decode_kernels", lambda e=engine: attention_kernels(
+                        e, 64, "kernels"), extra)
+                del engine
+                torch.cuda.empty_cache()
+            if weights == "bf16" and args.long_prompt:
+                extra.update(guarded("long_prefill", lambda: long_prefill(folder, model, args.long_prompt), extra)
+                             or {})
+            del model
             torch.cuda.empty_cache()
+    for key, value in extra.items():
+        print(f"{key}: {value}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"rows": rows, **extra}, indent=2))
     return 0
+
+
+def long_prefill(folder: str, model, length: int) -> dict:
+    """A `length`-token prompt in 2,048-token chunks: time, peak memory, and the attention kernels it ran."""
+    torch.cuda.reset_peak_memory_stats()
+    engine = LLMEngine(EngineConfig(model=folder, device="cuda", dtype="bfloat16", max_model_len=length + 32,
+                                    num_gpu_blocks_override=(length + 32) // 16 + 2, max_num_batched_tokens=2048,
+                                    enforce_eager=True), model=model)
+    prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(5)).tolist()
+    engine.add_request("long", prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = {"long_prefill_tokens": length, "long_prefill_s": round(seconds, 2),
+              "long_prefill_tok_s": round(length / seconds), "long_prefill_peak_gib":
+              round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    result["prefill_attention_kernels"] = guarded("prefill_kernels", lambda: attention_kernels(
+        engine, 4096, "prefill-kernels"), result)
+    del engine
+    return result
 
 
 if __name__ == "__main__":

@@ -108,6 +108,13 @@ class PagedAttention:
             else:
                 offset = s.ctx_len - s.q_len
                 mask = torch.ones(s.q_len, s.ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)
-                result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+                if q.is_cuda:
+                    # On GPUs a mask together with grouped KV heads can fall back to the math kernel, which holds
+                    # every score in fp32 (≈ 25 GB for a 2k chunk over a 32k context with 96 heads); with the KV
+                    # heads repeated, the memory-efficient kernel takes the mask.
+                    group = query.shape[1] // keys.shape[1]
+                    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+                result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                                        enable_gqa=not q.is_cuda)
             out[rows] = result[0].transpose(0, 1)
         return out

@@ -87,6 +87,10 @@ class ModelRunner:
         self.hidden: torch.Tensor | None = None        # the last target forward's final hidden states [N, D]
         self.draft_hidden: torch.Tensor | None = None  # the last MTP step's normalised h' at its logit rows
         self.captured = None                           # the captured decode step, when enabled
+        if self.device.type == "cuda":  # the grouped-GEMM MoE: no host syncs, launches independent of routing
+            from glm45.engine.captured_cuda import use_sync_free_experts
+
+            use_sync_free_experts(model)
 
     @classmethod
     def create(cls, model, num_blocks: int, num_cache_layers: int, block_size: int,
@@ -96,18 +100,22 @@ class ModelRunner:
         return cls(model, kv_cache, block_size)
 
     def capture(self, max_model_len: int, sizes: list[int] | None = None) -> None:
-        """Capture the decode step for these row counts (CPU: a program of C kernels, see captured_cpu.py). A
-        model or machine it cannot run on, or a capture that fails, leaves the eager path with one warning."""
-        from glm45.engine import captured_cpu
+        """Capture the decode step for these row counts: CUDA graphs on GPUs (captured_cuda.py), a program of C
+        kernels on CPUs (captured_cpu.py). A model or machine it cannot run on, or a capture that fails, leaves
+        the eager path with one warning."""
+        if self.device.type == "cuda":
+            from glm45.engine import captured_cuda as captured
+        else:
+            from glm45.engine import captured_cpu as captured
 
-        reason = captured_cpu.supported(self.model, self.kv_cache)
-        if reason is not None:
-            logger.info("decode step not captured: %s", reason)
-            return
+            reason = captured.supported(self.model, self.kv_cache)
+            if reason is not None:
+                logger.info("decode step not captured: %s", reason)
+                return
         try:
-            self.captured = captured_cpu.CapturedDecode(self.model, self.kv_cache, self.block_size,
-                                                         self.scratch_block, max_model_len,
-                                                         sizes or captured_cpu.DEFAULT_SIZES)
+            cls = captured.CapturedCudaDecode if self.device.type == "cuda" else captured.CapturedDecode
+            self.captured = cls(self.model, self.kv_cache, self.block_size, self.scratch_block, max_model_len,
+                                sizes or captured.DEFAULT_SIZES)
         except Exception as e:  # a capture that fails must never take the engine down
             logger.warning("could not capture the decode step (%s: %s); running eagerly", type(e).__name__, e)
             self.captured = None

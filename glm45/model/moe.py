@@ -63,7 +63,13 @@ class Experts(nn.Module):
 
     Tokens are grouped by expert: the T·K (token, expert) assignments are sorted by expert once, then each
     active expert runs one matmul over its contiguous slice. No per-token loops, no per-token weight gathers.
+    On GPUs (`sync_free`, set by the model runner) the slices go to one grouped GEMM per projection
+    (`torch._grouped_mm`, FP8: `torch._scaled_grouped_mm`) with offsets computed on the device: no host sync,
+    a launch count that does not depend on how many experts are active, and fixed shapes for CUDA graphs.
     """
+
+    sync_free = False  # the grouped-GEMM dispatch (GPUs); the model runner sets it per module
+    GROUP_ALIGN = 16   # rows of each expert's group padded to this (the grouped GEMM kernels' alignment)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -75,6 +81,8 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = topk_ids_TK.shape
+        if self.sync_free and not torch.is_grad_enabled():
+            return self._grouped(x_TD, topk_weights_TK, topk_ids_TK)
         if num_tokens <= cpu.MAX_KERNEL_ROWS:
             decoded = self._decode(x_TD, topk_weights_TK, topk_ids_TK)
             if decoded is not None:
@@ -97,6 +105,32 @@ class Experts(nn.Module):
         weights = topk_weights_TK.reshape(-1)[order, None]
         weighted = (out_sorted * weights).to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_of_row, weighted)
+
+    def _grouped(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        """The assignments sorted by expert into groups padded to GROUP_ALIGN rows, one grouped GEMM per
+        projection, weighted and summed back per token — all on the device, in fixed shapes."""
+        from glm45.quant import cuda as grouped
+
+        T, K = topk_ids_TK.shape
+        E, align = self.num_experts, self.GROUP_ALIGN
+        flat = topk_ids_TK.reshape(-1)
+        order = flat.argsort(stable=True)                                      # assignments by expert
+        counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        padded = (counts + align - 1) // align * align
+        ends = padded.cumsum(0)
+        starts = ends - padded                                                 # each group's first padded row
+        first = counts.cumsum(0) - counts                                      # … and its first sorted row
+        expert_sorted = flat[order]
+        rank = torch.arange(T * K, device=flat.device) - first[expert_sorted]  # position inside the group
+        row = starts[expert_sorted] + rank                                     # padded row of each assignment
+        rows = T * K + E * (align - 1)                                         # enough for any routing
+        x_rows = x_TD.new_zeros(rows, x_TD.shape[1]).index_copy_(0, row, x_TD[order // K])
+        offsets = ends.to(torch.int32)
+        gate_up_proj, down_proj = self.weights()
+        gate, up = grouped.grouped_mm(x_rows, gate_up_proj, offsets).chunk(2, dim=-1)
+        out_rows = grouped.grouped_mm(F.silu(gate) * up, down_proj, offsets)
+        weighted = out_rows[row].float() * topk_weights_TK.reshape(-1)[order, None]
+        return torch.zeros_like(x_TD, dtype=torch.float32).index_add_(0, order // K, weighted).to(x_TD.dtype)
 
     def weights(self):
         """(gate_up_proj, down_proj): plain tensors, or `PackedWeight`s when the model is quantized."""

@@ -56,3 +56,15 @@ def install(model: nn.Module, packed: dict[str, PackedWeight], state: dict[str, 
             quantized = QuantLinear(weight, bias)
         quantized._forward_hooks = module._forward_hooks  # tensor parallelism's all-reduces stay attached
         setattr(parent, attribute, quantized)
+
+
+def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
+    """Pack an already loaded model's weights in place (benchmarks and tests; loading packs tensor by tensor)."""
+    from glm45.quant.scheme import quantizes
+
+    state = dict(model.state_dict())
+    packed = {name: pack(tensor, fmt, tensor.device) for name, tensor in state.items() if quantizes(name, fmt)}
+    for name in packed:
+        del state[name]
+    install(model, packed, state, model.dtype)
+    return model

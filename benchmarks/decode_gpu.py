@@ -105,10 +105,10 @@ def run_requests(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: 
     return durations[len(durations) // 4:]  # drop the first steps (allocator, lazy init)
 
 
-def guarded(label: str, fn, extra: dict):
-    """Run one part of the benchmark; a failure is reported and the rest still runs."""
+def guarded(label: str, extra: dict, fn, *args, **kwargs):
+    """fn(*args, **kwargs) for one part of the benchmark; a failure is reported and the rest still runs."""
     try:
-        return fn()
+        return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 — a benchmark reports what broke and goes on
         extra[f"{label}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         print(f"  {label}: FAILED — {extra[label + '_error']}")
@@ -183,21 +183,21 @@ def main(argv: list[str] | None = None) -> int:
         for weights in args.weights.split(","):
             model = build_model(config, weights, device)
             if "graph" in args.modes:
-                diff = guarded(f"{weights}_graph_vs_eager", lambda: graph_agreement(folder, model, max_len), extra)
+                diff = guarded(f"{weights}_graph_vs_eager", extra, graph_agreement, folder, model, max_len)
                 if diff is not None:
                     extra[f"{weights}_graph_vs_eager_max_logit_diff"] = diff
                     print(f"  {weights}: graph vs eager logits, one decode step: max |diff| / max |logit| = {diff:.2e}")
             for mode in args.modes.split(","):
                 start = time.perf_counter()
-                engine = guarded(f"{weights}_{mode}_engine", lambda mode=mode: engine_for(
-                    folder, model, max_len, batches, eager=mode == "eager"), extra)
+                engine = guarded(f"{weights}_{mode}_engine", extra, engine_for, folder, model, max_len, batches,
+                                 eager=mode == "eager")
                 if engine is None:
                     continue
                 setup = time.perf_counter() - start
                 run_requests(engine, 1, 16, 8, f"warm-{weights}-{mode}")
                 for batch in batches:
-                    durations = guarded(f"{weights}_{mode}_{batch}", lambda b=batch, m=mode: run_requests(
-                        engine, b, args.prompt_len, args.decode_tokens, f"{weights}-{m}-{b}"), extra)
+                    durations = guarded(f"{weights}_{mode}_{batch}", extra, run_requests, engine, batch,
+                                        args.prompt_len, args.decode_tokens, f"{weights}-{mode}-{batch}")
                     if not durations:
                         continue
                     seconds = median(durations)
@@ -208,13 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{weights:8} {mode:6} {batch:>5} {seconds * 1e3:>8.2f} {batch / seconds:>8.1f} "
                           f"{floor * 1e3:>9.3f} {floor / seconds:>8.1%}   (engine ready in {setup:.1f} s)")
                 if weights == "bf16" and mode == "graph":
-                    extra["decode_attention_kernels"] = guarded("decode_kernels", lambda e=engine: attention_kernels(
-                        e, 64, "kernels"), extra)
+                    extra["decode_attention_kernels"] = guarded("decode_kernels", extra, attention_kernels, engine, 64,
+                                                                "kernels")
                 del engine
                 torch.cuda.empty_cache()
             if weights == "bf16" and args.long_prompt:
-                extra.update(guarded("long_prefill", lambda: long_prefill(folder, model, args.long_prompt), extra)
-                             or {})
+                extra.update(guarded("long_prefill", extra, long_prefill, folder, model, args.long_prompt) or {})
             del model
             torch.cuda.empty_cache()
     for key, value in extra.items():
@@ -241,8 +240,8 @@ def long_prefill(folder: str, model, length: int) -> dict:
     result = {"long_prefill_tokens": length, "long_prefill_s": round(seconds, 2),
               "long_prefill_tok_s": round(length / seconds), "long_prefill_peak_gib":
               round(torch.cuda.max_memory_allocated() / 2**30, 1)}
-    result["prefill_attention_kernels"] = guarded("prefill_kernels", lambda: attention_kernels(
-        engine, 4096, "prefill-kernels"), result)
+    result["prefill_attention_kernels"] = guarded("prefill_kernels", result, attention_kernels, engine, 4096,
+                                                  "prefill-kernels")
     del engine
     return result
 

@@ -4,13 +4,13 @@ number of active experts, and the same logits as the eager reference path."""
 
 import pytest
 import torch
+from tiny_checkpoints import save_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glm45.engine.attention import PagedAttention, SeqSlice
 from glm45.engine.captured_cuda import StaticDecodeAttention, use_sync_free_experts
 from glm45.engine.model_runner import allocate_kv_cache
 from glm45.model import Glm4MoeForCausalLM
-from tiny_checkpoints import save_reference
 
 # Ops that make the host wait for the device: a scalar read, or an output whose size depends on the data.
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",

@@ -134,5 +134,12 @@ class BlockManager:
             previous = block.hash
         self.num_hashed_blocks[seq.seq_id] = max(hashed, full)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (their K/V no longer match the weights); blocks in use stay allocated."""
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = None, []
+        self.num_hashed_blocks = dict.fromkeys(self.num_hashed_blocks, 0)
+
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -128,6 +128,14 @@ class LLMEngine:
         logger.info("engine ready: %s on %s, %d KV blocks × %d tokens, max_model_len %d%s%s", model_path,
                     self.device, num_blocks, config.block_size, max_model_len, f", MTP k={k}" if k else "", parallel)
 
+    def weights_updated(self) -> None:
+        """Call after changing the model's weights in place (RL updates): the prefix cache is dropped, and the
+        captured decode step, which holds converted copies of some weights, is captured again."""
+        self.block_manager.reset_prefix_cache()
+        if self.runner.captured is not None:
+            self.runner.captured = None
+            self.runner.capture(self.max_model_len + 2 * self.num_speculative_tokens, self.config.cuda_graph_sizes)
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (idempotent; also run at interpreter exit)."""
         if self.workers is not None:

@@ -190,17 +190,23 @@ void quantize_act_rows(const float *x, int64_t ldx, int64_t m0, int64_t m1, int6
     }
 }
 
-/* y[m, n] for n in [n0, n1) and activation rows [m0, m0 + mc), of expert `expert`'s matrix. */
+/* y[m, n] for n in [n0, n1) and activation rows [m0, m0 + mc), of expert `expert`'s matrix. With more than 4
+ * activation rows, the weight rows go in tiles of 8 and every group of 4 activation rows passes over a tile
+ * while it is in cache, so the weights are read from memory once whatever the number of rows. */
 void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                  float *y, int64_t ldy, int round) {
-    for (int64_t m = m0; m < m0 + mc; m += 4) {
-        int64_t c = m0 + mc - m < 4 ? m0 + mc - m : 4;
-        switch (w->fmt) {
-        case FMT_F32:
-        case FMT_BF16: rows_float(w, expert, n0, n1, a, m, c, y, ldy, round); break;
-        case FMT_FP8: rows_fp8(w, expert, n0, n1, a, m, c, y, ldy, round); break;
-        case FMT_Q8: rows_q8(w, expert, n0, n1, a, m, c, y, ldy, round); break;
-        case FMT_Q4: rows_q4(w, expert, n0, n1, a, m, c, y, ldy, round); break;
+    const int64_t tile = mc > 4 ? 8 : n1 - n0;
+    for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+        const int64_t t1 = t0 + tile < n1 ? t0 + tile : n1;
+        for (int64_t m = m0; m < m0 + mc; m += 4) {
+            int64_t c = m0 + mc - m < 4 ? m0 + mc - m : 4;
+            switch (w->fmt) {
+            case FMT_F32:
+            case FMT_BF16: rows_float(w, expert, t0, t1, a, m, c, y, ldy, round); break;
+            case FMT_FP8: rows_fp8(w, expert, t0, t1, a, m, c, y, ldy, round); break;
+            case FMT_Q8: rows_q8(w, expert, t0, t1, a, m, c, y, ldy, round); break;
+            case FMT_Q4: rows_q4(w, expert, t0, t1, a, m, c, y, ldy, round); break;
+            }
         }
     }
 }

@@ -46,14 +46,15 @@ def reference_logprobs(model, prompt: list[int]) -> torch.Tensor:
         return model(torch.tensor([prompt]))[0].float().log_softmax(-1)
 
 
-def check(output, model, k: int) -> float:
-    """The largest deviation of `output.prompt_logprobs` from the full forward, after checking its shape."""
+def check(output, model, k: int, start: int = 1) -> float:
+    """The largest deviation of `output.prompt_logprobs` from the full forward, after checking its shape: None
+    before `start` (the request's `prompt_logprobs_from`), the prompt's token and the top k from there."""
     prompt = output.prompt_token_ids
     entries = output.prompt_logprobs
-    assert entries is not None and len(entries) == len(prompt) and entries[0] is None
+    assert entries is not None and len(entries) == len(prompt) and entries[:start] == [None] * start
     reference = reference_logprobs(model, prompt)
     worst = 0.0
-    for position in range(1, len(prompt)):
+    for position in range(start, len(prompt)):
         entry, row = entries[position], reference[position - 1]
         token = prompt[position]
         assert next(iter(entry)) == token  # the prompt's own token comes first
@@ -77,13 +78,18 @@ def test_prompt_logprobs_equal_a_full_forward_in_a_mixed_batch(checkpoint, chunk
         "plain-long": (random_prompt(40, 6), SamplingParams(max_tokens=6, logprobs=2)),
         "scored-one-token": (random_prompt(1, 7), SamplingParams(prompt_logprobs=5, max_tokens=2)),
         "scored-n2": (random_prompt(20, 8), SamplingParams(prompt_logprobs=20, n=2, max_tokens=3)),
+        # Scored from position 33 on: the cache may serve the blocks before it (positions 0-31 predict nothing
+        # asked for, and position 32 predicts token 33).
+        "scored-suffix": (shared + random_prompt(9, 9), SamplingParams(prompt_logprobs=1, prompt_logprobs_from=33)),
     }
     done = run(engine, requests)
     model = engine.model
-    worst = max(check(done[name], model, requests[name][1].prompt_logprobs) for name in done if "scored" in name)
+    worst = max(check(done[name], model, requests[name][1].prompt_logprobs, requests[name][1].prompt_logprobs_from)
+                for name in done if "scored" in name)
     assert worst <= TOLERANCE, worst
     assert done["plain-hit"].num_cached_tokens == 24  # three full 8-token blocks of the shared prefix
     assert done["scored-shared"].num_cached_tokens == 0
+    assert done["scored-suffix"].num_cached_tokens == 24
     assert done["scored-one-token"].prompt_logprobs == [None]
     assert all(done[name].prompt_logprobs is None for name in ("plain-hit", "plain-long"))
     # The blocks a scoring request computed serve later requests as usual.
@@ -119,3 +125,9 @@ def test_prompt_logprobs_with_mtp_speculative_decoding(tmp_path):
 def test_prompt_logprobs_out_of_range_is_a_value_error(value):
     with pytest.raises(ValueError, match=r"prompt_logprobs must be an integer in \[0, 20\]"):
         SamplingParams(prompt_logprobs=value)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5])
+def test_prompt_logprobs_from_below_one_is_a_value_error(value):
+    with pytest.raises(ValueError, match="prompt_logprobs_from must be an integer ≥ 1"):
+        SamplingParams(prompt_logprobs=1, prompt_logprobs_from=value)

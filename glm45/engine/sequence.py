@@ -76,10 +76,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        # One entry per prompt token computed so far (the first has none); the request's first completion
-        # carries them, the others of n share its prompt.
-        self.prompt_logprobs: list[dict[int, float] | None] | None = (
-            [None] if params.prompt_logprobs is not None and index == 0 else None)
+        # One entry per prompt token computed so far (None for the first, and for any before `prompt_logprobs_from`);
+        # the request's first completion carries them, the others of n share its prompt.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        if params.prompt_logprobs is not None and index == 0:
+            self.prompt_logprobs = [None] * min(params.prompt_logprobs_from, self.num_prompt_tokens)
         # Speculative decoding: draft tokens proposed by the MTP layer for the next step, with the draft
         # distributions they were sampled from (None for greedy requests).
         self.draft_token_ids: list[int] = []

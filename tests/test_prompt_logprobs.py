@@ -1,5 +1,7 @@
 """Prompt log-probabilities (`SamplingParams.prompt_logprobs`) against a full forward's log_softmax, through
-chunked prefill, the prefix cache, preemption and MTP, in batches with requests that do not ask for them."""
+chunked prefill, the prefix cache, preemption and MTP, in batches with requests that do not ask for them. Steps of
+at most 32 tokens (the 12-token chunks) run through the captured CPU step where its kernels build, longer ones
+eagerly: the prompt rows' logits come from either's hidden states."""
 
 import pytest
 import torch

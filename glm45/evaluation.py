@@ -151,9 +151,10 @@ def evaluate(engine, data: str | Path, text_prefix: str = "", progress: bool = T
                        sum(r.truncated for r in records), engine.max_model_len - 1)
     scores = score_records(engine, records, progress)
     seconds = time.perf_counter() - started
+    prompt_tokens = sum(len(r.input_ids) for r in records)  # scored or context, computed or from the prefix cache
     report = {"model": str(engine.model_path), "data": str(data), **summarize(records, scores),
-              "seconds": round(seconds, 3),
-              "prompt_tokens_per_second": round(sum(len(r.input_ids) for r in records) / seconds, 1),
+              "prompt_tokens": prompt_tokens, "seconds": round(seconds, 3),
+              "prompt_tokens_per_second": round(prompt_tokens / seconds, 1),
               "engine": {k: v for k, v in dataclasses.asdict(engine.config).items() if k != "model"}}
     report["per_record"] = [dataclasses.asdict(s) for s in scores if s is not None]
     return report

@@ -5,6 +5,7 @@
     glm45 plan MODEL      the memory a model needs (weights, KV cache, activations) and the GPUs that fit it
     glm45 serve [MODEL]   the OpenAI-compatible server (vLLM's flags); default: the bundled small model
     glm45 chat [MODEL]    an interactive chat in the terminal
+    glm45 eval [MODEL]    perplexity and mean token log-likelihood of held-out texts or conversations
     glm45 train           fine-tune (full or LoRA) or train from scratch on JSONL conversations
     glm45 merge           fold a LoRA adapter into an HF checkpoint
 """
@@ -133,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat with a model in the terminal")
     add_chat_arguments(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from glm45.evaluation import add_eval_arguments, cmd_eval
+
+    evaluation = sub.add_parser("eval", help="perplexity of held-out texts or conversations, as the engine serves",
+                                description="Score held-out JSONL texts or conversations (assistant spans only) "
+                                            "with the engine's prompt log-probabilities.")
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(func=cmd_eval)
 
     from glm45.train.cli import add_train_subcommands
 

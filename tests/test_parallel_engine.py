@@ -29,12 +29,19 @@ def generate(llm: LLM) -> list[list[int]]:
 
 def test_tensor_parallel_greedy_equals_single_process_and_a_dead_worker_stops_it(tmp_path):
     folder = save_reference("glm45_like", tmp_path)
-    expected = generate(LLM(str(folder), **ARGS))
+    single = LLM(str(folder), **ARGS)
+    expected = generate(single)
     llm = LLM(str(folder), tensor_parallel_size=2, **ARGS)
     engine = llm.engine
     try:
         assert engine.kv_cache.shape[4] == 1  # this rank caches 1 of the 2 KV heads
         assert generate(llm) == expected       # chunked prefill (32-token steps) and batching included
+        scored = SamplingParams(prompt_logprobs=2, max_tokens=1)  # prompt rows' logits: the workers' `logits` call
+        for one, two in zip(single.generate(prompts(), scored, use_tqdm=False),
+                            llm.generate(prompts(), scored, use_tqdm=False), strict=True):
+            assert len(two.prompt_logprobs) == len(one.prompt_logprobs) and two.prompt_logprobs[0] is None
+            for a, b in zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:], strict=True):
+                assert a.keys() == b.keys() and all(abs(a[t] - b[t]) <= 1e-4 for t in a)
         worker = engine.workers.processes[0]
         engine.check_health()
         os.kill(worker.pid, signal.SIGKILL)

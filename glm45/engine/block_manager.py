@@ -83,6 +83,11 @@ class BlockManager:
         self.prefix_queries += seq.num_prompt_tokens
         previous = None
         max_blocks = (len(seq) - 1) // self.block_size
+        # Prompt log-probabilities come from the logits at every prompt position, which a cached block skips: a
+        # request still missing some shares only the blocks before them (those before `prompt_logprobs_from`,
+        # and after a preemption those whose log-probabilities it already has).
+        if seq.num_prompt_logprobs_done < seq.num_prompt_tokens:
+            max_blocks = min(max_blocks, (seq.num_prompt_logprobs_done - 1) // self.block_size)
         for index in range(max_blocks):
             tokens = seq.token_ids[index * self.block_size:(index + 1) * self.block_size]
             block_hash = chain_hash(previous, tokens)

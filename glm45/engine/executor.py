@@ -3,7 +3,8 @@
 `execute(batch)` covers, for each scheduled sequence, its next `num_tokens` known tokens (a prefill chunk, or
 the one pending token of a decode), plus its MTP drafts when it decodes speculatively: it builds the flat
 inputs, positions and slot mapping, has the model runner run the target model's cached forward, then samples
-(or verifies the drafts) and returns a `StepResult`. It changes no sequence; the scheduler applies the result.
+(or verifies the drafts) and returns a `StepResult`; for requests with `prompt_logprobs` it also reads the
+logits at the prompt positions the chunk covered. It changes no sequence; the scheduler applies the result.
 `propose_drafts()` then runs the MTP layer over the pairs that step computed and returns k draft tokens for
 every sequence that decodes next.
 
@@ -20,10 +21,12 @@ import torch
 from glm45.engine.attention import SeqSlice
 from glm45.engine.block_manager import BlockManager
 from glm45.engine.model_runner import ModelRunner, StepInputs
-from glm45.engine.sampler import Sampler, top_logprobs
+from glm45.engine.sampler import Sampler, rows_top_logprobs, top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence
 from glm45.engine.speculative import AcceptanceStats, choose_draft, verify
+
+PROMPT_LOGPROBS_BYTES = 64 << 20  # float32 logits of prompt rows reduced at a time (~110 rows of GLM-4.5's vocab)
 
 
 @dataclass
@@ -71,15 +74,38 @@ class Executor:
                 logit_rows += range(q_start + num_tokens - 1, q_start + num_tokens + len(drafts))
         logits = self.runner.forward(StepInputs(ids, positions, slots, slices), logit_rows)
         new_tokens = self._sample(logits, owners)
+        prompt_logprobs = self._prompt_logprobs(plan)
 
         results, self._computed = {}, []
         for seq, start, num_tokens, drafts, q_start in plan:
             tokens, logprobs = new_tokens.get(seq.seq_id, ([], []))
             # K/V stays valid for the known tokens and for each accepted draft.
             num_valid = num_tokens + max(0, len(tokens) - 1) if drafts else num_tokens
-            results[seq.seq_id] = SeqResult(tokens, logprobs, start + num_valid, len(drafts))
+            results[seq.seq_id] = SeqResult(tokens, logprobs, start + num_valid, len(drafts),
+                                            prompt_logprobs.get(seq.seq_id, []))
             self._computed.append(_Computed(seq, start, num_valid, q_start))
         return StepResult(results)
+
+    def _prompt_logprobs(self, plan: list) -> dict[int, list[dict[int, float]]]:
+        """{seq_id: log-probabilities of the prompt tokens its chunk predicts} for sequences that asked for them.
+
+        The row of position p predicts prompt token p + 1. The rows' logits come from the runner a block at a time
+        (`PROMPT_LOGPROBS_BYTES` of float32 logits), each reduced to its entries before the next: a long prompt
+        never holds more than one block of [rows, vocab] logits."""
+        rows, owners, targets, ks = [], [], [], []
+        for seq, start, num_tokens, _, q_start in plan:
+            for p in seq.prompt_logprob_positions(start, num_tokens):
+                rows.append(q_start + p - start)
+                owners.append(seq.seq_id)
+                targets.append(seq.token_ids[p + 1])
+                ks.append(seq.params.prompt_logprobs)
+        out: dict[int, list[dict[int, float]]] = {}
+        block = max(1, PROMPT_LOGPROBS_BYTES // (4 * self.runner.model.config.vocab_size))
+        for i in range(0, len(rows), block):
+            entries = rows_top_logprobs(self.runner.logits(rows[i:i + block]), targets[i:i + block], ks[i:i + block])
+            for seq_id, entry in zip(owners[i:i + block], entries, strict=True):
+                out.setdefault(seq_id, []).append(entry)
+        return out
 
     def _sample(self, logits: torch.Tensor | None, owners: list) -> dict[int, tuple[list[int], list]]:
         """{seq_id: (new tokens, their logprobs)} for the sequences that sample this step."""

@@ -146,6 +146,11 @@ class ModelRunner:
         return self.model.compute_logits(self.hidden[self._tensor(logit_rows)]).float()
 
     @torch.inference_mode()
+    def logits(self, rows: list[int]) -> torch.Tensor:
+        """Float32 logits of the last target forward at more `rows` (prompt log-probabilities, a block at a time)."""
+        return self.model.compute_logits(self.hidden[self._tensor(rows)]).float()
+
+    @torch.inference_mode()
     def draft(self, inputs: StepInputs, hidden_rows: list[int] | None, logit_rows: list[int]) -> torch.Tensor | None:
         """One MTP step over `inputs` (its K/V written to the MTP layer's cache) → float32 logits at `logit_rows`.
 

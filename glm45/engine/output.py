@@ -131,6 +131,9 @@ class OutputProcessor:
         if self.speculative:
             spec = {"spec_draft_tokens": sum(seq.num_draft_tokens for seq in request.seqs),
                     "spec_accepted_tokens": sum(seq.num_accepted_tokens for seq in request.seqs)}
+        # Prompt log-probabilities are reported once all of them are known (chunked prefill fills them in parts).
+        complete = first.num_prompt_logprobs_done == first.num_prompt_tokens
+        prompt_logprobs = first.prompt_logprobs if complete else None
         return RequestOutput(
             request_id=request_id,
             prompt=request.prompt,
@@ -139,6 +142,7 @@ class OutputProcessor:
             finished=all(seq.is_finished for seq in request.seqs),
             num_cached_tokens=first.num_cached_tokens,
             metrics=spec,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @staticmethod

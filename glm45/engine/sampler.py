@@ -4,7 +4,8 @@
 top-p, min-p, softmax. Greedy rows take the argmax of the penalised logits. Sampled rows draw with their
 own request's `torch.Generator` through the exponential race (argmax p / E, E ~ Exp(1)), which samples
 exactly from p and consumes the request's random stream only — so a seeded request gives the same
-output whatever else is in the batch. Log-probabilities are reported from the raw model distribution.
+output whatever else is in the batch. Log-probabilities are reported from the raw model distribution (in
+float32), those of sampled tokens row by row and those of prompt tokens many rows at a time.
 """
 
 from __future__ import annotations
@@ -66,6 +67,23 @@ def top_logprobs(raw_logits: torch.Tensor, token_id: int, k: int) -> dict[int, f
         for value, index in zip(values.tolist(), ids.tolist(), strict=True):
             result.setdefault(index, value)
     return result
+
+
+def rows_top_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[dict[int, float]]:
+    """`top_logprobs` for many rows at once (prompt log-probabilities): row i's float32 log-softmax at
+    `token_ids[i]`, then its top `ks[i]`, with a constant number of tensor ops whatever the number of rows."""
+    logprobs = logits.float().log_softmax(-1)
+    targets = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    values, ids = logprobs.topk(max(ks, default=0), dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    out = []
+    for token_id, logprob, k, row_values, row_ids in zip(token_ids, chosen, ks, values, ids, strict=True):
+        entry = {token_id: logprob}
+        for index, value in zip(row_ids[:k], row_values[:k], strict=True):
+            entry.setdefault(index, value)
+        out.append(entry)
+    return out
 
 
 class Sampler:

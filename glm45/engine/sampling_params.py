@@ -18,6 +18,10 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None       # number of top log-probabilities to return per token (0: only the chosen)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (0: only the prompt's own)
+    # glm45's own: prompt tokens before this position get no log-probabilities (None), so the prefix cache may
+    # serve them — for evaluators that score only a suffix (an answer, an assistant turn) of a long prompt.
+    prompt_logprobs_from: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -57,6 +61,11 @@ class SamplingParams:
             fail("repetition_penalty", "in (0, 2]")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             fail("logprobs", "an integer in [0, 20] or None")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            fail("prompt_logprobs", "an integer in [0, 20] or None")
+        if not isinstance(self.prompt_logprobs_from, int) or self.prompt_logprobs_from < 1:
+            fail("prompt_logprobs_from", "an integer ≥ 1")
         if self.seed is not None and not isinstance(self.seed, int):
             fail("seed", "an integer or None")
         if any(not isinstance(s, str) or not s for s in self.stop):

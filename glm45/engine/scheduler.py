@@ -11,8 +11,9 @@ is preempted by recompute: its blocks are freed, its computed-token count reset,
 front of the queue with all its tokens, to be prefilled again later. No request is lost or crashes.
 
 After the model has run, `update` applies the step's `StepResult`: the sequences' new tokens (finishing those
-that hit a stop token, `max_tokens` or the context length), how far their K/V is now valid, the prefix-cache
-hashes of blocks that became full, and the blocks of finished sequences.
+that hit a stop token, `max_tokens` or the context length), the log-probabilities of the prompt tokens a chunk
+covered (when asked for), how far their K/V is now valid, the prefix-cache hashes of blocks that became full,
+and the blocks of finished sequences.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class SeqResult:
     logprobs: list[dict[int, float] | None] = field(default_factory=list)  # per new token, when asked for
     num_computed_tokens: int = 0                      # tokens whose K/V is valid after the step
     num_drafts: int = 0                               # draft tokens verified in the step
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # of the prompt tokens the chunk predicts
 
 
 @dataclass
@@ -131,6 +133,8 @@ class Scheduler:
             seq, done = item.seq, result.seqs[item.seq.seq_id]
             seq.num_computed_tokens = done.num_computed_tokens
             seq.draft_token_ids, seq.draft_probs = [], None
+            if done.prompt_logprobs:
+                seq.prompt_logprobs.extend(done.prompt_logprobs)
             if done.num_drafts:
                 seq.num_draft_tokens += done.num_drafts
                 seq.num_accepted_tokens += min(done.num_drafts, len(done.token_ids) - 1)

@@ -43,6 +43,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)  # with MTP: spec_draft_tokens, spec_accepted_tokens (all n)
+    # With `prompt_logprobs`, once the whole prompt is computed (None before): per prompt token {token id: logprob}
+    # (the token's own first, then the top k), None for the first token, which nothing predicts (as in vLLM).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class Sequence:
@@ -73,6 +76,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # One entry per prompt token computed so far (None for the first, and for any before `prompt_logprobs_from`);
+        # the request's first completion carries them, the others of n share its prompt.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        if params.prompt_logprobs is not None and index == 0:
+            self.prompt_logprobs = [None] * min(params.prompt_logprobs_from, self.num_prompt_tokens)
         # Speculative decoding: draft tokens proposed by the MTP layer for the next step, with the draft
         # distributions they were sampled from (None for greedy requests).
         self.draft_token_ids: list[int] = []
@@ -96,6 +104,17 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_prompt_logprobs_done(self) -> int:
+        """Leading prompt tokens whose log-probabilities are known (all of them when none were asked for)."""
+        return self.num_prompt_tokens if self.prompt_logprobs is None else len(self.prompt_logprobs)
+
+    def prompt_logprob_positions(self, start: int, num_tokens: int) -> range:
+        """Positions among [start, start + num_tokens) computed in a step whose logits give a prompt token's
+        missing log-probability: position p predicts token p + 1, so p runs up to the prompt's second-last token.
+        (Tokens recomputed after a preemption already have theirs.)"""
+        return range(max(start, self.num_prompt_logprobs_done - 1), min(start + num_tokens, self.num_prompt_tokens - 1))
 
     @property
     def is_finished(self) -> bool:

@@ -50,7 +50,7 @@ from glm45.parallel.tensor_parallel import parallelize_model
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("forward", "draft")  # the model-runner calls that rank 0 may ask the workers to run
+COMMANDS = ("forward", "logits", "draft")  # the model-runner calls that rank 0 may ask the workers to run
 JOIN_TIMEOUT_S = 30.0
 
 
@@ -274,6 +274,9 @@ class DistributedModelRunner(ModelRunner):
 
     def forward(self, inputs: StepInputs, logit_rows: list[int]) -> torch.Tensor | None:
         return self._run("forward", inputs, logit_rows)
+
+    def logits(self, rows: list[int]) -> torch.Tensor:
+        return self._run("logits", rows)
 
     def draft(self, inputs: StepInputs, hidden_rows: list[int] | None, logit_rows: list[int]) -> torch.Tensor | None:
         return self._run("draft", inputs, hidden_rows, logit_rows)

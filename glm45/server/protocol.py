@@ -1,7 +1,8 @@
 """The OpenAI wire format, as pydantic models: what clients send and what the server answers.
 
 Requests follow the OpenAI API plus the extensions GLM-4.5 clients send to vLLM and SGLang
-(`chat_template_kwargs`, `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, …).
+(`chat_template_kwargs`, `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`,
+`prompt_logprobs`, …).
 Unknown fields are accepted and ignored (with a log line), as vLLM does, so a client written for another
 server keeps working. Ranges of sampling values are checked by `SamplingParams`, the one place that
 knows them; here only the JSON types are. Responses carry `reasoning_content` beside `content`, in the
@@ -115,6 +116,7 @@ class SamplingFields(OpenAIModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None  # vLLM's extension: the prompt tokens' log-probabilities and top k
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -175,6 +177,18 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None = None
 
 
+class PromptLogprob(BaseModel):
+    """One entry of vLLM's `prompt_logprobs` (keyed by token id); `rank` is 1 for the likeliest token, None for a
+    prompt token outside the top k."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
@@ -208,6 +222,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -239,8 +254,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: int | None = 16  # 0 with echo: score the prompt, generate nothing
+    logprobs: int | None = None  # with echo, the prompt tokens' too (the first has none)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -259,6 +274,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -22,7 +22,7 @@ from glm45.engine.sampling_params import SamplingParams
 from glm45.engine.sequence import RequestOutput
 from glm45.server.async_engine import AsyncEngine, EngineError, RequestStream
 from glm45.server.config import ServerConfig
-from glm45.server.protocol import SamplingFields, TopLogprob, Usage
+from glm45.server.protocol import PromptLogprob, PromptLogprobs, SamplingFields, TopLogprob, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,16 @@ class OpenAIServing:
             logger.info("ignoring unsupported request fields: %s", ", ".join(sorted(request.model_extra)))
 
     @staticmethod
-    def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         if request.logit_bias:
             raise RequestError("logit_bias is not supported by this server", param="logit_bias")
+        if request.stream and request.prompt_logprobs is not None:
+            # As in vLLM: the field belongs to the whole response, which a stream never sends in one piece.
+            raise RequestError("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
         values: dict[str, Any] = dict(
             n=request.n, max_tokens=max_tokens, stop=request.stop, stop_token_ids=request.stop_token_ids,
-            ignore_eos=request.ignore_eos, seed=request.seed, logprobs=logprobs,
+            ignore_eos=request.ignore_eos, seed=request.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
         )
@@ -161,6 +165,25 @@ class OpenAIServing:
             return result.result()
         except EngineError as e:
             raise RequestError(str(e), status=500, type="server_error") from None
+
+    def prompt_logprobs(self, output: RequestOutput, k: int | None) -> PromptLogprobs | None:
+        """vLLM's `prompt_logprobs` field: per prompt token {token id: logprob, rank, decoded token}, None first;
+        None when the request did not ask for it (`k` is its `prompt_logprobs`)."""
+        if k is None or output.prompt_logprobs is None:
+            return None
+        out: PromptLogprobs = []
+        for entry in output.prompt_logprobs:
+            if entry is None:
+                out.append(None)
+                continue
+            # The entry is the prompt's token, then the top k. With k + 1 entries the prompt's token is outside the
+            # top k: it sorts last and its rank is unknown.
+            token_id = next(iter(entry))
+            order = [t for t in sorted(entry, key=entry.get, reverse=True) if len(entry) <= k or t != token_id]
+            ranks = {t: rank for rank, t in enumerate(order, start=1)}
+            out.append({t: PromptLogprob(logprob=max(lp, -9999.0), rank=ranks.get(t),
+                                         decoded_token=self._token_logprob(t, lp).token) for t, lp in entry.items()})
+        return out
 
     def _token_logprob(self, token_id: int, logprob: float) -> TopLogprob:
         if self.tokenizer is None:

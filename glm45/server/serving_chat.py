@@ -83,7 +83,7 @@ class OpenAIServingChat(OpenAIServing):
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens or request.max_tokens
-        params = self.sampling_params(request, max_tokens, logprobs)
+        params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
         prompt_ids = self.tokenizer.encode(plan.prompt)
         self.check_context(len(prompt_ids), max_tokens, "messages")
         request_id = random_id("chatcmpl")
@@ -104,7 +104,8 @@ class OpenAIServingChat(OpenAIServing):
                                       finish_reason=_finish_reason(completion.finish_reason, bool(tool_calls)),
                                       logprobs=self._chat_logprobs(completion.logprobs, logprobs),
                                       stop_reason=completion.stop_reason))
-        response = ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(final))
+        response = ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(final),
+                                          prompt_logprobs=self.prompt_logprobs(final, request.prompt_logprobs))
         return JSONResponse(response.model_dump(mode="json"))
 
     async def _chat_stream(self, request_id: str, model: str, plan: ChatPlan, stream: RequestStream, n: int,

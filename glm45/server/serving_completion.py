@@ -2,11 +2,17 @@
 
 No chat template and no parsing: the text is what the model wrote. Several prompts run as concurrent
 engine requests; choice `k * n + i` is completion `i` of prompt `k`, as in the OpenAI API.
+
+`echo` puts the prompt before the completion, and with `logprobs` the logprobs object covers the prompt's
+tokens (the first has no log-probability: `null`) then the generated ones. `max_tokens: 0` with `echo` scores
+the prompt only — what lm-evaluation-harness and other log-likelihood evaluators send. A stream sends the echo
+(and its log-probabilities) as each choice's first chunk, once the prompt's prefill has ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -15,13 +21,14 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
-from glm45.engine.sequence import RequestOutput
+from glm45.engine.sequence import CompletionOutput, RequestOutput
 from glm45.server.async_engine import EngineError, RequestStream
 from glm45.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    Usage,
     random_id,
 )
 from glm45.server.serving import OpenAIServing, RequestError, SSEResponse, sse, sum_usage, usage_of
@@ -59,14 +66,21 @@ class OpenAIServingCompletion(OpenAIServing):
             raise RequestError("suffix is not supported", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise RequestError("best_of must equal n (best-of ranking is not supported)", param="best_of")
-        if request.echo and request.logprobs is not None:
-            raise RequestError("echo with logprobs is not supported (no prompt log-probabilities)", param="echo")
+        if request.max_tokens == 0 and not request.echo:
+            raise RequestError("max_tokens=0 returns nothing without echo=true (which then scores the prompt only)",
+                               param="max_tokens")
         if request.echo:
             self._need_tokenizer()
         prompts = self._prompts(request)
-        params = self.sampling_params(request, request.max_tokens, request.logprobs)
+        # max_tokens=0 runs as 1 (prefill always samples) and drops that token, as vLLM does. Echo with logprobs
+        # needs the prompt's log-probabilities: `prompt_logprobs` alternatives when given, else `logprobs` (vLLM).
+        max_tokens = 1 if request.max_tokens == 0 else request.max_tokens
+        prompt_k = request.prompt_logprobs
+        if prompt_k is None and request.echo:
+            prompt_k = request.logprobs
+        params = self.sampling_params(request, max_tokens, request.logprobs, prompt_k)
         for ids in prompts:
-            self.check_context(len(ids), request.max_tokens, "prompt")
+            self.check_context(len(ids), max_tokens, "prompt")
         request_id = random_id("cmpl")
         streams: list[RequestStream] = []
         try:
@@ -76,10 +90,10 @@ class OpenAIServingCompletion(OpenAIServing):
             for k in range(len(streams)):
                 self.engine.abort(f"{request_id}-{k}")
             raise
-        echo = [self.tokenizer.decode(ids) if request.echo else "" for ids in prompts]
+        # The prompt as written, special tokens included, so that the logprobs' text offsets fall in it.
+        echo = [self.tokenizer.decode(ids, skip_special_tokens=False) if request.echo else "" for ids in prompts]
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return SSEResponse(self._completion_stream(request_id, model, streams, echo, request.n, include_usage))
+            return SSEResponse(self._completion_stream(request_id, model, streams, echo, request))
         finals = []
         try:
             for k, stream in enumerate(streams):
@@ -88,22 +102,49 @@ class OpenAIServingCompletion(OpenAIServing):
             for k in range(len(finals) + 1, len(streams)):
                 if not streams[k].finished:
                     self.engine.abort(f"{request_id}-{k}")
-        choices = []
-        for k, final in enumerate(finals):
-            for completion in final.outputs:
-                choices.append(CompletionChoice(
-                    index=k * request.n + completion.index, text=echo[k] + completion.text,
-                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-                    logprobs=self._completion_logprobs(completion.logprobs, 0)))
-        usage = sum_usage([usage_of(final) for final in finals])
+        choices = [self._choice(k * request.n + completion.index, final, completion, echo[k], request)
+                   for k, final in enumerate(finals) for completion in final.outputs]
+        usage = sum_usage([self._usage(final, request) for final in finals])
         return JSONResponse(CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
                             .model_dump(mode="json"))
 
+    def _choice(self, index: int, final: RequestOutput, completion: CompletionOutput, echo: str,
+                request: CompletionRequest) -> CompletionChoice:
+        """One finished choice: the echoed prompt, then the completion (none with max_tokens=0), and their
+        log-probabilities in that order."""
+        score_only = request.max_tokens == 0
+        logprobs = None
+        if request.logprobs is not None:
+            entries = self._echo_entries(final) if request.echo else []
+            entries += [] if score_only else _generated_entries(completion.logprobs)
+            logprobs = self._completion_logprobs(entries, request.logprobs, 0)[0]
+        prompt_logprobs = self.prompt_logprobs(final, request.prompt_logprobs)
+        return CompletionChoice(index=index, text=echo + ("" if score_only else completion.text),
+                                finish_reason="length" if score_only else completion.finish_reason,
+                                stop_reason=None if score_only else completion.stop_reason,
+                                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    @staticmethod
+    def _usage(final: RequestOutput, request: CompletionRequest) -> Usage:
+        usage = usage_of(final)
+        if request.max_tokens == 0:  # the token sampled after the prompt was dropped
+            usage = usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
+        return usage
+
+    def _echo_entries(self, output: RequestOutput) -> list[tuple[int, dict[int, float] | None]]:
+        """(token id, log-probabilities) of every prompt token; the first has none."""
+        if output.prompt_logprobs is None:  # aborted before its prefill ended
+            return [(token_id, None) for token_id in output.prompt_token_ids]
+        return list(zip(output.prompt_token_ids, output.prompt_logprobs, strict=True))
+
     async def _completion_stream(self, request_id: str, model: str, streams: list[RequestStream], echo: list[str],
-                                 n: int, include_usage: bool) -> AsyncIterator[str]:
+                                 request: CompletionRequest) -> AsyncIterator[str]:
         created = int(time.time())
+        n, k_top, score_only = request.n, request.logprobs, request.max_tokens == 0
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
         sent: dict[tuple[int, int], int] = {}
         logprobs_sent: dict[tuple[int, int], int] = {}
+        offsets: dict[tuple[int, int], int] = {}  # text_offset of the choice's next token, as in the whole response
         finals: dict[int, RequestOutput] = {}
 
         def chunk(index: int, text: str, finish_reason: str | None = None, logprobs=None) -> str:
@@ -114,25 +155,37 @@ class OpenAIServingCompletion(OpenAIServing):
             async for k, output in _merged(streams):
                 finals[k] = output
                 for completion in output.outputs:
-                    key = (k, completion.index)
+                    key, index = (k, completion.index), k * n + completion.index
                     if key not in sent:
-                        sent[key], logprobs_sent[key] = 0, 0
-                        if echo[k]:
-                            yield chunk(k * n + completion.index, echo[k])
+                        if request.echo and k_top is not None and output.prompt_logprobs is None \
+                                and completion.finish_reason is None:
+                            continue  # the echo waits for the prompt's log-probabilities (chunked prefill)
+                        sent[key], logprobs_sent[key], offsets[key] = 0, 0, 0
+                        if request.echo:
+                            logprobs = None
+                            if k_top is not None:
+                                logprobs, offsets[key] = self._completion_logprobs(self._echo_entries(output), k_top, 0)
+                            yield chunk(index, echo[k], logprobs=logprobs)
                     if sent[key] < 0:
+                        continue
+                    if score_only:
+                        if completion.finish_reason is not None:
+                            yield chunk(index, "", "length")
+                            sent[key] = -1
                         continue
                     text = completion.text[sent[key]:]
                     sent[key] = len(completion.text)
                     logprobs = None
                     if completion.logprobs is not None:
-                        logprobs = self._completion_logprobs(completion.logprobs[logprobs_sent[key]:], 0)
+                        entries = _generated_entries(completion.logprobs[logprobs_sent[key]:])
+                        logprobs, offsets[key] = self._completion_logprobs(entries, k_top, offsets[key])
                         logprobs_sent[key] = len(completion.logprobs)
                     if text or (logprobs and logprobs.tokens) or completion.finish_reason:
-                        yield chunk(k * n + completion.index, text, completion.finish_reason, logprobs)
+                        yield chunk(index, text, completion.finish_reason, logprobs)
                     if completion.finish_reason is not None:
                         sent[key] = -1
             if include_usage:
-                usage = sum_usage([usage_of(final) for final in finals.values()])
+                usage = sum_usage([self._usage(final, request) for final in finals.values()])
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
         except EngineError as e:
             logger.error("request %s failed: %s", request_id, e)
@@ -143,19 +196,30 @@ class OpenAIServingCompletion(OpenAIServing):
                     self.engine.abort(f"{request_id}-{k}")
         yield sse("[DONE]")
 
-    def _completion_logprobs(self, entries: list[dict[int, float]] | None, offset: int) -> CompletionLogprobs | None:
-        if entries is None:
-            return None
+    def _completion_logprobs(self, entries: list[tuple[int, dict[int, float] | None]], k: int,
+                             offset: int) -> tuple[CompletionLogprobs, int]:
+        """OpenAI's logprobs object for (token id, log-probabilities) pairs, and the text offset after them.
+        `top_logprobs` holds the token and the top k (k + 1 entries at most, as vLLM writes them); `text_offset`
+        counts the characters of the tokens before, from `offset`."""
         out = CompletionLogprobs()
-        for entry in entries:
-            token_id, logprob = next(iter(entry.items()))
-            text = self._token_logprob(token_id, logprob).token
+        for token_id, entry in entries:
+            text = self._token_logprob(token_id, 0.0).token
             out.tokens.append(text)
-            out.token_logprobs.append(max(logprob, -9999.0))
-            out.top_logprobs.append({self._token_logprob(t, lp).token: max(lp, -9999.0) for t, lp in entry.items()})
             out.text_offset.append(offset)
             offset += len(text)
-        return out
+            if entry is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(max(entry[token_id], -9999.0))
+            out.top_logprobs.append({self._token_logprob(t, lp).token: max(lp, -9999.0)
+                                     for t, lp in itertools.islice(entry.items(), k + 1)})
+        return out, offset
+
+
+def _generated_entries(logprobs: list[dict[int, float]] | None) -> list[tuple[int, dict[int, float]]]:
+    """(token id, log-probabilities) of generated tokens: each entry holds its sampled token first."""
+    return [(next(iter(entry)), entry) for entry in logprobs or []]
 
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -58,7 +58,11 @@ class PagedAttention:
             return (table[:, None] * block_size + torch.arange(block_size)).reshape(-1)[: s.ctx_len]
 
         short = [s for s in slices if s.q_len <= SHORT_QUERY]
-        self.long = [(s, slots(s).to(device)) for s in slices if s.q_len > SHORT_QUERY]
+        # Long slices (prefill chunks): their slots, and a causal mask offset by the cached prefix, built once
+        # per step for all layers (None when nothing is cached: the causal fast path needs no mask).
+        self.long = [(s, slots(s).to(device), None if s.ctx_len == s.q_len else torch.ones(
+            s.q_len, s.ctx_len, dtype=torch.bool, device=device).tril(diagonal=s.ctx_len - s.q_len))
+            for s in slices if s.q_len > SHORT_QUERY]
         self.batch = self._padded_batch(short, block_size, device) if short else None
 
     @staticmethod
@@ -98,16 +102,14 @@ class PagedAttention:
                 read(v_cache, kv_slots, q.dtype).transpose(1, 2), attn_mask=mask, enable_gqa=True,
             ).transpose(1, 2)
             out[out_rows] = batch_out.reshape(-1, *q.shape[1:])[valid]
-        for s, kv_slots in self.long:
+        for s, kv_slots, mask in self.long:
             rows = slice(s.q_start, s.q_start + s.q_len)
             query = q[rows].transpose(0, 1)[None]
             keys = read(k_cache, kv_slots, q.dtype).transpose(0, 1)[None]
             values = read(v_cache, kv_slots, q.dtype).transpose(0, 1)[None]
-            if s.ctx_len == s.q_len:
+            if mask is None:
                 result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
             else:
-                offset = s.ctx_len - s.q_len
-                mask = torch.ones(s.q_len, s.ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)
                 if q.is_cuda:
                     # On GPUs a mask together with grouped KV heads can fall back to the math kernel, which holds
                     # every score in fp32 (≈ 25 GB for a 2k chunk over a 32k context with 96 heads); with the KV

@@ -16,13 +16,19 @@ and single-threaded; the server drives it from a background thread.
 With `tensor_parallel_size` N > 1 the engine is rank 0 of N processes (`workers.py`): it spawns the other ranks
 (or joins them under torchrun), holds its own shard of the model and of the KV cache, and every model call of
 a step runs on all ranks in lock-step. `enable_expert_parallel` partitions the routed experts over those ranks
-instead of splitting each expert. Call `shutdown()` to stop them.
+instead of splitting each expert. `shutdown()` stops them and leaves the process group; an engine that is
+garbage-collected does the same, so another parallel engine can start in the process.
+
+Failures stay with the requests they concern: `add_request` admits all of a request's sequences or none (any
+error leaves nothing behind), and a step that fails (the model, sampling, detokenizing) aborts the requests
+it was running and raises `StepError` naming them; the engine goes on with the others.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -41,7 +47,16 @@ from glm45.model import Glm4MoeForCausalLM
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLMEngine", "bundled_model_path", "resolve_device"]
+__all__ = ["LLMEngine", "StepError", "bundled_model_path", "resolve_device"]
+
+
+class StepError(RuntimeError):
+    """A step failed; the requests it was running (`request_ids`) were aborted, the others go on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the engine step failed ({type(cause).__name__}: {cause}); "
+                         f"aborted {len(request_ids)} request(s)")
+        self.request_ids = request_ids
 
 
 class LLMEngine:
@@ -50,6 +65,7 @@ class LLMEngine:
         model_path = Path(config.model) if config.model else bundled_model_path()
         self.model_path = model_path
         self.workers = None
+        self._finalizer = None
         if config.tensor_parallel_size > 1:
             if model is not None:
                 raise ValueError("tensor_parallel_size > 1 loads each rank's shard from the model folder; "
@@ -57,6 +73,7 @@ class LLMEngine:
             from glm45.engine.workers import WorkerGroup
 
             self.workers = WorkerGroup.start(config, model_path)  # under torchrun, only rank 0 returns
+            self._finalizer = weakref.finalize(self, self.workers.shutdown)
             self.device = self.workers.device
         else:
             self.device = resolve_device(config.device)
@@ -137,9 +154,10 @@ class LLMEngine:
             self.runner.capture(self.max_model_len + 2 * self.num_speculative_tokens, self.config.cuda_graph_sizes)
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (idempotent; also run at interpreter exit)."""
-        if self.workers is not None:
-            self.workers.shutdown()
+        """Stop the tensor-parallel workers, if any, and leave the process group (idempotent; also run when the
+        engine is garbage-collected and at interpreter exit)."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     def check_health(self) -> None:
         """Raise `WorkerError` if a tensor-parallel worker is gone (cheap, for health checks: the engine
@@ -194,15 +212,19 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids with this model")
 
-        # Every sequence of the request is built before any enters the scheduler: a request is admitted whole
-        # or not at all.
+        # Every sequence of the request is built before any enters the engine, and if entering fails part-way,
+        # what entered is taken out again: a request is admitted whole or not at all.
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, prompt_ids, params, self.eos_token_ids, self._generator(params, index), index,
                          now) for index in range(params.n)]
-        self.output_processor.add_request(request_id, prompt_text, seqs)
-        for seq in seqs:
-            self.scheduler.add(seq)
-        self.requests[request_id] = seqs
+        try:
+            self.requests[request_id] = seqs
+            self.output_processor.add_request(request_id, prompt_text, seqs)
+            for seq in seqs:
+                self.scheduler.add(seq)
+        except BaseException:
+            self._discard(request_id, seqs)
+            raise
         self.num_prompt_tokens += len(prompt_ids) * params.n
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
@@ -211,31 +233,65 @@ class LLMEngine:
             return None
         generator = torch.Generator(device=self.device)
         if params.seed is not None:
-            generator.manual_seed(params.seed + index)
+            generator.manual_seed((params.seed + index) % 2**64)  # any int64 seed, wrapped as torch takes it
         else:
             self._seed_counter += 1
             generator.manual_seed(hash((self.config.seed, self._seed_counter)) & (2**63 - 1))
         return generator
 
     def abort_request(self, request_id: str) -> bool:
-        seqs = self.requests.pop(request_id, None)
-        self.output_processor.remove_request(request_id)
+        seqs = self.requests.get(request_id)
         if seqs is None:
+            self.output_processor.remove_request(request_id)
             return False
         for seq in seqs:
             if not seq.is_finished:
                 seq.finish("abort")
-            self.scheduler.finish(seq)
+        self._discard(request_id, seqs)
         return True
+
+    def _discard(self, request_id: str, seqs: list[Sequence]) -> None:
+        """Take a request out of every part of the engine (those it never entered included) and free its blocks."""
+        self.requests.pop(request_id, None)
+        self.output_processor.remove_request(request_id)
+        for seq in seqs:
+            self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_runnable_requests(self) -> bool:
+        """True when a step would do something: unfinished requests, not all of them paused."""
+        return self.scheduler.has_runnable()
+
+    def pause_request(self, request_id: str) -> None:
+        """Stop scheduling a request (its reader is behind); it keeps its KV blocks. No-op if unknown."""
+        for seq in self.requests.get(request_id, ()):
+            self.scheduler.pause(seq)
+
+    def resume_request(self, request_id: str) -> None:
+        for seq in self.requests.get(request_id, ()):
+            self.scheduler.resume(seq)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        try:
+            return self._run_step(batch)
+        except Exception as e:
+            # Only the batch's requests saw the failure (their K/V and tokens may be half-written): abort them.
+            request_ids = list(dict.fromkeys(item.seq.request_id for item in batch))
+            logger.exception("engine step failed; aborting its %d request(s)", len(request_ids))
+            self.executor.reset()
+            for request_id in request_ids:
+                self.abort_request(request_id)
+            for item in batch:  # sequences of requests that finished in this step before it failed
+                self.scheduler.finish(item.seq)
+            raise StepError(request_ids, e) from e
+
+    def _run_step(self, batch) -> list[RequestOutput]:
         before = sum(len(item.seq) for item in batch)
         result = self.executor.execute(batch)
         seqs = self.scheduler.update(batch, result)

@@ -48,6 +48,10 @@ class Executor:
         self.stats = AcceptanceStats(max(self.k, 1))
         self._computed: list[_Computed] = []
 
+    def reset(self) -> None:
+        """Forget the last step (it failed): nothing to draft from."""
+        self._computed = []
+
     def _slots(self, seq: Sequence, start: int, count: int) -> list[int]:
         return [self.block_manager.slot(seq, p) for p in range(start, start + count)]
 

@@ -3,6 +3,9 @@
 `generate` submits every prompt at once and steps the engine until all are done, so they are batched
 continuously; outputs come back in the order of the prompts. `chat` renders conversations with the
 GLM-4.5 template and parses each answer into reasoning, content and tool calls.
+
+With tensor parallelism an `LLM` holds worker processes and the process group: `shutdown()` (or `with LLM(...)
+as llm:`, or dropping the last reference) releases them, after which another parallel `LLM` can start.
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers and leave the process group (idempotent)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -67,11 +80,10 @@ class LLM:
                 request_id = f"offline-{next(self._ids)}"
                 self.engine.add_request(request_id, self._prompt(prompt), p)
                 request_ids.append(request_id)
-        except ValueError:
+            return self._run(request_ids, use_tqdm)
+        finally:  # on any failure (or Ctrl-C) leave nothing of this call in the engine
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
-            raise
-        return self._run(request_ids, use_tqdm)
 
     @staticmethod
     def _prompt(prompt: PromptType) -> str | list[int]:

@@ -6,12 +6,17 @@ what was just added, so for each new end position the processor looks up the suf
 stop strings have in a set — O(new characters × distinct stop lengths) per step, however long the list. A
 sequence that hits one is cut right after the token that completed the match (text cut before the stop
 string, or after it with `include_stop_str_in_output`) and reported as stopped, for the scheduler to free.
+
+Outputs are cumulative (all text and tokens so far) or, with `RequestOutputKind.DELTA`, only what is new since
+the request's previous output, so that a server streaming a long answer copies each token once, not once per
+step. The prompt's token ids are copied once per request and shared by its outputs (read-only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from glm45.engine.sampling_params import RequestOutputKind
 from glm45.engine.sequence import CompletionOutput, RequestOutput, Sequence
 
 
@@ -43,12 +48,17 @@ class _SeqText:
     stops: _StopStrings | None
     text: str = ""
     num_fed: int = 0  # output tokens given to the detokenizer so far
+    # Delta outputs: how much text, how many tokens and logprobs earlier outputs carried.
+    text_sent: int = 0
+    tokens_sent: int = 0
 
 
 @dataclass
 class _Request:
     prompt: str | None
     seqs: list[Sequence]
+    prompt_token_ids: list[int]
+    delta: bool
     texts: dict[int, _SeqText] = field(default_factory=dict)
 
 
@@ -59,7 +69,8 @@ class OutputProcessor:
         self.requests: dict[str, _Request] = {}
 
     def add_request(self, request_id: str, prompt: str | None, seqs: list[Sequence]) -> None:
-        request = _Request(prompt, seqs)
+        delta = seqs[0].params.output_kind == RequestOutputKind.DELTA
+        request = _Request(prompt, seqs, seqs[0].prompt_token_ids, delta)
         for seq in seqs:
             detokenizer = None
             if self.tokenizer is not None:
@@ -137,8 +148,8 @@ class OutputProcessor:
         return RequestOutput(
             request_id=request_id,
             prompt=request.prompt,
-            prompt_token_ids=first.prompt_token_ids,
-            outputs=[self._completion(seq, request.texts[seq.seq_id]) for seq in request.seqs],
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[self._completion(seq, request.texts[seq.seq_id], request.delta) for seq in request.seqs],
             finished=all(seq.is_finished for seq in request.seqs),
             num_cached_tokens=first.num_cached_tokens,
             metrics=spec,
@@ -146,16 +157,22 @@ class OutputProcessor:
         )
 
     @staticmethod
-    def _completion(seq: Sequence, state: _SeqText) -> CompletionOutput:
-        text = state.text
+    def _completion(seq: Sequence, state: _SeqText, delta: bool) -> CompletionOutput:
+        visible = len(state.text)
         if not seq.is_finished and state.stops is not None:
             # While running, hold back a tail that could be the start of a stop string.
-            text = text[: max(0, len(text) - state.stops.longest + 1)]
+            visible = max(0, visible - state.stops.longest + 1)
+        # A stop string is found at the latest when its last character arrives, so the text cut before it
+        # never reaches into what was already visible: earlier deltas stay valid.
+        text_from, token_from = (state.text_sent, state.tokens_sent) if delta else (0, 0)
+        tokens_end = len(seq.token_ids) - seq.num_prompt_tokens
+        if delta:
+            state.text_sent, state.tokens_sent = max(visible, state.text_sent), tokens_end
         return CompletionOutput(
             index=seq.index,
-            text=text,
-            token_ids=list(seq.output_token_ids),
+            text=state.text[text_from:visible],
+            token_ids=seq.token_ids[seq.num_prompt_tokens + token_from:],
             finish_reason=seq.finish_reason,
-            logprobs=None if seq.logprobs is None else list(seq.logprobs),
+            logprobs=None if seq.logprobs is None else seq.logprobs[token_from:],
             stop_reason=seq.stop_reason,
         )

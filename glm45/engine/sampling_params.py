@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class RequestOutputKind(enum.Enum):
+    """What each `RequestOutput` of a request carries: everything so far (the default, what `LLM.generate`
+    returns), or only what is new since the request's previous output (the server's streams)."""
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
 
 
 @dataclass
@@ -27,6 +38,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,8 +78,8 @@ class SamplingParams:
             fail("prompt_logprobs", "an integer in [0, 20] or None")
         if not isinstance(self.prompt_logprobs_from, int) or self.prompt_logprobs_from < 1:
             fail("prompt_logprobs_from", "an integer ≥ 1")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or not INT64_MIN <= self.seed <= INT64_MAX):
+            fail("seed", f"an integer in [{INT64_MIN}, {INT64_MAX}] (64-bit) or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -6,6 +6,9 @@ sequences come first, in arrival order: a decoding sequence needs 1 token (plus 
 still prefilling takes the next chunk of its prompt that fits the budget (chunked prefill). Waiting
 sequences are admitted after them, first looking their prompt up in the prefix cache.
 
+A paused sequence (its request's reader is behind: `LLMEngine.pause_request`) is skipped until resumed; it
+keeps its blocks.
+
 When the KV cache has no block left for a running sequence, the most recently admitted running sequence
 is preempted by recompute: its blocks are freed, its computed-token count reset, and it returns to the
 front of the queue with all its tokens, to be prefilled again later. No request is lost or crashes.
@@ -62,6 +65,7 @@ class Scheduler:
         self.num_speculative_tokens = num_speculative_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.paused: set[int] = set()  # seq_ids not to schedule for now
         self.num_preemptions = 0
 
     @property
@@ -71,6 +75,23 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def pause(self, seq: Sequence) -> None:
+        if not seq.is_finished:
+            self.paused.add(seq.seq_id)
+
+    def resume(self, seq: Sequence) -> None:
+        self.paused.discard(seq.seq_id)
+
+    def has_runnable(self) -> bool:
+        if not self.paused:
+            return bool(self.running or self.waiting)
+        return any(seq.seq_id not in self.paused for queue in (self.running, self.waiting) for seq in queue)
+
+    def _next_waiting(self) -> Sequence | None:
+        if not self.paused:
+            return self.waiting[0] if self.waiting else None
+        return next((seq for seq in self.waiting if seq.seq_id not in self.paused), None)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -89,7 +110,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq not in self.running:  # preempted earlier in this loop
+            if seq not in self.running or seq.seq_id in self.paused:  # preempted earlier in this loop, or paused
                 continue
             remaining = len(seq) - seq.num_computed_tokens
             num_tokens = min(remaining, budget) if remaining > 1 else 1
@@ -109,8 +130,10 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, num_tokens))
             budget -= cost
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
+        while budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self._next_waiting()
+            if seq is None:
+                break
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
@@ -120,7 +143,7 @@ class Scheduler:
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
             self.block_manager.allocate(seq, needed)
-            self.waiting.popleft()
+            self.waiting.remove(seq)  # the front, unless paused ones stand before it
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, num_tokens))
@@ -156,6 +179,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and return its blocks at once."""
+        self.paused.discard(seq.seq_id)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

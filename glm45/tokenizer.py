@@ -12,6 +12,7 @@ always decoded in the context of the tokens before them, so together they are ex
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -73,6 +74,22 @@ class Tokenizer:
         """The text of every token in the vocabulary (byte-level: "Ġ" stands for a space), added ones included."""
         return list(self._tok.get_vocab(with_added_tokens=True))
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int | None:
+        """An upper bound on the bytes of text one token stands for, so that a text of B UTF-8 bytes (or B
+        characters: a character is at least one byte) encodes to at least ⌈B / max_token_bytes⌉ tokens, and a
+        prompt can be refused as too long before it is tokenized. (That every token covers at least one byte
+        bounds the count from above, which is no help here.) It is the UTF-8 length of the longest piece in the
+        vocabulary, which bounds a byte-level BPE token (each character of its piece stands for one byte), an
+        added token (its piece is its text) and a byte-fallback token. A Unicode normalizer may shrink the text
+        before it is split — at most 4× (a 4-byte character to one byte; Hangul jamo compose 3 to 1) — so the
+        bound is multiplied by 4 then; None for other normalizers, which may delete text (no bound)."""
+        kinds = _normalizer_kinds(json.loads(self._tok.to_str()).get("normalizer"))
+        if not kinds <= {"NFC", "NFD", "NFKC", "NFKD", "Lowercase"}:
+            return None
+        longest = max(len(piece.encode("utf-8")) for piece in self._tok.get_vocab(with_added_tokens=True))
+        return longest * (4 if kinds else 1)
+
     def encode(self, text: str) -> list[int]:
         """Ids for `text`. No BOS is added; special-token texts in `text` become their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -108,6 +125,14 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int:
         return self.special_token_id(self.config.get("pad_token") or "<|endoftext|>")
+
+
+def _normalizer_kinds(spec: dict | None) -> set[str]:
+    if spec is None:
+        return set()
+    if spec.get("type") == "Sequence":
+        return set().union(*(_normalizer_kinds(n) for n in spec.get("normalizers", [])))
+    return {spec.get("type")}
 
 
 class IncrementalDetokenizer:

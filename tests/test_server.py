@@ -549,12 +549,12 @@ def test_bridge_survives_a_handler_cancelled_before_its_request_was_accepted(tmp
             await task
         bridge.start()
         stream = await bridge.add_request("next", [1, 2, 3], params)
-        outputs = [output async for output in stream]
-        return outputs[-1]
+        outputs = [output async for output in stream]  # deltas
+        return outputs[-1], sum(len(output.outputs[0].token_ids) for output in outputs)
 
     try:
-        last = asyncio.run(main())
-        assert last.finished and len(last.outputs[0].token_ids) == 4
+        last, num_tokens = asyncio.run(main())
+        assert last.finished and num_tokens == 4
         assert bridge.is_alive and not engine.has_unfinished_requests() and engine.stats()["kv_cache_usage"] == 0
     finally:
         bridge.stop()

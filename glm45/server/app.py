@@ -5,8 +5,9 @@
 
 Every error a client can cause leaves as the OpenAI error JSON (`{"error": {message, type, param, code}}`)
 with its status, and is logged in one line without a traceback: 400 for malformed JSON, schema and value
-errors, 401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body over the
-limit. Only a bug in the server is a 500, logged with its traceback.
+errors, 401 for a missing or wrong API key, 404 for an unknown model or route, 408 for a body that stops
+arriving (shorter than its Content-Length), 413 for a body over the limit. Only a bug in the server is a 500,
+logged with its traceback; the error JSON escapes whatever it quotes, so no input can make the handler fail.
 
 SIGTERM is handled by uvicorn: it stops accepting connections, lets in-flight requests (streams
 included) finish for up to `shutdown_timeout` seconds, then runs the lifespan shutdown, which stops the
@@ -15,6 +16,7 @@ engine thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -33,6 +35,7 @@ from glm45.config import EngineConfig
 from glm45.engine.engine import LLMEngine
 from glm45.server.async_engine import AsyncEngine
 from glm45.server.config import ServerConfig
+from glm45.server.errors import ClientDisconnected, RequestError
 from glm45.server.metrics import ServerMetrics
 from glm45.server.protocol import (
     ChatCompletionRequest,
@@ -44,7 +47,6 @@ from glm45.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from glm45.server.serving import ClientDisconnected, RequestError
 from glm45.server.serving_chat import OpenAIServingChat
 from glm45.server.serving_completion import OpenAIServingCompletion
 from glm45.server.webchat import add_webchat
@@ -66,14 +68,22 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
 
 
+class BodyTimeout(HTTPException):
+    def __init__(self, timeout: float):
+        super().__init__(408, f"the request body did not arrive within {timeout:g} seconds (is it shorter than its "
+                              "Content-Length?)")
+
+
 class GuardMiddleware:
     """API key on the protected paths, then the request-body size limit (by header, and while reading a
-    body sent without one). Pure ASGI, so streaming responses pass through untouched."""
+    body sent without one), and a time limit on each piece of the body. Pure ASGI, so streaming responses pass
+    through untouched."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, body_timeout: float = 30.0):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,15 +108,24 @@ class GuardMiddleware:
                 logger.info("%s %s -> 413: body of %s bytes", scope["method"], path, length)
                 await error_response(413, str(BodyTooLarge(self.max_body_bytes).detail))(scope, receive, send)
                 return
-        received = 0
+        received, body_done = 0, False
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # e.g. a handler waiting for the client to disconnect: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                logger.info("%s %s -> 408: body incomplete after %gs", scope["method"], path, self.body_timeout)
+                raise BodyTimeout(self.body_timeout) from None  # FastAPI passes HTTPExceptions through
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_body_bytes:
-                    raise BodyTooLarge(self.max_body_bytes)  # FastAPI passes HTTPExceptions through
+                    raise BodyTooLarge(self.max_body_bytes)
+            else:
+                body_done = True
             return message
 
         await self.app(scope, limited_receive, send)
@@ -116,6 +135,8 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     parts, param = [], None
     for item in error.errors():
         loc = [str(x) for x in item.get("loc", ()) if x != "body"]
+        if item.get("type") == "unusable_input":
+            return str(item["ctx"]["message"]), item["ctx"]["param"] or None
         if item.get("type") == "json_invalid":
             return f"the request body is not valid JSON: {item.get('ctx', {}).get('error', item.get('msg'))}", None
         where = ".".join(loc)
@@ -148,7 +169,8 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
     app = FastAPI(title="glm45", version=glm45.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.async_engine = async_engine
     app.state.metrics = metrics
-    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes,
+                       body_timeout=config.request_body_timeout)
     add_error_handlers(app)
     add_routes(app, engine, async_engine, metrics, chat, completion, names)
     add_webchat(app)  # the chat page at `/`
@@ -177,7 +199,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.detail)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "request_too_large"}.get(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), code=code)
 
     @app.exception_handler(Exception)
@@ -227,8 +250,11 @@ def add_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, metri
             raise RequestError("this model has no tokenizer")
         if (request.prompt is None) == (request.messages is None):
             raise RequestError("send exactly one of `prompt` and `messages`", param="prompt")
-        text = request.prompt if request.messages is None else chat.plan_chat(request).prompt
-        tokens = engine.tokenizer.encode(text)
+        if request.messages is None:
+            text, where = request.prompt, "prompt"
+        else:
+            text, where = (await asyncio.to_thread(chat.plan_chat, request)).prompt, "messages"
+        tokens = await chat.prompt_ids(text, None, where, check=False)
         return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
 
     @app.post("/detokenize")

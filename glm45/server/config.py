@@ -37,6 +37,7 @@ class ServerConfig:
     reasoning_parser: str = arg("glm45", "glm45 | none (reasoning stays in the content)")
     enable_auto_tool_choice: bool = arg(True, 'let the model decide to call tools (tool_choice "auto")')
     max_request_body_bytes: int = arg(16 * 2**20, "larger request bodies are refused with 413")
+    request_body_timeout: float = arg(30.0, "seconds to wait for each piece of a request body before a 408")
     shutdown_timeout: float = arg(60.0, "seconds SIGTERM waits for in-flight requests to finish")
     uvicorn_log_level: str = arg("info", "log level of uvicorn's own loggers")
 
@@ -47,6 +48,8 @@ class ServerConfig:
             raise ValueError(f"reasoning_parser must be 'glm45' or 'none', got {self.reasoning_parser!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        if not self.request_body_timeout > 0:
+            raise ValueError(f"request_body_timeout must be > 0, got {self.request_body_timeout}")
         if self.max_request_body_bytes < 1:
             raise ValueError(f"max_request_body_bytes must be ≥ 1, got {self.max_request_body_bytes}")
         if self.api_key is None:

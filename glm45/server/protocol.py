@@ -5,8 +5,10 @@ Requests follow the OpenAI API plus the extensions GLM-4.5 clients send to vLLM 
 `prompt_logprobs`, …).
 Unknown fields are accepted and ignored (with a log line), as vLLM does, so a client written for another
 server keeps working. Ranges of sampling values are checked by `SamplingParams`, the one place that
-knows them; here only the JSON types are. Responses carry `reasoning_content` beside `content`, in the
-message and in stream deltas, as the GLM-4.5 reasoning parsers of vLLM and SGLang do.
+knows them; here only the JSON types are, plus what cannot be used at all: lone surrogates and deep nesting
+anywhere in a body (`limits.check_json`), seeds outside 64 bits, a chat `max_tokens` below 1. Responses carry
+`reasoning_content` beside `content`, in the message and in stream deltas, as the GLM-4.5 reasoning parsers of
+vLLM and SGLang do.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from glm45.server.limits import UnusableInput, check_json
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def random_id(prefix: str) -> str:
@@ -24,6 +31,19 @@ def random_id(prefix: str) -> str:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class RequestBody(OpenAIModel):
+    """A whole request body: refused (400, naming where) if any value in it cannot be used."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _usable(cls, data: Any) -> Any:
+        try:
+            check_json(data)
+        except UnusableInput as e:
+            raise PydanticCustomError("unusable_input", "{message}", {"message": str(e), "param": e.where}) from None
+        return data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,7 +117,7 @@ class ResponseFormat(OpenAIModel):
     type: str = "text"
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestBody):
     """Fields shared by chat and text completions that become `SamplingParams`."""
 
     model: str | None = None
@@ -106,7 +126,7 @@ class SamplingFields(OpenAIModel):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = None
@@ -127,8 +147,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
@@ -304,7 +324,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestBody):
     """Either `prompt` (text, tokenized as is) or `messages` (rendered with the chat template first)."""
 
     model: str | None = None
@@ -321,7 +341,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

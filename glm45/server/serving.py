@@ -2,15 +2,21 @@
 
 Everything the client could have got wrong is checked before the engine sees the request and before any
 byte of the response is sent, so mistakes become a `RequestError` (an OpenAI error JSON with status 400
-or 404) and never a broken stream. The order: model name, prompt (for chat: messages and tools rendered
-with the GLM-4.5 template), sampling values, then the context length with the numbers in the message.
-The endpoints themselves are in `serving_chat.py` and `serving_completion.py`.
+or 404) and never a broken stream. The order: model name, the bounds on work (`limits.py`), prompt (for chat:
+messages and tools rendered with the GLM-4.5 template), sampling values, then the context length with the
+numbers in the message. Rendering and tokenizing run in a worker thread, never on the event loop, and a text
+whose length alone proves it longer than the context is refused before it is tokenized.
+
+Once a stream has started, a failure of any kind ends it with an OpenAI-shaped `error` event and `data: [DONE]`
+(`stream_errors`), never a cut connection. The endpoints themselves are in `serving_chat.py` and
+`serving_completion.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,30 +26,16 @@ from starlette.responses import StreamingResponse
 
 from glm45.engine.sampling_params import SamplingParams
 from glm45.engine.sequence import RequestOutput
-from glm45.server.async_engine import AsyncEngine, EngineError, RequestStream
+from glm45.server.async_engine import AsyncEngine, EngineError, OutputAccumulator, RequestStream
 from glm45.server.config import ServerConfig
+from glm45.server.errors import ClientDisconnected, RequestError
+from glm45.server.limits import check_sampling
 from glm45.server.protocol import PromptLogprob, PromptLogprobs, SamplingFields, TopLogprob, Usage
 
 logger = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                    "repetition_penalty")
-
-
-class RequestError(Exception):
-    """A client mistake, answered with the OpenAI error JSON and `status`."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
-
-    def to_json(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; the request was aborted, no one is left to answer."""
 
 
 class SSEResponse(StreamingResponse):
@@ -67,6 +59,17 @@ def sse(payload: Any) -> str:
     return f"data: {text}\n\n"
 
 
+def error_event(request_id: str, error: BaseException) -> str:
+    """The SSE event that ends a stream which failed after it started (OpenAI's error shape)."""
+    if isinstance(error, EngineError):
+        logger.error("request %s failed: %s", request_id, error)
+        failure = RequestError(str(error), status=500, type="server_error")
+    else:
+        logger.exception("request %s failed while streaming", request_id)
+        failure = RequestError(f"internal server error: {type(error).__name__}", status=500, type="server_error")
+    return sse(json.dumps(failure.to_json()))
+
+
 class OpenAIServing:
     """The checks and engine calls of one endpoint family; `OpenAIServingChat`/`OpenAIServingCompletion` add
     the endpoints."""
@@ -78,6 +81,7 @@ class OpenAIServing:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.chat_template = config.load_chat_template()
+        self.max_token_bytes = self.tokenizer.max_token_bytes if self.tokenizer is not None else None
 
     # ------------------------------------------------------------------ shared checks
     def check_model(self, name: str | None) -> str:
@@ -98,6 +102,7 @@ class OpenAIServing:
     @staticmethod
     def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
+        check_sampling(request.stop, request.stop_token_ids, request.logit_bias)
         if request.logit_bias:
             raise RequestError("logit_bias is not supported by this server", param="logit_bias")
         if request.stream and request.prompt_logprobs is not None:
@@ -129,6 +134,22 @@ class OpenAIServing:
                 f"{num_prompt_tokens} tokens, leaving none for the completion. Please reduce the length of the input.",
                 param=where, code="context_length_exceeded")
 
+    async def prompt_ids(self, text: str, max_tokens: int | None, where: str, check: bool = True) -> list[int]:
+        """`text` tokenized in a worker thread, and checked against the context length (a text too long by its
+        length alone is refused even unchecked: /tokenize)."""
+        self._need_tokenizer()
+        if self.max_token_bytes:
+            at_least = -(-len(text) // self.max_token_bytes)  # a character is at least one byte
+            if at_least >= self.max_model_len:
+                raise RequestError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your {where} has "
+                    f"{len(text)} characters, which are at least {at_least} tokens, leaving none for the completion. "
+                    "Please reduce the length of the input.", param=where, code="context_length_exceeded")
+        ids = await asyncio.to_thread(self.tokenizer.encode, text)
+        if check:
+            self.check_context(len(ids), max_tokens, where)
+        return ids
+
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                      arrival_time: float) -> RequestStream:
         try:
@@ -142,10 +163,10 @@ class OpenAIServing:
         """Wait for the finished output; abort the request if the client goes away first."""
 
         async def last() -> RequestOutput:
-            final = None
+            total = OutputAccumulator()
             async for output in stream:
-                final = output
-            return final
+                total.add(output)
+            return total.result()
 
         async def disconnected() -> None:
             while (await raw.receive())["type"] != "http.disconnect":
@@ -223,11 +244,12 @@ def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
     return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")  # added tokens: their text
 
 
-def usage_of(output: RequestOutput) -> Usage:
-    """Token counts; with MTP also the drafts the answer verified, as OpenAI's Predicted Outputs counts
-    (`accepted_prediction_tokens` / `rejected_prediction_tokens`), so a client can show the acceptance rate."""
+def usage_of(output: RequestOutput, completion_tokens: int | None = None) -> Usage:
+    """Token counts (`completion_tokens` counted by the caller when `output` is the last of a stream's deltas); with
+    MTP also the drafts the answer verified, as OpenAI's Predicted Outputs counts (`accepted_prediction_tokens` /
+    `rejected_prediction_tokens`), so a client can show the acceptance rate."""
     prompt = len(output.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in output.outputs)
+    completion = sum(len(c.token_ids) for c in output.outputs) if completion_tokens is None else completion_tokens
     details = None
     if "spec_draft_tokens" in output.metrics:
         accepted = output.metrics["spec_accepted_tokens"]

@@ -15,7 +15,7 @@ call's name by then, so it ends with that call's partial arguments and "length")
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +27,8 @@ from starlette.responses import JSONResponse, Response
 from glm45.chat import AssistantTurn, ChatPlan, ChatRequestError, assemble_turn, plan_chat
 from glm45.engine.sequence import RequestOutput
 from glm45.parsers import ContentDelta, ReasoningDelta, ToolCallDelta
-from glm45.server.async_engine import EngineError, RequestStream
+from glm45.server.async_engine import RequestStream
+from glm45.server.limits import check_sequences, check_tools
 from glm45.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -45,7 +46,7 @@ from glm45.server.protocol import (
     plain_messages,
     random_id,
 )
-from glm45.server.serving import OpenAIServing, RequestError, SSEResponse, sse, usage_of
+from glm45.server.serving import OpenAIServing, RequestError, SSEResponse, error_event, sse, usage_of
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,16 @@ logger = logging.getLogger(__name__)
 class OpenAIServingChat(OpenAIServing):
     def plan_chat(self, request: ChatCompletionRequest | TokenizeRequest) -> ChatPlan:
         """Check the request's messages, tools and tool_choice and render the prompt (`glm45.chat.plan_chat`);
-        /tokenize plans its messages the same way, as a chat request without tool_choice."""
+        /tokenize plans its messages the same way, as a chat request without tool_choice. Blocking: it runs in
+        a worker thread."""
         self._need_tokenizer()
         choice = getattr(request, "tool_choice", None)
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+        check_tools(tools)
         try:
             return plan_chat(
                 plain_messages(request.messages),
-                tools=[tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None,
+                tools=tools,
                 tool_choice=choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
                 template_kwargs=request.chat_template_kwargs,
                 default_template_kwargs=self.config.default_chat_template_kwargs,
@@ -75,17 +79,17 @@ class OpenAIServingChat(OpenAIServing):
         arrival = time.monotonic()
         model = self.check_model(request.model)
         self._ignore_extras(request)
-        plan = self.plan_chat(request)
+        check_sequences(1, request.n)
+        plan = await asyncio.to_thread(self.plan_chat, request)
         if request.response_format is not None and request.response_format.type != "text":
             raise RequestError(f"response_format {request.response_format.type!r} is not supported: this server has "
                                "no constrained decoding; ask for JSON in the prompt instead", param="response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        max_tokens = request.max_completion_tokens or request.max_tokens
+        max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
         params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
-        prompt_ids = self.tokenizer.encode(plan.prompt)
-        self.check_context(len(prompt_ids), max_tokens, "messages")
+        prompt_ids = await self.prompt_ids(plan.prompt, max_tokens, "messages")
         request_id = random_id("chatcmpl")
         stream = await self.submit(request_id, prompt_ids, params, arrival)
         if request.stream:
@@ -118,29 +122,28 @@ class OpenAIServingChat(OpenAIServing):
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
 
         turns = [AssistantTurn.for_plan(plan) for _ in range(n)]
-        text_sent, logprobs_sent, num_calls, done = [0] * n, [0] * n, [0] * n, [False] * n
+        num_calls, done, completion_tokens = [0] * n, [False] * n, 0
         final: RequestOutput | None = None
         try:
             for index in range(n):
                 yield chunk(index, DeltaMessage(role="assistant"))
                 for event in turns[index].prefix_events:
                     yield chunk(index, _event_delta(event))
-            async for output in stream:
+            async for output in stream:  # deltas: each output carries what is new
                 final = output
                 for completion in output.outputs:
                     i = completion.index
+                    completion_tokens += len(completion.token_ids)
                     if done[i]:
                         continue
-                    events = turns[i].feed(completion.text[text_sent[i]:])
-                    text_sent[i] = len(completion.text)
+                    events = turns[i].feed(completion.text)
                     if completion.finish_reason is not None:
                         events += turns[i].finish()
                         done[i] = True
                     num_calls[i] = max([num_calls[i], *(e.index + 1 for e in events if isinstance(e, ToolCallDelta))])
                     new_logprobs = None
-                    if completion.logprobs is not None and len(completion.logprobs) > logprobs_sent[i]:
-                        new_logprobs = self._chat_logprobs(completion.logprobs[logprobs_sent[i]:], top_logprobs)
-                        logprobs_sent[i] = len(completion.logprobs)
+                    if completion.logprobs:
+                        new_logprobs = self._chat_logprobs(completion.logprobs, top_logprobs)
                     if not events and new_logprobs is not None:
                         yield chunk(i, DeltaMessage(), logprobs=new_logprobs)
                     for k, event in enumerate(events):
@@ -150,10 +153,9 @@ class OpenAIServingChat(OpenAIServing):
                         yield chunk(i, DeltaMessage(), finish_reason=reason)
             if include_usage and final is not None:
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                              usage=usage_of(final)))
-        except EngineError as e:
-            logger.error("request %s failed: %s", request_id, e)
-            yield sse(json.dumps(RequestError(str(e), status=500, type="server_error").to_json()))
+                                              usage=usage_of(final, completion_tokens)))
+        except Exception as e:  # the stream has started: end it with an error event, never a cut connection
+            yield error_event(request_id, e)
         finally:
             if not stream.finished:
                 self.engine.abort(request_id)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +21,8 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from glm45.engine.sequence import CompletionOutput, RequestOutput
-from glm45.server.async_engine import EngineError, RequestStream
+from glm45.server.async_engine import RequestStream
+from glm45.server.limits import check_sequences
 from glm45.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -31,14 +31,15 @@ from glm45.server.protocol import (
     Usage,
     random_id,
 )
-from glm45.server.serving import OpenAIServing, RequestError, SSEResponse, sse, sum_usage, usage_of
+from glm45.server.serving import OpenAIServing, RequestError, SSEResponse, error_event, sse, sum_usage, usage_of
 
 logger = logging.getLogger(__name__)
 
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    def _prompts(self, request: CompletionRequest) -> list[list[int]]:
+    async def _prompts(self, request: CompletionRequest, max_tokens: int | None) -> list[list[int]]:
+        """Each prompt's token ids (text tokenized in a worker thread), checked against the context length."""
         prompt = request.prompt
         if isinstance(prompt, str):
             prompts: list = [prompt]
@@ -48,13 +49,14 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts = list(prompt)
         if not prompts:
             raise RequestError("prompt is empty", param="prompt")
+        check_sequences(len(prompts), request.n)
         out = []
         for p in prompts:
             if isinstance(p, str):
-                self._need_tokenizer()
-                p = self.tokenizer.encode(p)
+                p = await self.prompt_ids(p, max_tokens, "prompt")
             if not p:
                 raise RequestError("prompt is empty", param="prompt")
+            self.check_context(len(p), max_tokens, "prompt")
             out.append(list(p))
         return out
 
@@ -71,7 +73,6 @@ class OpenAIServingCompletion(OpenAIServing):
                                param="max_tokens")
         if request.echo:
             self._need_tokenizer()
-        prompts = self._prompts(request)
         # max_tokens=0 runs as 1 (prefill always samples) and drops that token, as vLLM does. Echo with logprobs
         # needs the prompt's log-probabilities: `prompt_logprobs` alternatives when given, else `logprobs` (vLLM).
         max_tokens = 1 if request.max_tokens == 0 else request.max_tokens
@@ -79,8 +80,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if prompt_k is None and request.echo:
             prompt_k = request.logprobs
         params = self.sampling_params(request, max_tokens, request.logprobs, prompt_k)
-        for ids in prompts:
-            self.check_context(len(ids), max_tokens, "prompt")
+        prompts = await self._prompts(request, max_tokens)
         request_id = random_id("cmpl")
         streams: list[RequestStream] = []
         try:
@@ -125,8 +125,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     @staticmethod
-    def _usage(final: RequestOutput, request: CompletionRequest) -> Usage:
-        usage = usage_of(final)
+    def _usage(final: RequestOutput, request: CompletionRequest, completion_tokens: int | None = None) -> Usage:
+        usage = usage_of(final, completion_tokens)
         if request.max_tokens == 0:  # the token sampled after the prompt was dropped
             usage = usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
         return usage
@@ -142,54 +142,57 @@ class OpenAIServingCompletion(OpenAIServing):
         created = int(time.time())
         n, k_top, score_only = request.n, request.logprobs, request.max_tokens == 0
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        sent: dict[tuple[int, int], int] = {}
-        logprobs_sent: dict[tuple[int, int], int] = {}
+        started: set[tuple[int, int]] = set()
+        done: set[tuple[int, int]] = set()
+        held: dict[tuple[int, int], tuple[str, list]] = {}  # deltas that came while the echo waited
         offsets: dict[tuple[int, int], int] = {}  # text_offset of the choice's next token, as in the whole response
         finals: dict[int, RequestOutput] = {}
+        completion_tokens: dict[int, int] = {}
 
         def chunk(index: int, text: str, finish_reason: str | None = None, logprobs=None) -> str:
             choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)
             return sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
 
         try:
-            async for k, output in _merged(streams):
+            async for k, output in _merged(streams):  # deltas: each output carries what is new
                 finals[k] = output
                 for completion in output.outputs:
                     key, index = (k, completion.index), k * n + completion.index
-                    if key not in sent:
+                    completion_tokens[k] = completion_tokens.get(k, 0) + len(completion.token_ids)
+                    text, entries = completion.text, _generated_entries(completion.logprobs)
+                    if key not in started:
+                        earlier_text, earlier_entries = held.pop(key, ("", []))
+                        text, entries = earlier_text + text, earlier_entries + entries
                         if request.echo and k_top is not None and output.prompt_logprobs is None \
                                 and completion.finish_reason is None:
+                            held[key] = (text, entries)
                             continue  # the echo waits for the prompt's log-probabilities (chunked prefill)
-                        sent[key], logprobs_sent[key], offsets[key] = 0, 0, 0
+                        started.add(key)
+                        offsets[key] = 0
                         if request.echo:
                             logprobs = None
                             if k_top is not None:
                                 logprobs, offsets[key] = self._completion_logprobs(self._echo_entries(output), k_top, 0)
                             yield chunk(index, echo[k], logprobs=logprobs)
-                    if sent[key] < 0:
+                    if key in done:
                         continue
                     if score_only:
                         if completion.finish_reason is not None:
                             yield chunk(index, "", "length")
-                            sent[key] = -1
+                            done.add(key)
                         continue
-                    text = completion.text[sent[key]:]
-                    sent[key] = len(completion.text)
                     logprobs = None
                     if completion.logprobs is not None:
-                        entries = _generated_entries(completion.logprobs[logprobs_sent[key]:])
                         logprobs, offsets[key] = self._completion_logprobs(entries, k_top, offsets[key])
-                        logprobs_sent[key] = len(completion.logprobs)
                     if text or (logprobs and logprobs.tokens) or completion.finish_reason:
                         yield chunk(index, text, completion.finish_reason, logprobs)
                     if completion.finish_reason is not None:
-                        sent[key] = -1
+                        done.add(key)
             if include_usage:
-                usage = sum_usage([self._usage(final, request) for final in finals.values()])
+                usage = sum_usage([self._usage(final, request, completion_tokens[k]) for k, final in finals.items()])
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
-        except EngineError as e:
-            logger.error("request %s failed: %s", request_id, e)
-            yield sse(json.dumps(RequestError(str(e), status=500, type="server_error").to_json()))
+        except Exception as e:  # the stream has started: end it with an error event, never a cut connection
+            yield error_event(request_id, e)
         finally:
             for k, stream in enumerate(streams):
                 if not stream.finished:
@@ -228,14 +231,14 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Requ
         async for output in streams[0]:
             yield 0, output
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))  # bounded: a slow reader holds the pumps back
 
     async def pump(k: int, stream: RequestStream) -> None:
         try:
             async for output in stream:
-                queue.put_nowait((k, output, None))
+                await queue.put((k, output, None))
         except Exception as e:
-            queue.put_nowait((k, None, e))
+            await queue.put((k, None, e))
 
     tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
     try:

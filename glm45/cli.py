@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     init_logging(args.log_level)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"glm45: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError) as e:  # bad input or files: one line, no traceback
+        print(f"glm45: error: {e or type(e).__name__}", file=sys.stderr)
         return 2
 
 

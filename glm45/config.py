@@ -20,6 +20,15 @@ SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 QUANTIZATIONS = ("fp8", "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
+# Upper bounds far above any released checkpoint (GLM-4.5: 92 layers, hidden 5120, 160 experts, a vocabulary of
+# 151,552, 131,072 positions), so that a damaged or hostile config.json is refused before anything is allocated.
+CONFIG_LIMITS = {
+    "vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**19, "moe_intermediate_size": 2**18,
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+    "n_routed_experts": 4096, "num_experts_per_tok": 256, "n_group": 4096, "topk_group": 4096,
+    "max_position_embeddings": 2**24, "first_k_dense_replace": 1024, "n_shared_experts": 64,
+    "num_nextn_predict_layers": 16,
+}
 
 
 @dataclass
@@ -88,6 +97,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"config field {name!r} must be a non-negative integer, got {value!r}")
+        for name, limit in CONFIG_LIMITS.items():
+            if getattr(self, name) > limit:
+                raise ValueError(f"config field {name!r} is {getattr(self, name)}, more than glm45 accepts ({limit})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"config field 'num_attention_heads' ({self.num_attention_heads}) must be divisible by "
@@ -132,6 +144,15 @@ class ModelConfig:
     # ------------------------------------------------------------------ reading
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"invalid config.json: it must be a JSON object, got {type(raw).__name__}")
+        try:
+            return cls._from_dict(raw)
+        except (TypeError, AttributeError) as e:  # e.g. a field with the wrong kind of value
+            raise ValueError(f"invalid config.json: {e}") from e
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -166,10 +187,7 @@ class ModelConfig:
             values["partial_rotary_factor"] = rope["partial_rotary_factor"]
         values["rope_theta"] = float(values.get("rope_theta", cls.rope_theta))
         values["partial_rotary_factor"] = float(values.get("partial_rotary_factor", cls.partial_rotary_factor))
-        try:
-            return cls(**values)
-        except TypeError as e:  # e.g. a field with the wrong kind of value
-            raise ValueError(f"invalid config.json: {e}") from e
+        return cls(**values)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -177,8 +195,8 @@ class ModelConfig:
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}")
         try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from e
         return cls.from_dict(raw)
 

@@ -12,6 +12,7 @@ from glm45.train.data import (
     collate,
     length_bucketed_batches,
     load_conversations,
+    tokenize_all,
     tokenize_conversation,
 )
 
@@ -121,3 +122,26 @@ def test_bucketed_batches_respect_the_token_budget(tokenizer):
         assert batch.input_ids.numel() <= 2048
     with pytest.raises(ValueError, match="batch budget"):
         next(length_bucketed_batches(examples, max_tokens=16, pad_id=0, seed=0))
+
+
+def test_undecodable_and_odd_lines_are_reported_with_their_line_number(tmp_path, caplog, tokenizer):
+    path = tmp_path / "data.jsonl"
+    good = json.dumps(TOOL_CONVERSATION).encode()
+    lines = [good, b'{"messages": "\xff\xfe"}', b"[1, 2]", b'{"messages": [1, 2]}', b"[" * 5000 + b"]" * 5000,
+             json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                      {"role": "system", "content": "c"}]}).encode(), good]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=r"data.jsonl:2: malformed conversation: 'utf-8' codec"):
+        load_conversations(path)
+    with caplog.at_level("WARNING"):
+        conversations = load_conversations(path, on_error="skip")
+    for line in (2, 3, 4, 5):
+        assert f"data.jsonl:{line}:" in caplog.text
+    assert [c["source"].rsplit(":", 1)[1] for c in conversations][-1] == "7"
+    # What loads but cannot be rendered is reported by its line too, when tokenizing.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        examples = tokenize_all(conversations, tokenizer, on_error="skip")
+    assert len(examples) == 2 and len(conversations) == 3 and "data.jsonl:6:" in caplog.text
+    with pytest.raises(ValueError, match=r"data.jsonl:6: cannot be rendered"):
+        tokenize_all(conversations, tokenizer)

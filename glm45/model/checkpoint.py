@@ -53,32 +53,11 @@ class SafetensorsFile:
                 )
             try:
                 header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
-        header.pop("__metadata__", None)
         self.data_start = 8 + header_len
-        data_size = size - self.data_start
-        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = [int(s) for s in info["shape"]]
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry {info!r}") from e
-            expected = math.prod(shape) * dtype.itemsize
-            if end - begin != expected:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} "
-                    f"({expected} expected)"
-                )
-            if end > data_size:
-                raise CheckpointError(
-                    f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
-                    f"which has only {data_size} bytes"
-                )
-            self.entries[name] = (dtype, shape, begin, end)
+        self.entries = check_header(path, header, size - self.data_start)
 
     def shape(self, name: str) -> list[int]:
         return self.entries[name][1]
@@ -92,6 +71,60 @@ class SafetensorsFile:
         return flat.view(shape)
 
 
+def check_header(path: Path, header: object, data_size: int) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """The tensors a safetensors header describes, {name: (dtype, shape, begin, end)}, after checking that it is a
+    JSON object of well-formed entries whose data lie inside the file's data section, do not overlap, and have
+    exactly dtype size × ∏ shape bytes. A header that fails any check is a `CheckpointError`: a hostile file
+    could otherwise have the header (or another tensor) read as weights."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
+    entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if (dtype is None or not isinstance(shape, list) or not all(_is_count(s) for s in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)):
+            raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry {info!r:.200} (needs a "
+                                  f"dtype of {sorted(SAFETENSORS_DTYPES)}, a shape and two data_offsets ≥ 0)")
+        begin, end = offsets
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} ({expected} expected)"
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
+                f"which has only {data_size} bytes"
+            )
+        entries[name] = (dtype, shape, begin, end)
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:], strict=False):
+        if begin < end:
+            raise CheckpointError(f"{path}: the data of tensors {name!r} and {other!r} overlap")
+    return entries
+
+
+def read_index(index_file: Path) -> dict[str, str]:
+    """The weight map of a `model.safetensors.index.json`: tensor name → a file name in the same folder."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index_file} is not a valid safetensors index: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and Path(v).name == v and v not in (".", "..") for v in weight_map.values()):
+        raise CheckpointError(f"{index_file} is not a valid safetensors index: it needs a \"weight_map\" object of "
+                              "tensor name → file name in the same folder")
+    return weight_map
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class Checkpoint:
     """All tensors of a checkpoint folder, by name, whichever file holds them."""
 
@@ -101,10 +134,7 @@ class Checkpoint:
             raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
         index_file = self.folder / "model.safetensors.index.json"
         if index_file.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_file} is not a valid safetensors index: {e}") from e
+            weight_map = read_index(index_file)
             file_names = sorted(set(weight_map.values()))
         else:
             file_names = sorted(p.name for p in self.folder.glob("*.safetensors"))

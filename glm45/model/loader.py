@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from glm45.config import ModelConfig
 from glm45.model.checkpoint import Checkpoint, CheckpointError, some_names, stack_stored_packed, stored_packed
+from glm45.model.memory import check_fits
 from glm45.model.shard import ShardPlan
 from glm45.model.state_dict import (
     EXPERT_STACK,
@@ -79,6 +80,7 @@ def load_model(
         model = model_class(config, with_mtp=with_mtp)
     plan: ShardPlan = parallelize(model) if parallelize is not None else {}
     check_packable(model.state_dict(), fmt, device)
+    check_fits(model, dtype, device, path, fmt)
 
     reader = _Reader(checkpoint, config, dtype, device, plan, fmt)
     bar = tqdm(model.state_dict().items(), desc="Loading weights", unit="tensor", disable=not progress, leave=False)

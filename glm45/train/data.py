@@ -71,8 +71,9 @@ def parse_conversation(record: Any) -> dict[str, Any]:
 
 
 def load_conversations(path: str | Path, on_error: str = "fail") -> list[dict[str, Any]]:
-    """Read a JSONL file of conversations. A malformed line raises a ValueError naming its line number
-    (`on_error="fail"`) or is logged with its line number and skipped (`on_error="skip"`)."""
+    """Read a JSONL file of conversations. A line that cannot be used — not UTF-8, not JSON, not a conversation —
+    raises a ValueError naming its line number (`on_error="fail"`) or is logged with its line number and skipped
+    (`on_error="skip"`). Each conversation keeps its `source` ("file:line") for later reports."""
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
     path = Path(path)
@@ -80,23 +81,31 @@ def load_conversations(path: str | Path, on_error: str = "fail") -> list[dict[st
         raise FileNotFoundError(f"no data file {path}")
     conversations = []
     skipped = 0
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                conversations.append(parse_conversation(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                message = f"{path}:{line_number}: malformed conversation: {e}"
-                if on_error == "fail":
-                    raise ValueError(message + " (use --on-error skip to skip such lines)") from e
-                logger.warning("%s (skipped)", message)
-                skipped += 1
+                conversation = parse_conversation(json.loads(raw.decode("utf-8")))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+                skipped += _unusable(f"{path}:{line_number}: malformed conversation: {e}", on_error, e)
+                continue
+            conversation["source"] = f"{path}:{line_number}"
+            conversations.append(conversation)
     if skipped:
-        logger.warning("%s: skipped %d malformed line(s) of %d", path, skipped, skipped + len(conversations))
+        logger.warning("%s: skipped %d unusable line(s) of %d", path, skipped, skipped + len(conversations))
     if not conversations:
         raise ValueError(f"{path} has no usable conversations")
     return conversations
+
+
+def _unusable(message: str, on_error: str, error: BaseException) -> int:
+    """Fail with `message`, or log it and count one skipped item."""
+    if on_error == "fail":
+        raise ValueError(message + " (use --on-error skip to skip such lines)") from error
+    logger.warning("%s (skipped)", message)
+    return 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,12 +172,19 @@ def tokenize_conversation(conversation: dict[str, Any], tokenizer) -> Example:
     return Example(ids, mask)
 
 
-def tokenize_all(conversations: Sequence[dict[str, Any]], tokenizer, max_len: int | None = None) -> list[Example]:
-    """Tokenize conversations; ones longer than `max_len` are truncated (and reported once)."""
+def tokenize_all(conversations: Sequence[dict[str, Any]], tokenizer, max_len: int | None = None,
+                 on_error: str = "fail") -> list[Example]:
+    """Tokenize conversations; ones longer than `max_len` are truncated (and reported once). One that cannot be
+    rendered or tokenized fails, or is skipped with `on_error="skip"`, named by its `source` line."""
     examples = []
     truncated = 0
     for conversation in conversations:
-        example = tokenize_conversation(conversation, tokenizer)
+        try:
+            example = tokenize_conversation(conversation, tokenizer)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # e.g. a template error on odd messages
+            where = conversation.get("source", "a conversation")
+            _unusable(f"{where}: cannot be rendered and tokenized: {type(e).__name__}: {e}", on_error, e)
+            continue
         if max_len is not None and len(example) > max_len:
             example = Example(example.input_ids[:max_len], example.loss_mask[:max_len])
             truncated += 1

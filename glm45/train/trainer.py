@@ -111,8 +111,9 @@ def prepare_data(config: TrainConfig, tokenizer) -> tuple[list[train_data.Exampl
         rng.shuffle(conversations)
         num_eval = int(len(conversations) * config.eval_fraction)
         eval_conversations, conversations = conversations[:num_eval], conversations[num_eval:]
-    train = train_data.tokenize_all(tqdm(conversations, desc="tokenize", leave=False), tokenizer, config.max_seq_len)
-    held_out = train_data.tokenize_all(eval_conversations, tokenizer, config.max_seq_len)
+    train = train_data.tokenize_all(tqdm(conversations, desc="tokenize", leave=False), tokenizer, config.max_seq_len,
+                                    config.on_error)
+    held_out = train_data.tokenize_all(eval_conversations, tokenizer, config.max_seq_len, config.on_error)
     if not train:
         raise ValueError(f"{config.data} has no conversation with assistant tokens to train on")
     return train, held_out

@@ -165,3 +165,27 @@ def test_torchrun_ranks_serve_like_one_process(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(out.read_text()) == expected
+
+
+def test_a_parallel_llm_releases_its_workers_on_shutdown_exit_and_garbage_collection(tmp_path):
+    import gc
+
+    folder = save_reference("air_like", tmp_path)
+    with LLM(str(folder), tensor_parallel_size=2, **ARGS) as first:
+        expected = generate(first)
+        workers = list(first.engine.workers.processes)
+    assert all(not w.is_alive() for w in workers)
+    with pytest.raises(WorkerError, match="shut down"):
+        generate(first)
+    second = LLM(str(folder), tensor_parallel_size=2, **ARGS)  # the first one left the process group
+    workers = list(second.engine.workers.processes)
+    assert generate(second) == expected
+    del second
+    gc.collect()
+    assert all(not w.is_alive() for w in workers)
+    third = LLM(str(folder), tensor_parallel_size=2, **ARGS)
+    try:
+        assert generate(third) == expected
+    finally:
+        third.shutdown()
+        third.shutdown()  # idempotent

@@ -21,7 +21,8 @@ garbage-collected does the same, so another parallel engine can start in the pro
 
 Failures stay with the requests they concern: `add_request` admits all of a request's sequences or none (any
 error leaves nothing behind), and a step that fails (the model, sampling, detokenizing) aborts the requests
-it was running and raises `StepError` naming them; the engine goes on with the others.
+it was running and raises `StepError` naming them; the engine goes on with the others (unless a tensor-parallel
+rank is gone: then the `WorkerError` itself is raised, as no step can run any more).
 """
 
 from __future__ import annotations
@@ -275,6 +276,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        if self.workers is not None:
+            self.workers.check()  # a rank is gone, or shut down: refuse every step, even one with nothing to run
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -289,6 +292,8 @@ class LLMEngine:
                 self.abort_request(request_id)
             for item in batch:  # sequences of requests that finished in this step before it failed
                 self.scheduler.finish(item.seq)
+            if self.workers is not None and (self.workers.failure is not None or self.workers.closed):
+                raise  # a tensor-parallel rank is gone (WorkerError): nothing can run any more
             raise StepError(request_ids, e) from e
 
     def _run_step(self, batch) -> list[RequestOutput]:

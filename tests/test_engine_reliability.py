@@ -257,3 +257,12 @@ def test_engine_state_machine_frees_every_block(token_folder):
                                 suppress_health_check=list(HealthCheck))
     machine("runTest").runTest()
     assert EngineMachine.engine.stats()["num_preemptions"] > 0  # the small cache made it preempt
+
+
+def test_stop_matching_looks_up_one_set_per_distinct_length():
+    # 100,000 stop strings of one length: each new end position costs one set lookup, not 100,000 comparisons.
+    stops = _StopStrings.of([f"#{i:05d}" for i in range(100_000)])
+    assert stops.lengths == (6,) and stops.longest == 6
+    text = "no stop here, then #04242 and #00001"
+    assert stops.first_match(text, 0) == (text.index("#04242") + 6, "#04242")
+    assert stops.first_match(text, text.index("#04242") + 6) == (len(text), "#00001")

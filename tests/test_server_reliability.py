@@ -173,6 +173,22 @@ def test_a_prompt_too_long_by_its_length_is_refused_before_tokenizing(server, mo
     assert calls and all(thread is not server.thread for thread in calls)  # tokenized off the event loop
 
 
+def test_detokenizing_runs_off_the_event_loop(server, monkeypatch):
+    tokenizer = server.engine.tokenizer
+    threads = []
+    decode = tokenizer.decode
+
+    def recording_decode(ids, **kwargs):
+        threads.append(threading.current_thread())
+        return decode(ids, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", recording_decode)
+    status, body = post(server, "/detokenize", {"tokens": tokenizer.encode("hello there") * 1000})
+    assert status == 200 and body["prompt"].startswith("hello there")
+    assert threads and all(thread is not server.thread for thread in threads)
+    assert_400(post(server, "/detokenize", {"tokens": [5, -1]}), "tokens", "outside the vocabulary")
+
+
 def test_the_length_bound_holds_for_byte_level_bpe(server):
     tokenizer = server.engine.tokenizer
     per_token = tokenizer.max_token_bytes

@@ -262,11 +262,15 @@ def add_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, metri
         chat.check_model(request.model)
         if engine.tokenizer is None:
             raise RequestError("this model has no tokenizer")
-        bad = [t for t in request.tokens if not 0 <= t < engine.tokenizer.vocab_size]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {engine.tokenizer.vocab_size})",
-                               param="tokens")
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens, skip_special_tokens=False))
+        vocab = engine.tokenizer.vocab_size
+
+        def decode() -> str:  # in a worker thread: a body may hold millions of ids
+            bad = [t for t in request.tokens if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+            return engine.tokenizer.decode(request.tokens, skip_special_tokens=False)
+
+        return DetokenizeResponse(prompt=await asyncio.to_thread(decode))
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:

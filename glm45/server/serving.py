@@ -97,7 +97,9 @@ class OpenAIServing:
     @staticmethod
     def _ignore_extras(request: SamplingFields) -> None:
         if request.model_extra:
-            logger.info("ignoring unsupported request fields: %s", ", ".join(sorted(request.model_extra)))
+            names = sorted(request.model_extra)
+            logger.info("ignoring unsupported request fields: %s%s", ", ".join(names[:20]),
+                        f" … ({len(names)} in all)" if len(names) > 20 else "")
 
     @staticmethod
     def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None,

@@ -245,7 +245,7 @@ class EngineConfig:
     kv_cache_dtype: str = arg("auto", "auto (the model's dtype) | fp8 (e4m3, half the KV bytes)")
     enforce_eager: bool = arg(False, "never run the captured decode step (CUDA graphs, or the CPU step program)")
     cuda_graph_sizes: list[int] | None = arg(None, "row counts the decode step is captured for (CUDA graphs, or the "
-                                                   "CPU step program); default 1, 2, 4, 8, 16, 32")
+                                                   "CPU step program); default: up to 64 on GPUs, 16 or 32 on CPUs")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
+def default_sizes() -> tuple[int, ...]:
+    return DEFAULT_SIZES
+
+
 class StaticDecodeAttention:
     """The model's AttentionContext for rows that each attend over their own cached context, in fixed shapes:
     every row reads `max_blocks` blocks of its table and masks the positions past its context length."""

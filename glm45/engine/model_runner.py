@@ -115,7 +115,7 @@ class ModelRunner:
         try:
             cls = captured.CapturedCudaDecode if self.device.type == "cuda" else captured.CapturedDecode
             self.captured = cls(self.model, self.kv_cache, self.block_size, self.scratch_block, max_model_len,
-                                sizes or captured.DEFAULT_SIZES)
+                                sizes or captured.default_sizes())
         except Exception as e:  # a capture that fails must never take the engine down
             logger.warning("could not capture the decode step (%s: %s); running eagerly", type(e).__name__, e)
             self.captured = None

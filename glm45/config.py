@@ -243,6 +243,8 @@ class EngineConfig:
     quantization: str | None = arg(None, "keep weights quantized: fp8 | int8 | int4 (FP8 checkpoints are detected "
                                          "and kept in FP8 without this flag; none dequantizes them)")
     kv_cache_dtype: str = arg("auto", "auto (the model's dtype) | fp8 (e4m3, half the KV bytes)")
+    threads: int | None = arg(None, "CPU threads for the model's kernels (default: OMP_NUM_THREADS, else torch's "
+                                    "count of the cores)")
     enforce_eager: bool = arg(False, "never run the captured decode step (CUDA graphs, or the CPU step program)")
     cuda_graph_sizes: list[int] | None = arg(None, "row counts the decode step is captured for (CUDA graphs, or the "
                                                    "CPU step program); default: up to 64 on GPUs, 16 or 32 on CPUs")
@@ -267,6 +269,8 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; choose one of "
                              f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be ≥ 1, got {self.threads}")
         if self.cuda_graph_sizes is not None and (not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
             raise ValueError(f"cuda_graph_sizes must be positive row counts, got {self.cuda_graph_sizes}")
 

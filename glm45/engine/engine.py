@@ -64,6 +64,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model: Glm4MoeForCausalLM | None = None, tokenizer=None):
         self.config = config
         model_path = Path(config.model) if config.model else bundled_model_path()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.model_path = model_path
         self.workers = None
         self._finalizer = None

@@ -37,9 +37,10 @@ def chain_hash(previous: bytes | None, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, mtp: bool = False):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.mtp = mtp  # blocks also hold the MTP layer's K/V (see match_prefix)
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
@@ -88,18 +89,25 @@ class BlockManager:
         # and after a preemption those whose log-probabilities it already has).
         if seq.num_prompt_logprobs_done < seq.num_prompt_tokens:
             max_blocks = min(max_blocks, (seq.num_prompt_logprobs_done - 1) // self.block_size)
+        matched = []
         for index in range(max_blocks):
             tokens = seq.token_ids[index * self.block_size:(index + 1) * self.block_size]
             block_hash = chain_hash(previous, tokens)
             block_id = self.hash_to_block.get(block_hash)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
+            matched.append(block_id)
+            previous = block_hash
+        if self.mtp and matched:
+            # The MTP layer's K/V at a block's last position was computed with the token after the block: it is
+            # right for this sequence only if the next block matched too, so the last matched block is not used.
+            matched.pop()
+        for block_id in matched:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 self.free_block_ids.remove(block_id)
             block.ref_count += 1
             seq.block_table.append(block_id)
-            previous = block_hash
         hits = len(seq.block_table)
         self.num_hashed_blocks[seq.seq_id] = hits
         seq.num_computed_tokens = seq.num_cached_tokens = hits * self.block_size

@@ -291,11 +291,12 @@ def build_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) ->
 
 
 def build_mtp_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> _Program:
-    """x = eh_proj([enorm(embed(token)), hnorm(h)]) → the MTP block → h' = shared_head.norm(x). The source rows
-    of h are gathered from `buffers.source` (filled per call)."""
+    """x = eh_proj([enorm(embed(token)), hnorm(h)]) → the MTP block → h' = shared_head.norm(x). The rows of h
+    are gathered from `buffers.hidden` (the target's last hidden states) by `buffers.source_rows`."""
     builder = _Builder(model, kv_cache, block_size, buffers, rows)
     b, mtp, D = buffers, model.mtp, model.config.hidden_size
     builder.embed(mtp.embed_tokens, b.x)
+    builder.program.add(OP_GATHER, (b.hidden, b.source_rows, b.source), (rows, D, D, D))
     builder.norm(b.x, mtp.enorm.weight, b.concat)
     builder.norm(b.source, mtp.hnorm.weight, b.concat[:, D:])
     builder.linear(b.concat, rows, [(mtp.eh_proj, b.x, D)])
@@ -377,13 +378,22 @@ class CapturedDecode:
         self.heads[head].run(self.rounding, self.threads)
         return self.buffers.logits[: len(logit_rows)], hidden
 
-    def draft(self, inputs, source: torch.Tensor, logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """One MTP step: (float32 logits at `logit_rows`, normalised h' [rows, D]); `source` holds the hidden
-        state paired with each row, in order."""
+    def draft(self, inputs, hidden: torch.Tensor, hidden_rows: list[int] | None,
+              logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One MTP step: (float32 logits at `logit_rows`, normalised h' [rows, D]). Row r pairs with the hidden
+        state `hidden[hidden_rows[r]]` (or `hidden[r]` when `hidden_rows` is None). When `hidden` is the
+        captured target's own buffer the program gathers the rows itself; otherwise they are copied in first."""
         n = len(inputs.token_ids)
         size = self.size_for(n)
         self._fill(inputs, size)
-        self.buffers.source[:n] = source
+        rows = self._np["source_rows"]
+        if hidden_rows is not None and hidden.data_ptr() == self.buffers.hidden.data_ptr():
+            rows[:n] = hidden_rows
+        else:
+            picked = hidden if hidden_rows is None else hidden[torch.tensor(hidden_rows)]
+            self.buffers.hidden[:n] = picked
+            rows[:n] = np.arange(n)
+        rows[n:size] = 0
         self.mtp_trunks[size].run(self.rounding, self.threads)
         h = self.buffers.draft_hidden[:n]
         if not logit_rows:

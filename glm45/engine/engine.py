@@ -103,12 +103,6 @@ class LLMEngine:
                 f"num_speculative_tokens={k} needs the checkpoint's MTP layer, and {model_path} has none"
             )
         self.num_speculative_tokens = k
-        enable_prefix_caching = config.enable_prefix_caching and not k
-        if config.enable_prefix_caching and k:
-            # The MTP layer's K/V at a block's last position depends on the next block's first token,
-            # so blocks cannot be shared by prefix alone while MTP runs.
-            logger.info("prefix caching is off while MTP speculative decoding is on")
-
         num_cache_layers = self.model_config.num_hidden_layers + (1 if k else 0)
         num_blocks = kv_cache_blocks(config, model, self.device, num_cache_layers)
         lookahead = 2 * k
@@ -122,7 +116,7 @@ class LLMEngine:
         if max_model_len < 2:
             raise ValueError(f"the KV cache holds only {num_blocks} blocks, too few to run anything")
         self.max_model_len = max_model_len
-        self.block_manager = BlockManager(num_blocks, config.block_size, enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, mtp=bool(k))
         if self.workers is not None:
             self.runner = self.workers.runner(model, num_blocks, num_cache_layers)
         else:

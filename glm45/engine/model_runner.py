@@ -156,11 +156,14 @@ class ModelRunner:
 
         The hidden input pairs with each token: rows `hidden_rows` of the last target forward, or, when None,
         the previous draft step's h' (one row per token, in order). The new h' is kept at `logit_rows`."""
-        source = self.draft_hidden if hidden_rows is None else self.hidden[self._tensor(hidden_rows)]
         if self._captured_rows(len(inputs.token_ids)):
-            logits, h = self.captured.draft(inputs, source, logit_rows)
+            if hidden_rows is None:
+                logits, h = self.captured.draft(inputs, self.draft_hidden, None, logit_rows)
+            else:
+                logits, h = self.captured.draft(inputs, self.hidden, hidden_rows, logit_rows)
             self.draft_hidden = h[self._tensor(logit_rows)] if logit_rows else None
             return logits
+        source = self.draft_hidden if hidden_rows is None else self.hidden[self._tensor(hidden_rows)]
         source = source.to(self.model.dtype)
         h = self.model.mtp_hidden_states(self._tensor(inputs.token_ids), source, self._tensor(inputs.positions),
                                          self._context(inputs))

@@ -31,11 +31,14 @@ def target_distributions(logits: torch.Tensor, seq, drafts: list[int]) -> list[t
 
 
 def greedy_verify(logits: torch.Tensor, seq, drafts: list[int]) -> list[int]:
-    prompt = seq.token_ids[: seq.num_prompt_tokens]
+    if seq.params.uses_penalties:
+        prompt = seq.token_ids[: seq.num_prompt_tokens]
+        targets = [int(apply_penalties(logits[i], seq.params, prompt, seq.output_token_ids + drafts[:i]).argmax())
+                   for i in range(len(drafts) + 1)]
+    else:  # one argmax over all positions
+        targets = logits[: len(drafts) + 1].argmax(-1).tolist()
     accepted: list[int] = []
-    for i in range(len(drafts) + 1):
-        penalised = apply_penalties(logits[i], seq.params, prompt, seq.output_token_ids + drafts[:i])
-        token = int(penalised.argmax())
+    for i, token in enumerate(targets):
         accepted.append(token)
         if i == len(drafts) or token != drafts[i]:
             break

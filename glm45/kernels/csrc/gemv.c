@@ -21,22 +21,27 @@ static inline float finish(float sum, const Weight *w, int64_t n, int round) {
 }
 
 /* ---------------------------------------------------------------- f32, bf16, fp8: widen and FMA */
-/* One weight row (already widened by LOAD) against mc ≤ 4 activation rows; two accumulators each. */
+/* One weight row (widened by LOAD) against mc ≤ 4 activation rows. FMA latency, not bandwidth, limits a row
+ * that sits in cache, so each row gets 4 independent accumulators when there are 1 or 2 of them, and 2 each
+ * (8 in all) for 3 or 4. */
 #define FLOAT_ROWS(NAME, TYPE, LOAD, SCALAR)                                                                   \
     static void NAME(const TYPE *row, int64_t K, const Act *a, int64_t m0, int64_t mc, float out[4]) {       \
-        vf acc[4][2];                                                                                          \
-        for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = vzero();                                           \
+        vf acc[4][4];                                                                                          \
+        for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = vzero();                   \
         const float *x0 = a->x + m0 * a->ldx;                                                                  \
         int64_t k = 0;                                                                                         \
-        if (mc == 1) {                                                                                         \
-            vf b0 = vzero(), b1 = vzero(), b2 = vzero(), b3 = vzero();                                         \
+        if (mc <= 2) {                                                                                         \
             for (; k + 4 * VL <= K; k += 4 * VL) {                                                             \
-                b0 = vfma(LOAD(row + k), vload(x0 + k), b0);                                                   \
-                b1 = vfma(LOAD(row + k + VL), vload(x0 + k + VL), b1);                                         \
-                b2 = vfma(LOAD(row + k + 2 * VL), vload(x0 + k + 2 * VL), b2);                                 \
-                b3 = vfma(LOAD(row + k + 3 * VL), vload(x0 + k + 3 * VL), b3);                                 \
+                vf w0 = LOAD(row + k), w1 = LOAD(row + k + VL), w2 = LOAD(row + k + 2 * VL),                   \
+                   w3 = LOAD(row + k + 3 * VL);                                                                \
+                for (int m = 0; m < mc; m++) {                                                                 \
+                    const float *xm = x0 + m * a->ldx + k;                                                     \
+                    acc[m][0] = vfma(w0, vload(xm), acc[m][0]);                                                \
+                    acc[m][1] = vfma(w1, vload(xm + VL), acc[m][1]);                                           \
+                    acc[m][2] = vfma(w2, vload(xm + 2 * VL), acc[m][2]);                                       \
+                    acc[m][3] = vfma(w3, vload(xm + 3 * VL), acc[m][3]);                                       \
+                }                                                                                              \
             }                                                                                                  \
-            acc[0][0] = vadd(vadd(b0, b1), vadd(b2, b3));                                                      \
         }                                                                                                      \
         for (; k + 2 * VL <= K; k += 2 * VL) {                                                                 \
             vf w0 = LOAD(row + k), w1 = LOAD(row + k + VL);                                                    \
@@ -47,7 +52,7 @@ static inline float finish(float sum, const Weight *w, int64_t n, int round) {
             }                                                                                                  \
         }                                                                                                      \
         for (int m = 0; m < mc; m++) {                                                                         \
-            float s = vhsum(vadd(acc[m][0], acc[m][1]));                                                       \
+            float s = vhsum(vadd(vadd(acc[m][0], acc[m][1]), vadd(acc[m][2], acc[m][3])));                     \
             const float *xm = x0 + m * a->ldx;                                                                 \
             for (int64_t t = k; t < K; t++) s += SCALAR(row[t]) * xm[t];                                       \
             out[m] = s;                                                                                        \

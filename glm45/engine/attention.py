@@ -13,8 +13,9 @@ The gather indices and masks are built once per step and shared by all layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +46,37 @@ class SeqSlice:
     q_len: int
     ctx_len: int
     block_table: list[int]
+
+
+@dataclass
+class StepInputs:
+    """The flat tokens of one forward over the cache, sequence after sequence."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    slices: list[SeqSlice] = field(default_factory=list)
+
+
+def fill_rows(arrays: dict, inputs, block_size: int, scratch_block: int, size: int) -> None:
+    """Write a step's rows into the fixed-size input arrays of a captured step (numpy views: tokens, positions,
+    slots, tables [rows, max blocks], context), and pad rows n..size-1: token 0 at position 0, writing to the
+    scratch block and attending to itself only."""
+    n = len(inputs.token_ids)
+    a = arrays
+    a["tokens"][:n] = inputs.token_ids
+    a["positions"][:n] = inputs.positions
+    a["slots"][:n] = inputs.slot_mapping
+    for s in inputs.slices:
+        table = s.block_table[: -(-s.ctx_len // block_size)]
+        rows = slice(s.q_start, s.q_start + s.q_len)
+        a["tables"][rows, : len(table)] = table
+        a["context"][rows] = np.arange(s.ctx_len - s.q_len + 1, s.ctx_len + 1)
+    a["tokens"][n:size] = 0
+    a["positions"][n:size] = 0
+    a["slots"][n:size] = scratch_block * block_size
+    a["tables"][n:size, 0] = scratch_block
+    a["context"][n:size] = 1
 
 
 class PagedAttention:

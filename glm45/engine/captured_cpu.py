@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from glm45.engine.attention import fill_rows
 from glm45.kernels import cpu
 
 logger = logging.getLogger(__name__)
@@ -343,22 +344,7 @@ class CapturedDecode:
         return next((n for n in self.sizes if n >= rows), None)
 
     def _fill(self, inputs, size: int) -> None:
-        n = len(inputs.token_ids)
-        a = self._np
-        a["tokens"][:n] = inputs.token_ids
-        a["positions"][:n] = inputs.positions
-        a["slots"][:n] = inputs.slot_mapping
-        for s in inputs.slices:
-            table = s.block_table[: -(-s.ctx_len // self.block_size)]
-            rows = slice(s.q_start, s.q_start + s.q_len)
-            a["tables"][rows, : len(table)] = table
-            a["context"][rows] = np.arange(s.ctx_len - s.q_len + 1, s.ctx_len + 1)
-        # Padding rows: token 0 at position 0, writing to the scratch block, attending to itself only.
-        a["tokens"][n:size] = 0
-        a["positions"][n:size] = 0
-        a["slots"][n:size] = self.scratch_block * self.block_size
-        a["tables"][n:size, 0] = self.scratch_block
-        a["context"][n:size] = 1
+        fill_rows(self._np, inputs, self.block_size, self.scratch_block, size)
 
     def _logit_rows(self, logit_rows: list[int], size: int) -> None:
         self._np["logit_rows"][: len(logit_rows)] = logit_rows

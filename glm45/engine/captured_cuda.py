@@ -18,11 +18,10 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glm45.engine.attention import read, write
+from glm45.engine.attention import StepInputs, fill_rows, read, write
 from glm45.model.moe import Experts
 
 logger = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ class CapturedCudaDecode:
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-                self._pad(0, size)
+                fill_rows(self._np, StepInputs([], [], []), block_size, scratch_block, size)
                 self._upload()
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -110,14 +109,6 @@ class CapturedCudaDecode:
         hidden = self.model.hidden_states(d["tokens"][:size], d["positions"][:size], ctx)
         return hidden, self.model.compute_logits(hidden).float()
 
-    def _pad(self, start: int, size: int) -> None:
-        a = self._np
-        a["tokens"][start:size] = 0
-        a["positions"][start:size] = 0
-        a["slots"][start:size] = self.scratch_block * self.block_size
-        a["tables"][start:size, 0] = self.scratch_block
-        a["context"][start:size] = 1
-
     def _upload(self) -> None:
         for name, tensor in self.device_inputs.items():
             tensor.copy_(self.host_inputs[name], non_blocking=True)
@@ -128,16 +119,7 @@ class CapturedCudaDecode:
         n = len(inputs.token_ids)
         size = self.size_for(n)
         self.uploaded.synchronize()
-        a = self._np
-        a["tokens"][:n] = inputs.token_ids
-        a["positions"][:n] = inputs.positions
-        a["slots"][:n] = inputs.slot_mapping
-        for s in inputs.slices:
-            table = s.block_table[: -(-s.ctx_len // self.block_size)]
-            rows = slice(s.q_start, s.q_start + s.q_len)
-            a["tables"][rows, : len(table)] = table
-            a["context"][rows] = np.arange(s.ctx_len - s.q_len + 1, s.ctx_len + 1)
-        self._pad(n, size)
+        fill_rows(self._np, inputs, self.block_size, self.scratch_block, size)
         self._upload()
         graph, hidden, logits = self.graphs[size]
         graph.replay()

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from glm45.engine.attention import SeqSlice
+from glm45.engine.attention import SeqSlice, StepInputs
 from glm45.engine.block_manager import BlockManager
-from glm45.engine.model_runner import ModelRunner, StepInputs
+from glm45.engine.model_runner import ModelRunner
 from glm45.engine.sampler import Sampler, rows_top_logprobs, top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence

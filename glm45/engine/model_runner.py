@@ -15,26 +15,15 @@ KV-cache sizing (`kv_cache_blocks`) is here too, since it is the model's memory 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
-from glm45.engine.attention import PagedAttention, SeqSlice
+from glm45.engine.attention import PagedAttention, StepInputs
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 CUDA_ACTIVATION_MARGIN = 0.05  # share of the GPU kept free for activations when sizing the KV cache
-
-
-@dataclass
-class StepInputs:
-    """The flat tokens of one forward over the cache, sequence after sequence."""
-
-    token_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    slices: list[SeqSlice] = field(default_factory=list)
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

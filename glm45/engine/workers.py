@@ -43,8 +43,9 @@ from glm45.distributed import (
     launched_by_torchrun,
     local_rank,
 )
+from glm45.engine.attention import StepInputs
 from glm45.engine.device import resolve_device
-from glm45.engine.model_runner import ModelRunner, StepInputs, local_kv_heads
+from glm45.engine.model_runner import ModelRunner, local_kv_heads
 from glm45.model import Glm4MoeForCausalLM
 from glm45.parallel.tensor_parallel import parallelize_model
 

@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peer_workers  # noqa: E402
+from benchmarks.peer_workers import QUIET, wait_for_quiet  # noqa: E402
 from benchmarks.report import common_prefix, print_report  # noqa: E402
 
 MODELS = {"small": "small", "air": "air-0.6b"}
@@ -65,38 +66,9 @@ RESULT_MARK = "BENCH_RESULT "
 
 
 # ---------------------------------------------------------------------- running workers
-def cpu_busy(seconds: float = 1.0) -> float:
-    """Fraction of the machine's CPU time that was busy over `seconds` (from /proc/stat); NaN elsewhere."""
-    def sample():
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-QUIET = {"max_wait": 0.0, "threshold": 0.15}
-
-
-def wait_for_quiet() -> float:
-    """Before a measurement, wait (up to QUIET['max_wait'] seconds) until other work leaves the CPUs mostly
-    idle: with 2 threads on 2 cores, a core taken away stalls every parallel region. Returns the busy fraction
-    seen last."""
-    deadline = time.monotonic() + QUIET["max_wait"]
-    busy = cpu_busy()
-    while busy > QUIET["threshold"] and time.monotonic() < deadline:
-        time.sleep(4.0)
-        busy = cpu_busy()
-    return busy
-
-
 def run_worker(kind: str, threads: int, timeout: float, **options) -> dict:
     """Run this script as `--worker kind` in a fresh process; returns its JSON result, or {'error': ...}."""
+    options.setdefault("quiet_wait", QUIET["max_wait"])
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--threads", str(threads),
                "--worker-options", json.dumps(options)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
@@ -113,6 +85,7 @@ def run_worker(kind: str, threads: int, timeout: float, **options) -> dict:
 
 def worker_main(kind: str, threads: int, options: dict) -> None:
     """The `--worker` side: run one engine's measurements and print them as one JSON line."""
+    QUIET["max_wait"] = options.get("quiet_wait", 0.0)
     try:
         if kind == "glm45":
             out = peer_workers.run_glm45(options["model_dir"], options["precision"], threads, options["spec"])
@@ -130,6 +103,8 @@ def worker_main(kind: str, threads: int, options: dict) -> None:
             raise ValueError(f"unknown worker {kind!r}")
     except peer_workers.Unavailable as e:
         out = {"unavailable": str(e)}
+    if QUIET["seen"]:
+        out["busy_max"] = max(QUIET["seen"])
     print(RESULT_MARK + json.dumps(out), flush=True)
 
 
@@ -318,12 +293,15 @@ def main() -> None:
         worker_main(args.worker, int(args.threads), json.loads(args.worker_options))
         return
     if args.quick:
-        args.models, args.rounds = args.models or "small", args.rounds or 1
+        args.models = args.models or "small"
+        args.rounds = 1 if args.rounds is None else args.rounds
         args.precisions = args.precisions or "bf16"
         args.decode_len, args.num_requests, args.output_len = 32, 16, 32
         args.batch_max_prompt, args.prefill_len, args.mtp_max_tokens, args.mtp_conversations = 256, 512, 32, 2
     QUIET["max_wait"] = args.quiet_wait
-    args.rounds = args.rounds or 3
+    args.rounds = 3 if args.rounds is None else args.rounds
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
     args.precisions = [p for p in (args.precisions or ",".join(PRECISIONS)).split(",") if p]
     args.workloads = [w for w in args.workloads.split(",") if w]

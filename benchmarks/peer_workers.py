@@ -53,7 +53,40 @@ def batch_lengths(num_requests: int, low: int, high: int) -> list[int]:
     return [rng.randint(low, high) for _ in range(num_requests)]
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of the machine's CPU time that was busy over `seconds` (from /proc/stat); NaN elsewhere."""
+    def sample():
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+QUIET: dict = {"max_wait": 0.0, "threshold": 0.15, "seen": []}
+
+
+def wait_for_quiet() -> float:
+    """Before a measurement, wait (up to QUIET['max_wait'] seconds) until other work leaves the CPUs mostly
+    idle: with 2 threads on 2 cores, a core taken away stalls every parallel region (all three engines slow
+    down several-fold). Returns the busy fraction seen last; a worker calls it before each timed run."""
+    deadline = time.monotonic() + QUIET["max_wait"]
+    busy = cpu_busy()
+    while busy > QUIET["threshold"] and time.monotonic() < deadline:
+        time.sleep(4.0)
+        busy = cpu_busy()
+    QUIET["seen"].append(busy)
+    return busy
+
+
 def elapsed(fn) -> float:
+    """Seconds `fn()` takes, started when the machine is quiet (see `wait_for_quiet`)."""
+    wait_for_quiet()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -113,9 +146,9 @@ def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
                 prompts = make_prompts(model_dir, batch_lengths(spec["num_requests"], *spec["batch_prompt"]), 2)
                 params = SamplingParams(temperature=0, max_tokens=spec["output_len"], ignore_eos=True)
                 generate(prompts[0][:64], 4)
-                start = time.perf_counter()
-                llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-                out["batch"] = len(prompts) * spec["output_len"] / (time.perf_counter() - start)
+                seconds = elapsed(lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params,  # noqa: B023
+                                                       use_tqdm=False))
+                out["batch"] = len(prompts) * spec["output_len"] / seconds
             elif workload == "prefill":
                 warm, *prompts = prefill_prompts(model_dir, spec)
                 generate(warm, 1)
@@ -150,6 +183,7 @@ def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
         llm.generate(prompts[0], params, use_tqdm=False)  # warm-up
         for _ in range(REPEATS):
             tokens: list[list[int]] = []
+            wait_for_quiet()
             start = time.perf_counter()
             for prompt in prompts:
                 tokens.append(list(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids))
@@ -302,6 +336,7 @@ def run_llama_cpp(gguf: str, model_dir: str, threads: int, spec: dict) -> dict:
         llm = LlamaCpp(gguf, threads, n_ctx=seqs * per_seq, n_seq=seqs)
         prompts = make_prompts(model_dir, batch_lengths(spec["num_requests"], *spec["batch_prompt"]), 2)
         llama_generate(llm, prompts[0][:64], 4)
+        wait_for_quiet()
         start = time.perf_counter()
         for first in range(0, len(prompts), seqs):
             llama_batched(llm, prompts[first:first + seqs], spec["output_len"])
@@ -311,6 +346,7 @@ def run_llama_cpp(gguf: str, model_dir: str, threads: int, spec: dict) -> dict:
 
 def llama_generate(llm: LlamaCpp, prompt: list[int], n: int) -> tuple[float, list[int]]:
     """Greedy `n` tokens after `prompt` on sequence 0; returns (tok/s of the n-1 tokens after the first, ids)."""
+    wait_for_quiet()
     llm.clear()
     tokens = llm.decode([(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from benchmarks.peer_workers import batch_lengths
 from glm45.config import ModelConfig
 
 ORDER = ("decode", "batch", "prefill", "mtp")
+BUSY_THRESHOLD = 0.15  # as peer_workers.QUIET["threshold"]
 
 
 # ---------------------------------------------------------------------- pure helpers (unit-tested)
@@ -80,6 +81,8 @@ def collect(record: dict) -> dict:
             key = (entry["threads"], entry["model"], entry["precision"], workload, entry["engine"])
             if workload in entry:
                 figures[key][entry["round"]] = entry[workload]
+                if entry.get("busy_max", 0.0) > BUSY_THRESHOLD:
+                    reasons[key] = "busy"
             elif "unavailable" in entry or "error" in entry:
                 requested = entry["model"] == "bundled" if workload == "mtp" else workload in _workloads(record, entry)
                 if requested:
@@ -193,17 +196,24 @@ def print_report(record: dict, args) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if h in ("model", "precision", "workload", "engine", "threads") else "---:"
                          for h in header) + "|")
+    busy_rows = 0
     for key in sorted(figures, key=sort_key):
         threads, model, precision, workload, engine = key
         median, spread = format_median_range(figures[key])
         if key in reasons and median == "n/a":
             median, spread = f"n/a ({reasons[key]})", ""
+        elif reasons.get(key) == "busy":
+            median += "*"
+            busy_rows += 1
         ratio = ratio_text(key, medians)
         floor = floor_tok_s(record, key, bandwidth, gemm) if median[0].isdigit() else None
         floor_text = f"{medians[key] / floor[0]:.0%} {floor[1]}" if floor else ""
         cells = ([str(threads)] if multi_threads else []) + [
             model, precision, label[workload], engine, median, spread, ratio, floor_text]
         print("| " + " | ".join(cells) + " |")
+    if busy_rows:
+        print(f"\n* at least one run of this figure started while other work kept the CPUs over "
+              f"{BUSY_THRESHOLD:.0%} busy after waiting {args.quiet_wait:.0f} s: treat it with care")
     print_decode_bytes(record, figures, args)
     if "mtp" in args.workloads:
         print_mtp_identity(record)

@@ -1,0 +1,83 @@
+"""The peer benchmark's pure helpers: the synthetic GGUF-conversion tokenizer, the bytes a decode step reads,
+and the table's median/range formatting. No timing here; the benchmark itself is `benchmarks/bench_peers.py`."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.models import SHAPES, decode_bytes_per_token  # noqa: E402
+from benchmarks.report import common_prefix, format_figure, format_median_range, median_range  # noqa: E402
+from benchmarks.synthetic_tokenizer import add_synthetic_tokenizer, build_synthetic_tokenizer  # noqa: E402
+from glm45.config import ModelConfig  # noqa: E402
+from glm45.model import Glm4MoeForCausalLM  # noqa: E402
+from glm45_tiny.tokenizer_build import GLM45_ADDED_TOKENS  # noqa: E402
+
+
+def test_synthetic_tokenizer_has_the_exact_vocabulary_and_round_trips(tmp_path):
+    from tokenizers import Tokenizer
+
+    build_synthetic_tokenizer(1000, 900, tmp_path)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.get_vocab_size() == 1000
+    for offset, (content, _) in enumerate(GLM45_ADDED_TOKENS):
+        assert tok.token_to_id(content) == 900 + offset
+    assert tok.token_to_id("<|reserved_63|>") == 999
+    text = "[gMASK]<sop><|user|>\nHello, wörld! 12345 <think>ok</think> 😀"
+    ids = tok.encode(text).ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert ids[:3] == [902, 904, 907]
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["added_tokens_decoder"]["900"]["content"] == "<|endoftext|>"
+    assert build_synthetic_tokenizer(1000, 900, tmp_path / "again") and (
+        (tmp_path / "again" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes())
+
+
+def test_synthetic_tokenizer_follows_the_config_and_refuses_other_eos_layouts(tmp_path):
+    config = ModelConfig(**SHAPES["small"]).to_hf_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    add_synthetic_tokenizer(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in saved["added_tokens"]}
+    assert [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]] == config["eos_token_id"]
+    assert max(ids.values()) == config["vocab_size"] - 1
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(dict(config, eos_token_id=[16348, 16349])))
+    with pytest.raises(ValueError, match="eos_token_id"):
+        add_synthetic_tokenizer(bad)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_decode_bytes_count_the_weights_a_step_touches(shape):
+    config = ModelConfig(**SHAPES[shape])
+    with torch.device("meta"):
+        model = Glm4MoeForCausalLM(config, with_mtp=False)
+    expected = 0.0
+    for name, param in model.named_parameters():
+        if name == "model.embed_tokens.weight":
+            expected += 2 * config.hidden_size
+        elif ".experts." in name:  # routed experts: only k of E are read
+            expected += 2 * param.numel() * config.num_experts_per_tok / config.n_routed_experts
+        elif name.endswith("mlp.gate.weight"):  # the router, float32
+            expected += 4 * param.numel()
+        else:
+            expected += 2 * param.numel()
+    expected += 4 * config.num_moe_layers * config.n_routed_experts  # correction biases, float32
+    assert decode_bytes_per_token(config, 2.0) == pytest.approx(expected, rel=1e-6)
+    kv = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+    assert decode_bytes_per_token(config, 2.0, context=10) == pytest.approx(expected + 10 * kv, rel=1e-6)
+
+
+def test_median_and_range_formatting():
+    assert median_range([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert median_range([float("nan"), 4.0]) == (4.0, 4.0, 4.0)
+    assert format_median_range([54.04, 52.9, 55.31]) == ("54.0", "52.9–55.3")
+    assert format_median_range([float("nan")]) == ("n/a", "")
+    assert [format_figure(v) for v in (1234.5, 56.78, 5.678, 0.1234)] == ["1234", "56.8", "5.68", "0.123"]
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2

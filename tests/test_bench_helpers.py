@@ -10,12 +10,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from glm45_tiny.tokenizer_build import GLM45_ADDED_TOKENS  # noqa: E402
+
 from benchmarks.models import SHAPES, decode_bytes_per_token  # noqa: E402
 from benchmarks.report import common_prefix, format_figure, format_median_range, median_range  # noqa: E402
 from benchmarks.synthetic_tokenizer import add_synthetic_tokenizer, build_synthetic_tokenizer  # noqa: E402
 from glm45.config import ModelConfig  # noqa: E402
 from glm45.model import Glm4MoeForCausalLM  # noqa: E402
-from glm45_tiny.tokenizer_build import GLM45_ADDED_TOKENS  # noqa: E402
 
 
 def test_synthetic_tokenizer_has_the_exact_vocabulary_and_round_trips(tmp_path):

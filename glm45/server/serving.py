@@ -15,7 +15,6 @@ Once a stream has started, a failure of any kind ends it with an OpenAI-shaped `
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -211,7 +210,7 @@ class OpenAIServing:
     def _token_logprob(self, token_id: int, logprob: float) -> TopLogprob:
         if self.tokenizer is None:
             return TopLogprob(token=f"token_id:{token_id}", logprob=max(logprob, -9999.0))
-        raw = _token_bytes(self.tokenizer, token_id)
+        raw = self.tokenizer.token_bytes(token_id)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:  # part of a character: shown as OpenAI does, "bytes:\\xe5\\x8c"
@@ -221,29 +220,6 @@ class OpenAIServing:
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet (which GLM-4.5's tokenizer uses): printable character → byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
-    """The exact bytes of one token (a byte-level token may hold part of a UTF-8 character)."""
-    piece = tokenizer.id_to_token(token_id) or ""
-    alphabet = _byte_level_alphabet()
-    if piece and all(ch in alphabet for ch in piece):
-        return bytes(alphabet[ch] for ch in piece)
-    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")  # added tokens: their text
 
 
 def usage_of(output: RequestOutput, completion_tokens: int | None = None) -> Usage:

@@ -29,7 +29,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from glm45.grammar import closing, masks, tool_calls
@@ -121,11 +121,10 @@ class GrammarBackend:
             return self._compile(tool_calls.forced_calls_format(calls), "tools")
         if not spec.has_answer_format:
             return None
-        schema = {"type": "object"} if spec.json_object else spec.json
-        answer = self._json_format(schema)
+        answer = self._answer_format(spec)
         if calls is not None:  # JSON, or calls to the declared tools (an agent's last answer, or one more call)
             answer = tool_calls.or_format([answer, tool_calls.opened_calls_format(calls)])
-        return self._compile(tool_calls.sequence_format([tool_calls.regex_format("\n?"), answer]), "json_schema")
+        return self._compile(tool_calls.sequence_format([tool_calls.regex_format("\n?"), answer]), "response_format")
 
     def compile_call(self, calls: ToolCallConstraint):
         """The grammar of one call after the model opened it with `<tool_call>` (tool_choice "auto")."""
@@ -137,11 +136,19 @@ class GrammarBackend:
         if spec.tool_calls is not None and spec.tool_calls.triggered:
             self.compile_call(spec.tool_calls)
 
-    def _json_format(self, schema: Mapping[str, Any] | bool):
-        xgr = _xgrammar()
+    @staticmethod
+    def _answer_format(spec: StructuredOutputsParams):
+        st = _xgrammar().structural_tag
+        if spec.regex is not None:
+            return st.RegexFormat(pattern=spec.regex)
+        if spec.choice is not None:
+            return tool_calls.or_format([st.ConstStringFormat(value=c) for c in spec.choice])
+        if spec.grammar is not None:
+            return st.GrammarFormat(grammar=spec.grammar)
+        schema = {"type": "object"} if spec.json_object else spec.json
         # At most one whitespace character between JSON tokens: compact or `{"a": 1}` style, never a run of
         # newlines that a small model can fall into and not leave.
-        return xgr.structural_tag.JSONSchemaFormat(json_schema=schema, excludes=PROTOCOL_TAGS, max_whitespace_cnt=1)
+        return st.JSONSchemaFormat(json_schema=schema, excludes=PROTOCOL_TAGS, max_whitespace_cnt=1)
 
     def _compile(self, fmt: Any, param: str):
         structural_tag = json.dumps({"type": "structural_tag", "format": fmt.model_dump(mode="json")},

@@ -6,7 +6,8 @@ The output of a GLM-4.5 turn is read in phases, as the reasoning parser reads it
   start of the answer (the model may skip thinking; the answer grammar then starts there).
 - THINK: inside `<think>…`: free text, never masked by a grammar, until `</think>` — or a `<tool_call>`, which
   ends a thought as the parser reads it. A thinking budget forces `</think>` once that many tokens are out.
-  When the answer is JSON only, `<tool_call>` is banned here (it would start an answer that is not JSON).
+  When an answer grammar is to follow, stop tokens are banned here, and so is `<tool_call>` when that grammar
+  has no calls (it would start an answer that is not JSON).
 - ANSWER: the answer grammar's matcher decides every token (JSON, forced calls, JSON-or-calls) until it is
   complete and a stop token is accepted (`finished`). Without one, the answer is free text, except that a
   `<tool_call>` the model opens (tool_choice "auto") starts the call grammar, which then decides every token up
@@ -74,9 +75,14 @@ class SequenceConstraint:
         self.closing = False          # every token from now on is the next one of the shortest route to the end
         self.route_length = 0         # tokens that route took when last looked up
         self.broken = False           # a token the grammar refused got through: nothing is constrained any more
-        # A `<tool_call>` token inside the thought would end it and start an answer the grammar cannot take.
-        self.ban_call_in_thought = answer_grammar is not None and backend.tool_call_start is not None and \
-            not _accepts(answer_grammar, "<tool_call>")
+        # With an answer to come, the thought may not end the turn (a stop token), nor end in a `<tool_call>` that
+        # the answer's grammar cannot take.
+        banned = []
+        if answer_grammar is not None:
+            banned += backend.stop_token_ids
+            if backend.tool_call_start is not None and not _accepts(answer_grammar, "<tool_call>"):
+                banned.append(backend.tool_call_start)
+        self.banned_in_thought = tuple(banned)
 
     @staticmethod
     def _matcher(grammar):
@@ -103,7 +109,7 @@ class SequenceConstraint:
             if spent or self._must_close_thought():
                 bitmask[row] = b.only_think_end
                 return Restriction(masked=True)
-            return Restriction(banned=(b.tool_call_start,)) if self.ban_call_in_thought else FREE
+            return Restriction(banned=self.banned_in_thought) if self.banned_in_thought else FREE
         if self.matcher is None:
             return FREE
         forced = self._closing_token()

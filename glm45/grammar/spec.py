@@ -1,11 +1,11 @@
 """What a request asks its output to obey, as plain data: `StructuredOutputsParams` (vLLM's name).
 
-One request may constrain its answer to JSON (`json`: a JSON Schema, or `json_object`: any JSON object) and/or
-its tool calls (`tool_calls`): the declared `tools`, how strictly (`ToolCallMode`), and whether more than one call
-may follow. `reasoning` says whether the model may think first (`\\n<think>…</think>`, free text) before the
-constraint starts; None leaves it to the engine, which reads it from the prompt (a GLM-4.5 prompt whose
-generation prompt ends with `<|assistant|>` lets the model think; one that ends with the closed `</think>` of
-thinking-off, or with a prefilled call, does not).
+One request may constrain its answer (`json`: a JSON Schema, `json_object`: any JSON object, or vLLM's `regex`,
+`choice`, `grammar`) and/or its tool calls (`tool_calls`): the declared `tools`, how strictly (`ToolCallMode`),
+and whether more than one call may follow. `reasoning` says whether the model may think first
+(`\\n<think>…</think>`, free text) before the constraint starts; None leaves it to the engine, which reads it
+from the prompt (a GLM-4.5 prompt whose generation prompt ends with `<|assistant|>` lets the model think; one
+that ends with the closed `</think>` of thinking-off, or with a prefilled call, does not).
 
 The grammars themselves are built and compiled by `glm45.grammar.backend`; this module only holds and checks the
 request's side, so that `SamplingParams` can carry it without importing a grammar engine.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -57,25 +57,39 @@ class ToolCallConstraint:
         return self.mode in (ToolCallMode.AUTO_NAME, ToolCallMode.AUTO_FULL)
 
 
+ANSWER_FORMATS = ("json", "json_object", "regex", "choice", "grammar")
+
+
 @dataclass(frozen=True)
 class StructuredOutputsParams:
-    json: Mapping[str, Any] | bool | None = None   # a JSON Schema the answer must be an instance of
-    json_object: bool = False                      # the answer is some JSON object
+    """vLLM's fields: at most one of `json` (a JSON Schema), `json_object`, `regex`, `choice` (one of these strings)
+    and `grammar` (xgrammar's EBNF) for the answer; glm45's own `tool_calls` and `reasoning`."""
+
+    json: Mapping[str, Any] | bool | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
     tool_calls: ToolCallConstraint | None = None
-    reasoning: bool | None = None                  # the model may think first; None: read it from the prompt
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # kept for logs, never read
+    reasoning: bool | None = None  # the model may think first; None: read it from the prompt
 
     def __post_init__(self) -> None:
-        if self.json is not None and self.json_object:
-            raise ValueError("give either a JSON schema or json_object, not both")
+        given = [name for name in ANSWER_FORMATS if getattr(self, name) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"structured outputs take one answer format, got {', '.join(given)}")
         if self.json is not None and not isinstance(self.json, (Mapping, bool)):
             raise ValueError(f"json must be a JSON Schema (an object or a boolean), got {type(self.json).__name__}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("choice must be a non-empty list of strings")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
         if self.tool_calls is not None and not self.tool_calls.triggered and self.has_answer_format:
-            raise ValueError("a forced tool call (tool_choice required or named) cannot also be a JSON answer")
+            raise ValueError("a forced tool call (tool_choice required or named) cannot also be a structured answer")
 
     @property
     def has_answer_format(self) -> bool:
-        return self.json is not None or self.json_object
+        return any(getattr(self, name) not in (None, False) for name in ANSWER_FORMATS)
 
 
 def tool_name(tool: Mapping[str, Any]) -> str:

@@ -60,6 +60,12 @@ def process_rows(logits: torch.Tensor, seqs: list, states: list | None = None) -
     return logits
 
 
+def mask_row(row: torch.Tensor, state) -> torch.Tensor:
+    """One row of logits (modified in place) masked by a constraint state, for callers outside the engine."""
+    _restrict(row, state, masks.allocate(1, row.shape[-1]), 0)
+    return row
+
+
 def process_chain(logits: torch.Tensor, seq, drafts: list[int]) -> torch.Tensor:
     """The k+1 verify rows of one sequence (modified in place): row i as decoding would see it after drafts[:i]."""
     for i in range(logits.shape[0]):

@@ -49,7 +49,8 @@ def _arguments(tool: Any, typed: bool) -> Any:
         return st.JSONSchemaFormat(json_schema=dict(tool_parameters(tool)), style="glm_xml",
                                    max_whitespace_cnt=MAX_WHITESPACE, excludes=VALUE_EXCLUDES)
     # Name only: the name ends at a newline, `<arg_key>` or `</tool_call>`; the rest is free up to the end tag.
-    after_name = st.SequenceFormat(elements=[st.RegexFormat(pattern="[ \t]*\n|<arg_key>"), st.AnyTextFormat()])
+    after_name = st.SequenceFormat(elements=[st.RegexFormat(pattern="[ \t]*\n|<arg_key>"),
+                                             st.AnyTextFormat(excludes=[CALL_START])])
     return st.OrFormat(elements=[st.ConstStringFormat(value=""), after_name])
 
 

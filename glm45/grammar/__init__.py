@@ -10,11 +10,13 @@ The engine keeps one `SequenceConstraint` per sequence and masks its logits befo
 drafts and drafting (`glm45/engine/logits.py`).
 """
 
+from glm45.grammar import masks
 from glm45.grammar.backend import GrammarBackend, GrammarError
 from glm45.grammar.constraint import Restriction, SequenceConstraint
 from glm45.grammar.spec import StructuredOutputsParams, ToolCallConstraint, ToolCallMode, tool_call_constraint
 
 __all__ = [
+    "masks",
     "GrammarBackend",
     "GrammarError",
     "Restriction",

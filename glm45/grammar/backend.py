@@ -38,9 +38,6 @@ from glm45.grammar.spec import StructuredOutputsParams, ToolCallConstraint
 
 logger = logging.getLogger(__name__)
 
-# GLM-4.5's protocol tags: never inside a JSON string of an answer, where they would read as a thought or a call.
-PROTOCOL_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-                 "</arg_value>"]
 CACHE_BYTES = 256 << 20  # compiled grammars kept (xgrammar's LRU cache)
 
 
@@ -84,12 +81,13 @@ class GrammarBackend:
         self.only_think_end = masks.from_ids([self.think_end] if self.think_end is not None else [], vocab_size)
 
     @functools.cached_property
-    def _closing_order(self):
-        return closing.closing_order(self.token_bytes, self.stop_token_ids)
+    def _closing_orders(self):
+        return [closing.closing_order(self.token_bytes, self.stop_token_ids, preferred)
+                for preferred in (closing.PREFERRED, closing.JSON_FIRST)]
 
     def shortest_route(self, matcher) -> list[int] | None:
         """The tokens of a short way from `matcher`'s state to the end of its grammar (`closing.py`)."""
-        return closing.shortest_route(matcher, self._closing_order, set(self.stop_token_ids), self.vocab_size)
+        return closing.shortest_route(matcher, self._closing_orders, set(self.stop_token_ids), self.vocab_size)
 
     def one_hot(self, token_id: int):
         """A bitmask row allowing only `token_id`."""
@@ -124,6 +122,9 @@ class GrammarBackend:
         answer = self._answer_format(spec)
         if calls is not None:  # JSON, or calls to the declared tools (an agent's last answer, or one more call)
             answer = tool_calls.or_format([answer, tool_calls.opened_calls_format(calls)])
+        if spec.reasoning is False:  # thinking off: the answer is the whole output, from its first character
+            return self._compile(answer, "response_format")
+        # after `</think>` the template puts a newline, which the reasoning parser drops from the content
         return self._compile(tool_calls.sequence_format([tool_calls.regex_format("\n?"), answer]), "response_format")
 
     def compile_call(self, calls: ToolCallConstraint):
@@ -147,8 +148,9 @@ class GrammarBackend:
             return st.GrammarFormat(grammar=spec.grammar)
         schema = {"type": "object"} if spec.json_object else spec.json
         # At most one whitespace character between JSON tokens: compact or `{"a": 1}` style, never a run of
-        # newlines that a small model can fall into and not leave.
-        return st.JSONSchemaFormat(json_schema=schema, excludes=PROTOCOL_TAGS, max_whitespace_cnt=1)
+        # newlines that a small model can fall into and not leave. (No `excludes` of GLM's tags in strings: xgrammar
+        # then drops minLength/maxLength; a tag inside a JSON string only matters when tools are parsed too.)
+        return st.JSONSchemaFormat(json_schema=schema, max_whitespace_cnt=1)
 
     def _compile(self, fmt: Any, param: str):
         structural_tag = json.dumps({"type": "structural_tag", "format": fmt.model_dump(mode="json")},

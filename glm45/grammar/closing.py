@@ -18,32 +18,48 @@ from glm45.grammar import masks
 
 PREFERRED = (b"</tool_call>", b"</arg_value>", b"</arg_key>", b'"', b"}", b"]", b":", b",", b"<arg_value>",
              b"<arg_key>", b"0")
+# The same preferences with JSON's closers first: inside a JSON string a closing tag is plain text (and inside a
+# raw GLM argument value, `"` is), so each order loops where the other one closes; the route takes the shorter.
+JSON_FIRST = PREFERRED[3:8] + PREFERRED[:3] + PREFERRED[8:]
+LOOP = 6  # the same token this many times with nothing else changing: the order is going nowhere
 MAX_ROUTE = 256  # tokens; a route not found within this is given up (the answer is then not closed early)
 
 
-def closing_order(token_bytes: list[bytes], stop_token_ids: list[int]) -> np.ndarray:
+def closing_order(token_bytes: list[bytes], stop_token_ids: list[int], preferred=PREFERRED) -> np.ndarray:
     """Token ids in the order the route prefers them (tokens with no text, other than stop tokens, never)."""
     stops = [t for t in stop_token_ids if t < len(token_bytes)]
-    rank = {text: r for r, text in enumerate(PREFERRED)}
+    rank = {text: r for r, text in enumerate(preferred)}
     preferred = sorted((i for i, b in enumerate(token_bytes) if b in rank), key=lambda i: rank[token_bytes[i]])
     taken = set(stops) | set(preferred)
     rest = sorted((i for i, b in enumerate(token_bytes) if b and i not in taken), key=lambda i: -len(token_bytes[i]))
     return np.array(stops + preferred + rest, dtype=np.int64)
 
 
-def shortest_route(matcher, order: np.ndarray, stop_token_ids: set[int], vocab_size: int,
+def shortest_route(matcher, orders: list[np.ndarray], stop_token_ids: set[int], vocab_size: int,
                    limit: int = MAX_ROUTE) -> list[int] | None:
-    """Tokens from the matcher's state to the end of its grammar, a stop token last (None: none found)."""
+    """Tokens from the matcher's state to the end of its grammar, a stop token last (None: none found): the
+    shorter of the routes the `orders` find."""
+    routes = [r for r in (_route(matcher, order, stop_token_ids, vocab_size, limit) for order in orders) if r]
+    return min(routes, key=len) if routes else None
+
+
+def _route(matcher, order: np.ndarray, stop_token_ids: set[int], vocab_size: int, limit: int) -> list[int] | None:
     m = matcher.fork()
     bitmask = masks.allocate(1, vocab_size)
     route: list[int] = []
+    repeats, last = 0, None
     for _ in range(limit):
         m.fill_next_token_bitmask(bitmask, 0)
-        allowed = masks.allowed(bitmask, vocab_size)[0][order]
+        bits = masks.allowed(bitmask, vocab_size)[0]
+        allowed = bits[order]
         first = int(np.argmax(allowed))
         if not allowed[first]:
             return None
         token = int(order[first])
+        state = (token, int(bits.sum()))
+        repeats, last = (repeats + 1, last) if state == last else (0, state)
+        if repeats >= LOOP:
+            return None
         route.append(token)
         if token in stop_token_ids or not m.accept_token(token):
             return route if token in stop_token_ids else None

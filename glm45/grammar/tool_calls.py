@@ -43,10 +43,30 @@ def regex_format(pattern: str) -> Any:
     return _st().RegexFormat(pattern=pattern)
 
 
+def lengths_as_patterns(schema: Any) -> Any:
+    """`schema` with untyped enums of strings typed as strings, and each string's `minLength`/`maxLength` written
+    as a pattern (`^[^<]{min,max}$`): xgrammar drops length bounds on strings it filters with `excludes` (of GLM's
+    tags), and keeps patterns, which it does not filter — so these strings are kept free of tags by the pattern, a
+    little stricter than the schema."""
+    if isinstance(schema, list):
+        return [lengths_as_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: lengths_as_patterns(value) for key, value in schema.items()}
+    choices = out.get("enum", [out["const"]] if "const" in out else None)
+    if "type" not in out and choices and all(isinstance(c, str) for c in choices):
+        out["type"] = "string"  # an untyped enum of strings is a string: raw text, as the parser reads it
+    bounded = "minLength" in out or "maxLength" in out
+    if bounded and out.get("type") == "string" and "pattern" not in out and "format" not in out:
+        low, high = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        out["pattern"] = f"^[^<]{{{low},{'' if high is None else int(high)}}}$"
+    return out
+
+
 def _arguments(tool: Any, typed: bool) -> Any:
     st = _st()
     if typed:
-        return st.JSONSchemaFormat(json_schema=dict(tool_parameters(tool)), style="glm_xml",
+        return st.JSONSchemaFormat(json_schema=lengths_as_patterns(dict(tool_parameters(tool))), style="glm_xml",
                                    max_whitespace_cnt=MAX_WHITESPACE, excludes=VALUE_EXCLUDES)
     # Name only: the name ends at a newline, `<arg_key>` or `</tool_call>`; the rest is free up to the end tag.
     after_name = st.SequenceFormat(elements=[st.RegexFormat(pattern="[ \t]*\n|<arg_key>"),

@@ -39,7 +39,8 @@ def tool_parameter_schemas(tools: Sequence[Mapping[str, Any]] | None) -> dict[st
 def convert_value(raw: str, schema: Any) -> Any:
     """The argument value for the raw text between `<arg_value>` tags, given the parameter's schema.
 
-    - A string parameter keeps the raw text exactly (whitespace and quotes included).
+    - A string parameter keeps the raw text exactly (whitespace and quotes included) — unless it has an `enum` (or
+      `const`) that the text is not in and the text without its surrounding whitespace is (`\n celsius`).
     - Without a schema (or one that does not constrain the type): JSON when the text is JSON, else the text.
     - Otherwise JSON of an allowed type (`type`, type lists, `anyOf`/`oneOf`, `enum`) is taken as it is; an
       integral number for an `integer` parameter becomes an int (JSON Schema counts 3.0 as an integer).
@@ -53,7 +54,7 @@ def convert_value(raw: str, schema: Any) -> Any:
     """
     types = allowed_types(schema)
     if types == {"string"}:
-        return raw
+        return _enum_member(raw, schema)
     try:
         parsed = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -65,6 +66,14 @@ def convert_value(raw: str, schema: Any) -> Any:
         if spelled is not _NOT_FOUND:
             return spelled
     return raw if parsed is _NOT_FOUND or "string" in types else parsed
+
+
+def _enum_member(raw: str, schema: Any) -> str:
+    choices = schema.get("enum", [schema["const"]] if "const" in schema else None) if isinstance(schema, Mapping) \
+        else None
+    if isinstance(choices, list) and raw not in choices and raw.strip() in choices:
+        return raw.strip()
+    return raw
 
 
 def value_is_raw_string(schema: Any) -> bool:

@@ -150,7 +150,8 @@ class GrammarBackend:
         # At most one whitespace character between JSON tokens: compact or `{"a": 1}` style, never a run of
         # newlines that a small model can fall into and not leave. (No `excludes` of GLM's tags in strings: xgrammar
         # then drops minLength/maxLength; a tag inside a JSON string only matters when tools are parsed too.)
-        return st.JSONSchemaFormat(json_schema=schema, max_whitespace_cnt=1)
+        return st.JSONSchemaFormat(json_schema=tool_calls.lengths_as_patterns(schema, tool_calls.JSON_CHAR),
+                                   max_whitespace_cnt=1)
 
     def _compile(self, fmt: Any, param: str):
         structural_tag = json.dumps({"type": "structural_tag", "format": fmt.model_dump(mode="json")},

@@ -43,30 +43,36 @@ def regex_format(pattern: str) -> Any:
     return _st().RegexFormat(pattern=pattern)
 
 
-def lengths_as_patterns(schema: Any) -> Any:
+JSON_CHAR = '[^"\\\\\\x00-\\x1f]'  # a character a JSON string holds as it is (no quote, backslash, control)
+RAW_CHAR = "[^<]"  # a character of a raw GLM argument value that cannot start a tag
+
+
+def lengths_as_patterns(schema: Any, char: str) -> Any:
     """`schema` with untyped enums of strings typed as strings, and each string's `minLength`/`maxLength` written
-    as a pattern (`^[^<]{min,max}$`): xgrammar drops length bounds on strings it filters with `excludes` (of GLM's
-    tags), and keeps patterns, which it does not filter — so these strings are kept free of tags by the pattern, a
-    little stricter than the schema."""
+    as a pattern (`^char{min,max}$`). xgrammar's own length-bounded strings let raw control characters through
+    (invalid JSON), and it drops length bounds on strings it filters with `excludes` (of GLM's tags in argument
+    values) while keeping patterns, which it does not filter; `char` keeps such strings valid JSON (`JSON_CHAR`) or
+    free of tags (`RAW_CHAR`), a little stricter than the schema."""
     if isinstance(schema, list):
-        return [lengths_as_patterns(item) for item in schema]
+        return [lengths_as_patterns(item, char) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {key: lengths_as_patterns(value) for key, value in schema.items()}
+    out = {key: lengths_as_patterns(value, char) for key, value in schema.items()}
     choices = out.get("enum", [out["const"]] if "const" in out else None)
     if "type" not in out and choices and all(isinstance(c, str) for c in choices):
         out["type"] = "string"  # an untyped enum of strings is a string: raw text, as the parser reads it
     bounded = "minLength" in out or "maxLength" in out
     if bounded and out.get("type") == "string" and "pattern" not in out and "format" not in out:
         low, high = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = f"^[^<]{{{low},{'' if high is None else int(high)}}}$"
+        out["pattern"] = f"^{char}{{{low},{'' if high is None else int(high)}}}$"
     return out
 
 
 def _arguments(tool: Any, typed: bool) -> Any:
     st = _st()
     if typed:
-        return st.JSONSchemaFormat(json_schema=lengths_as_patterns(dict(tool_parameters(tool))), style="glm_xml",
+        return st.JSONSchemaFormat(json_schema=lengths_as_patterns(dict(tool_parameters(tool)), RAW_CHAR),
+                                   style="glm_xml",
                                    max_whitespace_cnt=MAX_WHITESPACE, excludes=VALUE_EXCLUDES)
     # Name only: the name ends at a newline, `<arg_key>` or `</tool_call>`; the rest is free up to the end tag.
     after_name = st.SequenceFormat(elements=[st.RegexFormat(pattern="[ \t]*\n|<arg_key>"),

@@ -83,7 +83,7 @@ class GrammarBackend:
     @functools.cached_property
     def _closing_orders(self):
         return [closing.closing_order(self.token_bytes, self.stop_token_ids, preferred)
-                for preferred in (closing.PREFERRED, closing.JSON_FIRST)]
+                for preferred in (closing.JSON_FIRST, closing.PREFERRED)]
 
     def shortest_route(self, matcher) -> list[int] | None:
         """The tokens of a short way from `matcher`'s state to the end of its grammar (`closing.py`)."""

@@ -19,9 +19,10 @@ from glm45.grammar import masks
 PREFERRED = (b"</tool_call>", b"</arg_value>", b"</arg_key>", b'"', b"}", b"]", b":", b",", b"<arg_value>",
              b"<arg_key>", b"0")
 # The same preferences with JSON's closers first: inside a JSON string a closing tag is plain text (and inside a
-# raw GLM argument value, `"` is), so each order loops where the other one closes; the route takes the shorter.
+# raw GLM argument value, `"` is), so each order loops where the other one closes; a route that loops is dropped
+# for the next order's.
 JSON_FIRST = PREFERRED[3:8] + PREFERRED[:3] + PREFERRED[8:]
-LOOP = 6  # the same token this many times with nothing else changing: the order is going nowhere
+LOOP = 6  # the same token this many times in a row: the order is going nowhere
 MAX_ROUTE = 256  # tokens; a route not found within this is given up (the answer is then not closed early)
 
 
@@ -37,28 +38,40 @@ def closing_order(token_bytes: list[bytes], stop_token_ids: list[int], preferred
 
 def shortest_route(matcher, orders: list[np.ndarray], stop_token_ids: set[int], vocab_size: int,
                    limit: int = MAX_ROUTE) -> list[int] | None:
-    """Tokens from the matcher's state to the end of its grammar, a stop token last (None: none found): the
-    shorter of the routes the `orders` find."""
-    routes = [r for r in (_route(matcher, order, stop_token_ids, vocab_size, limit) for order in orders) if r]
-    return min(routes, key=len) if routes else None
+    """Tokens from the matcher's state to the end of its grammar, a stop token last (None: none found): the route
+    of the first of `orders` that finds one."""
+    for order in orders:
+        route = _route(matcher, order, stop_token_ids, vocab_size, limit)
+        if route:
+            return route
+    return None
+
+
+FAST = 24  # the first tokens of an order are tested bit by bit; the rest of the vocabulary with numpy
+
+
+def _first_allowed(words: np.ndarray, order: np.ndarray, vocab_size: int) -> int | None:
+    for token in order[:FAST].tolist():
+        if (int(words[token >> 5]) >> (token & 31)) & 1:
+            return token
+    rest = order[FAST:]
+    allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab_size][rest]
+    first = int(np.argmax(allowed)) if len(rest) else 0
+    return int(rest[first]) if len(rest) and allowed[first] else None
 
 
 def _route(matcher, order: np.ndarray, stop_token_ids: set[int], vocab_size: int, limit: int) -> list[int] | None:
     m = matcher.fork()
     bitmask = masks.allocate(1, vocab_size)
+    words = bitmask[0].numpy()
     route: list[int] = []
-    repeats, last = 0, None
     for _ in range(limit):
         m.fill_next_token_bitmask(bitmask, 0)
-        bits = masks.allowed(bitmask, vocab_size)[0]
-        allowed = bits[order]
-        first = int(np.argmax(allowed))
-        if not allowed[first]:
+        token = _first_allowed(words, order, vocab_size)
+        if token is None:
             return None
-        token = int(order[first])
-        state = (token, int(bits.sum()))
-        repeats, last = (repeats + 1, last) if state == last else (0, state)
-        if repeats >= LOOP:
+        # the same token over and over: this order is going nowhere (e.g. `"` inside a raw argument value)
+        if len(route) >= LOOP and all(t == token for t in route[-LOOP:]):
             return None
         route.append(token)
         if token in stop_token_ids or not m.accept_token(token):

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 THINK_END, CALL_START = b"</think>", b"<tool_call>"
 TAIL_BYTES = 16      # output bytes kept to find a tag split over tokens (longer than any tag)
 MAX_LEADING_BLANKS = 4  # whitespace tokens allowed before the thought or answer opens
-ROUTE_MARGIN = 32       # tokens: how far from max_tokens the closing route is first looked up
+ROUTE_MARGIN = 16       # tokens of slack (or half the route, if more) when the closing route is looked up
 
 
 class Phase(enum.IntEnum):
@@ -74,6 +74,7 @@ class SequenceConstraint:
         self.finished = False         # the answer is complete and a stop token was accepted
         self.closing = False          # every token from now on is the next one of the shortest route to the end
         self.route_length = 0         # tokens that route took when last looked up
+        self.route: list[int] | None = None  # that route, while the output follows it
         self.broken = False           # a token the grammar refused got through: nothing is constrained any more
         # With an answer to come, the thought may not end the turn (a stop token), nor end in a `<tool_call>` that
         # the answer's grammar cannot take.
@@ -146,20 +147,22 @@ class SequenceConstraint:
 
     def _closing_token(self) -> int | None:
         """The next token of the shortest route to the end of the grammar, once the tokens left call for it. The
-        route is looked up only near the end (within twice its last length, plus a margin), where it is needed."""
+        route is looked up only near the end (within its last length and a margin), and again only when the output
+        leaves it."""
         if self.max_tokens is None:
             return None
         left = self.max_tokens - self.num_tokens
         known = max(self.route_length, self._answer_route or 0) if self.answer_grammar is not None else \
             self.route_length
-        if not self.closing and left > 2 * known + ROUTE_MARGIN:
+        if not self.closing and left > known + max(ROUTE_MARGIN, known // 2):
             return None
-        route = self.backend.shortest_route(self.matcher)
-        if route is None:
-            return None
-        self.route_length = len(route)
-        self.closing = self.closing or self._must_close(len(route))
-        return route[0] if self.closing else None
+        if self.route is None:  # a route stays valid while the output follows it (closing: always)
+            self.route = self.backend.shortest_route(self.matcher)
+            if self.route is None:
+                return None
+            self.route_length = len(self.route)
+        self.closing = self.closing or self._must_close(len(self.route))
+        return self.route[0] if self.closing else None
 
     # ------------------------------------------------------------------ advancing
     def accept(self, token_id: int) -> bool:
@@ -167,6 +170,8 @@ class SequenceConstraint:
         if self.finished or self.broken:
             return True
         self.num_tokens += 1
+        if self.route is not None:  # a route is kept only while the output follows it
+            self.route = self.route[1:] if self.route[0] == token_id and len(self.route) > 1 else None
         data = self.backend.token_bytes[token_id] if token_id < len(self.backend.token_bytes) else b""
         if self.phase == Phase.OPEN and self.closing:
             self.phase = Phase.ANSWER  # the route of the answer starts here, whatever its first token

@@ -111,9 +111,13 @@ def engines_ms(vocab: list[bytes], stops: list[int], docs: list[tuple[dict, byte
                tokenizer_json: str | None = None) -> dict[str, tuple[float, float, float]]:
     """{engine: (mask µs, accept µs)} per token, walking each JSON document with its schema's grammar. llguidance
     reads `tokenizer_json` when there is one (its fast path), else the vocabulary through its Python wrapper."""
-    import llguidance
-    import llguidance.torch as llgt
     import xgrammar as xgr
+
+    try:
+        import llguidance
+        import llguidance.torch as llgt
+    except ImportError:  # only this comparison needs it: pip install llguidance
+        llguidance = None
 
     index = {b: i for i, b in enumerate(vocab) if b}
     longest = max(map(len, index))
@@ -128,12 +132,14 @@ def engines_ms(vocab: list[bytes], stops: list[int], docs: list[tuple[dict, byte
         def __call__(self, text):
             return greedy_tokenize(text if isinstance(text, bytes) else text.encode(), index, longest)
 
-    if tokenizer_json is not None:
+    if llguidance is None:
+        lltok = None
+    elif tokenizer_json is not None:
         lltok = llguidance.LLTokenizer(tokenizer_json, n_vocab=len(vocab), eos_token=stops[0])
     else:
         lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocab()))
     out = {}
-    for name in ("xgrammar", "llguidance"):
+    for name in ("xgrammar", "llguidance") if lltok is not None else ("xgrammar",):
         mask_t, accept_t, setup_t, n = 0.0, 0.0, 0.0, 0
         bitmask = masks.allocate(1, len(vocab))
         for schema, ids in walks:

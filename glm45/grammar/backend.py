@@ -82,8 +82,8 @@ class GrammarBackend:
 
     @functools.cached_property
     def _closing_orders(self):
-        return [closing.closing_order(self.token_bytes, self.stop_token_ids, preferred)
-                for preferred in (closing.JSON_FIRST, closing.PREFERRED)]
+        return [closing.closing_order(self.token_bytes, self.stop_token_ids, preferred, longest)
+                for preferred in (closing.JSON_FIRST, closing.PREFERRED) for longest in (True, False)]
 
     def shortest_route(self, matcher) -> list[int] | None:
         """The tokens of a short way from `matcher`'s state to the end of its grammar (`closing.py`)."""

@@ -38,6 +38,7 @@ THINK_END, CALL_START = b"</think>", b"<tool_call>"
 TAIL_BYTES = 16      # output bytes kept to find a tag split over tokens (longer than any tag)
 MAX_LEADING_BLANKS = 4  # whitespace tokens allowed before the thought or answer opens
 ROUTE_MARGIN = 16       # tokens of slack (or half the route, if more) when the closing route is looked up
+ROUTE_EVERY = 8         # and how often it is looked up before that
 
 
 class Phase(enum.IntEnum):
@@ -129,7 +130,9 @@ class SequenceConstraint:
         """Whether the tokens left are only just enough for a route of `route_length` tokens."""
         if self.max_tokens is None or route_length is None:
             return False
-        return self.max_tokens - self.num_tokens <= route_length + 1
+        # with some slack: the route found greedily may grow by a few tokens when the output leaves it (a tag the
+        # model starts spelling out byte by byte is finished the same way)
+        return self.max_tokens - self.num_tokens <= route_length + 1 + max(4, route_length // 2)
 
     def _must_close_thought(self) -> bool:
         """Whether the tokens left are only just enough for `</think>` and the shortest whole answer."""
@@ -147,21 +150,26 @@ class SequenceConstraint:
 
     def _closing_token(self) -> int | None:
         """The next token of the shortest route to the end of the grammar, once the tokens left call for it. The
-        route is looked up only near the end (within its last length and a margin), and again only when the output
-        leaves it."""
+        route is looked up every few tokens, at every token near the end (within its last length and a margin), and
+        is kept while the output follows it."""
         if self.max_tokens is None:
             return None
         left = self.max_tokens - self.num_tokens
         known = max(self.route_length, self._answer_route or 0) if self.answer_grammar is not None else \
             self.route_length
-        if not self.closing and left > known + max(ROUTE_MARGIN, known // 2):
+        # Far from the end the route is looked up every ROUTE_EVERY tokens (its length can jump when the output opens
+        # a structure), near the end at every token.
+        if not self.closing and left > known + max(ROUTE_MARGIN, known // 2) and self.num_tokens % ROUTE_EVERY:
             return None
         if self.route is None:  # a route stays valid while the output follows it (closing: always)
             self.route = self.backend.shortest_route(self.matcher)
             if self.route is None:
                 return None
             self.route_length = len(self.route)
-        self.closing = self.closing or self._must_close(len(self.route))
+        # Where the answer could end now (only a stop token left), it ends unless another whole answer's worth of
+        # tokens remains: a further call (or item) begun now could not be closed in time.
+        could_end = len(self.route) == 1 and left <= (self._answer_route or 0) + ROUTE_MARGIN
+        self.closing = self.closing or could_end or self._must_close(len(self.route))
         return self.route[0] if self.closing else None
 
     # ------------------------------------------------------------------ advancing

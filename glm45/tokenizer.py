@@ -107,6 +107,20 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(int(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes of one token's text (a byte-level token may hold part of a UTF-8 character); an added
+        token's bytes are its text."""
+        piece = self._tok.id_to_token(int(token_id)) or ""
+        alphabet = _byte_level_alphabet()
+        if piece and all(ch in alphabet for ch in piece):
+            return bytes(alphabet[ch] for ch in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def vocab_bytes(self) -> list[bytes]:
+        """`token_bytes` of every id, special tokens as b"" (they stand for no text: grammars never match them)."""
+        return [b"" if i in self.special_ids else self.token_bytes(i) for i in range(self.vocab_size)]
+
     def special_token_id(self, text: str) -> int:
         """The id of an added token such as `<|user|>`; a `ValueError` when the tokenizer lacks it."""
         token_id = self._tok.token_to_id(text)
@@ -125,6 +139,20 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int:
         return self.special_token_id(self.config.get("pad_token") or "<|endoftext|>")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (which GLM-4.5's tokenizer uses): printable character → byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _normalizer_kinds(spec: dict | None) -> set[str]:

@@ -116,7 +116,7 @@ class ServerThread:
         self.engine = LLMEngine(EngineConfig(model=str(folder), **engine_args))
         self.port = free_port()
         self.config = server_config or ServerConfig()
-        self.app = create_app(self.engine, self.config, ["tiny"])
+        self.app = create_app(self.engine, self.config, self.config.served_model_name or ["tiny"])
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

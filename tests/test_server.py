@@ -357,8 +357,18 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(random_server)
         ({**good, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
          400, "tool_choice", ("nope",)),
         ({**good, "tool_choice": "required"}, 400, "tool_choice", ()),
-        ({**good, "logit_bias": {"5": 10}}, 400, "logit_bias", ()),
-        ({**good, "response_format": {"type": "json_object"}}, 400, "response_format", ()),
+        ({**good, "logit_bias": {"5": 101}}, 400, "logit_bias", ("100",)),
+        ({**good, "logit_bias": {"99999": 1}}, 400, "logit_bias", ("99999",)),
+        ({**good, "logit_bias": {"five": 1}}, 400, "logit_bias", ("five",)),
+        ({**good, "response_format": {"type": "xml"}}, 400, None, ("response_format",)),
+        ({**good, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema", ("schema",)),
+        ({**good, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "string", "pattern": "(?<=a)b"}}}}, 400, "response_format", ("Lookbehind",)),
+        ({**good, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "nope"}}}}, 400, "response_format.json_schema.schema", ("not a valid JSON Schema",)),
+        ({**good, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400, None, ("one answer",)),
+        ({**good, "thinking_budget": 3}, 400, "thinking_budget", ("max_tokens",)),
+        ({**good, "reasoning_effort": "extreme"}, 400, "reasoning_effort", ()),
         ({**good, "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "chat_template_kwargs", ()),
     ]
     for body, status, param, words in cases:

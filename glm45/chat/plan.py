@@ -8,6 +8,9 @@ so they agree on what a request means:
   or a named function (`{"type": "function", "function": {"name": ...}}`): the answer is *prefilled* — the
   prompt ends with an empty thought block and `<tool_call>` (or `<tool_call>NAME\\n`), exactly as a past turn
   that called a tool is rendered, so the model continues inside a call. Prefilling skips thinking.
+  The plan's `tool_constraint` then has the rest of the call decoded by a grammar (`glm45.grammar`): a declared
+  name, every argument typed by its schema, so every call parses and validates; with "auto", the server's
+  `--tool-call-constraint` (name | full | off) says how much of a call the model opens by itself is constrained.
 Mistakes raise `ChatRequestError` (a ValueError) naming the request field at fault.
 """
 
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from glm45.chat.render import render_chat
+from glm45.grammar.spec import StructuredOutputsParams, ToolCallConstraint
+from glm45.grammar.spec import tool_call_constraint as make_tool_constraint
 
 
 class ChatRequestError(ValueError):
@@ -39,6 +44,19 @@ class ChatPlan:
     reasoning: bool                  # parse `<think>…</think>` into reasoning_content
     single_call: bool                # keep only the first call (parallel_tool_calls=false, or a named function)
     enable_thinking: bool
+    tool_constraint: ToolCallConstraint | None = None  # how the calls are decoded (None: freely)
+
+    @property
+    def thinks(self) -> bool:
+        """The model may think before it answers (thinking on, and the answer not prefilled)."""
+        return self.enable_thinking and not self.forced_prefix
+
+    def structured_outputs(self, **answer: Any) -> StructuredOutputsParams | None:
+        """What constrains the answer: the tool calls, plus `answer` (a JSON schema or another answer format,
+        `StructuredOutputsParams`'s fields); None when nothing does."""
+        if self.tool_constraint is None and not any(v not in (None, False) for v in answer.values()):
+            return None
+        return StructuredOutputsParams(**answer, tool_calls=self.tool_constraint, reasoning=self.thinks)
 
 
 def merge_template_kwargs(defaults: Mapping[str, Any] | None, given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -72,11 +90,12 @@ def plan_chat(
     parse_reasoning: bool = True,
     parse_tool_calls: bool = True,
     auto_tool_choice: bool = True,
+    tool_call_constraint: str = "name",
 ) -> ChatPlan:
     """Check the messages, tools and tool choice and render the prompt.
 
     `parse_reasoning` / `parse_tool_calls` are the server's `--reasoning-parser` / `--tool-call-parser`;
-    `auto_tool_choice` its `--enable-auto-tool-choice`."""
+    `auto_tool_choice` its `--enable-auto-tool-choice`, `tool_call_constraint` its `--tool-call-constraint`."""
     kwargs = merge_template_kwargs(default_template_kwargs, template_kwargs)
     enable_thinking = kwargs["enable_thinking"]
     tools = [dict(t) for t in tools] if tools else None
@@ -119,6 +138,8 @@ def plan_chat(
         else:
             raise ChatRequestError(f"tool_choice {_describe(choice)} needs a prompt that ends with the assistant's "
                                    "turn (add_generation_prompt=true)", param="tool_choice")
+    single_call = not parallel_tool_calls or forced_name is not None
+    constraint = make_tool_constraint(tools, choice, not single_call, tool_call_constraint)
     return ChatPlan(prompt=prompt, forced_prefix=forced_prefix, tools=tools if choice != "none" else None,
                     reasoning=parse_reasoning and enable_thinking and not forced_prefix,
-                    single_call=not parallel_tool_calls or forced_name is not None, enable_thinking=enable_thinking)
+                    single_call=single_call, enable_thinking=enable_thinking, tool_constraint=constraint)

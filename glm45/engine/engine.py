@@ -28,6 +28,7 @@ rank is gone: then the `WorkerError` itself is raised, as no step can run any mo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -69,6 +70,8 @@ class LLMEngine:
         self.model_path = model_path
         self.workers = None
         self._finalizer = None
+        self._grammar = None
+        self._grammar_lock = threading.Lock()
         if config.tensor_parallel_size > 1:
             if model is not None:
                 raise ValueError("tensor_parallel_size > 1 loads each rank's shard from the model folder; "
@@ -173,6 +176,20 @@ class LLMEngine:
         return Tokenizer.from_pretrained(folder)
 
     @property
+    def grammar(self):
+        """The grammar engine of constrained decoding (`glm45.grammar.GrammarBackend`), built on first use (it reads
+        the whole vocabulary); the server's request checks compile with it too, from worker threads."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.tokenizer is None:
+                    raise ValueError("constrained decoding (structured outputs, tool-call constraints, thinking "
+                                     "budgets) needs a tokenizer, and this model has none")
+                from glm45.grammar import GrammarBackend
+
+                self._grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+            return self._grammar
+
+    @property
     def eos_token_ids(self) -> list[int]:
         if self.tokenizer is not None:
             return self.tokenizer.eos_token_ids
@@ -208,12 +225,19 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids with this model")
+        bad = [t for t in params.logit_bias or () if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        constrained = params.structured_outputs is not None or params.thinking_budget is not None
 
         # Every sequence of the request is built before any enters the engine, and if entering fails part-way,
         # what entered is taken out again: a request is admitted whole or not at all.
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, prompt_ids, params, self.eos_token_ids, self._generator(params, index), index,
                          now) for index in range(params.n)]
+        for seq in seqs if constrained else ():  # GrammarError (a ValueError) for a grammar that cannot compile
+            seq.constraint = self.grammar.constraint(params.structured_outputs, prompt_ids, params.thinking_budget,
+                                                     params.max_tokens or self.max_model_len - len(prompt_ids))
         try:
             self.requests[request_id] = seqs
             self.output_processor.add_request(request_id, prompt_text, seqs)

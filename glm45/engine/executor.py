@@ -6,7 +6,8 @@ inputs, positions and slot mapping, has the model runner run the target model's 
 (or verifies the drafts) and returns a `StepResult`; for requests with `prompt_logprobs` it also reads the
 logits at the prompt positions the chunk covered. It changes no sequence; the scheduler applies the result.
 `propose_drafts()` then runs the MTP layer over the pairs that step computed and returns k draft tokens for
-every sequence that decodes next.
+every sequence that decodes next. Tokens and drafts are chosen after the request's `logit_bias` and its
+constraint's mask (`logits.py`).
 
 The executor sits above the model runner (as in vLLM): with tensor parallelism the runner is rank 0's
 `DistributedModelRunner`, which sends each call's plain inputs to the other ranks first.
@@ -20,6 +21,7 @@ import torch
 
 from glm45.engine.attention import SeqSlice, StepInputs
 from glm45.engine.block_manager import BlockManager
+from glm45.engine.logits import follow, needs_processing, process_chain, process_rows
 from glm45.engine.model_runner import ModelRunner
 from glm45.engine.sampler import Sampler, rows_top_logprobs, top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
@@ -112,17 +114,22 @@ class Executor:
         return out
 
     def _sample(self, logits: torch.Tensor | None, owners: list) -> dict[int, tuple[list[int], list]]:
-        """{seq_id: (new tokens, their logprobs)} for the sequences that sample this step."""
+        """{seq_id: (new tokens, their logprobs)} for the sequences that sample this step. Tokens are chosen from
+        the logits after `logit_bias` and constraint masks (`logits.py`); log-probabilities are the model's own."""
         new_tokens: dict[int, tuple[list[int], list]] = {}
         plain = [(seq, row) for seq, row, num_drafts in owners if num_drafts == 0]
         if plain:
-            sampled = self.sampler(logits[[row for _, row in plain]], [seq for seq, _ in plain])
+            raw = logits[[row for _, row in plain]]
+            seqs = [seq for seq, _ in plain]
+            chosen = process_rows(raw.clone(), seqs) if any(map(needs_processing, seqs)) else raw
+            sampled = self.sampler(chosen, seqs, raw_logits=raw)
             for (seq, _), (token, logprobs) in zip(plain, sampled, strict=True):
                 new_tokens[seq.seq_id] = ([token], [logprobs])
         for seq, row, num_drafts in owners:
             if num_drafts:
                 rows = logits[row:row + num_drafts + 1]
-                tokens = verify(rows, seq)
+                chosen = process_chain(rows.clone(), seq, seq.draft_token_ids) if needs_processing(seq) else rows
+                tokens = verify(chosen, seq)
                 self.stats.record(num_drafts, len(tokens))
                 k = seq.params.logprobs
                 new_tokens[seq.seq_id] = (tokens, [None if k is None else top_logprobs(rows[i], t, k)
@@ -150,11 +157,19 @@ class Executor:
         seqs = [items[i].seq for i in decoding]
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor | None]] = [[] for _ in seqs]
+        # Drafts obey the same bias and constraint as the tokens they stand for (each on a fork of the constraint
+        # that follows the drafts chosen so far), so that the grammar does not reject them at verification.
+        processed = any(map(needs_processing, seqs))
+        states = [seq.constraint for seq in seqs]
         for step in range(self.k if seqs else 0):
+            if processed:
+                logits = process_rows(logits.clone(), seqs, states)
             for b, seq in enumerate(seqs):
                 token, q = choose_draft(logits[b], seq)
                 drafts[b].append(token)
                 probs[b].append(q)
+                if processed and step < self.k - 1:
+                    states[b] = follow(states[b], seq, token)
             if step == self.k - 1:
                 break
             # The pair (h', d_j) sits at position n + j - 1, where n is the pending token's position.

@@ -120,7 +120,8 @@ class LLM:
         chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[ChatResult]:
         """Answer one conversation or a list of them; each answer parsed into reasoning, content and tool calls.
-        `tool_choice` and `chat_template_kwargs` mean what they mean on the server (`glm45.chat.plan_chat`)."""
+        `tool_choice` and `chat_template_kwargs` mean what they mean on the server (`glm45.chat.plan_chat`), tool
+        calls included: decoded by their grammar unless `sampling_params` brings its own `structured_outputs`."""
         from glm45.chat import assemble_turn, plan_chat
 
         if self.tokenizer is None:
@@ -128,7 +129,10 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         plans = [plan_chat(c, tools, tool_choice, template_kwargs=chat_template_kwargs,
                            default_template_kwargs={"enable_thinking": enable_thinking}) for c in conversations]
-        outputs = self.generate([plan.prompt for plan in plans], sampling_params, use_tqdm=use_tqdm)
+        params = sampling_params or SamplingParams()
+        if params.structured_outputs is None:  # tool calls decoded by their grammar, as the server does
+            params = [dataclasses.replace(params, structured_outputs=plan.structured_outputs()) for plan in plans]
+        outputs = self.generate([plan.prompt for plan in plans], params, use_tqdm=use_tqdm)
         results = []
         for plan, output in zip(plans, outputs, strict=True):
             completion = output.outputs[0]

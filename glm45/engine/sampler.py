@@ -89,7 +89,11 @@ def rows_top_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int])
 class Sampler:
     """Samples one token per row; each row brings its sequence (parameters, history, generator)."""
 
-    def __call__(self, logits: torch.Tensor, seqs: list) -> list[tuple[int, dict[int, float] | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list,
+                 raw_logits: torch.Tensor | None = None) -> list[tuple[int, dict[int, float] | None]]:
+        """One token per row of `logits`; log-probabilities from `raw_logits` (the model's own, before any bias or
+        mask) when given."""
+        raw_logits = logits if raw_logits is None else raw_logits
         results = []
         greedy_rows = [i for i, s in enumerate(seqs) if s.params.greedy and not s.params.uses_penalties]
         greedy_ids = logits[greedy_rows].argmax(-1).tolist() if greedy_rows else []
@@ -104,6 +108,7 @@ class Sampler:
                     token = int(penalised.argmax())
                 else:
                     token = draw(probabilities(penalised, seq.params), seq.generator)
-            logprobs = None if seq.params.logprobs is None else top_logprobs(logits[row], token, seq.params.logprobs)
+            logprobs = None if seq.params.logprobs is None else top_logprobs(raw_logits[row], token,
+                                                                             seq.params.logprobs)
             results.append((token, logprobs))
         return results

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glm45.grammar.spec import StructuredOutputsParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -39,6 +43,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # OpenAI's logit_bias: {token id: bias in [-100, 100]} added to the logits before sampling (log-probabilities
+    # stay those of the model's own distribution); -100 in effect bans a token, 100 forces it.
+    logit_bias: dict[int, float] | None = None
+    # Constrained decoding (`glm45.grammar`): a JSON schema or object, GLM-4.5 tool calls.
+    structured_outputs: StructuredOutputsParams | None = None
+    # Tokens the model may think for (`<think>…`) before the engine closes the thought with `</think>`.
+    thinking_budget: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +95,14 @@ class SamplingParams:
             fail("stop", "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "a list of non-negative token ids")
+        if self.logit_bias is not None and any(
+                not isinstance(t, int) or isinstance(t, bool) or t < 0 or not isinstance(b, (int, float))
+                or not -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
+            fail("logit_bias", "a map of non-negative token ids to biases in [-100, 100]")
+        if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int) or self.thinking_budget < 0
+                                                 or (self.max_tokens is not None
+                                                     and self.thinking_budget >= self.max_tokens)):
+            fail("thinking_budget", "an integer ≥ 0 and less than max_tokens, or None")
 
     @property
     def greedy(self) -> bool:

@@ -1,6 +1,8 @@
 """The state of one request's completion in the engine (`Sequence`), and what the engine hands back
 (`CompletionOutput`, `RequestOutput`).
 
+A sequence under constrained decoding carries its `constraint` (`glm45.grammar`), advanced with every token.
+
 A sequence's tokens are its prompt followed by what it generated. `num_computed_tokens` of them have their
 K/V in the cache; the scheduler moves that counter forward chunk by chunk, and preemption resets it to zero
 (the KV is recomputed later from the tokens, which are kept). The scheduler changes a sequence's tokens and
@@ -88,6 +90,9 @@ class Sequence:
         self.num_draft_tokens = 0     # drafts this sequence had verified
         self.num_accepted_tokens = 0  # of them, accepted
         self.arrival_time = arrival_time
+        # Constrained decoding (`glm45.grammar.SequenceConstraint`), set by the engine when the request asks for it:
+        # it sees every token appended and restricts the next one.
+        self.constraint = None
 
     # ------------------------------------------------------------------ sizes
     def __len__(self) -> int:
@@ -132,8 +137,10 @@ class Sequence:
         self.token_ids.append(token_id)
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
-        if token_id in self.stop_ids:
-            self.finish("stop", token_id)
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
+        if token_id in self.stop_ids or (self.constraint is not None and self.constraint.finished):
+            self.finish("stop", token_id)  # a constrained answer that is complete ends at its stop token
             return
         max_tokens = self.params.max_tokens
         if (max_tokens is not None and self.num_output_tokens >= max_tokens) or len(self) >= max_model_len:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +40,10 @@ def tool_parameter_schemas(tools: Sequence[Mapping[str, Any]] | None) -> dict[st
 def convert_value(raw: str, schema: Any) -> Any:
     """The argument value for the raw text between `<arg_value>` tags, given the parameter's schema.
 
-    - A string parameter keeps the raw text exactly (whitespace and quotes included).
+    - A string parameter keeps the raw text exactly (whitespace and quotes included) — unless the schema's string
+      constraints (`enum`, `const`, `pattern`, `minLength`/`maxLength`) refuse the text and accept it without its
+      surrounding whitespace (`\n celsius`): grammars that type arguments (xgrammar's GLM style) allow whitespace
+      around such values, as around JSON ones.
     - Without a schema (or one that does not constrain the type): JSON when the text is JSON, else the text.
     - Otherwise JSON of an allowed type (`type`, type lists, `anyOf`/`oneOf`, `enum`) is taken as it is; an
       integral number for an `integer` parameter becomes an int (JSON Schema counts 3.0 as an integer).
@@ -53,7 +57,7 @@ def convert_value(raw: str, schema: Any) -> Any:
     """
     types = allowed_types(schema)
     if types == {"string"}:
-        return raw
+        return _enum_member(raw, schema)
     try:
         parsed = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -65,6 +69,31 @@ def convert_value(raw: str, schema: Any) -> Any:
         if spelled is not _NOT_FOUND:
             return spelled
     return raw if parsed is _NOT_FOUND or "string" in types else parsed
+
+
+def _enum_member(raw: str, schema: Any) -> str:
+    stripped = raw.strip()
+    if stripped != raw and isinstance(schema, Mapping) and not _string_fits(raw, schema) and \
+            _string_fits(stripped, schema):
+        return stripped
+    return raw
+
+
+def _string_fits(text: str, schema: Mapping[str, Any]) -> bool:
+    """Whether `text` meets the schema's string constraints (those it can check)."""
+    choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(choices, list) and text not in choices:
+        return False
+    low, high = schema.get("minLength"), schema.get("maxLength")
+    if (isinstance(low, int) and len(text) < low) or (isinstance(high, int) and len(text) > high):
+        return False
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        try:
+            return re.search(pattern, text) is not None
+        except re.error:
+            return True
+    return True
 
 
 def value_is_raw_string(schema: Any) -> bool:

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import glm45
 from glm45.config import EngineConfig
 from glm45.engine.engine import LLMEngine
+from glm45.server.anthropic_protocol import ANTHROPIC_PREFIX, CountTokensRequest, MessagesRequest, anthropic_error
 from glm45.server.async_engine import AsyncEngine
 from glm45.server.config import ServerConfig
 from glm45.server.errors import ClientDisconnected, RequestError
@@ -49,6 +50,7 @@ from glm45.server.protocol import (
 )
 from glm45.server.serving_chat import OpenAIServingChat
 from glm45.server.serving_completion import OpenAIServingCompletion
+from glm45.server.serving_messages import AnthropicServingMessages
 from glm45.server.webchat import add_webchat
 
 logger = logging.getLogger(__name__)
@@ -57,8 +59,15 @@ PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+                   code: str | None = None, path: str = "") -> JSONResponse:
+    """The error JSON a client of `path` expects: Anthropic's on /v1/messages, OpenAI's everywhere else."""
+    if path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_error_response(status, message)
     return JSONResponse(RequestError(message, status, param, code, type).to_json(), status_code=status)
+
+
+def anthropic_error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse(anthropic_error(status, message), status_code=status)
 
 
 class BodyTooLarge(HTTPException):
@@ -85,28 +94,38 @@ class GuardMiddleware:
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
 
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        """`Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's)."""
+        key = self.api_key.encode()
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key):
+            return True
+        return "x-api-key" in headers and hmac.compare_digest(headers["x-api-key"].strip().encode(), key)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
-        if self.api_key is not None and path.startswith(PROTECTED_PREFIXES):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                logger.info("%s %s -> 401: missing or wrong API key", scope["method"], path)
-                response = error_response(401, "Incorrect or missing API key. Send `Authorization: Bearer <key>`.",
-                                          code="invalid_api_key")
-                await response(scope, receive, send)
-                return
+        if self.api_key is not None and path.startswith(PROTECTED_PREFIXES) and not self._authorized(headers):
+            logger.info("%s %s -> 401: missing or wrong API key", scope["method"], path)
+            message = "Incorrect or missing API key. Send `Authorization: Bearer <key>` or `x-api-key: <key>`."
+            if path.startswith(ANTHROPIC_PREFIX):
+                response = anthropic_error_response(401, message)
+            else:
+                response = error_response(401, message, code="invalid_api_key")
+            await response(scope, receive, send)
+            return
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
-                await error_response(400, f"invalid Content-Length header {length!r}")(scope, receive, send)
+                await error_response(400, f"invalid Content-Length header {length!r}", path=path)(scope, receive, send)
                 return
             if int(length) > self.max_body_bytes:
                 logger.info("%s %s -> 413: body of %s bytes", scope["method"], path, length)
-                await error_response(413, str(BodyTooLarge(self.max_body_bytes).detail))(scope, receive, send)
+                await error_response(413, str(BodyTooLarge(self.max_body_bytes).detail), path=path)(scope, receive,
+                                                                                                  send)
                 return
         received, body_done = 0, False
 
@@ -153,6 +172,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
     async_engine = AsyncEngine(engine, metrics)
     chat = OpenAIServingChat(async_engine, config, names)
     completion = OpenAIServingCompletion(async_engine, config, names)
+    messages = AnthropicServingMessages(async_engine, config, names)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -173,6 +193,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
                        body_timeout=config.request_body_timeout)
     add_error_handlers(app)
     add_routes(app, engine, async_engine, metrics, chat, completion, names)
+    add_anthropic_routes(app, messages)
     add_webchat(app)  # the chat page at `/`
     return app
 
@@ -183,6 +204,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError):
         logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        if request.url.path.startswith(ANTHROPIC_PREFIX):
+            return anthropic_error_response(exc.status, exc.message)
         return JSONResponse(exc.to_json(), status_code=exc.status)
 
     @app.exception_handler(ClientDisconnected)
@@ -194,19 +217,20 @@ def add_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
         logger.info("%s %s -> 400: %s", request.method, request.url.path, message)
-        return error_response(400, message, param=param)
+        return error_response(400, message, param=param, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.detail)
         code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
                 413: "request_too_large"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), code=code)
+        return error_response(exc.status_code, str(exc.detail), code=code, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception):
         logger.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal server error: {type(exc).__name__}", type="server_error")
+        return error_response(500, f"internal server error: {type(exc).__name__}", type="server_error",
+                              path=request.url.path)
 
 
 def add_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, metrics: ServerMetrics,
@@ -232,7 +256,8 @@ def add_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, metri
 
     @app.get("/v1/models")
     async def list_models():
-        cards = [ModelCard(id=name, root=str(engine.model_path), max_model_len=engine.max_model_len) for name in names]
+        listed = [name for name in names if "*" not in name and "?" not in name] or names
+        cards = [ModelCard(id=name, root=str(engine.model_path), max_model_len=engine.max_model_len) for name in listed]
         return ModelList(data=cards).model_dump(mode="json")
 
     @app.post("/v1/chat/completions")
@@ -271,6 +296,18 @@ def add_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, metri
             return engine.tokenizer.decode(request.tokens, skip_special_tokens=False)
 
         return DetokenizeResponse(prompt=await asyncio.to_thread(decode))
+
+
+def add_anthropic_routes(app: FastAPI, messages: AnthropicServingMessages) -> None:
+    """The Anthropic Messages API (Claude Code and the `anthropic` SDK): `serving_messages.py`."""
+
+    @app.post("/v1/messages")
+    async def create_message(request: MessagesRequest, raw: Request):
+        return await messages.create_message(request, raw)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: CountTokensRequest):
+        return await messages.count_tokens(request)
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:

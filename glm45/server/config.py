@@ -28,14 +28,20 @@ class ServerConfig:
 
     host: str = arg("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = arg(8000, "TCP port to listen on")
-    served_model_name: list[str] | None = arg(None, "model name(s) clients use; default: the model folder name")
-    api_key: str | None = arg(None, "require `Authorization: Bearer KEY` on /v1/* (or $GLM45_API_KEY)")
+    served_model_name: list[str] | None = arg(
+        None, "model name(s) clients use; default: the model folder name. Names with * or ? are patterns that "
+              "accept any matching name (e.g. 'claude-*' for Claude Code, '*' for any); the first name is listed")
+    api_key: str | None = arg(None, "require `Authorization: Bearer KEY` or `x-api-key: KEY` on /v1/* "
+                                    "(or $GLM45_API_KEY)")
     chat_template: str | None = arg(None, "a jinja chat template (file or text) instead of the built-in one")
     default_chat_template_kwargs: dict[str, Any] | None = arg(
         None, 'chat template kwargs for every request unless it sets them, e.g. \'{"enable_thinking": false}\'')
     tool_call_parser: str = arg("glm45", "glm45 | none")
     reasoning_parser: str = arg("glm45", "glm45 | none (reasoning stays in the content)")
     enable_auto_tool_choice: bool = arg(True, 'let the model decide to call tools (tool_choice "auto")')
+    tool_call_constraint: str = arg(
+        "name", 'off | name | full: with tool_choice "auto", once the model opens <tool_call>, constrain the name '
+                "to a declared tool (name) and its arguments to the tool's schema too (full)")
     max_request_body_bytes: int = arg(16 * 2**20, "larger request bodies are refused with 413")
     request_body_timeout: float = arg(30.0, "seconds to wait for each piece of a request body before a 408")
     shutdown_timeout: float = arg(60.0, "seconds SIGTERM waits for in-flight requests to finish")
@@ -44,6 +50,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.tool_call_parser not in ("glm45", "none"):
             raise ValueError(f"tool_call_parser must be 'glm45' or 'none', got {self.tool_call_parser!r}")
+        if self.tool_call_constraint not in ("off", "name", "full"):
+            raise ValueError(f"tool_call_constraint must be off, name or full, got {self.tool_call_constraint!r}")
         if self.reasoning_parser not in ("glm45", "none"):
             raise ValueError(f"reasoning_parser must be 'glm45' or 'none', got {self.reasoning_parser!r}")
         if not 0 < self.port < 65536:

@@ -100,36 +100,60 @@ def check_sampling(stop: str | Sequence[str] | None, stop_token_ids: Sequence[in
                            param="logit_bias")
 
 
+def check_schema(schema: Any, where: str) -> None:
+    """A JSON Schema a request gives (tool parameters, a response format): nested at most `MAX_SCHEMA_DEPTH`, and
+    valid by the `jsonschema` package's meta-schemas."""
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        check_json(schema, MAX_SCHEMA_DEPTH)
+    except UnusableInput as e:
+        raise RequestError(f"{where} {e}", param=where) from None
+    if not isinstance(schema, (dict, bool)):
+        raise RequestError(f"{where} must be a JSON Schema (an object or a boolean)", param=where)
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as e:
+        at = "".join(f"[{p!r}]" for p in e.path)
+        raise RequestError(f"{where} is not a valid JSON Schema: {e.message}" + (f" (at {at})" if at else ""),
+                           param=where) from None
+
+
 def check_tools(tools: Sequence[Mapping[str, Any]] | None) -> None:
     """Count, size, nesting, and `parameters` a valid JSON Schema (the `jsonschema` package's meta-schemas)."""
     if not tools:
         return
-    from jsonschema import SchemaError
-    from jsonschema.validators import validator_for
-
     if len(tools) > MAX_TOOLS:
         raise RequestError(f"tools has {len(tools)} definitions; at most {MAX_TOOLS} are allowed", param="tools")
     total = 0
     for i, tool in enumerate(tools):
-        where = f"tools[{i}].function.parameters"
         size = len(json.dumps(tool, ensure_ascii=False).encode("utf-8"))
         total += size
         if size > MAX_TOOL_BYTES:
             raise RequestError(f"tools[{i}] has {size} bytes of JSON; at most {MAX_TOOL_BYTES} are allowed",
                                param=f"tools[{i}]")
         parameters = (tool.get("function") or {}).get("parameters")
-        if parameters is None:
-            continue
-        try:
-            check_json(parameters, MAX_SCHEMA_DEPTH)
-        except UnusableInput as e:
-            raise RequestError(f"{where} {e}", param=where) from None
-        try:
-            validator_for(parameters).check_schema(parameters)
-        except SchemaError as e:
-            at = "".join(f"[{p!r}]" for p in e.path)
-            raise RequestError(f"{where} is not a valid JSON Schema: {e.message}" + (f" (at {at})" if at else ""),
-                               param=where) from None
+        if parameters is not None:
+            check_schema(parameters, f"tools[{i}].function.parameters")
     if total > MAX_TOOLS_BYTES:
         raise RequestError(f"tools have {total} bytes of JSON in all; at most {MAX_TOOLS_BYTES} are allowed",
                            param="tools")
+
+
+def check_logit_bias(logit_bias: Mapping[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` ({"token id": bias}) → {token id: bias}: ids inside the vocabulary, biases in
+    [-100, 100] (the size is bounded by `check_sampling`)."""
+    if not logit_bias:
+        return None
+    out = {}
+    for key, bias in logit_bias.items():
+        token = int(key) if isinstance(key, str) and key.strip().isdigit() else None
+        if token is None or token >= vocab_size:
+            raise RequestError(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
+                               param="logit_bias")
+        if not -100.0 <= bias <= 100.0:
+            raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}",
+                               param="logit_bias")
+        out[token] = float(bias)
+    return out

@@ -15,7 +15,7 @@ Once a stream has started, a failure of any kind ends it with an OpenAI-shaped `
 from __future__ import annotations
 
 import asyncio
-import functools
+import fnmatch
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -29,7 +29,7 @@ from glm45.engine.sequence import RequestOutput
 from glm45.server.async_engine import AsyncEngine, EngineError, OutputAccumulator, RequestStream
 from glm45.server.config import ServerConfig
 from glm45.server.errors import ClientDisconnected, RequestError
-from glm45.server.limits import check_sampling
+from glm45.server.limits import check_logit_bias, check_sampling
 from glm45.server.protocol import PromptLogprob, PromptLogprobs, SamplingFields, TopLogprob, Usage
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ shared checks
     def check_model(self, name: str | None) -> str:
-        if name is not None and name not in self.model_names:
+        """The model name to answer with: the request's, when it is served (a served name with `*` or `?` is a
+        pattern: `--served-model-name glm-4.5 'claude-*'` answers Claude Code's names), else the first."""
+        if name is not None and not model_name_served(name, self.model_names):
             raise RequestError(f"The model `{name}` does not exist. Served models: {', '.join(self.model_names)}",
                                status=404, param="model", code="model_not_found")
         return name or self.model_names[0]
@@ -101,12 +103,11 @@ class OpenAIServing:
             logger.info("ignoring unsupported request fields: %s%s", ", ".join(names[:20]),
                         f" … ({len(names)} in all)" if len(names) > 20 else "")
 
-    @staticmethod
-    def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None, **extra: Any) -> SamplingParams:
+        """The request's `SamplingParams`; `extra` are further fields (constraints, thinking budget)."""
         check_sampling(request.stop, request.stop_token_ids, request.logit_bias)
-        if request.logit_bias:
-            raise RequestError("logit_bias is not supported by this server", param="logit_bias")
+        logit_bias = check_logit_bias(request.logit_bias, self.engine.engine.model_config.vocab_size)
         if request.stream and request.prompt_logprobs is not None:
             # As in vLLM: the field belongs to the whole response, which a stream never sends in one piece.
             raise RequestError("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
@@ -114,7 +115,7 @@ class OpenAIServing:
             n=request.n, max_tokens=max_tokens, stop=request.stop, stop_token_ids=request.stop_token_ids,
             ignore_eos=request.ignore_eos, seed=request.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
-            include_stop_str_in_output=request.include_stop_str_in_output,
+            include_stop_str_in_output=request.include_stop_str_in_output, logit_bias=logit_bias, **extra,
         )
         values.update({name: getattr(request, name) for name in SAMPLING_FIELDS if getattr(request, name) is not None})
         try:
@@ -211,7 +212,7 @@ class OpenAIServing:
     def _token_logprob(self, token_id: int, logprob: float) -> TopLogprob:
         if self.tokenizer is None:
             return TopLogprob(token=f"token_id:{token_id}", logprob=max(logprob, -9999.0))
-        raw = _token_bytes(self.tokenizer, token_id)
+        raw = self.tokenizer.token_bytes(token_id)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:  # part of a character: shown as OpenAI does, "bytes:\\xe5\\x8c"
@@ -223,27 +224,8 @@ class OpenAIServing:
 # Helpers
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet (which GLM-4.5's tokenizer uses): printable character → byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
-    """The exact bytes of one token (a byte-level token may hold part of a UTF-8 character)."""
-    piece = tokenizer.id_to_token(token_id) or ""
-    alphabet = _byte_level_alphabet()
-    if piece and all(ch in alphabet for ch in piece):
-        return bytes(alphabet[ch] for ch in piece)
-    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")  # added tokens: their text
+def model_name_served(name: str, served: list[str]) -> bool:
+    return any(name == s or (("*" in s or "?" in s) and fnmatch.fnmatchcase(name, s)) for s in served)
 
 
 def usage_of(output: RequestOutput, completion_tokens: int | None = None) -> Usage:

@@ -7,10 +7,9 @@ chunking (the parsers' tests pin this down), so a seeded request gives the same 
 
 Planning (template kwargs, tools, `tool_choice`) and parsing the answer are `glm45.chat`'s: `plan_chat` and
 `AssistantTurn`, shared with `LLM.chat`, /tokenize and the terminal chat. `tool_choice` "required" or a named
-function is honoured by prefilling the start of a call; there is no grammar-constrained decoding, so if the
-model then writes no valid call (an unknown name, or no `</tool_call>` before `max_tokens`), the response has
-no tool call and `finish_reason` is "stop" or "length", never "tool_calls" (a stream has already sent the
-call's name by then, so it ends with that call's partial arguments and "length").
+function prefills the start of a call and has the rest decoded by the call's grammar (declared names, arguments
+typed by their schemas, closed before `max_tokens`), so the answer is a valid call with `finish_reason`
+"tool_calls". `response_format` and the other decoding controls are read by `controls.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from glm45.chat import AssistantTurn, ChatPlan, ChatRequestError, assemble_turn, plan_chat
 from glm45.engine.sequence import RequestOutput
 from glm45.parsers import ContentDelta, ReasoningDelta, ToolCallDelta
+from glm45.server import controls
 from glm45.server.async_engine import RequestStream
 from glm45.server.limits import check_sequences, check_tools
 from glm45.server.protocol import (
@@ -65,13 +65,15 @@ class OpenAIServingChat(OpenAIServing):
                 plain_messages(request.messages),
                 tools=tools,
                 tool_choice=choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
-                template_kwargs=request.chat_template_kwargs,
+                template_kwargs=controls.thinking_kwargs(request) if isinstance(request, ChatCompletionRequest)
+                else request.chat_template_kwargs,
                 default_template_kwargs=self.config.default_chat_template_kwargs,
                 add_generation_prompt=request.add_generation_prompt, chat_template=self.chat_template,
                 parallel_tool_calls=getattr(request, "parallel_tool_calls", True),
                 parse_reasoning=self.config.reasoning_parser == "glm45",
                 parse_tool_calls=self.config.tool_call_parser == "glm45",
-                auto_tool_choice=self.config.enable_auto_tool_choice)
+                auto_tool_choice=self.config.enable_auto_tool_choice,
+                tool_call_constraint=self.config.tool_call_constraint)
         except ChatRequestError as e:
             raise RequestError(str(e), param=e.param) from None
 
@@ -80,15 +82,17 @@ class OpenAIServingChat(OpenAIServing):
         model = self.check_model(request.model)
         self._ignore_extras(request)
         check_sequences(1, request.n)
+        answer = controls.answer_format(request)
         plan = await asyncio.to_thread(self.plan_chat, request)
-        if request.response_format is not None and request.response_format.type != "text":
-            raise RequestError(f"response_format {request.response_format.type!r} is not supported: this server has "
-                               "no constrained decoding; ask for JSON in the prompt instead", param="response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
-        params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        spec = controls.structured_outputs(plan, answer)
+        params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs, structured_outputs=spec,
+                                      thinking_budget=controls.thinking_budget(request, max_tokens))
+        await asyncio.to_thread(controls.check_grammar, self.engine.engine, spec,
+                                "response_format" if answer else "tool_choice")
         prompt_ids = await self.prompt_ids(plan.prompt, max_tokens, "messages")
         request_id = random_id("chatcmpl")
         stream = await self.submit(request_id, prompt_ids, params, arrival)

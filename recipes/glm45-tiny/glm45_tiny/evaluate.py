@@ -14,6 +14,7 @@ greedily from the prompt, as a server would:
   the model's own greedy token x_{t+2}, i.e. the first-position acceptance of greedy speculative decoding.
 
     python -m glm45_tiny.evaluate glm45/assets/glm45-tiny --num 300 --num-unseen 100 --seed 2
+    ... --tool-call-constraint name    # decode tool calls as the server does by default (declared names only)
 """
 
 from __future__ import annotations
@@ -58,15 +59,23 @@ class ContiguousCache:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompt_ids: list[int], stop_ids: set[int], max_new_tokens: int) -> tuple[list[int], bool]:
-    """Greedy continuation of `prompt_ids` → (new ids including the stop token, stopped)."""
+def greedy_generate(model, prompt_ids: list[int], stop_ids: set[int], max_new_tokens: int,
+                    constraint=None) -> tuple[list[int], bool]:
+    """Greedy continuation of `prompt_ids` → (new ids including the stop token, stopped). With a `constraint`
+    (`glm45.grammar.SequenceConstraint`), each token is chosen among those it allows, as the engine does."""
+    from glm45.engine.logits import mask_row
+
     cache = ContiguousCache()
     ids = torch.tensor(prompt_ids)
     positions = torch.arange(len(prompt_ids))
     out: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(ids, positions, cache)
-        token = int(logits[-1].argmax())
+        logits = model(ids, positions, cache)[-1]
+        if constraint is not None:
+            logits = mask_row(logits.clone(), constraint)
+        token = int(logits.argmax())
+        if constraint is not None:
+            constraint.accept(token)
         out.append(token)
         if token in stop_ids:
             return out, True
@@ -105,7 +114,8 @@ def format_ok(text: str, thinking: bool, stopped: bool) -> bool:
 
 
 def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed: int = 2,
-             max_new_tokens: int = 192, limit_minutes: float = 0.0) -> dict[str, Any]:
+             max_new_tokens: int = 192, limit_minutes: float = 0.0,
+             tool_call_constraint: str = "off") -> dict[str, Any]:
     from glm45.model import Glm4MoeForCausalLM
     from glm45.tokenizer import Tokenizer
 
@@ -121,9 +131,21 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
     conversations = generate(num, seed, "heldout") + (generate(num_unseen, seed, "unseen_tools") if num_unseen else [])
     started = time.perf_counter()
 
-    def run(prompt: str, thinking: bool) -> tuple[str, bool]:
+    grammar = None
+    if tool_call_constraint != "off":
+        from glm45.grammar import GrammarBackend, StructuredOutputsParams
+        from glm45.grammar import tool_call_constraint as constrain
+
+        grammar = GrammarBackend(tokenizer, model.config.vocab_size)
+
+    def run(prompt: str, thinking: bool, tools: list | None = None) -> tuple[str, bool]:
         prompt_ids = tokenizer.encode(prompt)
-        new, stopped = greedy_generate(model, prompt_ids, stop_ids, max_new_tokens)
+        constraint = None
+        if grammar is not None and tools:  # as `glm45 serve --tool-call-constraint` does with tool_choice "auto"
+            spec = StructuredOutputsParams(tool_calls=constrain(tools, "auto", True, tool_call_constraint),
+                                           reasoning=thinking)
+            constraint = grammar.constraint(spec, prompt_ids, max_tokens=max_new_tokens)
+        new, stopped = greedy_generate(model, prompt_ids, stop_ids, max_new_tokens, constraint)
         accepted, drafted = mtp_acceptance(model, prompt_ids, new)
         counts["mtp_accepted"] += accepted
         counts["mtp_drafted"] += drafted
@@ -142,7 +164,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         messages, tools, thinking, meta = conv["messages"], conv["tools"], conv["enable_thinking"], conv["meta"]
         prompt = render_chat(messages[:messages.index(next(m for m in messages if m["role"] == "user")) + 1],
                              tools, enable_thinking=thinking)
-        text, _ = run(prompt, thinking)
+        text, _ = run(prompt, thinking, tools)
         if "call" not in meta:
             continue
         _, content = parse_reasoning(text)
@@ -168,7 +190,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         # The answer from the tool result, after the reference call (teacher-forced like a real tool loop).
         tool_index = next(i for i, m in enumerate(messages) if m["role"] == "tool")
         answer_prompt = render_chat(messages[:tool_index + 1], tools, enable_thinking=thinking)
-        answer_text, _ = run(answer_prompt, thinking)
+        answer_text, _ = run(answer_prompt, thinking, tools)
         _, answer = parse_reasoning(answer_text)
         if meta["kind"] != "unseen_tool":
             counts["answer_total"] += 1
@@ -179,6 +201,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
 
     return {
         "model": str(model_dir), "seed": seed, "conversations": len(conversations),
+        "tool_call_constraint": tool_call_constraint,
         "tool_accuracy": ratio("tool_right", "tool_total"), "answer_accuracy": ratio("answer_right", "answer_total"),
         "format_validity": ratio("format_ok", "format_total"),
         "unseen_tool_name_accuracy": ratio("unseen_name", "unseen_total"),
@@ -201,10 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-minutes", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="write the report as JSON here")
+    parser.add_argument("--tool-call-constraint", choices=("off", "name", "full"), default="off",
+                        help="decode as `glm45 serve --tool-call-constraint` does with tool_choice auto: once the "
+                             "model opens <tool_call>, the name (and with full, the arguments) follow a grammar")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO")
     torch.set_num_threads(args.threads)
-    report = evaluate(args.model, args.num, args.num_unseen, args.seed, args.max_new_tokens, args.limit_minutes)
+    report = evaluate(args.model, args.num, args.num_unseen, args.seed, args.max_new_tokens, args.limit_minutes,
+                      args.tool_call_constraint)
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         Path(args.out).write_text(text + "\n")

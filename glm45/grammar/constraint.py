@@ -1,0 +1,249 @@
+"""One sequence's constraint: where its output stands (thinking, answering, inside a call) and which tokens may
+come next.
+
+The output of a GLM-4.5 turn is read in phases, as the reasoning parser reads it:
+- OPEN: nothing but whitespace yet, and the model may think first. Next may come whitespace, `<think>` or the
+  start of the answer (the model may skip thinking; the answer grammar then starts there).
+- THINK: inside `<think>…`: free text, never masked by a grammar, until `</think>` — or a `<tool_call>`, which
+  ends a thought as the parser reads it. A thinking budget forces `</think>` once that many tokens are out.
+  When an answer grammar is to follow, stop tokens are banned here, and so is `<tool_call>` when that grammar
+  has no calls (it would start an answer that is not JSON).
+- ANSWER: the answer grammar's matcher decides every token (JSON, forced calls, JSON-or-calls) until it is
+  complete and a stop token is accepted (`finished`). Without one, the answer is free text, except that a
+  `<tool_call>` the model opens (tool_choice "auto") starts the call grammar, which then decides every token up
+  to `</tool_call>`, after which the text is free again.
+Tags are found in the bytes of the output, so one spelled out over several tokens counts too; the bytes of the
+same token after the tag are fed to the grammar that starts there.
+
+Near `max_tokens` the answer (or the thought, then the answer) is closed by its shortest route (`closing.py`), so a
+constrained answer always ends complete when max_tokens leaves room for one.
+
+`restrict` writes the next token's bitmask (or says what is banned, or that nothing is); `accept` advances the
+state by one sampled token; `fork` copies the state for speculative drafts (the engine advances a fork through
+the MTP drafts to mask each verify position, and throws it away).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+THINK_END, CALL_START = b"</think>", b"<tool_call>"
+TAIL_BYTES = 16      # output bytes kept to find a tag split over tokens (longer than any tag)
+MAX_LEADING_BLANKS = 4  # whitespace tokens allowed before the thought or answer opens
+ROUTE_MARGIN = 16       # tokens of slack (or half the route, if more) when the closing route is looked up
+ROUTE_EVERY = 8         # and how often it is looked up before that
+
+
+class Phase(enum.IntEnum):
+    OPEN = 0
+    THINK = 1
+    ANSWER = 2
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """What the next token may be: `masked` — only what the bitmask row allows; else not `banned` ones."""
+
+    masked: bool = False
+    banned: tuple[int, ...] = ()
+
+
+FREE = None
+
+
+class SequenceConstraint:
+    def __init__(self, backend, answer_grammar, call_grammar, reasoning: bool, thinking_budget: int | None = None,
+                 max_tokens: int | None = None):
+        self.backend = backend
+        self.max_tokens = max_tokens  # the answer is closed (`closing.py`) before this many output tokens
+        self.answer_grammar = answer_grammar
+        self.call_grammar = call_grammar
+        self.thinking_budget = thinking_budget
+        self.phase = Phase.OPEN if reasoning else Phase.ANSWER
+        self.matcher = self._matcher(answer_grammar)  # in OPEN: fresh, for the answer's first token
+        self.in_call = False          # the matcher is a triggered call's
+        self.num_tokens = 0           # output tokens accepted
+        self.num_blanks = 0           # whitespace tokens while OPEN
+        self.tail = b""
+        self.finished = False         # the answer is complete and a stop token was accepted
+        self.closing = False          # every token from now on is the next one of the shortest route to the end
+        self.route_length = 0         # tokens that route took when last looked up
+        self.route: list[int] | None = None  # that route, while the output follows it
+        self.broken = False           # a token the grammar refused got through: nothing is constrained any more
+        # With an answer to come, the thought may not end the turn (a stop token), nor end in a `<tool_call>` that
+        # the answer's grammar cannot take.
+        banned = []
+        if answer_grammar is not None:
+            banned += backend.stop_token_ids
+            if backend.tool_call_start is not None and not _accepts(answer_grammar, "<tool_call>"):
+                banned.append(backend.tool_call_start)
+        self.banned_in_thought = tuple(banned)
+
+    @staticmethod
+    def _matcher(grammar):
+        if grammar is None:
+            return None
+        import xgrammar
+
+        return xgrammar.GrammarMatcher(grammar)
+
+    def fork(self) -> SequenceConstraint:
+        other = object.__new__(SequenceConstraint)
+        other.__dict__.update(self.__dict__)
+        other.matcher = self.matcher.fork() if self.matcher is not None else None
+        return other
+
+    # ------------------------------------------------------------------ the next token
+    def restrict(self, bitmask: torch.Tensor, row: int) -> Restriction | None:
+        """What the next token may be; a `masked` restriction has filled `bitmask[row]`."""
+        if self.finished or self.broken:
+            return FREE
+        b = self.backend
+        if self.phase == Phase.THINK:
+            spent = self.thinking_budget is not None and self.num_tokens >= self.thinking_budget
+            if spent or self._must_close_thought():
+                bitmask[row] = b.only_think_end
+                return Restriction(masked=True)
+            return Restriction(banned=self.banned_in_thought) if self.banned_in_thought else FREE
+        if self.matcher is None:
+            return FREE
+        forced = self._closing_token()
+        if forced is not None:
+            bitmask[row] = b.one_hot(forced)
+            return Restriction(masked=True)
+        need = self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.phase == Phase.OPEN:
+            extra = b.think_start_row if self.num_blanks >= MAX_LEADING_BLANKS else b.blank_or_think_row
+            bitmask[row] |= extra
+            return Restriction(masked=True)
+        return Restriction(masked=True) if need else FREE
+
+    # ------------------------------------------------------------------ closing before max_tokens
+    def _must_close(self, route_length: int | None) -> bool:
+        """Whether the tokens left are only just enough for a route of `route_length` tokens."""
+        if self.max_tokens is None or route_length is None:
+            return False
+        # with some slack: the route found greedily may grow by a few tokens when the output leaves it (a tag the
+        # model starts spelling out byte by byte is finished the same way)
+        return self.max_tokens - self.num_tokens <= route_length + 1 + max(4, route_length // 2)
+
+    def _must_close_thought(self) -> bool:
+        """Whether the tokens left are only just enough for `</think>` and the shortest whole answer."""
+        if self.answer_grammar is None or self.max_tokens is None:
+            return False
+        return self._must_close(None if self._answer_route is None else self._answer_route + 1)
+
+    @functools.cached_property
+    def _answer_route(self) -> int | None:
+        """Tokens of the shortest route through a whole answer (looked up once per constraint)."""
+        if self.answer_grammar is None or self.max_tokens is None:
+            return None
+        route = self.backend.shortest_route(self._matcher(self.answer_grammar))
+        return None if route is None else len(route)
+
+    def _closing_token(self) -> int | None:
+        """The next token of the shortest route to the end of the grammar, once the tokens left call for it. The
+        route is looked up every few tokens, at every token near the end (within its last length and a margin), and
+        is kept while the output follows it."""
+        if self.max_tokens is None:
+            return None
+        left = self.max_tokens - self.num_tokens
+        known = max(self.route_length, self._answer_route or 0) if self.answer_grammar is not None else \
+            self.route_length
+        # Far from the end the route is looked up every ROUTE_EVERY tokens (its length can jump when the output opens
+        # a structure), near the end at every token.
+        if not self.closing and left > known + max(ROUTE_MARGIN, known // 2) and self.num_tokens % ROUTE_EVERY:
+            return None
+        if self.route is None:  # a route stays valid while the output follows it (closing: always)
+            self.route = self.backend.shortest_route(self.matcher)
+            if self.route is None:
+                return None
+            self.route_length = len(self.route)
+        # Where the answer could end now (only a stop token left), it ends unless another whole answer's worth of
+        # tokens remains: a further call (or item) begun now could not be closed in time.
+        could_end = len(self.route) == 1 and left <= (self._answer_route or 0) + ROUTE_MARGIN
+        self.closing = self.closing or could_end or self._must_close(len(self.route))
+        return self.route[0] if self.closing else None
+
+    # ------------------------------------------------------------------ advancing
+    def accept(self, token_id: int) -> bool:
+        """Advance by one generated token; False when the constraint refused it (it is then broken)."""
+        if self.finished or self.broken:
+            return True
+        self.num_tokens += 1
+        if self.route is not None:  # a route is kept only while the output follows it
+            self.route = self.route[1:] if self.route[0] == token_id and len(self.route) > 1 else None
+        data = self.backend.token_bytes[token_id] if token_id < len(self.backend.token_bytes) else b""
+        if self.phase == Phase.OPEN and self.closing:
+            self.phase = Phase.ANSWER  # the route of the answer starts here, whatever its first token
+        if self.phase == Phase.OPEN:
+            if token_id == self.backend.think_start:
+                self.phase = Phase.THINK
+                return True
+            if data and not data.strip():
+                self.num_blanks += 1
+                return True
+            self.phase = Phase.ANSWER  # the answer starts without a thought
+        if self.matcher is not None and (self.phase == Phase.ANSWER or self.in_call):
+            return self._advance(token_id, data)
+        found = self._find_tag(data)
+        if found is not None:
+            tag, rest = found
+            self._open(tag, rest)
+        return not self.broken
+
+    def _advance(self, token_id: int, data: bytes) -> bool:
+        if not self.matcher.accept_token(token_id):
+            return self._break(f"token {token_id} ({data!r}) is not allowed by the grammar")
+        if self.in_call:
+            if self.matcher.is_completed():  # `</tool_call>`: free text again until the next call
+                self.matcher, self.in_call, self.tail = None, False, b""
+        elif self.matcher.is_terminated():
+            self.finished = True
+        return True
+
+    def _find_tag(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """The first tag that ends in this token's bytes and changes the phase, with the bytes after it."""
+        text = self.tail + data
+        self.tail = text[-TAIL_BYTES:]
+        tags = (THINK_END, CALL_START) if self.phase == Phase.THINK else (CALL_START,) if self.call_grammar else ()
+        best = None
+        for tag in tags:
+            at = text.find(tag, max(0, len(text) - len(data) - len(tag) + 1))
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, tag)
+        if best is None:
+            return None
+        at, tag = best
+        return tag, text[at + len(tag):]
+
+    def _open(self, tag: bytes, rest: bytes) -> None:
+        self.phase, self.tail = Phase.ANSWER, b""
+        if self.answer_grammar is not None:
+            self.matcher = self._matcher(self.answer_grammar)
+            rest = (CALL_START + rest) if tag == CALL_START else rest
+        elif tag == CALL_START and self.call_grammar is not None:
+            self.matcher, self.in_call = self._matcher(self.call_grammar), True
+        else:
+            return
+        if rest and not self.matcher.accept_string(rest.decode("utf-8", "replace")):
+            self._break(f"the text after {tag.decode()} ({rest!r}) is not allowed by the grammar")
+
+    def _break(self, why: str) -> bool:
+        logger.warning("constrained decoding gave up on a sequence: %s", why)
+        self.broken, self.matcher = True, None
+        return False
+
+
+def _accepts(grammar, text: str) -> bool:
+    """Whether an answer of `grammar` may start with `text`."""
+    import xgrammar
+
+    return xgrammar.GrammarMatcher(grammar).accept_string(text)

@@ -146,17 +146,19 @@ def test_forced_tool_calls_to_random_schemas_parse_and_validate(llm):
             jsonschema.validate(call["arguments"], target["function"]["parameters"])
 
 
-def test_mtp_and_batching_do_not_change_a_constrained_greedy_answer(llm):
+def test_mtp_and_batching_do_not_change_a_constrained_greedy_answer():
+    # float32: in bf16, a batch's products round differently from one row's, which can flip a near-tie.
     schemas = load_schemas(6)
     question = [{"role": "user", "content": "Weather in Paris as JSON."}]
     plan = plan_chat(question)
     params = [SamplingParams(max_tokens=80, temperature=0, structured_outputs=plan.structured_outputs(json=s))
               for s in schemas]
-    batched = [o.outputs[0].text for o in llm.generate([plan.prompt] * len(schemas), params, use_tqdm=False)]
-    plain = LLM()
+    spec = LLM(dtype="float32", num_speculative_tokens=1, max_num_seqs=64)
+    batched = [o.outputs[0].text for o in spec.generate([plan.prompt] * len(schemas), params, use_tqdm=False)]
+    plain = LLM(dtype="float32")
     one_by_one = [plain.generate([plan.prompt], p, use_tqdm=False)[0].outputs[0].text for p in params]
     assert batched == one_by_one
-    assert llm.engine.stats()["spec_acceptance_rates"][0] > 0.3
+    assert spec.engine.stats()["spec_acceptance_rates"][0] > 0.3
 
 
 def test_thinking_budget_and_logit_bias(llm):

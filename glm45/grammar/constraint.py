@@ -85,6 +85,7 @@ class SequenceConstraint:
             if backend.tool_call_start is not None and not _accepts(answer_grammar, "<tool_call>"):
                 banned.append(backend.tool_call_start)
         self.banned_in_thought = tuple(banned)
+        self._plan_closing()
 
     @staticmethod
     def _matcher(grammar):
@@ -114,9 +115,8 @@ class SequenceConstraint:
             return Restriction(banned=self.banned_in_thought) if self.banned_in_thought else FREE
         if self.matcher is None:
             return FREE
-        forced = self._closing_token()
-        if forced is not None:
-            bitmask[row] = b.one_hot(forced)
+        if self.closing and self.route:
+            bitmask[row] = b.one_hot(self.route[0])
             return Restriction(masked=True)
         need = self.matcher.fill_next_token_bitmask(bitmask, row)
         if self.phase == Phase.OPEN:
@@ -148,33 +148,41 @@ class SequenceConstraint:
         route = self.backend.shortest_route(self._matcher(self.answer_grammar))
         return None if route is None else len(route)
 
-    def _closing_token(self) -> int | None:
-        """The next token of the shortest route to the end of the grammar, once the tokens left call for it. The
-        route is looked up every few tokens, at every token near the end (within its last length and a margin), and
-        is kept while the output follows it."""
+    def _plan_closing(self) -> None:
+        """Whether the next token is the next one of the shortest route to the end of the grammar (`closing`, with
+        the route in `route`), once the tokens left call for it. The route is looked up every few tokens, at every
+        token near the end (within its last length and a margin), and is kept while the output follows it. Called
+        as the state reaches each position (construction, `accept`), never from `restrict`, so that the decision
+        depends on the tokens alone, not on which copy was asked when: MTP verification asks forks."""
+        if self.finished or self.broken or self.phase == Phase.THINK or self.matcher is None:
+            return
         if self.max_tokens is None:
-            return None
+            return
         left = self.max_tokens - self.num_tokens
         known = max(self.route_length, self._answer_route or 0) if self.answer_grammar is not None else \
             self.route_length
         # Far from the end the route is looked up every ROUTE_EVERY tokens (its length can jump when the output opens
         # a structure), near the end at every token.
         if not self.closing and left > known + max(ROUTE_MARGIN, known // 2) and self.num_tokens % ROUTE_EVERY:
-            return None
+            return
         if self.route is None:  # a route stays valid while the output follows it (closing: always)
             self.route = self.backend.shortest_route(self.matcher)
             if self.route is None:
-                return None
+                return
             self.route_length = len(self.route)
         # Where the answer could end now (only a stop token left), it ends unless another whole answer's worth of
         # tokens remains: a further call (or item) begun now could not be closed in time.
         could_end = len(self.route) == 1 and left <= (self._answer_route or 0) + ROUTE_MARGIN
         self.closing = self.closing or could_end or self._must_close(len(self.route))
-        return self.route[0] if self.closing else None
 
     # ------------------------------------------------------------------ advancing
     def accept(self, token_id: int) -> bool:
         """Advance by one generated token; False when the constraint refused it (it is then broken)."""
+        accepted = self._accept(token_id)
+        self._plan_closing()
+        return accepted
+
+    def _accept(self, token_id: int) -> bool:
         if self.finished or self.broken:
             return True
         self.num_tokens += 1

@@ -9,7 +9,7 @@ import torch
 from glm45.cli_args import arg
 from glm45.train.data import ON_ERROR_CHOICES
 from glm45.train.lora import DEFAULT_TARGETS
-from glm45.train.optim import OPTIMIZER_CHOICES
+from glm45.train.optim import NS_DTYPES, OPTIMIZER_CHOICES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -31,6 +31,8 @@ class TrainConfig:
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     max_steps: int = arg(100, "optimizer steps")
     optimizer: str = arg("muon", "muon (Muon + AdamW) or adamw")
+    muon_ns_dtype: str = arg("auto", "Muon's Newton–Schulz precision: auto (bf16 where the CPU/GPU has bf16 "
+                             "matmuls, else float32), float32 or bfloat16")
     lr: float = arg(1e-3, "peak learning rate")
     min_lr_ratio: float = arg(0.1, "final learning rate as a share of the peak (cosine decay)")
     warmup_steps: int = arg(10, "linear warmup steps")
@@ -64,6 +66,8 @@ class TrainConfig:
             raise ValueError("training from scratch (--init-config) needs --tokenizer")
         if self.optimizer not in OPTIMIZER_CHOICES:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {self.optimizer!r}")
+        if self.muon_ns_dtype not in NS_DTYPES:
+            raise ValueError(f"--muon-ns-dtype must be one of {', '.join(NS_DTYPES)}, got {self.muon_ns_dtype!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.on_error not in ON_ERROR_CHOICES:

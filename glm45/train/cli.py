@@ -34,7 +34,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from glm45.model import Glm4MoeForCausalLM
     from glm45.train.checkpoint import copy_tokenizer
     from glm45.train.config import DTYPES
-    from glm45.train.lora import load_adapter, merge_lora
+    from glm45.train.lora import merge_lora
+    from glm45.train.lora_io import load_adapter
 
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")

@@ -44,7 +44,9 @@ class TrainConfig:
     lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning)")
     lora_alpha: float = arg(16.0, "LoRA scale numerator (the update is alpha/rank · B A)")
     lora_dropout: float = arg(0.0, "dropout on the LoRA branch input")
-    lora_targets: str = arg(",".join(DEFAULT_TARGETS), "comma-separated module names to adapt")
+    lora_targets: str = arg(",".join(DEFAULT_TARGETS), "comma-separated module names to adapt: q_proj, k_proj, "
+                            "v_proj, o_proj, gate_proj, up_proj, down_proj, experts (routed), eh_proj (MTP)")
+    lora_mtp: bool = arg(False, "also adapt the MTP layer's target modules (its drafts then follow the fine-tune)")
     dtype: str = arg("float32", "parameter dtype: float32 or bfloat16")
     autocast_bf16: bool = arg(False, "bf16 autocast for matmuls")
     gradient_checkpointing: bool = arg(False, "recompute each layer in backward to save memory")
@@ -82,5 +84,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.lora_mtp and not self.lora_rank:
+            raise ValueError("--lora-mtp needs --lora-rank > 0")
         if self.lora_rank and self.init_config is not None:
             raise ValueError("LoRA needs a pretrained --model; it cannot train from scratch")

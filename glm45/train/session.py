@@ -31,7 +31,8 @@ from glm45.config import ModelConfig
 from glm45.train import checkpoint as ckpt
 from glm45.train.balance import RouterMonitor
 from glm45.train.config import DTYPES, TrainConfig
-from glm45.train.lora import apply_lora, save_adapter
+from glm45.train.lora import apply_lora
+from glm45.train.lora_io import save_adapter
 from glm45.train.optim import build_optimizer, lr_factor
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ class TrainingSession:
                              f"{self.model.config.vocab_size} embeddings")
         self.targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
         if config.lora_rank:
-            names = apply_lora(self.model, config.lora_rank, config.lora_alpha, self.targets, config.lora_dropout)
+            names = apply_lora(self.model, config.lora_rank, config.lora_alpha, self.targets, config.lora_dropout,
+                               mtp=config.lora_mtp)
             logger.info("LoRA rank %d on %d modules", config.lora_rank, len(names))
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)

@@ -7,6 +7,7 @@
     glm45 chat [MODEL]    an interactive chat in the terminal
     glm45 eval [MODEL]    perplexity and mean token log-likelihood of held-out texts or conversations
     glm45 train           fine-tune (full or LoRA) or train from scratch on JSONL conversations
+    glm45 rl              reinforcement learning (GRPO) with rollouts from glm45's own engine
     glm45 merge           fold a LoRA adapter into an HF checkpoint
 """
 

@@ -12,13 +12,17 @@ from glm45.train.lora import DEFAULT_TARGETS
 from glm45.train.optim import NS_DTYPES, OPTIMIZER_CHOICES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STAGES = ("sft", "dpo")
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a training run; `glm45 train` has one kebab-case flag per field."""
 
-    data: str = arg("", "training conversations (JSONL)")
+    data: str = arg("", "training conversations (JSONL), or preference pairs with --stage dpo")
+    stage: str = arg("sft", "sft (loss on the assistant's turns) or dpo (preference pairs: chosen / rejected)")
+    pref_beta: float = arg(0.1, "DPO's β: how far the policy may move from the reference per unit of margin")
+    pref_ftx: float = arg(0.0, "DPO: weight of the SFT loss on the chosen answers")
     output_dir: str = arg("runs/sft", "metrics, checkpoints and the result")
     model: str | None = arg(None, "HF folder to fine-tune")
     init_config: str | None = arg(None, "model config JSON to train from scratch")
@@ -66,6 +70,12 @@ class TrainConfig:
             raise ValueError("give exactly one of --model (fine-tune) or --init-config (train from scratch)")
         if self.init_config is not None and self.tokenizer is None:
             raise ValueError("training from scratch (--init-config) needs --tokenizer")
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage == "dpo" and (self.pref_beta <= 0 or self.pref_ftx < 0):
+            raise ValueError(f"--pref-beta must be > 0 and --pref-ftx >= 0, got {self.pref_beta} and {self.pref_ftx}")
+        if self.stage == "dpo" and self.init_config is not None:
+            raise ValueError("DPO fine-tunes a trained --model; it cannot train from scratch")
         if self.optimizer not in OPTIMIZER_CHOICES:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {self.optimizer!r}")
         if self.muon_ns_dtype not in NS_DTYPES:

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (full or LoRA) and training from scratch: the loop behind `glm45 train`.
+"""Supervised fine-tuning (full or LoRA), preference tuning (DPO, `--stage dpo`, see `dpo.py`) and training from
+scratch: the loop behind `glm45 train`.
 
 One loop serves all three: a model loaded from an HF folder (`--model`) or built from a model config
 (`--init-config`, trained from scratch with its tokenizer from `--tokenizer`), optionally with LoRA adapters
@@ -32,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from glm45.train import data as train_data
+from glm45.train import dpo
 from glm45.train.balance import RouterMonitor, load_imbalance
 from glm45.train.config import TrainConfig
 from glm45.train.losses import masked_cross_entropy, mtp_loss
@@ -125,27 +127,69 @@ class _Window:
 
 
 class Trainer:
-    """One supervised run: a `TrainingSession` (model, LoRA, parallelism, optimizer, balancing), its data and the
-    loop."""
+    """One supervised (SFT) or preference (DPO) run: a `TrainingSession` (model, LoRA, parallelism, optimizer,
+    balancing), its data and the loop."""
 
     def __init__(self, config: TrainConfig):
         self.session = session = TrainingSession(config)
         self.config, self.model, self.tokenizer = config, session.model, session.tokenizer
         self.is_main, self.monitor, self.optimizer = session.is_main, session.monitor, session.optimizer
-        train_examples, eval_examples = prepare_data(config, self.tokenizer)
-        logger.info("data: %d training and %d held-out conversations, %d training tokens", len(train_examples),
-                    len(eval_examples), sum(len(e) for e in train_examples))
-        pad_id = self.tokenizer.pad_token_id
-        self.eval_batches = train_data.fixed_batches(eval_examples, config.batch_tokens, pad_id) \
-            if eval_examples else []
         resumed = session.load_checkpoint() if config.resume else None
-        self.start_step = resumed[0] if resumed else 0
+        self.start_step, extra = resumed if resumed else (0, {})
         if resumed is not None:
             logger.info("resumed from %s at step %d", session.checkpoint_dir, self.start_step)
-        batches = train_data.length_bucketed_batches(train_examples, config.batch_tokens, pad_id, config.seed)
+        batches = self._dpo_data(extra) if config.stage == "dpo" else self._sft_data()
         self.batches = itertools.islice(batches, session.rank, None, session.world_size)  # this rank's share
         for _ in range(self.start_step * config.grad_accum):  # the same data order as an uninterrupted run
             next(self.batches)
+
+    def _sft_data(self):
+        config, pad_id = self.config, self.tokenizer.pad_token_id
+        train_examples, eval_examples = prepare_data(config, self.tokenizer)
+        logger.info("data: %d training and %d held-out conversations, %d training tokens", len(train_examples),
+                    len(eval_examples), sum(len(e) for e in train_examples))
+        self.eval_batches = train_data.fixed_batches(eval_examples, config.batch_tokens, pad_id) \
+            if eval_examples else []
+        return train_data.length_bucketed_batches(train_examples, config.batch_tokens, pad_id, config.seed)
+
+    def _dpo_data(self, extra: dict):
+        """Preference pairs, split like SFT data; the reference log-probabilities come from the model before its
+        first step (or from the checkpoint when resuming)."""
+        config, pad_id = self.config, self.tokenizer.pad_token_id
+        pairs = dpo.load_pairs(config.data)
+        if config.eval_data is not None:
+            held_out = dpo.load_pairs(config.eval_data)
+        else:
+            random.Random(config.seed).shuffle(pairs)
+            num_eval = int(len(pairs) * config.eval_fraction)
+            held_out, pairs = pairs[:num_eval], pairs[num_eval:]
+        train = dpo.tokenize_pairs(pairs, self.tokenizer, config.max_seq_len)
+        evaluation = dpo.tokenize_pairs(held_out, self.tokenizer, config.max_seq_len)
+        for example in evaluation:  # one index space for both: the keys of the reference log-probabilities
+            example.index += len(pairs)
+        if not train:
+            raise ValueError(f"{config.data} has no preference pair with answer tokens to train on")
+        logger.info("data: %d training and %d held-out preference pairs", len(train), len(evaluation))
+        if "reference_logprobs" in extra:
+            self.reference = {int(i): [c, r] for i, c, r in extra["reference_logprobs"]}
+        else:
+            with self.monitor.paused():
+                self.reference = dpo.reference_logprobs(self.model, train + evaluation, config.batch_tokens, pad_id)
+        self.eval_batches = dpo.fixed_pair_batches(evaluation, config.batch_tokens, pad_id)
+        return dpo.pair_batches(train, config.batch_tokens, pad_id, config.seed)
+
+    def _checkpoint_extra(self) -> dict:
+        if self.config.stage != "dpo":
+            return {}
+        return {"reference_logprobs": [[i, c, r] for i, (c, r) in sorted(self.reference.items())]}
+
+    def _losses(self, batch) -> dict[str, Any]:
+        config = self.config
+        if config.stage == "dpo":
+            self.monitor.token_mask = batch.batch.attention_mask
+            return dpo.dpo_losses(self.model, batch, self.reference, config.pref_beta, config.pref_ftx,
+                                  config.mtp_weight)
+        return compute_losses(self.model, batch, config.mtp_weight, self.monitor)
 
     def step(self, step: int) -> tuple[dict[str, float], int, float]:
         """One optimizer step: (mean losses, tokens, gradient norm); the balancing biases move after it."""
@@ -156,12 +200,17 @@ class Trainer:
         for _ in range(config.grad_accum):
             batch = next(self.batches)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
-                losses = compute_losses(self.model, batch, config.mtp_weight, self.monitor)
+                losses = self._losses(batch)
+                aux = self.monitor.take_aux_loss() if config.stage == "dpo" else None
+                if aux is not None:
+                    losses["loss"] = losses["loss"] + aux
             with self.monitor.paused():  # gradient checkpointing re-runs the routers in backward
                 (losses["loss"] / config.grad_accum).backward()
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
-            tokens += int(batch.attention_mask.sum())
+                value = value.detach() if isinstance(value, torch.Tensor) else value
+                sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
+            rows = batch.batch if config.stage == "dpo" else batch
+            tokens += int(rows.attention_mask.sum())
         return self.session.optimizer_step(sums, tokens)
 
     def run(self) -> dict[str, Any]:
@@ -180,14 +229,15 @@ class Trainer:
             window.add(sums, tokens, self.monitor.loads)
             self.monitor.reset()
             last = {**sums, "grad_norm": grad_norm}
-            progress.set_postfix(loss=f"{sums['lm']:.3f}", tok_s=f"{window.tokens_per_s:.0f}")
+            progress.set_postfix(loss=f"{sums['loss' if config.stage == 'dpo' else 'lm']:.3f}",
+                                 tok_s=f"{window.tokens_per_s:.0f}")
             done = step + 1
             if metrics is not None and (done % config.log_every == 0 or done == config.max_steps):
                 self._log_window(metrics, done, window, grad_norm, started)
                 window = _Window()
             last.update(self._evaluate(metrics, done))
             if done % config.save_every == 0:
-                self.session.save_checkpoint(done)
+                self.session.save_checkpoint(done, self._checkpoint_extra())
             out_of_time = bool(config.max_minutes and time.perf_counter() - started > config.max_minutes * 60)
             if self.session.any_rank(out_of_time):
                 logger.warning("stopping at step %d: --max-minutes %.1f reached", done, config.max_minutes)
@@ -209,15 +259,34 @@ class Trainer:
             return {}
         if not (self.is_main or self.session.sharded):  # under FSDP every rank takes part in the forward
             return {}
-        scores = evaluate_loss(self.model, self.eval_batches, config.mtp_weight, self.monitor, config.autocast_bf16)
+        if config.stage == "dpo":
+            scores = self._evaluate_dpo()
+        else:
+            scores = evaluate_loss(self.model, self.eval_batches, config.mtp_weight, self.monitor,
+                                   config.autocast_bf16)
         if metrics is not None:
             _write(metrics, {"step": step, **{k: round(v, 5) for k, v in scores.items()}})
             logger.info("step %d: %s", step, scores)
         return scores
 
+    @torch.no_grad()
+    def _evaluate_dpo(self) -> dict[str, float]:
+        """Held-out DPO loss and TRL's statistics, weighted by pairs."""
+        self.model.eval()
+        totals: dict[str, float] = {}
+        num_pairs = 0
+        with self.monitor.paused():
+            for batch in self.eval_batches:
+                losses = dpo.dpo_losses(self.model, batch, self.reference, self.config.pref_beta, 0.0, 0.0)
+                for key in ("dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+                    totals[key] = totals.get(key, 0.0) + float(losses[key]) * len(batch.indices)
+                num_pairs += len(batch.indices)
+        self.model.train()
+        return {f"eval_{k}": v / max(1, num_pairs) for k, v in totals.items()}
+
     def _finish(self, final_step: int, started: float, last: dict[str, float], metrics) -> dict[str, Any]:
         session = self.session
-        session.save_checkpoint(final_step)
+        session.save_checkpoint(final_step, self._checkpoint_extra())
         result_dir = session.export()
         summary = {"steps": final_step, "rank": session.rank, **last}
         if session.sharded:

@@ -244,6 +244,9 @@ class EngineConfig:
                                          "and kept in FP8 without this flag; none dequantizes them)")
     kv_cache_dtype: str = arg("auto", "auto (the model's dtype) | fp8 (e4m3, half the KV bytes)")
     enforce_eager: bool = arg(False, "never run the captured decode step (CUDA graphs, or the CPU step program)")
+    enable_lora: bool = arg(False, "serve LoRA adapters per request (see --lora-modules)")
+    max_loras: int = arg(4, "LoRA adapters held at once (each can be in any batch)")
+    max_lora_rank: int = arg(16, "the largest LoRA rank an adapter may have")
     cuda_graph_sizes: list[int] | None = arg(None, "row counts the decode step is captured for (CUDA graphs, or the "
                                                    "CPU step program); default 1, 2, 4, 8, 16, 32")
 
@@ -267,6 +270,8 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; choose one of "
                              f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be ≥ 1, got {self.max_loras} and {self.max_lora_rank}")
         if self.cuda_graph_sizes is not None and (not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
             raise ValueError(f"cuda_graph_sizes must be positive row counts, got {self.cuda_graph_sizes}")
 

@@ -111,6 +111,31 @@ def format_ok(text: str, thinking: bool, stopped: bool) -> bool:
     return text.startswith("\n") and "<think>" not in text and "</think>" not in text and text.strip() != ""
 
 
+class NoToolsCheck:
+    """Asks a request with no tools declared and counts the answers without `<tool_call>` (no_tools_*)."""
+
+    def __init__(self, model, tokenizer, stop_ids: set[int], max_new_tokens: int, counts: dict[str, int]):
+        self.model, self.tokenizer, self.stop_ids, self.max_new_tokens = model, tokenizer, stop_ids, max_new_tokens
+        self.counts = counts
+        self.failures: list[dict[str, Any]] = []
+
+    def ask(self, messages: list[dict[str, Any]], thinking: bool) -> str:
+        prompt_ids = self.tokenizer.encode(render_chat(messages, None, enable_thinking=thinking))
+        new, stopped = greedy_generate(self.model, prompt_ids, self.stop_ids, self.max_new_tokens)
+        text = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=False)
+        self.counts["no_tools_total"] += 1
+        self.counts["no_tools_no_call"] += "<tool_call>" not in text
+        if "<tool_call>" in text and len(self.failures) < 20:
+            self.failures.append({"request": messages[-1]["content"], "output": text})
+        return text
+
+    def issue_examples(self) -> list[dict[str, Any]]:
+        """Issue 20's three requests, in both modes."""
+        return [{"request": request, "thinking": thinking,
+                 "output": self.ask([{"role": "user", "content": request}], thinking)}
+                for request in NO_TOOL_EXAMPLES for thinking in (True, False)]
+
+
 def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed: int = 2,
              max_new_tokens: int = 192, limit_minutes: float = 0.0, no_tools: bool = True) -> dict[str, Any]:
     from glm45.model import Glm4MoeForCausalLM
@@ -142,17 +167,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
             format_failures.append({"thinking": thinking, "prompt_end": prompt[-80:], "output": text})
         return text, stopped
 
-    no_call_failures: list[dict[str, Any]] = []
-
-    def ask_without_tools(messages: list[dict[str, Any]], thinking: bool) -> str:
-        prompt_ids = tokenizer.encode(render_chat(messages, None, enable_thinking=thinking))
-        new, stopped = greedy_generate(model, prompt_ids, stop_ids, max_new_tokens)
-        text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=False)
-        counts["no_tools_total"] += 1
-        counts["no_tools_no_call"] += "<tool_call>" not in text
-        if "<tool_call>" in text and len(no_call_failures) < 20:
-            no_call_failures.append({"request": messages[-1]["content"], "output": text})
-        return text
+    without_tools = NoToolsCheck(model, tokenizer, stop_ids, max_new_tokens, counts)
 
     for conv in tqdm(conversations, desc="evaluate"):
         if limit_minutes and time.perf_counter() - started > limit_minutes * 60:
@@ -165,7 +180,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         if "call" not in meta:
             continue
         if no_tools:
-            ask_without_tools(messages[:messages.index(next(m for m in messages if m["role"] == "user")) + 1],
+            without_tools.ask(messages[:messages.index(next(m for m in messages if m["role"] == "user")) + 1],
                               thinking)
         _, content = parse_reasoning(text)
         _, calls = parse_tool_calls(content or "", tools)
@@ -196,12 +211,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
             counts["answer_total"] += 1
             counts["answer_right"] += all(v in (answer or "") for v in meta["must_mention"])
 
-    examples = []
-    if no_tools:
-        for request in NO_TOOL_EXAMPLES:
-            for thinking in (True, False):
-                examples.append({"request": request, "thinking": thinking,
-                                 "output": ask_without_tools([{"role": "user", "content": request}], thinking)})
+    examples = without_tools.issue_examples() if no_tools else []
 
     def ratio(a: str, b: str) -> float:
         return round(counts[a] / counts[b], 4) if counts[b] else float("nan")
@@ -216,7 +226,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         "no_call_without_tools": ratio("no_tools_no_call", "no_tools_total"),
         "tool_accuracy_by_kind": {k: f"{right}/{total}" for k, (right, total) in sorted(by_kind.items())},
         "minutes": round((time.perf_counter() - started) / 60, 2), "counts": counts, "failures": failures,
-        "format_failures": format_failures, "no_call_failures": no_call_failures, "no_tool_examples": examples,
+        "format_failures": format_failures, "no_call_failures": without_tools.failures, "no_tool_examples": examples,
     }
 
 

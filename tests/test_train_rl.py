@@ -130,3 +130,22 @@ def test_lora_with_a_kl_term_and_a_resumed_run_repeats_an_uninterrupted_one(toy,
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and "kl" in b
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
     assert whole["steps"] == 4
+
+
+def test_lora_rl_runs_data_parallel_under_torchrun(toy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from glm45.distributed import free_port
+
+    config = settings(toy, tmp_path / "ranks", lora_rank=4, lora_alpha=8.0, max_steps=2, lr=1e-2).__dict__
+    (tmp_path / "rl.json").write_text(json.dumps(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "glm45.cli", "rl", "--config", str(tmp_path / "rl.json")]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # rank 0 alone writes
+    assert (tmp_path / "ranks" / "adapter" / "adapter_model.safetensors").is_file()

@@ -38,17 +38,25 @@ def test_the_reward_wants_no_call_without_tools():
     assert score(CALL, None) == 0.0
     assert score("\n<think></think>\n", None) == 0.0  # nothing said
     assert not arguments_fit({"city": 3}, WEATHER_TOOL["function"]["parameters"])
+    after_result = [*REQUEST, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": EXPECTED}]}, {"role": "tool", "content": '{"temperature": 12}'}]
+    prompt = {"messages": after_result, "tools": [WEATHER_TOOL], "enable_thinking": True}
+    plan = plan_chat(after_result, [WEATHER_TOOL], template_kwargs={"enable_thinking": True})
+    for text, expected in (("\n<think></think>\nIt is 12°C.", 1.0), ("\n<think></think>\nIt is warm.", 0.0)):
+        assert tool_use(prompt, parse_completion(text, plan, "stop", []), must_mention=["12"]) == expected
 
 
 def test_rl_prompts_mix_the_kinds_and_keep_held_out_words_unseen():
     check_words()
     rows = prompt_rows(300, seed=5)
     assert rows == prompt_rows(300, seed=5)
-    no_tools = [r for r in rows if r["tools"] is None]
+    no_tools = [r for r in rows if r["tools"] is None and not r["kind"].startswith("answer")]
+    answers = [r for r in rows if r["kind"].startswith("answer:")]
+    assert answers and all(r["messages"][-1]["role"] == "tool" and r["must_mention"] for r in answers)
     english = [r for r in rows if r["expected_call"] and r["expected_call"]["name"].split("_")[0] in RL_VERBS]
     assert 0.2 < len(no_tools) / len(rows) < 0.45 and 0.2 < len(english) / len(rows) < 0.45
     assert all(r["expected_call"] is None for r in no_tools)
-    assert all(r["messages"][-1]["role"] == "user" for r in rows)
+    assert all(r["messages"][-1]["role"] == "user" for r in rows if r not in answers)
     text = " ".join(str(r) for r in rows).lower()
     assert not any(word in text for word in _HELDOUT_WORDS)  # no held-out city, verb or noun anywhere
     assert set(RL_NOUNS).isdisjoint(_HELDOUT_WORDS) and len(NO_TOOL_EXAMPLES) == 3

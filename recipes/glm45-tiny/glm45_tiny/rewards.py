@@ -3,7 +3,8 @@
 It judges one answer against what the request declared, the way a client would:
 - anything cut off (`finish_reason` other than stop) or malformed (the thinking / `/nothink` format of
   `glm45_tiny.evaluate.format_ok`) scores 0;
-- with no tools declared, or no call wanted: 1 when the answer contains no `<tool_call>` at all, else 0;
+- with no tools declared, or no call wanted: 1 when the answer contains no `<tool_call>` at all (and, for an answer
+  from a tool's result, mentions each of the row's `must_mention` values in its content), else 0;
 - when a call is wanted: 0 without one; 0.1 for call markup that is not exactly one call to a declared tool (the
   parser leaves calls to undeclared tools as text); otherwise 0.3 for naming a declared tool, + 0.3 when the arguments
   fit its schema (required keys present, no unknown keys, JSON types right), + 0.2 when every value is copied from
@@ -61,13 +62,15 @@ def copied_from(arguments: dict[str, Any], request: str) -> bool:
 
 
 def tool_use(prompt: dict[str, Any], completion: dict[str, Any], expected_call: dict[str, Any] | None = None,
-             **_: Any) -> float:
+             must_mention: list[str] | None = None, **_: Any) -> float:
     text = completion["text"]
     if completion["finish_reason"] != "stop" or not format_ok(text, prompt["enable_thinking"], True):
         return 0.0
     tools = prompt["tools"]
     wrote_call = "<tool_call>" in text
     if not tools or expected_call is None:
+        if must_mention is not None and not all(v in (completion["content"] or "") for v in must_mention):
+            return 0.0
         return 0.0 if wrote_call else 1.0
     calls = completion["tool_calls"]
     if not wrote_call:

@@ -10,8 +10,9 @@ SFT (`recipe.py`) taught the protocol from reference answers; two things it neve
 
 The prompts (`prompt_rows`) mix four kinds: the training split's own tasks as SFT drew them (tools declared when the
 task has them; chat), tool tasks with tools named by `RL_VERBS`/`RL_NOUNS` (English words that are neither training
-words nor the evaluation's held-out words — the held-out tools stay unseen), and requests of both kinds of tool task
-asked with no tools declared, where the right answer has no call. Cities are the training split's.
+words nor the evaluation's held-out words — the held-out tools stay unseen), requests of both kinds of tool task
+asked with no tools declared, where the right answer has no call, and the answer after a tool's result, which must
+mention the result's values. Cities are the training split's.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ RL_NOUNS = ["customer", "employee", "vehicle", "garden", "bridge", "library", "f
             "volcano", "forest", "river", "mountain", "theater", "pharmacy", "market", "telescope", "canvas", "puzzle",
             "ladder", "lantern", "magnet", "orchard", "penguin", "dolphin", "mortgage", "pension", "salary", "diploma",
             "ambulance"]
-# Shares of the prompt kinds: the training mix as is, English-word tools, tool requests with no tools declared.
-MIX = {"train": 0.35, "english_tools": 0.35, "no_tools": 0.30}
+# Shares of the prompt kinds: the training mix as is, English-word tools, tool requests with no tools declared, and
+# answers from a tool's result (the turn after `<|observation|>`, so that RL keeps that skill too).
+MIX = {"train": 0.25, "english_tools": 0.35, "no_tools": 0.30, "answers": 0.10}
 
 
 def check_words() -> None:
@@ -66,6 +68,15 @@ def _row(conversation: dict[str, Any], tools: bool = True) -> dict[str, Any]:
             "kind": ("no_tools:" if not tools else "") + meta["kind"]}
 
 
+def _answer_row(conversation: dict[str, Any]) -> dict[str, Any]:
+    """The turn after the tool's result: the prompt ends with the `tool` message; the answer must mention its values."""
+    messages = conversation["messages"]
+    result = next(i for i, m in enumerate(messages) if m["role"] == "tool")
+    return {"messages": messages[:result + 1], "tools": conversation["tools"],
+            "enable_thinking": conversation["enable_thinking"], "expected_call": None,
+            "must_mention": conversation["meta"]["must_mention"], "kind": "answer:" + conversation["meta"]["kind"]}
+
+
 def prompt_rows(num: int, seed: int) -> list[dict[str, Any]]:
     """`num` prompt rows of the mix above (deterministic for a seed)."""
     check_words()
@@ -77,6 +88,12 @@ def prompt_rows(num: int, seed: int) -> list[dict[str, Any]]:
         kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
         if kind == "train":
             rows.append(_row(train.conversation()))
+            continue
+        if kind == "answers":
+            conversation = train.conversation()
+            while "call" not in conversation["meta"]:
+                conversation = train.conversation()
+            rows.append(_answer_row(conversation))
             continue
         if kind == "english_tools" or rng.random() < 0.5:
             conversation = english.conversation(english.random_tool_task(words=(RL_VERBS, RL_NOUNS)))

@@ -254,6 +254,8 @@ class GRPOTrainer:
                 metrics.flush()
             if done % config.save_every == 0:
                 session.save_checkpoint(done)
+            if config.export_every and done % config.export_every == 0:
+                session.export(session.out / f"step-{done}")
             out_of_time = bool(config.max_minutes and time.perf_counter() - started > config.max_minutes * 60)
             if session.any_rank(out_of_time):
                 logger.warning("stopping at step %d: --max-minutes %.1f reached", done, config.max_minutes)

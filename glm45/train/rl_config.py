@@ -35,6 +35,7 @@ class RLConfig(TrainConfig):
     min_lr_ratio: float = arg(1.0, "final learning rate as a share of the peak (cosine decay; 1: constant)")
     mtp_weight: float = arg(0.3, "weight of the MTP layer's loss on the sampled completions (keeps drafts accepted)")
     save_every: int = arg(20, "steps between resumable checkpoints")
+    export_every: int = arg(0, "also write the model (or adapter) every this many steps to output-dir/step-N (0: off)")
     log_every: int = arg(1, "steps between metrics lines")
 
     def validate(self) -> None:
@@ -45,6 +46,8 @@ class RLConfig(TrainConfig):
         if not self.reward:
             raise ValueError("--reward is required: module:function or file.py:function")
         super().validate()
+        if self.export_every < 0:
+            raise ValueError(f"--export-every must be >= 0, got {self.export_every}")
         for name in ("num_generations", "prompts_per_step", "max_completion_length", "num_iterations",
                      "rollout_max_num_seqs"):
             if getattr(self, name) <= 0:

@@ -214,16 +214,17 @@ class TrainingSession:
             return ckpt.load_sharded(self.checkpoint_dir, self.model, self.optimizer)
         return ckpt.load_checkpoint(self.checkpoint_dir, self.model, self.optimizer)
 
-    def export(self) -> Path | None:
-        """The result: the whole model in the HF layout with its tokenizer files (FSDP shards gathered), or the
-        LoRA adapter. Every rank takes part; rank 0 writes and gets the folder, the others None."""
+    def export(self, folder: Path | None = None) -> Path | None:
+        """The result, in `folder` (default output-dir/model or /adapter): the whole model in the HF layout with its
+        tokenizer files (FSDP shards gathered), or the LoRA adapter. Every rank takes part; rank 0 writes and gets
+        the folder, the others None."""
         config = self.config
         if config.lora_rank:
             if not self.is_main:
                 return None
-            return save_adapter(self.model, self.out / "adapter", config.lora_rank, config.lora_alpha, self.targets,
-                                base_model=str(config.model), dropout=config.lora_dropout)
-        result_dir = self.out / "model"
+            return save_adapter(self.model, folder or self.out / "adapter", config.lora_rank, config.lora_alpha,
+                                self.targets, base_model=str(config.model), dropout=config.lora_dropout)
+        result_dir = folder or self.out / "model"
         model = self.model
         if self.sharded:
             state = self.parallel.full_state_dict()  # a collective: every rank gathers

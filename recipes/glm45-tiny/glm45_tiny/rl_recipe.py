@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         num_generations=args.num_generations, prompts_per_step=args.prompts_per_step, max_completion_length=160,
         temperature=1.0, beta=args.beta, lr=args.lr, optimizer=args.optimizer, warmup_steps=5, min_lr_ratio=1.0,
         max_steps=args.max_steps, max_minutes=args.max_minutes, batch_tokens=8192, mtp_weight=0.3,
-        balance_gamma=1e-3, rollout_speculative_tokens=1, rollout_max_num_seqs=128, save_every=10,
+        balance_gamma=1e-3, rollout_speculative_tokens=1, rollout_max_num_seqs=128, save_every=10, export_every=50,
         threads=args.threads, seed=args.seed, resume=args.resume)
     summary = rl(config)
     logger.info("RL done: %s", summary)

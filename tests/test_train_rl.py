@@ -149,3 +149,23 @@ def test_lora_rl_runs_data_parallel_under_torchrun(toy, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 alone writes
     assert (tmp_path / "ranks" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_full_fine_tuning_rl_runs_with_fsdp_under_torchrun(toy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from glm45.distributed import free_port
+
+    config = settings(toy, tmp_path / "ranks", max_steps=2, lr=1e-2, num_iterations=2).__dict__
+    (tmp_path / "rl.json").write_text(json.dumps(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "glm45.cli", "rl", "--config", str(tmp_path / "rl.json")]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ranks" / "checkpoint" / "sharded").is_dir()
+    trained = Glm4MoeForCausalLM.from_pretrained(tmp_path / "ranks" / "model", progress=False).state_dict()
+    start = Glm4MoeForCausalLM.from_pretrained(toy / "model", progress=False).state_dict()
+    assert trained.keys() == start.keys() and not torch.equal(trained["lm_head.weight"], start["lm_head.weight"])

@@ -106,7 +106,6 @@ def mtp_self_distillation(model, hidden: torch.Tensor, input_ids: torch.Tensor,
 
     labels = torch.full_like(input_ids, -100)  # labels[t] = x_{t+1} where that is a completion token
     labels[:, :-1] = torch.where(completion_mask[:, 1:], input_ids[:, 1:], labels[:, :-1])
-    if input_ids.shape[1] < 3 or not (labels[:, 1:] != -100).any():
-        return hidden.sum() * 0.0
+    # No early return when nothing is labelled: under FSDP every rank must run the same modules.
     h = mtp_hidden(model, hidden.detach(), input_ids)
     return masked_cross_entropy(model.mtp.shared_head.head, h, labels[:, 1:])

@@ -14,8 +14,9 @@ Completions whose advantage is zero (every sample of their group scored the same
 Written to `--output-dir`: `metrics.jsonl` (one line per step: reward, KL, lengths, clipping, tokens per second of
 sampling and training), `metrics.png` (with matplotlib), `checkpoint/` (`--resume`; sampling is seeded by step, so a
 resumed run draws what an uninterrupted one would), and the result: the model in the HF layout or the adapter.
-Under torchrun, LoRA runs data parallel (each rank samples and trains on its share of the prompts); full
-fine-tuning needs the engine to hold whole weights and runs in one process.
+Under torchrun each rank samples and trains on its share of the prompts: LoRA data parallel, full fine-tuning with
+FSDP2 (the engine then runs a whole copy of the weights on every rank, gathered after each update, and the ranks run
+equally many forward passes, the extra ones weighing nothing, as FSDP's collectives need).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from glm45.train.balance import load_imbalance
 from glm45.train.lora import lora_modules
 from glm45.train.rl_config import RLConfig
 from glm45.train.rollout import Completion, Rollouts, load_prompts, load_reward
-from glm45.train.session import TrainingSession, build_model, sum_over_ranks
+from glm45.train.session import TrainingSession, build_model, max_over_ranks, sum_over_ranks, whole_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,11 @@ class GRPOTrainer:
     def __init__(self, config: RLConfig):
         config.validate()
         self.session = session = TrainingSession(config)
-        if session.sharded:
-            session.close()
-            raise ValueError("glm45 rl with full fine-tuning runs in one process (the rollout engine needs whole "
-                             "weights); under torchrun, use LoRA (--lora-rank)")
         self.config, self.model, self.tokenizer = config, session.model, session.tokenizer
+        # The engine runs whole weights: under FSDP a plain copy on every rank, refreshed after each update.
+        self.rollout_model = self.model
+        if session.sharded:
+            self.rollout_model = whole_model(self.model.config, session.parallel.full_state_dict()).eval()
         self.rows = load_prompts(config.data)
         self.reward = load_reward(config.reward)
         self.reference = None
@@ -109,7 +110,7 @@ class GRPOTrainer:
         resumed = session.load_checkpoint() if config.resume else None
         self.start_step = resumed[0] if resumed else 0
         if resumed is not None:
-            self.engine.weights_updated()
+            self.publish_weights()
             logger.info("resumed from %s at step %d", session.checkpoint_dir, self.start_step)
 
     def _engine(self):
@@ -124,7 +125,14 @@ class GRPOTrainer:
         engine_config = EngineConfig(model=config.model, dtype=config.dtype, num_speculative_tokens=k,
                                      max_num_seqs=config.rollout_max_num_seqs, enforce_eager=bool(config.lora_rank),
                                      seed=config.seed)
-        return LLMEngine(engine_config, model=self.model, tokenizer=self.tokenizer)
+        return LLMEngine(engine_config, model=self.rollout_model, tokenizer=self.tokenizer)
+
+    def publish_weights(self) -> None:
+        """After an update: the engine's copy refreshed (FSDP: gathered), its prefix cache and captured step redone."""
+        if self.rollout_model is not self.model:
+            with torch.no_grad():
+                self.rollout_model.load_state_dict(self.session.parallel.full_state_dict())
+        self.engine.weights_updated()
 
     def prompts_for(self, step: int) -> list:
         """This rank's share of the step's prompts: a seeded permutation per epoch, cycled."""
@@ -155,10 +163,14 @@ class GRPOTrainer:
         self.model.train()
         train_started = time.perf_counter()
         stats: dict[str, float] = {}
+        micro_batches = [(mb, 1.0) for mb in pack(trained, config.batch_tokens)]
+        if session.sharded:  # FSDP: every rank runs as many forwards; the extra ones weigh nothing
+            most = int(max_over_ranks(len(micro_batches)))
+            micro_batches += [(items[:1], 0.0)] * (most - len(micro_batches))
         for iteration in range(config.num_iterations):
             session.set_lr(step)
-            stats = self._update(pack(trained, config.batch_tokens), normaliser, iteration)
-        self.engine.weights_updated()
+            stats = self._update(micro_batches, normaliser, iteration)
+        self.publish_weights()
         train_seconds = time.perf_counter() - train_started
         groups = rewards.view(-1, config.num_generations)
         lengths = [len(c.token_ids) for c in batch.completions]
@@ -173,17 +185,18 @@ class GRPOTrainer:
         }
 
     def _update(self, micro_batches, normaliser: float, iteration: int) -> dict[str, float]:
-        """One optimizer step over the micro-batches; returns its statistics."""
+        """One optimizer step over the (micro-batch, weight) pairs; returns its statistics."""
         config, session = self.config, self.session
         if iteration == 0:
-            self._old = [self._logprobs(mb)[0] for mb in micro_batches] if config.num_iterations > 1 else None
+            self._old = [self._logprobs(mb)[0] for mb, _ in micro_batches] if config.num_iterations > 1 else None
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "mtp": 0.0}
         tokens = train_tokens = 0
-        mtp_tokens = sum(len(c.token_ids) for mb in micro_batches for c, _ in mb)
-        for index, mb in enumerate(micro_batches):
+        mtp_tokens = sum(len(c.token_ids) for mb, weight in micro_batches if weight for c, _ in mb)
+        for index, (mb, weight) in enumerate(micro_batches):
             ids, completion, attention = collate(mb, self.tokenizer.pad_token_id)
             session.monitor.token_mask = attention
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
+            uncounted = session.monitor.paused() if not weight else contextlib.nullcontext()  # FSDP's extra forwards
+            with uncounted, torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
                 logprobs, hidden = grpo.token_logprobs(self.model, ids, completion, config.temperature)
             old = logprobs.detach() if self._old is None else self._old[index]
             reference = self._reference_logprobs(ids, completion) if config.beta > 0 else None
@@ -201,7 +214,9 @@ class GRPOTrainer:
             if aux is not None:
                 loss = loss + aux / len(micro_batches)
             with session.monitor.paused():
-                loss.backward()
+                (loss * weight).backward()
+            if not weight:
+                continue
             sums["loss"] += float(part.loss.detach())
             sums["kl"] += part.kl_sum
             sums["clipped"] += part.clipped_tokens
@@ -212,7 +227,7 @@ class GRPOTrainer:
         loads = load_imbalance(session.monitor.loads)
         session.monitor.reset()
         out = {**sums, "grad_norm": grad_norm, "train_tokens": train_tokens, "trained_completions":
-               sum(len(mb) for mb in micro_batches), "clip_fraction": clipped / max(1, tokens),
+               sum(len(mb) for mb, weight in micro_batches if weight), "clip_fraction": clipped / max(1, tokens),
                "expert_load_max_over_mean": {k: round(v, 3) for k, v in loads.items()}}
         if config.beta > 0:
             out["kl"] = kl_sum / max(1, tokens)

@@ -108,6 +108,12 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def max_over_ranks(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     """Clip to `max_norm` (inf: only measure); the norm of all gradients together, FSDP shards included."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])

@@ -105,3 +105,18 @@ def test_a_short_dpo_run_learns_to_prefer_the_chosen_answers(base, tmp_path):
     evaluation = [r for r in records if "eval_dpo" in r][-1]
     assert evaluation["eval_rewards/margins"] > 0 and evaluation["eval_rewards/accuracies"] > 0.5
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and summary["steps"] == 8
+
+
+def test_a_resumed_dpo_run_keeps_its_reference(base, tmp_path):
+    folder, _ = base
+    rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": w[::-1]} for w in ("alpha", "bravo", "delta", "nova")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(data=str(data), model=str(folder), output_dir=str(tmp_path / "run"), stage="dpo", lr=3e-3,
+                  warmup_steps=1, eval_fraction=0.0, log_every=1, save_every=2, optimizer="adamw", mtp_weight=0.0)
+    train(TrainConfig(max_steps=2, **common))
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    assert len(state["extra"]["reference_logprobs"]) == 4
+    summary = train(TrainConfig(max_steps=4, resume=True, **common))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and summary["steps"] == 4

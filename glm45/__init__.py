@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `from glm45 import LLM, SamplingParams` without importing torch for `import glm45`.
-    if name in ("LLM", "SamplingParams"):
+    # `from glm45 import LLM, SamplingParams, LoRARequest` without importing torch for `import glm45`.
+    if name in ("LLM", "SamplingParams", "LoRARequest"):
         from glm45 import engine
 
         return getattr(engine, name)

@@ -7,7 +7,9 @@
     glm45 chat [MODEL]    an interactive chat in the terminal
     glm45 eval [MODEL]    perplexity and mean token log-likelihood of held-out texts or conversations
     glm45 train           fine-tune (full or LoRA) or train from scratch on JSONL conversations
+    glm45 rl              reinforcement learning (GRPO) with rollouts from glm45's own engine
     glm45 merge           fold a LoRA adapter into an HF checkpoint
+    glm45 export MODEL    write a checkpoint for another runtime (GGUF for llama.cpp and Ollama)
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             shutil.copy(Path(args.model) / name, Path(args.out) / name)
     size = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
     print(f"saved {args.model} in {args.to} to {args.out} ({size / 2**20:.1f} MiB of weights)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from glm45.export.gguf import export_gguf
+
+    if args.format != "gguf":
+        raise ValueError(f"--format must be gguf, got {args.format!r}")
+    out = args.out or f"{args.model.rstrip('/')}-{args.outtype}.gguf"
+    path = export_gguf(args.model, out, args.outtype)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -124,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", required=True, help="the folder to write")
     quantize.add_argument("--dtype", default="auto", help="compute dtype of the unquantized parts (norms, biases)")
     quantize.set_defaults(func=cmd_quantize)
+
+    export = sub.add_parser("export", help="write a checkpoint for llama.cpp / Ollama (GGUF)")
+    export.add_argument("model", help="a local folder in the Hugging Face layout, with its tokenizer")
+    export.add_argument("--format", default="gguf", help="gguf")
+    export.add_argument("--outtype", default="bf16", help="f32, f16, bf16 or q8_0 (the weights' type)")
+    export.add_argument("--out", default=None, help="the file to write (default: MODEL-OUTTYPE.gguf)")
+    export.set_defaults(func=cmd_export)
 
     from glm45.server.config import add_serve_arguments
 

@@ -246,6 +246,9 @@ class EngineConfig:
     threads: int | None = arg(None, "CPU threads for the model's kernels (default: OMP_NUM_THREADS, else torch's "
                                     "count of the cores)")
     enforce_eager: bool = arg(False, "never run the captured decode step (CUDA graphs, or the CPU step program)")
+    enable_lora: bool = arg(False, "serve LoRA adapters per request (see --lora-modules)")
+    max_loras: int = arg(4, "LoRA adapters held at once (each can be in any batch)")
+    max_lora_rank: int = arg(16, "the largest LoRA rank an adapter may have")
     cuda_graph_sizes: list[int] | None = arg(None, "row counts the decode step is captured for (CUDA graphs, or the "
                                                    "CPU step program); default: up to 64 on GPUs, 16 or 32 on CPUs")
 
@@ -271,6 +274,8 @@ class EngineConfig:
                              f"{', '.join(KV_CACHE_DTYPES)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be ≥ 1, got {self.threads}")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be ≥ 1, got {self.max_loras} and {self.max_lora_rank}")
         if self.cuda_graph_sizes is not None and (not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
             raise ValueError(f"cuda_graph_sizes must be positive row counts, got {self.cuda_graph_sizes}")
 

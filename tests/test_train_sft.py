@@ -13,7 +13,8 @@ from glm45.cli import main as cli_main
 from glm45.model import Glm4MoeForCausalLM
 from glm45.train.config import TrainConfig
 from glm45.train.data import collate, tokenize_conversation
-from glm45.train.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, save_adapter
+from glm45.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora
+from glm45.train.lora_io import load_adapter, save_adapter
 from glm45.train.optim import build_optimizer
 from glm45.train.trainer import compute_losses, train
 
@@ -165,4 +166,4 @@ def test_bad_settings_fail_clearly(base, tmp_path):
                      "--output-dir", str(tmp_path / "run")]) == 2
     model = Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.float32, progress=False)
     with pytest.raises(ValueError, match="unknown LoRA target modules"):
-        apply_lora(model, rank=2, alpha=4, targets=("experts",))
+        apply_lora(model, rank=2, alpha=4, targets=("routed",))

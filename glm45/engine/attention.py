@@ -56,6 +56,7 @@ class StepInputs:
     positions: list[int]
     slot_mapping: list[int]
     slices: list[SeqSlice] = field(default_factory=list)
+    adapter_ids: list[int] | None = None  # per token, the LoRA slot it runs with (engine/lora.py); None: base only
 
 
 def fill_rows(arrays: dict, inputs, block_size: int, scratch_block: int, size: int) -> None:

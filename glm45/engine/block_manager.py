@@ -5,7 +5,8 @@ num_blocks, block_size, kv_heads, head_dim]`). A sequence owns a `block_table` (
 position p lives in slot `block_table[p // B] * B + p % B`.
 
 Prefix cache: once a block is full of computed tokens it gets a hash chained from the previous block's
-hash and its own token ids, so equal hashes mean equal prefixes. A new sequence looks its prompt's full
+hash and its own token ids (the first from the sequence's `cache_salt`: its LoRA adapter, whose K/V differ), so
+equal hashes mean equal prefixes. A new sequence looks its prompt's full
 blocks up and shares the hits (reference count + 1). Freed blocks keep their hash and go to the back of
 the free list, so a popular prefix survives until its blocks are actually reused (LRU).
 """
@@ -82,7 +83,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self.prefix_queries += seq.num_prompt_tokens
-        previous = None
+        previous = seq.cache_salt
         max_blocks = (len(seq) - 1) // self.block_size
         # Prompt log-probabilities come from the logits at every prompt position, which a cached block skips: a
         # request still missing some shares only the blocks before them (those before `prompt_logprobs_from`,
@@ -137,7 +138,7 @@ class BlockManager:
             return
         hashed = self.num_hashed_blocks.get(seq.seq_id, 0)
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        previous = self.blocks[seq.block_table[hashed - 1]].hash if hashed else None
+        previous = self.blocks[seq.block_table[hashed - 1]].hash if hashed else seq.cache_salt
         for index in range(hashed, full):
             tokens = seq.token_ids[index * self.block_size:(index + 1) * self.block_size]
             block = self.blocks[seq.block_table[index]]

@@ -128,6 +128,14 @@ class LLMEngine:
             if not config.enforce_eager:
                 self.runner.capture(max_model_len + lookahead, config.cuda_graph_sizes)
         self.kv_cache = self.runner.kv_cache
+        self.adapters = None
+        if config.enable_lora:
+            if self.workers is not None:
+                raise ValueError("LoRA adapters are served on one device; --enable-lora does not work with "
+                                 "--tensor-parallel-size > 1")
+            from glm45.engine.lora import AdapterSet
+
+            self.adapters = self.runner.adapters = AdapterSet(model, config.max_loras, config.max_lora_rank)
         self.executor = Executor(self.runner, self.block_manager, k)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len, k)
@@ -196,9 +204,21 @@ class LLMEngine:
         return list(self.model_config.eos_token_id)
 
     # ------------------------------------------------------------------ requests
+    def add_lora(self, request) -> int:
+        """Load a LoRA adapter (`LoRARequest`) into a free slot, or find its slot; returns the slot."""
+        if self.adapters is None:
+            raise ValueError("this engine serves no LoRA adapters; start it with enable_lora=True (--enable-lora)")
+        return self.adapters.slot_of(request)
+
+    def list_loras(self) -> list:
+        return list(self.adapters.requests.values()) if self.adapters is not None else []
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request=None) -> None:
+        """Queue a request (validated here; ValueError on bad input). `lora_request`: a
+        `glm45.engine.lora.LoRARequest` whose adapter this request runs with (loaded on first use)."""
         params = params or SamplingParams()
+        lora_slot = self.add_lora(lora_request) if lora_request is not None else -1
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -242,6 +262,8 @@ class LLMEngine:
             self.requests[request_id] = seqs
             self.output_processor.add_request(request_id, prompt_text, seqs)
             for seq in seqs:
+                if lora_slot >= 0:
+                    seq.lora_slot, seq.cache_salt = lora_slot, f"lora:{lora_request.lora_name}".encode()
                 self.scheduler.add(seq)
         except BaseException:
             self._discard(request_id, seqs)

@@ -59,7 +59,7 @@ class Executor:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> StepResult:
-        ids, positions, slots, slices = [], [], [], []
+        ids, positions, slots, slices, adapters = [], [], [], [], []
         plan = []  # (seq, start, num_tokens, drafts, q_start)
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
@@ -71,6 +71,7 @@ class Executor:
             ids += tokens
             positions += range(start, start + len(tokens))
             slots += self._slots(seq, start, len(tokens))
+            adapters += [seq.lora_slot] * len(tokens)
 
         # Logits only where something is sampled: the last known token, and every draft position.
         logit_rows, owners = [], []
@@ -78,7 +79,8 @@ class Executor:
             if start + num_tokens == len(seq):
                 owners.append((seq, len(logit_rows), len(drafts)))
                 logit_rows += range(q_start + num_tokens - 1, q_start + num_tokens + len(drafts))
-        logits = self.runner.forward(StepInputs(ids, positions, slots, slices), logit_rows)
+        adapter_ids = adapters if any(a >= 0 for a in adapters) else None
+        logits = self.runner.forward(StepInputs(ids, positions, slots, slices, adapter_ids), logit_rows)
         new_tokens = self._sample(logits, owners)
         prompt_logprobs = self._prompt_logprobs(plan)
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from glm45.config import EngineConfig
 from glm45.engine.engine import LLMEngine
+from glm45.engine.lora import LoRARequest
 from glm45.engine.sampling_params import SamplingParams
 from glm45.engine.sequence import RequestOutput
 
@@ -64,7 +65,10 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
+        """Generate for every prompt, batched together. `lora_request`: one `LoRARequest` for all prompts or one per
+        prompt (None: the base model); needs `LLM(..., enable_lora=True)`."""
         if isinstance(prompts, (str, Mapping)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -74,11 +78,17 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
         request_ids = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
+            for prompt, p, lora in zip(prompts, params, loras, strict=True):
                 request_id = f"offline-{next(self._ids)}"
-                self.engine.add_request(request_id, self._prompt(prompt), p)
+                self.engine.add_request(request_id, self._prompt(prompt), p, lora_request=lora)
                 request_ids.append(request_id)
             return self._run(request_ids, use_tqdm)
         finally:  # on any failure (or Ctrl-C) leave nothing of this call in the engine

@@ -76,6 +76,7 @@ class ModelRunner:
         self.hidden: torch.Tensor | None = None        # the last target forward's final hidden states [N, D]
         self.draft_hidden: torch.Tensor | None = None  # the last MTP step's normalised h' at its logit rows
         self.captured = None                           # the captured decode step, when enabled
+        self.adapters = None                           # LoRA adapters served per request (engine/lora.py)
         if self.device.type == "cuda":  # the grouped-GEMM MoE: no host syncs, launches independent of routing
             from glm45.engine.captured_cuda import use_sync_free_experts
 
@@ -125,9 +126,17 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, logit_rows: list[int]) -> torch.Tensor | None:
         """The target model over `inputs` (its K/V written to the cache) → float32 logits at `logit_rows`."""
+        if self.adapters is not None and self.adapters.begin(inputs.adapter_ids, self.device):
+            try:  # rows with adapters: the eager forward, which the adapters' layers take part in
+                return self._eager_forward(inputs, logit_rows)
+            finally:
+                self.adapters.end()
         if self._captured_rows(len(inputs.token_ids)):
             logits, self.hidden = self.captured.forward(inputs, logit_rows)
             return logits
+        return self._eager_forward(inputs, logit_rows)
+
+    def _eager_forward(self, inputs: StepInputs, logit_rows: list[int]) -> torch.Tensor | None:
         ctx = self._context(inputs)
         self.hidden = self.model.hidden_states(self._tensor(inputs.token_ids), self._tensor(inputs.positions), ctx)
         if not logit_rows:

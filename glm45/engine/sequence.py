@@ -52,6 +52,8 @@ class RequestOutput:
 
 class Sequence:
     _counter = itertools.count()
+    lora_slot = -1                  # the served LoRA adapter's slot (-1: the base model), see engine/lora.py
+    cache_salt: bytes | None = None  # keys its prefix-cache blocks apart from other adapters'
 
     def __init__(
         self,

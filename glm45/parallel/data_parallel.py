@@ -10,13 +10,14 @@ Both modes average gradients over the ranks, so with equal token counts per rank
 step on the whole batch. Run under torchrun (`torchrun --nproc-per-node N -m glm45.cli train …`); gloo on
 CPU, NCCL on GPUs.
 
-- "fsdp" applies `torch.distributed.fsdp.fully_shard` (FSDP2) to each decoder layer and to every other
+- "fsdp" (what `glm45 train` uses for full fine-tuning) applies `torch.distributed.fsdp.fully_shard` (FSDP2,
+  with a bf16-compute / float32-reduce mixed-precision policy on GPUs) to each decoder layer and to every other
   module that owns parameters and is *called* (embeddings, norms, heads, the MTP layer's parts), not to the
   root, because the trainer calls `hidden_states`, `compute_logits` and `mtp_hidden_states` rather than `forward`,
   and FSDP2 gathers a module's parameters in its forward hooks. Parameters become DTensors sharded on dim 0;
   gradients are reduce-scattered during backward, so `reduce_gradients` has nothing left to do.
-- "ddp" keeps the weights whole on every rank (equal from rank 0 at the start) and `reduce_gradients`
-  averages the trainable parameters' gradients with one flat all-reduce per dtype — DistributedDataParallel's
+- "ddp" (LoRA in `glm45 train`) keeps the weights whole on every rank (equal from rank 0 at the start) and
+  `reduce_gradients` averages the trainable parameters' gradients with one flat all-reduce per dtype — DDP's
   arithmetic without its wrapper, whose hooks likewise only see `forward`. A parameter that got no gradient
   on some rank (an expert nobody routed to there) counts as zero there; one that got none anywhere stays None.
 """
@@ -100,12 +101,15 @@ def shard_for_training(model: nn.Module, mode: str, mesh=None) -> TrainingParall
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         device = next(model.parameters()).device
         mesh = mesh or init_device_mesh(device.type, (world_size,))
+        # On GPUs: gathered parameters in bf16 for the matmuls, gradients reduced and kept in float32.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" else MixedPrecisionPolicy()
         for unit in fsdp_units(model):
-            fully_shard(unit, mesh=mesh)
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
     else:
         with torch.no_grad():  # every replica starts from rank 0's weights (LoRA inits are random)
             for tensor in [*model.parameters(), *model.buffers()]:

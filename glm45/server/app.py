@@ -35,7 +35,7 @@ from glm45.config import EngineConfig
 from glm45.engine.engine import LLMEngine
 from glm45.server.anthropic_protocol import ANTHROPIC_PREFIX, CountTokensRequest, MessagesRequest, anthropic_error
 from glm45.server.async_engine import AsyncEngine
-from glm45.server.config import ServerConfig
+from glm45.server.config import ServerConfig, lora_requests
 from glm45.server.errors import ClientDisconnected, RequestError
 from glm45.server.metrics import ServerMetrics
 from glm45.server.protocol import (
@@ -258,6 +258,8 @@ def add_routes(app: FastAPI, engine: LLMEngine, async_engine: AsyncEngine, metri
     async def list_models():
         listed = [name for name in names if "*" not in name and "?" not in name] or names
         cards = [ModelCard(id=name, root=str(engine.model_path), max_model_len=engine.max_model_len) for name in listed]
+        cards += [ModelCard(id=lora.lora_name, root=lora.lora_path, parent=names[0], max_model_len=engine.max_model_len)
+                  for lora in engine.list_loras()]
         return ModelList(data=cards).model_dump(mode="json")
 
     @app.post("/v1/chat/completions")
@@ -331,6 +333,8 @@ def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:
 
     engine = LLMEngine(engine_config)
     try:
+        for lora in lora_requests(config.lora_modules):  # --lora-modules: loaded now, served by name
+            engine.add_lora(lora)
         names = config.served_model_name or [engine_config.model or Path(engine.model_path).name]
         app = create_app(engine, config, names)
         Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,

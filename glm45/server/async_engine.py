@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from glm45.engine.engine import LLMEngine, StepError
 from glm45.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -125,6 +126,7 @@ class _Add:
     stream: RequestStream
     accepted: asyncio.Future  # of the handler's event loop
     arrival_time: float
+    lora_request: Any = None  # a LoRARequest: the served adapter the request runs with
 
     def answer(self, error: BaseException | None) -> None:
         """From the engine thread: accept (None) or refuse the request. A handler that was cancelled in the
@@ -198,7 +200,7 @@ class AsyncEngine:
         return len(self._streams)
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          arrival_time: float | None = None) -> RequestStream:
+                          arrival_time: float | None = None, lora_request=None) -> RequestStream:
         """Submit a request; returns once the engine accepted it. `ValueError` when the engine refuses it."""
         finished = self._thread.ident is not None and not self._thread.is_alive()
         if self.dead is not None or finished:
@@ -208,7 +210,7 @@ class AsyncEngine:
         accepted = loop.create_future()
         arrival = time.monotonic() if arrival_time is None else arrival_time
         params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
-        self._commands.put(_Add(request_id, prompt, params, stream, accepted, arrival))
+        self._commands.put(_Add(request_id, prompt, params, stream, accepted, arrival, lora_request))
         try:
             await accepted
         except asyncio.CancelledError:
@@ -277,7 +279,8 @@ class AsyncEngine:
 
     def _add(self, command: _Add) -> None:
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
+            self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time,
+                                    lora_request=command.lora_request)
         except ValueError as e:  # the client's mistake
             command.answer(e)
             return

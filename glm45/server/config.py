@@ -31,6 +31,8 @@ class ServerConfig:
     served_model_name: list[str] | None = arg(
         None, "model name(s) clients use; default: the model folder name. Names with * or ? are patterns that "
               "accept any matching name (e.g. 'claude-*' for Claude Code, '*' for any); the first name is listed")
+    lora_modules: list[str] | None = arg(None, "LoRA adapters served by name: name=path, or vLLM's JSON "
+                                               '\'{"name": ..., "path": ...}\' (turns on --enable-lora)')
     api_key: str | None = arg(None, "require `Authorization: Bearer KEY` or `x-api-key: KEY` on /v1/* "
                                     "(or $GLM45_API_KEY)")
     chat_template: str | None = arg(None, "a jinja chat template (file or text) instead of the built-in one")
@@ -124,4 +126,35 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         num_speculative_tokens = 1
     engine_config = dataclass_from_args(EngineConfig, args, model=model,
                                         num_speculative_tokens=num_speculative_tokens)
-    return engine_config, dataclass_from_args(ServerConfig, args)
+    server_config = dataclass_from_args(ServerConfig, args)
+    if server_config.lora_modules:
+        engine_config.enable_lora = True
+        engine_config.max_loras = max(engine_config.max_loras, len(lora_requests(server_config.lora_modules)))
+    return engine_config, server_config
+
+
+def lora_requests(modules: list[str] | None) -> list:
+    """`--lora-modules` entries (name=path or vLLM's JSON) → `LoRARequest`s with ids 1, 2, …"""
+    import json
+
+    from glm45.engine.lora import LoRARequest
+
+    requests = []
+    for i, entry in enumerate(modules or [], start=1):
+        if entry.lstrip().startswith("{"):
+            try:
+                spec = json.loads(entry)
+                name, path = spec["name"], spec["path"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"--lora-modules {entry!r}: JSON needs 'name' and 'path' ({e})") from None
+        else:
+            name, sep, path = entry.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules {entry!r}: expected name=path or a JSON object")
+        if not Path(path).is_dir():
+            raise ValueError(f"--lora-modules {name}: no adapter folder {path}")
+        requests.append(LoRARequest(name, i, path))
+    names = [r.lora_name for r in requests]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--lora-modules names must be distinct, got {names}")
+    return requests

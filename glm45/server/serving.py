@@ -83,12 +83,19 @@ class OpenAIServing:
         self.chat_template = config.load_chat_template()
         self.max_token_bytes = self.tokenizer.max_token_bytes if self.tokenizer is not None else None
 
+    @property
+    def loras(self) -> dict:
+        """The engine's LoRA adapters, served under their names as models of their own."""
+        return {r.lora_name: r for r in self.engine.engine.list_loras()}
+
     # ------------------------------------------------------------------ shared checks
     def check_model(self, name: str | None) -> str:
         """The model name to answer with: the request's, when it is served (a served name with `*` or `?` is a
-        pattern: `--served-model-name glm-4.5 'claude-*'` answers Claude Code's names), else the first."""
-        if name is not None and not model_name_served(name, self.model_names):
-            raise RequestError(f"The model `{name}` does not exist. Served models: {', '.join(self.model_names)}",
+        pattern: `--served-model-name glm-4.5 'claude-*'` answers Claude Code's names; a LoRA adapter's name picks
+        that adapter), else the first."""
+        if name is not None and not model_name_served(name, self.model_names) and name not in self.loras:
+            served = ", ".join([*self.model_names, *self.loras])
+            raise RequestError(f"The model `{name}` does not exist. Served models: {served}",
                                status=404, param="model", code="model_not_found")
         return name or self.model_names[0]
 
@@ -154,9 +161,11 @@ class OpenAIServing:
         return ids
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     arrival_time: float) -> RequestStream:
+                     arrival_time: float, model: str | None = None) -> RequestStream:
+        """Hand a request to the engine; `model` names a served LoRA adapter or the base model."""
         try:
-            return await self.engine.add_request(request_id, prompt_ids, params, arrival_time)
+            return await self.engine.add_request(request_id, prompt_ids, params, arrival_time,
+                                                 lora_request=self.loras.get(model))
         except ValueError as e:  # the engine's own checks, e.g. token ids outside the vocabulary
             raise RequestError(str(e)) from None
         except EngineError as e:

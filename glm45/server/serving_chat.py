@@ -95,7 +95,7 @@ class OpenAIServingChat(OpenAIServing):
                                 "response_format" if answer else "tool_choice")
         prompt_ids = await self.prompt_ids(plan.prompt, max_tokens, "messages")
         request_id = random_id("chatcmpl")
-        stream = await self.submit(request_id, prompt_ids, params, arrival)
+        stream = await self.submit(request_id, prompt_ids, params, arrival, model)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return SSEResponse(self._chat_stream(request_id, model, plan, stream, request.n, logprobs,

@@ -85,7 +85,7 @@ class OpenAIServingCompletion(OpenAIServing):
         streams: list[RequestStream] = []
         try:
             for k, ids in enumerate(prompts):
-                streams.append(await self.submit(f"{request_id}-{k}", ids, params, arrival))
+                streams.append(await self.submit(f"{request_id}-{k}", ids, params, arrival, model))
         except BaseException:
             for k in range(len(streams)):
                 self.engine.abort(f"{request_id}-{k}")

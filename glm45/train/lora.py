@@ -1,33 +1,35 @@
-"""LoRA adapters in the PEFT layout, and merging them into the base weights.
+"""LoRA: low-rank updates beside frozen weights, on linear layers, on the routed experts' fused stacks and on the
+MTP layer, and merging them into the base weights. Saving and loading (PEFT's layout) is in `lora_io.py`.
 
-LoRA trains a low-rank update next to a frozen linear layer: y = W x + b + (α/r) · B (A x), with A [r, in]
-initialised like PEFT (Kaiming-uniform) and B [out, r] at zero, so training starts from the base model.
-Adapters are saved exactly as `peft` saves them — `adapter_config.json` plus `adapter_model.safetensors`
-with keys `base_model.model.<module>.lora_A.weight` / `lora_B.weight` — so `PeftModel.from_pretrained`
-loads them onto the transformers model, and `merge_lora` folds them into an ordinary checkpoint.
+A linear layer gets y = W x + b + (α/r) · B (A x), with A [r, in] initialised like PEFT (Kaiming-uniform) and
+B [out, r] at zero, so training starts from the base model. A routed-expert stack W [E, out, in] (`gate_up_proj`,
+`down_proj`) gets one pair of factors per expert, A [E, r, in] and B [E, out, r]: expert e computes with
+W_e + (α/r) · B_e A_e. `LoRAExperts` hands the experts' forward (every dispatch path) those summed weights, so the
+update costs one batched matmul [E, out, r] × [E, r, in] per forward — what PEFT's `target_parameters` does too —
+which suits models whose expert stacks fit in memory twice; the stacks themselves are never copied or changed.
 
-Our module names mirror the Hugging Face ones (`model.layers.{i}.self_attn.q_proj`, ...). Only linear
-layers of the main stack are adapted: attention projections (the default) and, on request, dense MLPs and
-shared experts. The routed experts are stacked tensors, not linear layers, and the MTP layer is not part of
-the HF model.
+Targets are module names: the attention projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`, the default),
+`gate_proj`/`up_proj`/`down_proj` (dense MLPs and shared experts), `experts` (both routed-expert stacks) and
+`eh_proj` (the MTP layer's input projection). With `mtp=True` the MTP layer's matching modules are adapted too,
+so that its drafts follow a fine-tuned trunk; otherwise the MTP layer stays frozen.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ALLOWED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Attention only by default: with transformers 5, peft also maps the names gate_proj/up_proj/down_proj onto the
-# fused routed-expert tensors, which we do not adapt, so MLP adapters load in peft with extra, random branches.
+from glm45.model.moe import Experts
+
+ALLOWED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts", "eh_proj")
+# Attention only by default. With transformers 5, peft reads the names gate_proj/up_proj/down_proj as the routed
+# experts (transformers 4 had them as linear layers) and drops them from the linear targets, so adapters on dense and
+# shared-expert MLPs load in glm45 but not faithfully in peft; attention and `experts` adapters load in both.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_STACKS = ("gate_up_proj", "down_proj")
 
 
 class LoRALinear(nn.Linear):
@@ -51,22 +53,78 @@ class LoRALinear(nn.Linear):
         update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
         return out + (update * self.scaling).to(out.dtype)
 
+    def delta(self) -> torch.Tensor:
+        """(α/r)·B·A [out, in] in float32."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
     def merged(self) -> nn.Linear:
         """The original kind of linear layer with W + (α/r)·B·A."""
         linear = self.base_class(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+                                 device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-            linear.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+            linear.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
 
 
-def _adaptable(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
-            and name.split(".")[-1] in targets and not name.startswith("mtp.")]
+class LoRAExperts(Experts):
+    """A routed-expert module (same `gate_up_proj`/`down_proj` parameters) with per-expert low-rank factors
+    `lora_A[stack]` [E, r, in] and `lora_B[stack]` [E, out, r] for the stacks in `stacks`."""
+
+    def __init__(self, base: Experts, rank: int, alpha: float, stacks: Sequence[str] = EXPERT_STACKS):
+        nn.Module.__init__(self)
+        self.num_experts, self.intermediate_size = base.num_experts, base.intermediate_size
+        self.sync_free = base.sync_free
+        self.gate_up_proj, self.down_proj = base.gate_up_proj, base.down_proj
+        self.scaling = alpha / rank
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for stack in stacks:
+            num_experts, out_features, in_features = getattr(base, stack).shape
+            device = getattr(base, stack).device
+            a = torch.empty(num_experts, rank, in_features, device=device)
+            for e in range(num_experts):  # PEFT's init: each expert's A like an nn.Linear(in, r)'s weight
+                nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
+            self.lora_A[stack] = nn.Parameter(a)
+            self.lora_B[stack] = nn.Parameter(torch.zeros(num_experts, out_features, rank, device=device))
+
+    def delta(self, stack: str) -> torch.Tensor:
+        """(α/r)·B_e·A_e for every expert: [E, out, in] in float32."""
+        return torch.bmm(self.lora_B[stack], self.lora_A[stack]) * self.scaling
+
+    def weights(self):
+        gate_up_proj, down_proj = super().weights()
+        if not isinstance(gate_up_proj, torch.Tensor) or not isinstance(down_proj, torch.Tensor):
+            raise ValueError("LoRA on routed experts needs unquantized expert weights")
+        adapted = []
+        for stack, weight in zip(EXPERT_STACKS, (gate_up_proj, down_proj), strict=True):
+            adapted.append(weight + self.delta(stack).to(weight.dtype) if stack in self.lora_A else weight)
+        return tuple(adapted)
+
+    def merged(self) -> Experts:
+        experts = Experts.__new__(Experts)
+        nn.Module.__init__(experts)
+        experts.num_experts, experts.intermediate_size = self.num_experts, self.intermediate_size
+        experts.sync_free = self.sync_free
+        with torch.no_grad():
+            gate_up_proj, down_proj = self.weights()
+            experts.gate_up_proj = nn.Parameter(gate_up_proj.detach().clone())
+            experts.down_proj = nn.Parameter(down_proj.detach().clone())
+        return experts
+
+
+def _adaptable(model: nn.Module, targets: Sequence[str], mtp: bool, main: bool) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        if not (mtp if name.startswith("mtp.") else main):
+            continue
+        last = name.split(".")[-1]
+        if isinstance(module, Experts) and not isinstance(module, LoRAExperts):
+            if "experts" in targets:
+                names.append(name)
+        elif isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and last in targets:
+            names.append(name)
+    return names
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -75,92 +133,37 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS,
-               dropout: float = 0.0) -> list[str]:
-    """Freeze the model and put LoRA branches on its target linear layers; returns their names."""
+               dropout: float = 0.0, mtp: bool = False, main: bool = True) -> list[str]:
+    """Freeze the model and put LoRA branches on the target modules of its main stack (`main`) and of its MTP layer
+    (`mtp`); returns their names."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
     unknown = [t for t in targets if t not in ALLOWED_TARGETS]
     if unknown:
         raise ValueError(f"unknown LoRA target modules {unknown}; allowed: {', '.join(ALLOWED_TARGETS)}")
-    names = _adaptable(model, targets)
+    if "experts" in targets and dropout > 0:
+        raise ValueError("LoRA dropout cannot apply to routed experts (as in PEFT); use --lora-dropout 0")
+    if mtp and getattr(model, "mtp", None) is None:
+        raise ValueError("LoRA on the MTP layer was asked for, but the model has no MTP layer")
+    names = _adaptable(model, targets, mtp, main)
     if not names:
-        raise ValueError(f"the model has no linear layers named {list(targets)} to adapt")
+        raise ValueError(f"the model has no modules named {list(targets)} to adapt")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        _set_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
+        module = model.get_submodule(name)
+        adapted = LoRAExperts(module, rank, alpha) if isinstance(module, Experts) else \
+            LoRALinear(module, rank, alpha, dropout)
+        _set_module(model, name, adapted)
     return names
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA weights under PEFT's saved names."""
-    state = {}
-    for name, module in lora_modules(model).items():
-        state[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.weight.detach().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.weight.detach().contiguous()
-    return state
-
-
-def save_adapter(model: nn.Module, path: str | Path, rank: int, alpha: float, targets: Sequence[str],
-                 base_model: str | None = None, dropout: float = 0.0) -> Path:
-    from safetensors.torch import save_file
-
-    modules = lora_modules(model)
-    if not modules:
-        raise ValueError("the model has no LoRA adapters to save")
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(set(targets)),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-    }
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(adapter_state_dict(model), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return folder
-
-
-def read_adapter_config(path: str | Path) -> dict:
-    config_file = Path(path) / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {path}; expected a PEFT LoRA adapter folder")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    if config.get("use_dora") or config.get("use_rslora") or config.get("fan_in_fan_out"):
-        raise ValueError(f"{config_file}: DoRA, rsLoRA and fan_in_fan_out adapters are not supported")
-    return config
-
-
-def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
-    """Put the adapter saved in `path` (PEFT layout) onto `model`; returns the adapted module names."""
-    from safetensors.torch import load_file
-
-    config = read_adapter_config(path)
-    targets = config["target_modules"]
-    if isinstance(targets, str):
-        targets = [targets]
-    names = apply_lora(model, int(config["r"]), float(config["lora_alpha"]), targets)
-    state = load_file(str(Path(path) / ADAPTER_WEIGHTS))
-    expected = set(adapter_state_dict(model))
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"adapter weights do not match the model: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
-    with torch.no_grad():
-        for name, module in lora_modules(model).items():
-            module.lora_A.weight.copy_(state[f"base_model.model.{name}.lora_A.weight"])
-            module.lora_B.weight.copy_(state[f"base_model.model.{name}.lora_B.weight"])
-    return names
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear | LoRAExperts)}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA branch into its linear layer (in place) and make all parameters trainable again."""
+    """Fold every LoRA branch into its module (in place) and make all parameters trainable again."""
     for name, module in lora_modules(model).items():
         _set_module(model, name, module.merged())
     for p in model.parameters():

@@ -25,11 +25,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def masked_cross_entropy(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """cross_entropy(head(hidden), labels), with the head applied only where labels are not -100."""
+    """cross_entropy(head(hidden), labels), with the head applied only where labels are not -100 (on no row when
+    there are none: the head is still called, as FSDP needs every rank to call the same modules)."""
     keep = labels != -100
-    if not keep.any():
-        return hidden.sum() * 0.0
     logits = head(hidden[keep])
+    if not keep.any():
+        return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), labels[keep])
 
 

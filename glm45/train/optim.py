@@ -9,6 +9,11 @@ matmuls; a test checks it against torch.optim.Muon on 2-D matrices. It also take
 bfloat16, which on CPUs without bf16 matrix units was ~100× slower than the whole forward/backward pass
 (15 s per step on the bundled model), so BatchedMuon iterates in float32 on those CPUs and in bfloat16 on GPUs
 and on CPUs with AVX512-BF16 or AMX (where it is faster than float32).
+Under FSDP2 (`glm45.parallel.data_parallel`, parameters sharded on dim 0 as DTensors) the momentum buffer stays
+sharded like its parameter. An expert stack is sharded on its expert dim, so each rank holds whole expert
+matrices and orthogonalises its own; a 2-D matrix is split across ranks, so its update is all-gathered, every
+rank runs the same Newton–Schulz on the whole matrix and keeps its own rows — exactly the single-process update,
+at the price of one all-gather per matrix per step and the iteration repeated on every rank.
 All matrices use the `match_rms_adamw` learning-rate adjustment, `lr · 0.2·sqrt(max(A, B))` for an A×B
 matrix, which makes the update's RMS match AdamW's so that one learning rate serves both optimizers. Embeddings, output
 heads, norms, biases and routers stay on AdamW (`--optimizer adamw` puts every parameter there).
@@ -23,6 +28,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 MUON_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 OPTIMIZER_CHOICES = ("muon", "adamw")
@@ -51,6 +57,20 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7,
         x = torch.baddbmm(x, poly, x, beta=a)  # a·X + (b·G + c·G²)·X
     x = x.reshape(shape)
     return x.mT if transposed else x
+
+
+def orthogonalise(update: torch.Tensor, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """`newton_schulz` of a plain update, or of an FSDP2-sharded one (a DTensor sharded on dim 0) as if whole."""
+    if not isinstance(update, DTensor):
+        return newton_schulz(update, steps, eps, dtype=dtype)
+    if tuple(update.placements) != (Shard(0),):
+        raise ValueError(f"Muon takes parameters sharded on dim 0 over one mesh dim, got {update.placements}")
+    if update.dim() >= 3:  # expert stacks: the local shard is whole expert matrices
+        local = newton_schulz(update.to_local(), steps, eps, dtype=dtype)
+        return DTensor.from_local(local, update.device_mesh, update.placements, shape=update.shape,
+                                  stride=update.stride())
+    whole = newton_schulz(update.full_tensor(), steps, eps, dtype=dtype)
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)  # own rows, no comms
 
 
 @functools.cache
@@ -107,7 +127,7 @@ class BatchedMuon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 ns_dtype = self.ns_dtype or _default_ns_dtype(p.device)
-                update = newton_schulz(update, group["ns_steps"], group["eps"], dtype=ns_dtype).to(p.dtype)
+                update = orthogonalise(update, group["ns_steps"], group["eps"], ns_dtype).to(p.dtype)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * muon_lr_scale(p.shape))
         return loss
@@ -161,18 +181,25 @@ class CombinedOptimizer:
             opt.load_state_dict(state)
 
 
+NS_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.95)) -> CombinedOptimizer:
-    """`muon`: BatchedMuon (hidden matrices and expert stacks) + AdamW (the rest); `adamw`: AdamW only."""
+                    betas: tuple[float, float] = (0.9, 0.95), ns_dtype: str = "auto") -> CombinedOptimizer:
+    """`muon`: BatchedMuon (hidden matrices and expert stacks) + AdamW (the rest); `adamw`: AdamW only.
+    `ns_dtype`: Muon's Newton–Schulz precision, auto (see `BatchedMuon`), float32 or bfloat16."""
     if name not in OPTIMIZER_CHOICES:
         raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZER_CHOICES)}")
+    if ns_dtype not in NS_DTYPES:
+        raise ValueError(f"unknown Newton–Schulz dtype {ns_dtype!r}; allowed: {', '.join(NS_DTYPES)}")
     matrices, stacks, others = split_parameters(model)
     if name == "adamw":
         params = matrices + stacks + others
         return CombinedOptimizer([torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)])
     optimizers: list[torch.optim.Optimizer] = []
     if matrices or stacks:
-        optimizers.append(BatchedMuon(matrices + stacks, lr=lr, weight_decay=weight_decay))
+        optimizers.append(BatchedMuon(matrices + stacks, lr=lr, weight_decay=weight_decay,
+                                      ns_dtype=NS_DTYPES[ns_dtype]))
     if others:
         optimizers.append(torch.optim.AdamW(others, lr=lr, betas=betas, weight_decay=0.0))
     return CombinedOptimizer(optimizers)

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (full or LoRA) and training from scratch: the loop behind `glm45 train`.
+"""Supervised fine-tuning (full or LoRA), preference tuning (DPO, `--stage dpo`, see `dpo.py`) and training from
+scratch: the loop behind `glm45 train`.
 
 One loop serves all three: a model loaded from an HF folder (`--model`) or built from a model config
 (`--init-config`, trained from scratch with its tokenizer from `--tokenizer`), optionally with LoRA adapters
@@ -12,10 +13,10 @@ Written to `--output-dir`: `metrics.jsonl` (one line per logged step and per eva
 tokenizer files — or, for LoRA, the adapter in the PEFT layout.
 
 Under torchrun (`torchrun --nproc-per-node N -m glm45.cli train …`) the ranks are data parallel: each takes
-every N-th batch of the same stream, gradients and expert loads are averaged over the ranks before clipping,
-the optimizer step and the bias update, and rank 0 logs, evaluates and saves. A step on N ranks with
-`--grad-accum A` is a step on N·A batches. The weights stay whole on every rank (Muon's Newton–Schulz needs
-whole matrices), so the model must fit one device.
+every N-th batch of the same stream, and a step on N ranks with `--grad-accum A` is a step on N·A batches. Full
+fine-tuning shards the parameters, gradients and optimizer state over the ranks with FSDP2 (sharded checkpoints,
+a whole HF checkpoint at the end); LoRA keeps the frozen base whole on every rank (`session.py`). Rank 0 logs
+and writes the result.
 """
 
 from __future__ import annotations
@@ -24,82 +25,21 @@ import contextlib
 import itertools
 import json
 import logging
-import math
-import os
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from glm45.config import ModelConfig
 from glm45.train import data as train_data
+from glm45.train import dpo
 from glm45.train.balance import RouterMonitor, load_imbalance
-from glm45.train.checkpoint import copy_tokenizer, load_checkpoint, save_checkpoint
-from glm45.train.config import DTYPES, TrainConfig
-from glm45.train.lora import apply_lora, save_adapter
+from glm45.train.config import TrainConfig
 from glm45.train.losses import masked_cross_entropy, mtp_loss
-from glm45.train.optim import build_optimizer, lr_factor
+from glm45.train.session import TrainingSession, enable_gradient_checkpointing  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Building the pieces
-
-
-def load_tokenizer(path: str | Path):
-    from glm45.tokenizer import Tokenizer
-
-    return Tokenizer.from_pretrained(path)
-
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    """A model config JSON: an HF `config.json` (with model_type) or plain ModelConfig fields."""
-    raw = json.loads(Path(path).read_text())
-    if "model_type" in raw:
-        return ModelConfig.from_dict(raw)
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown model config fields {unknown}; allowed: {sorted(known)}")
-    return ModelConfig(**raw)
-
-
-def build_model(config: TrainConfig, tokenizer):
-    from glm45.model import Glm4MoeForCausalLM
-
-    dtype = DTYPES[config.dtype]
-    if config.model is not None:
-        return Glm4MoeForCausalLM.from_pretrained(config.model, dtype=dtype, progress=False)
-    model_config = read_model_config(config.init_config)
-    model_config.vocab_size = tokenizer.vocab_size
-    model_config.eos_token_id = tokenizer.eos_token_ids
-    model_config.pad_token_id = tokenizer.pad_token_id
-    model_config.torch_dtype = config.dtype
-    model = Glm4MoeForCausalLM(model_config)
-    model.init_weights(config.init_std, torch.Generator().manual_seed(config.seed))
-    return model.to(dtype)
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in backward instead of storing them (no weight renames)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in model.model.layers:
-        plain_forward = layer.forward
-
-        def forward(x, rope, ctx=None, _plain=plain_forward):
-            if not torch.is_grad_enabled():
-                return _plain(x, rope, ctx)
-            return checkpoint(_plain, x, rope, ctx, use_reentrant=False)
-
-        layer.forward = forward
 
 
 def prepare_data(config: TrainConfig, tokenizer) -> tuple[list[train_data.Example], list[train_data.Example]]:
@@ -117,19 +57,6 @@ def prepare_data(config: TrainConfig, tokenizer) -> tuple[list[train_data.Exampl
     if not train:
         raise ValueError(f"{config.data} has no conversation with assistant tokens to train on")
     return train, held_out
-
-
-def join_data_parallel(model):
-    """Under torchrun with several ranks: join the process group and replicate `model` over the ranks
-    (`shard_for_training` "ddp"); None for a single process."""
-    from glm45.distributed import init_distributed, launched_by_torchrun
-
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return None
-    from glm45.parallel.data_parallel import shard_for_training
-
-    init_distributed(torch.device("cpu"))
-    return shard_for_training(model, "ddp")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,12 +101,6 @@ def evaluate_loss(model, batches: list[train_data.Batch], mtp_weight: float, mon
     return {f"eval_{k}_loss": totals[k] / max(1.0, weights[k]) for k in totals}
 
 
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
@@ -206,87 +127,96 @@ class _Window:
 
 
 class Trainer:
-    """One training run: the model (with LoRA when asked), its data, optimizer and balancing, and the loop."""
+    """One supervised (SFT) or preference (DPO) run: a `TrainingSession` (model, LoRA, parallelism, optimizer,
+    balancing), its data and the loop."""
 
     def __init__(self, config: TrainConfig):
-        config.validate()
-        self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)
-        self.out = Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer_dir = config.tokenizer or config.model
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.model = build_model(config, self.tokenizer)
-        if self.model.config.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
-                             f"{self.model.config.vocab_size} embeddings")
-        self.targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
-        if config.lora_rank:
-            names = apply_lora(self.model, config.lora_rank, config.lora_alpha, self.targets, config.lora_dropout)
-            logger.info("LoRA rank %d on %d linear layers", config.lora_rank, len(names))
-        self.parallel = join_data_parallel(self.model)
-        self.rank, self.world_size = (self.parallel.rank, self.parallel.world_size) if self.parallel else (0, 1)
-        self.is_main = self.rank == 0
-        if config.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        logger.info("parameters: %.2fM total, %.2fM trainable",
-                    sum(p.numel() for p in self.model.parameters()) / 1e6, trainable / 1e6)
+        self.session = session = TrainingSession(config)
+        self.config, self.model, self.tokenizer = config, session.model, session.tokenizer
+        self.is_main, self.monitor, self.optimizer = session.is_main, session.monitor, session.optimizer
+        resumed = session.load_checkpoint() if config.resume else None
+        self.start_step, extra = resumed if resumed else (0, {})
+        if resumed is not None:
+            logger.info("resumed from %s at step %d", session.checkpoint_dir, self.start_step)
+        batches = self._dpo_data(extra) if config.stage == "dpo" else self._sft_data()
+        self.batches = itertools.islice(batches, session.rank, None, session.world_size)  # this rank's share
+        for _ in range(self.start_step * config.grad_accum):  # the same data order as an uninterrupted run
+            next(self.batches)
 
+    def _sft_data(self):
+        config, pad_id = self.config, self.tokenizer.pad_token_id
         train_examples, eval_examples = prepare_data(config, self.tokenizer)
         logger.info("data: %d training and %d held-out conversations, %d training tokens", len(train_examples),
                     len(eval_examples), sum(len(e) for e in train_examples))
-        pad_id = self.tokenizer.pad_token_id
         self.eval_batches = train_data.fixed_batches(eval_examples, config.batch_tokens, pad_id) \
             if eval_examples else []
-        self.optimizer = build_optimizer(self.model, config.optimizer, config.lr, config.weight_decay)
-        self.monitor = RouterMonitor(self.model, config.seq_aux_weight)
-        self.checkpoint_dir = self.out / "checkpoint"
-        resumed = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer) if config.resume else None
-        self.start_step = resumed or 0
-        if resumed is not None:
-            logger.info("resumed from %s at step %d", self.checkpoint_dir, resumed)
-        batches = train_data.length_bucketed_batches(train_examples, config.batch_tokens, pad_id, config.seed)
-        self.batches = itertools.islice(batches, self.rank, None, self.world_size)  # this rank's share
-        for _ in range(self.start_step * config.grad_accum):  # the same data order as an uninterrupted run
-            next(self.batches)
+        return train_data.length_bucketed_batches(train_examples, config.batch_tokens, pad_id, config.seed)
+
+    def _dpo_data(self, extra: dict):
+        """Preference pairs, split like SFT data; the reference log-probabilities come from the model before its
+        first step (or from the checkpoint when resuming)."""
+        config, pad_id = self.config, self.tokenizer.pad_token_id
+        pairs = dpo.load_pairs(config.data)
+        if config.eval_data is not None:
+            held_out = dpo.load_pairs(config.eval_data)
+        else:
+            random.Random(config.seed).shuffle(pairs)
+            num_eval = int(len(pairs) * config.eval_fraction)
+            held_out, pairs = pairs[:num_eval], pairs[num_eval:]
+        train = dpo.tokenize_pairs(pairs, self.tokenizer, config.max_seq_len)
+        evaluation = dpo.tokenize_pairs(held_out, self.tokenizer, config.max_seq_len)
+        for example in evaluation:  # one index space for both: the keys of the reference log-probabilities
+            example.index += len(pairs)
+        if not train:
+            raise ValueError(f"{config.data} has no preference pair with answer tokens to train on")
+        logger.info("data: %d training and %d held-out preference pairs", len(train), len(evaluation))
+        if "reference_logprobs" in extra:
+            self.reference = {int(i): [c, r] for i, c, r in extra["reference_logprobs"]}
+        else:
+            with self.monitor.paused():
+                self.reference = dpo.reference_logprobs(self.model, train + evaluation, config.batch_tokens, pad_id)
+        self.eval_batches = dpo.fixed_pair_batches(evaluation, config.batch_tokens, pad_id)
+        return dpo.pair_batches(train, config.batch_tokens, pad_id, config.seed)
+
+    def _checkpoint_extra(self) -> dict:
+        if self.config.stage != "dpo":
+            return {}
+        return {"reference_logprobs": [[i, c, r] for i, (c, r) in sorted(self.reference.items())]}
+
+    def _losses(self, batch) -> dict[str, Any]:
+        config = self.config
+        if config.stage == "dpo":
+            self.monitor.token_mask = batch.batch.attention_mask
+            return dpo.dpo_losses(self.model, batch, self.reference, config.pref_beta, config.pref_ftx,
+                                  config.mtp_weight)
+        return compute_losses(self.model, batch, config.mtp_weight, self.monitor)
 
     def step(self, step: int) -> tuple[dict[str, float], int, float]:
         """One optimizer step: (mean losses, tokens, gradient norm); the balancing biases move after it."""
         config = self.config
-        self.optimizer.set_lr_factor(lr_factor(step, config.max_steps, config.warmup_steps, config.min_lr_ratio))
+        self.session.set_lr(step)
         sums: dict[str, float] = {}
         tokens = 0
         for _ in range(config.grad_accum):
             batch = next(self.batches)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
-                losses = compute_losses(self.model, batch, config.mtp_weight, self.monitor)
+                losses = self._losses(batch)
+                aux = self.monitor.take_aux_loss() if config.stage == "dpo" else None
+                if aux is not None:
+                    losses["loss"] = losses["loss"] + aux
             with self.monitor.paused():  # gradient checkpointing re-runs the routers in backward
                 (losses["loss"] / config.grad_accum).backward()
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
-            tokens += int(batch.attention_mask.sum())
-        if self.parallel is not None:
-            self.parallel.reduce_gradients()
-            for load in self.monitor.loads.values():  # every rank moves the biases by the loads of all ranks
-                dist.all_reduce(load)
-            keys = sorted(sums)
-            *totals, tokens = _sum_over_ranks([sums[k] for k in keys] + [tokens])
-            sums = {k: total / self.world_size for k, total in zip(keys, totals, strict=True)}
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0
-                                                        else math.inf))
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.monitor.update_biases(config.balance_gamma)
-        return sums, int(tokens), grad_norm
+                value = value.detach() if isinstance(value, torch.Tensor) else value
+                sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
+            rows = batch.batch if config.stage == "dpo" else batch
+            tokens += int(rows.attention_mask.sum())
+        return self.session.optimizer_step(sums, tokens)
 
     def run(self) -> dict[str, Any]:
         """Train to `max_steps` (or `max_minutes`); returns a summary (steps, losses, time, output paths)."""
         config = self.config
-        metrics = (self.out / "metrics.jsonl").open("a" if config.resume else "w") if self.is_main else None
+        metrics = (self.session.out / "metrics.jsonl").open("a" if config.resume else "w") if self.is_main else None
         self.model.train()
         started = time.perf_counter()
         window, last = _Window(), {}
@@ -299,19 +229,20 @@ class Trainer:
             window.add(sums, tokens, self.monitor.loads)
             self.monitor.reset()
             last = {**sums, "grad_norm": grad_norm}
-            progress.set_postfix(loss=f"{sums['lm']:.3f}", tok_s=f"{window.tokens_per_s:.0f}")
+            progress.set_postfix(loss=f"{sums['loss' if config.stage == 'dpo' else 'lm']:.3f}",
+                                 tok_s=f"{window.tokens_per_s:.0f}")
             done = step + 1
             if metrics is not None and (done % config.log_every == 0 or done == config.max_steps):
                 self._log_window(metrics, done, window, grad_norm, started)
                 window = _Window()
             last.update(self._evaluate(metrics, done))
-            if self.is_main and done % config.save_every == 0:
-                save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, done, config)
-            if self._out_of_time(started):
+            if done % config.save_every == 0:
+                self.session.save_checkpoint(done, self._checkpoint_extra())
+            out_of_time = bool(config.max_minutes and time.perf_counter() - started > config.max_minutes * 60)
+            if self.session.any_rank(out_of_time):
                 logger.warning("stopping at step %d: --max-minutes %.1f reached", done, config.max_minutes)
                 break
         progress.close()
-        self.monitor.remove()
         return self._finish(step + 1, started, last, metrics)
 
     def _log_window(self, metrics, step: int, window: _Window, grad_norm: float, started: float) -> None:
@@ -324,41 +255,50 @@ class Trainer:
 
     def _evaluate(self, metrics, step: int) -> dict[str, float]:
         config = self.config
-        if not (self.is_main and self.eval_batches and (step % config.eval_every == 0 or step == config.max_steps)):
+        if not (self.eval_batches and (step % config.eval_every == 0 or step == config.max_steps)):
             return {}
-        scores = evaluate_loss(self.model, self.eval_batches, config.mtp_weight, self.monitor, config.autocast_bf16)
-        _write(metrics, {"step": step, **{k: round(v, 5) for k, v in scores.items()}})
-        logger.info("step %d: %s", step, scores)
+        if not (self.is_main or self.session.sharded):  # under FSDP every rank takes part in the forward
+            return {}
+        if config.stage == "dpo":
+            scores = self._evaluate_dpo()
+        else:
+            scores = evaluate_loss(self.model, self.eval_batches, config.mtp_weight, self.monitor,
+                                   config.autocast_bf16)
+        if metrics is not None:
+            _write(metrics, {"step": step, **{k: round(v, 5) for k, v in scores.items()}})
+            logger.info("step %d: %s", step, scores)
         return scores
 
-    def _out_of_time(self, started: float) -> bool:
-        limit = self.config.max_minutes
-        out_of_time = bool(limit and time.perf_counter() - started > limit * 60)
-        if self.parallel is not None:  # all ranks stop at the same step
-            out_of_time = _sum_over_ranks([float(out_of_time)])[0] > 0
-        return out_of_time
+    @torch.no_grad()
+    def _evaluate_dpo(self) -> dict[str, float]:
+        """Held-out DPO loss and TRL's statistics, weighted by pairs."""
+        self.model.eval()
+        totals: dict[str, float] = {}
+        num_pairs = 0
+        with self.monitor.paused():
+            for batch in self.eval_batches:
+                losses = dpo.dpo_losses(self.model, batch, self.reference, self.config.pref_beta, 0.0, 0.0)
+                for key in ("dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+                    totals[key] = totals.get(key, 0.0) + float(losses[key]) * len(batch.indices)
+                num_pairs += len(batch.indices)
+        self.model.train()
+        return {f"eval_{k}": v / max(1, num_pairs) for k, v in totals.items()}
 
     def _finish(self, final_step: int, started: float, last: dict[str, float], metrics) -> dict[str, Any]:
-        config = self.config
-        if not self.is_main:
-            dist.barrier()  # rank 0 saves
-            dist.destroy_process_group()
-            return {"steps": final_step, "rank": self.rank, **last}
-        metrics.close()
-        save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, final_step, config)
-        if config.lora_rank:
-            result_dir = save_adapter(self.model, self.out / "adapter", config.lora_rank, config.lora_alpha,
-                                      self.targets, base_model=str(config.model), dropout=config.lora_dropout)
-        else:
-            result_dir = self.out / "model"
-            self.model.save_pretrained(result_dir)
-            copy_tokenizer(self.tokenizer_dir, result_dir)
-        summary = {"steps": final_step, "train_minutes": round((time.perf_counter() - started) / 60, 2),
-                   "result": str(result_dir), **last}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if self.parallel is not None:
-            dist.barrier()
-            dist.destroy_process_group()
+        session = self.session
+        session.save_checkpoint(final_step, self._checkpoint_extra())
+        result_dir = session.export()
+        summary = {"steps": final_step, "rank": session.rank, **last}
+        if session.sharded:
+            summary.update(parameter_bytes_this_rank=session.local_parameter_bytes,
+                           parameter_bytes_whole=sum(p.numel() * p.element_size() for p in self.model.parameters()))
+        if self.is_main:
+            metrics.close()
+            summary = {"steps": final_step, "train_minutes": round((time.perf_counter() - started) / 60, 2),
+                       "result": str(result_dir), "world_size": session.world_size, **summary}
+            del summary["rank"]
+            (session.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        session.close()
         return summary
 
 

@@ -11,7 +11,11 @@ greedily from the prompt, as a server would:
   `\\n<think>…</think>\\n` then content, with `/nothink` it has no thinking tags at all;
 - **unseen tools**: tools built from words never seen in training — the right tool name (and exact args);
 - **MTP acceptance**: on each generated turn, how often the MTP head's greedy draft from (h_t, x_{t+1}) equals
-  the model's own greedy token x_{t+2}, i.e. the first-position acceptance of greedy speculative decoding.
+  the model's own greedy token x_{t+2}, i.e. the first-position acceptance of greedy speculative decoding;
+- **no call without tools**: every conversation that calls a tool is asked again with no tools declared; the answer
+  must not contain `<tool_call>` (a model that writes one there answers a user with raw markup). The three requests
+  of issue 20 ("What is 12*7?", "Compute 45+17", "What's the weather like in Paris?") are asked too, in both modes.
+  These extra generations do not enter the other figures.
 
     python -m glm45_tiny.evaluate glm45/assets/glm45-tiny --num 300 --num-unseen 100 --seed 2
     ... --tool-call-constraint name    # decode tool calls as the server does by default (declared names only)
@@ -101,6 +105,9 @@ def mtp_acceptance(model, prompt_ids: list[int], generated: list[int]) -> tuple[
     return int((drafts == targets).sum()), int(targets.numel())
 
 
+NO_TOOL_EXAMPLES = ("What is 12*7?", "Compute 45+17", "What's the weather like in Paris?")
+
+
 def format_ok(text: str, thinking: bool, stopped: bool) -> bool:
     """Thinking mode: `\\n<think>…</think>\\n` then something; /nothink: a line of output without thinking tags."""
     if not stopped:
@@ -113,8 +120,33 @@ def format_ok(text: str, thinking: bool, stopped: bool) -> bool:
     return text.startswith("\n") and "<think>" not in text and "</think>" not in text and text.strip() != ""
 
 
+class NoToolsCheck:
+    """Asks a request with no tools declared and counts the answers without `<tool_call>` (no_tools_*)."""
+
+    def __init__(self, model, tokenizer, stop_ids: set[int], max_new_tokens: int, counts: dict[str, int]):
+        self.model, self.tokenizer, self.stop_ids, self.max_new_tokens = model, tokenizer, stop_ids, max_new_tokens
+        self.counts = counts
+        self.failures: list[dict[str, Any]] = []
+
+    def ask(self, messages: list[dict[str, Any]], thinking: bool) -> str:
+        prompt_ids = self.tokenizer.encode(render_chat(messages, None, enable_thinking=thinking))
+        new, stopped = greedy_generate(self.model, prompt_ids, self.stop_ids, self.max_new_tokens)
+        text = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=False)
+        self.counts["no_tools_total"] += 1
+        self.counts["no_tools_no_call"] += "<tool_call>" not in text
+        if "<tool_call>" in text and len(self.failures) < 20:
+            self.failures.append({"request": messages[-1]["content"], "output": text})
+        return text
+
+    def issue_examples(self) -> list[dict[str, Any]]:
+        """Issue 20's three requests, in both modes."""
+        return [{"request": request, "thinking": thinking,
+                 "output": self.ask([{"role": "user", "content": request}], thinking)}
+                for request in NO_TOOL_EXAMPLES for thinking in (True, False)]
+
+
 def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed: int = 2,
-             max_new_tokens: int = 192, limit_minutes: float = 0.0,
+             max_new_tokens: int = 192, limit_minutes: float = 0.0, no_tools: bool = True,
              tool_call_constraint: str = "off") -> dict[str, Any]:
     from glm45.model import Glm4MoeForCausalLM
     from glm45.tokenizer import Tokenizer
@@ -124,7 +156,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
     stop_ids = set(tokenizer.eos_token_ids)
     counts = {k: 0 for k in ("tool_total", "tool_right", "answer_total", "answer_right", "format_total",
                              "format_ok", "unseen_total", "unseen_name", "unseen_exact", "mtp_accepted",
-                             "mtp_drafted")}
+                             "mtp_drafted", "no_tools_total", "no_tools_no_call")}
     by_kind: dict[str, list[int]] = {}  # tool kind → [exact calls, calls]
     failures: list[dict[str, Any]] = []
     format_failures: list[dict[str, Any]] = []
@@ -157,6 +189,8 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
             format_failures.append({"thinking": thinking, "prompt_end": prompt[-80:], "output": text})
         return text, stopped
 
+    without_tools = NoToolsCheck(model, tokenizer, stop_ids, max_new_tokens, counts)
+
     for conv in tqdm(conversations, desc="evaluate"):
         if limit_minutes and time.perf_counter() - started > limit_minutes * 60:
             logger.warning("stopping early: --limit-minutes reached")
@@ -167,6 +201,9 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         text, _ = run(prompt, thinking, tools)
         if "call" not in meta:
             continue
+        if no_tools:
+            without_tools.ask(messages[:messages.index(next(m for m in messages if m["role"] == "user")) + 1],
+                              thinking)
         _, content = parse_reasoning(text)
         _, calls = parse_tool_calls(content or "", tools)
         expected = meta["call"]
@@ -196,6 +233,8 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
             counts["answer_total"] += 1
             counts["answer_right"] += all(v in (answer or "") for v in meta["must_mention"])
 
+    examples = without_tools.issue_examples() if no_tools else []
+
     def ratio(a: str, b: str) -> float:
         return round(counts[a] / counts[b], 4) if counts[b] else float("nan")
 
@@ -207,9 +246,10 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
         "unseen_tool_name_accuracy": ratio("unseen_name", "unseen_total"),
         "unseen_tool_exact_accuracy": ratio("unseen_exact", "unseen_total"),
         "mtp_acceptance_first_position": ratio("mtp_accepted", "mtp_drafted"),
+        "no_call_without_tools": ratio("no_tools_no_call", "no_tools_total"),
         "tool_accuracy_by_kind": {k: f"{right}/{total}" for k, (right, total) in sorted(by_kind.items())},
         "minutes": round((time.perf_counter() - started) / 60, 2), "counts": counts, "failures": failures,
-        "format_failures": format_failures,
+        "format_failures": format_failures, "no_call_failures": without_tools.failures, "no_tool_examples": examples,
     }
 
 
@@ -223,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="longer than any reference turn (the longest, an unseen tool with a plan, is ~120)")
     parser.add_argument("--limit-minutes", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-tools", action=argparse.BooleanOptionalAction, default=True,
+                        help="also ask every tool request with no tools declared (no_call_without_tools)")
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument("--tool-call-constraint", choices=("off", "name", "full"), default="off",
                         help="decode as `glm45 serve --tool-call-constraint` does with tool_choice auto: once the "
@@ -231,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO")
     torch.set_num_threads(args.threads)
     report = evaluate(args.model, args.num, args.num_unseen, args.seed, args.max_new_tokens, args.limit_minutes,
-                      args.tool_call_constraint)
+                      args.no_tools, args.tool_call_constraint)
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    print(json.dumps({k: v for k, v in report.items() if not k.endswith("failures")}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith(("failures", "examples"))}, indent=2))
     return 0
 
 

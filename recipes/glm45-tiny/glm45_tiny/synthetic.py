@@ -228,12 +228,15 @@ class ConversationGenerator:
         return word + ("-" + str(rng.randint(1, 99)) if rng.random() < 0.5 else "")
 
     # ------------------------------------------------------------------ tools
-    def random_tool(self, heldout_words: bool = False) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-        """A `verb_noun` tool with 1–3 parameters → (tool, [(param, json type)])."""
+    def random_tool(self, heldout_words: bool = False,
+                    words: tuple[list[str], list[str]] | None = None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """A `verb_noun` tool with 1–3 parameters → (tool, [(param, json type)]). `words`: (verbs, nouns) to draw
+        from instead of the split's (no made-up words then)."""
         rng = self.rng
         verbs, nouns = (HELDOUT_TOOL_VERBS, HELDOUT_TOOL_NOUNS) if heldout_words else (TOOL_VERBS, TOOL_NOUNS)
+        verbs, nouns = words or (verbs, nouns)
         verb, noun = rng.choice(verbs), rng.choice(nouns)
-        if not heldout_words and self.split == "train" and rng.random() < MADE_UP_SHARE:
+        if not heldout_words and words is None and self.split == "train" and rng.random() < MADE_UP_SHARE:
             roll = rng.random()
             if roll < 0.7:
                 verb, noun = self._made_up((1, 3)), self._made_up((1, 3))
@@ -336,9 +339,10 @@ class ConversationGenerator:
                 "answer": answer, "must_mention": [converted],
                 "plan": f"I need to convert {src} to {dst} with convert_units.", "after": f"It is {converted} {dst}."}
 
-    def random_tool_task(self, heldout_words: bool = False) -> dict[str, Any]:
+    def random_tool_task(self, heldout_words: bool = False,
+                         words: tuple[list[str], list[str]] | None = None) -> dict[str, Any]:
         rng = self.rng
-        tool, params = self.random_tool(heldout_words)
+        tool, params = self.random_tool(heldout_words, words)
         name = tool["function"]["name"]
         verb, noun = name.split("_", 1)
         arguments: dict[str, Any] = {}
@@ -404,9 +408,12 @@ class ConversationGenerator:
         return {"user": user, "answer": answer, "plan": "I repeat the text exactly."}
 
     # ------------------------------------------------------------------ conversations
-    def conversation(self) -> dict[str, Any]:
+    def conversation(self, task: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One conversation of the split's task mix, or around `task` (a `*_task()` result) when given."""
         rng = self.rng
-        if self.split == "unseen_tools":
+        if task is not None:
+            pass
+        elif self.split == "unseen_tools":
             task = self.random_tool_task(heldout_words=True)
         elif self.copy_drill and self.split == "train" and rng.random() < self.copy_drill:
             task = self.copy_task()

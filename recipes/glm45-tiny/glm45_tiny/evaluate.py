@@ -45,11 +45,14 @@ _FIXED_TOOL_NAMES = {tool["function"]["name"] for tool in FIXED_TOOLS}
 class ContiguousCache:
     """The simplest KV cache for one sequence (implements the model's `AttentionContext`)."""
 
-    def __init__(self):
+    def __init__(self, kv_cache_dtype: str = "auto"):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.fp8 = kv_cache_dtype == "fp8"  # K/V stored as e4m3 at scale 1 and widened on read, as the engine does
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            k, v = (t.to(torch.float8_e4m3fn).to(t.dtype) for t in (k, v))
         if layer_idx in self.keys:
             k = torch.cat([self.keys[layer_idx], k])
             v = torch.cat([self.values[layer_idx], v])
@@ -64,12 +67,12 @@ class ContiguousCache:
 
 @torch.no_grad()
 def greedy_generate(model, prompt_ids: list[int], stop_ids: set[int], max_new_tokens: int,
-                    constraint=None) -> tuple[list[int], bool]:
+                    constraint=None, kv_cache_dtype: str = "auto") -> tuple[list[int], bool]:
     """Greedy continuation of `prompt_ids` → (new ids including the stop token, stopped). With a `constraint`
     (`glm45.grammar.SequenceConstraint`), each token is chosen among those it allows, as the engine does."""
     from glm45.engine.logits import mask_row
 
-    cache = ContiguousCache()
+    cache = ContiguousCache(kv_cache_dtype)
     ids = torch.tensor(prompt_ids)
     positions = torch.arange(len(prompt_ids))
     out: list[int] = []
@@ -147,7 +150,7 @@ class NoToolsCheck:
 
 def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed: int = 2,
              max_new_tokens: int = 192, limit_minutes: float = 0.0, no_tools: bool = True,
-             tool_call_constraint: str = "off") -> dict[str, Any]:
+             tool_call_constraint: str = "off", kv_cache_dtype: str = "auto") -> dict[str, Any]:
     from glm45.model import Glm4MoeForCausalLM
     from glm45.tokenizer import Tokenizer
 
@@ -177,7 +180,7 @@ def evaluate(model_dir: str | Path, num: int = 300, num_unseen: int = 100, seed:
             spec = StructuredOutputsParams(tool_calls=constrain(tools, "auto", True, tool_call_constraint),
                                            reasoning=thinking)
             constraint = grammar.constraint(spec, prompt_ids, max_tokens=max_new_tokens)
-        new, stopped = greedy_generate(model, prompt_ids, stop_ids, max_new_tokens, constraint)
+        new, stopped = greedy_generate(model, prompt_ids, stop_ids, max_new_tokens, constraint, kv_cache_dtype)
         accepted, drafted = mtp_acceptance(model, prompt_ids, new)
         counts["mtp_accepted"] += accepted
         counts["mtp_drafted"] += drafted
@@ -265,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-tools", action=argparse.BooleanOptionalAction, default=True,
                         help="also ask every tool request with no tools declared (no_call_without_tools)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: keys and values rounded to e4m3 as `glm45 serve --kv-cache-dtype fp8` stores them")
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument("--tool-call-constraint", choices=("off", "name", "full"), default="off",
                         help="decode as `glm45 serve --tool-call-constraint` does with tool_choice auto: once the "
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO")
     torch.set_num_threads(args.threads)
     report = evaluate(args.model, args.num, args.num_unseen, args.seed, args.max_new_tokens, args.limit_minutes,
-                      args.no_tools, args.tool_call_constraint)
+                      args.no_tools, args.tool_call_constraint, args.kv_cache_dtype)
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -95,6 +95,8 @@ def init_distributed(
         init_method = init_method or "env://"
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world of {world_size} processes")
+    if device.type == "cuda":  # NCCL and every kernel without an explicit device use the current one
+        torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)

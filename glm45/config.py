@@ -250,7 +250,7 @@ class EngineConfig:
     max_loras: int = arg(4, "LoRA adapters held at once (each can be in any batch)")
     max_lora_rank: int = arg(16, "the largest LoRA rank an adapter may have")
     cuda_graph_sizes: list[int] | None = arg(None, "row counts the decode step is captured for (CUDA graphs, or the "
-                                                   "CPU step program); default: up to 64 on GPUs, 16 or 32 on CPUs")
+                                                   "CPU step program); default 1, 2, 4, …, 64")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):

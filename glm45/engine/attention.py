@@ -30,6 +30,21 @@ def write(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> Non
         cache.index_copy_(0, slots, values.to(cache.dtype))
 
 
+def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of query [B, H, Q, hd] over grouped keys/values [B, KVH, L, hd] with a boolean mask [B, 1, Q, L]. The
+    G = H / KVH query heads that share a KV head are folded into the query length ([B, KVH, G·Q, hd], the mask
+    repeated G times), which is the same sum as `enable_gqa`; for short queries it runs ~7× faster on CPUs, where
+    SDPA's grouped path with a mask takes a slow kernel (64 sequences × 640 keys, one query each: 28 → 4 ms)."""
+    b, heads, q_len, head_dim = query.shape
+    kv_heads, keys_len = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    folded = query.reshape(b, kv_heads, group * q_len, head_dim)
+    mask = mask[:, :, None].expand(b, 1, group, q_len, keys_len).reshape(b, 1, group * q_len, keys_len)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
+    return out.reshape(b, heads, q_len, head_dim)
+
+
 def read(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """cache[index] in the compute dtype."""
     if cache.dtype == torch.float8_e4m3fn:
@@ -130,10 +145,8 @@ class PagedAttention:
         if self.batch is not None:
             q_rows, kv_slots, mask, valid, out_rows = self.batch
             # [B, Q, H, hd] → [B, H, Q, hd]
-            batch_out = F.scaled_dot_product_attention(
-                q[q_rows].transpose(1, 2), read(k_cache, kv_slots, q.dtype).transpose(1, 2),
-                read(v_cache, kv_slots, q.dtype).transpose(1, 2), attn_mask=mask, enable_gqa=True,
-            ).transpose(1, 2)
+            batch_out = grouped_attention(q[q_rows].transpose(1, 2), read(k_cache, kv_slots, q.dtype).transpose(1, 2),
+                                          read(v_cache, kv_slots, q.dtype).transpose(1, 2), mask).transpose(1, 2)
             out[out_rows] = batch_out.reshape(-1, *q.shape[1:])[valid]
         for s, kv_slots, mask in self.long:
             rows = slice(s.q_start, s.q_start + s.q_len)

@@ -1,0 +1,59 @@
+"""Paged attention against a plain per-sequence reference: short slices share one padded call (grouped heads folded
+into the query length), long ones run alone; every new row sees exactly its own sequence's keys up to itself."""
+
+import torch
+import torch.nn.functional as F
+
+from glm45.engine.attention import PagedAttention, SeqSlice, grouped_attention
+
+
+def reference(q, keys, values):
+    """q [Q, H, hd] as the last Q positions of keys/values [L, KVH, hd]: causal attention, K/V heads repeated."""
+    group = q.shape[1] // keys.shape[1]
+    k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    q_len, keys_len = q.shape[0], keys.shape[0]
+    mask = torch.ones(q_len, keys_len, dtype=torch.bool).tril(keys_len - q_len)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+    return out.transpose(0, 1)
+
+
+def test_grouped_attention_is_sdpa_with_grouped_heads():
+    torch.manual_seed(0)
+    for batch, heads, kv_heads, q_len, keys_len in ((5, 8, 2, 1, 37), (3, 6, 3, 4, 20), (2, 4, 1, 16, 16)):
+        q = torch.randn(batch, heads, q_len, 16)
+        k, v = torch.randn(batch, kv_heads, keys_len, 16), torch.randn(batch, kv_heads, keys_len, 16)
+        mask = torch.rand(batch, 1, q_len, keys_len) < 0.7
+        mask[..., 0] = True
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_attention_equals_each_sequence_alone():
+    torch.manual_seed(1)
+    block_size, kv_heads, heads, head_dim, num_blocks = 4, 2, 8, 16, 64
+    kv_cache = torch.zeros(1, 2, num_blocks, block_size, kv_heads, head_dim)
+    # (cached tokens, new tokens): decode rows, a few MTP-like rows, a long prefill chunk after a prefix, a fresh
+    # prompt
+    shapes = [(9, 1), (30, 1), (0, 3), (5, 2), (12, 40), (0, 25)]
+    free = iter(torch.randperm(num_blocks).tolist())
+    slices, slots, history, q_start = [], [], [], 0
+    for cached, new in shapes:
+        total = cached + new
+        table = [next(free) for _ in range(-(-total // block_size))]
+        keys, values = torch.randn(total, kv_heads, head_dim), torch.randn(total, kv_heads, head_dim)
+        positions = torch.arange(total)
+        flat = torch.tensor(table)[positions // block_size] * block_size + positions % block_size
+        kv_cache[0, 0].view(-1, kv_heads, head_dim)[flat[:cached]] = keys[:cached]
+        kv_cache[0, 1].view(-1, kv_heads, head_dim)[flat[:cached]] = values[:cached]
+        slices.append(SeqSlice(q_start, new, total, table))
+        slots.append(flat[cached:])
+        history.append((keys, values))
+        q_start += new
+    q = torch.randn(q_start, heads, head_dim)
+    k_new = torch.cat([keys[cached:] for (keys, _), (cached, _) in zip(history, shapes, strict=True)])
+    v_new = torch.cat([values[cached:] for (_, values), (cached, _) in zip(history, shapes, strict=True)])
+    attention = PagedAttention(kv_cache, torch.cat(slots), slices, block_size)
+    out = attention.attend(0, q, k_new, v_new)
+    for s, (keys, values) in zip(slices, history, strict=True):
+        rows = slice(s.q_start, s.q_start + s.q_len)
+        torch.testing.assert_close(out[rows], reference(q[rows], keys, values), atol=1e-5, rtol=1e-5)

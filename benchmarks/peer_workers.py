@@ -169,6 +169,14 @@ def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
                 warm, *prompts = prefill_prompts(model_dir, spec)
                 generate(warm, 1)
                 out["prefill"] = max(len(p) / elapsed(lambda p=p: generate(p, 1)) for p in prompts)
+            elif workload == "check" and "check_tokens" in spec:
+                # teacher-forced, as the peers are: the reference's tokens appended to the prompt, each scored
+                ids = spec["check_prompt"] + spec["check_tokens"]
+                params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=CHECK_TOP)
+                scored = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].prompt_logprobs
+                rows = scored[len(spec["check_prompt"]):]
+                out["check"] = {"argmax": [max(row, key=row.get) for row in rows],
+                                "logprobs": [{str(k): v for k, v in row.items()} for row in rows]}
             elif workload == "check":
                 prompt = make_prompts(model_dir, [CHECK_PROMPT_LEN], seed=7)[0]
                 params = SamplingParams(temperature=0, max_tokens=CHECK_TOKENS, ignore_eos=True, logprobs=CHECK_TOP)

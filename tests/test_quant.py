@@ -3,6 +3,7 @@ round trips, resident memory against bf16, the engine and /metrics accounting, a
 input before anything large is allocated."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -98,6 +99,20 @@ def test_resident_memory_relative_to_bf16():
                                                    quantization=fmt)
         unpacked = sum(t.numel() * t.element_size() for n, t in model.named_parameters())
         assert (weight_bytes(model) - unpacked) / (weight_bytes(bf16) - unpacked) <= budget, fmt
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_a_quantized_load_keeps_no_view_of_the_checkpoint(folder, fmt):
+    """A view of the memory-mapped file (a norm, a router) would keep the whole map, and every page the quantizer
+    read, resident beside the packed copy."""
+    import gc
+
+    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype="bfloat16", progress=False, quantization=fmt)
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        mapped = [line for line in maps if str(folder) in line]
+    assert model is not None and not mapped
 
 
 def test_engine_reports_weight_and_kv_bytes():

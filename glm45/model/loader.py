@@ -165,7 +165,10 @@ class _Reader:
         if quantizes(internal, self.fmt) and not self.as_shipped:
             self.packed[internal] = pack(tensor, self.fmt, self.device)
         else:
-            self.state[internal] = tensor.to(self.device)
+            # Plain loads keep zero-copy views of the memory map; a quantized load copies what it keeps as is
+            # (norms, routers, biases), since one view would keep the whole map, and with it every page the
+            # quantizer read, resident.
+            self.state[internal] = tensor.to(self.device, copy=self.fmt is not None and tensor.device == self.device)
 
     def _read_packed(self, internal: str, ckpt_name: str, stack, shard, meta: torch.Tensor) -> bool:
         """Take a weight the checkpoint stores in the served format as it is; False to read it plainly."""

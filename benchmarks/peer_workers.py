@@ -135,24 +135,18 @@ def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
                   num_speculative_tokens=spec.get("num_speculative_tokens", 0))
     if precision != "bf16":
         kwargs["quantization"] = precision
-    before = process_memory()
     try:
         llm = LLM(model_dir, **kwargs)
     except (TypeError, ValueError) as e:
         if precision == "bf16":
             raise
         raise Unavailable(f"LLM(quantization={precision!r}): {e}") from e
-    after = process_memory()
 
     def generate(prompt: list[int], n: int) -> list[int]:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         return list(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids)
 
     out: dict = {}
-    if after:
-        out["memory"] = {"rss_growth": after["VmRSS"] - before["VmRSS"],
-                         "peak_growth": after["VmHWM"] - before["VmRSS"],
-                         "weight_bytes": llm.engine.stats()["weight_bytes"]}
     with torch.inference_mode():
         for workload in spec["workloads"]:
             if workload == "decode":

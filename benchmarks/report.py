@@ -14,7 +14,6 @@ from benchmarks.peer_workers import batch_lengths
 from glm45.config import ModelConfig
 
 ORDER = ("decode", "batch", "prefill", "mtp")
-PRECISION_ORDER = ("bf16", "int8", "int4", "fp8")
 BUSY_THRESHOLD = 0.15  # as peer_workers.QUIET["threshold"]
 
 
@@ -216,7 +215,6 @@ def print_report(record: dict, args) -> None:
         print(f"\n* at least one run of this figure started while other work kept the CPUs over "
               f"{BUSY_THRESHOLD:.0%} busy after waiting {args.quiet_wait:.0f} s: treat it with care")
     print_decode_bytes(record, figures, args)
-    print_memory(record, args)
     if "mtp" in args.workloads:
         print_mtp_identity(record)
     if multi_threads:
@@ -287,38 +285,6 @@ def print_scaling(figures: dict, args, label: dict) -> None:
             if a == a and b == b:
                 print(f"  {key[1]:<7} {key[2]:<5} {label[key[3]]:<16} {key[4]:<18} {format_figure(a):>7} → "
                       f"{format_figure(b):>7}  {b / a:.2f}×")
-
-
-MEMORY_TARGETS = {"int8": 0.55, "fp8": 0.55, "int4": 0.32}  # issue 16: resident memory after load ÷ bf16's
-
-
-def memory_medians(record: dict) -> dict:
-    """{(model, precision): median over rounds of glm45's resident-memory growth from loading} (2 threads' runs)."""
-    growth: dict = defaultdict(list)
-    for entry in record["results"]:
-        if entry["engine"] == "glm45" and "memory" in entry:
-            growth[entry["model"], entry["precision"]].append(entry["memory"])
-    return {key: {field: statistics.median(m[field] for m in runs) for field in runs[0]}
-            for key, runs in growth.items()}
-
-
-def print_memory(record: dict, args) -> None:
-    """glm45's resident memory after load (the process's RSS growth across `LLM(...)`), against bf16's."""
-    memory = memory_medians(record)
-    if not memory:
-        return
-    print("\nresident memory after load (glm45, RSS growth across LLM(...); median over rounds; the KV cache's "
-          "pages are untouched until used):")
-    print("| model | precision | RSS growth MiB | ÷ bf16 | target | peak during load MiB | weights MiB (engine) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for (model, precision), m in sorted(memory.items(), key=lambda kv: (args.models.index(kv[0][0]),
-                                                                         PRECISION_ORDER.index(kv[0][1]))):
-        base = memory.get((model, "bf16"))
-        ratio = m["rss_growth"] / base["rss_growth"] if base else float("nan")
-        goal = MEMORY_TARGETS.get(precision)
-        target = "" if goal is None else f"≤ {goal:.2f} {'met' if ratio <= goal else 'not met'}"
-        print(f"| {model} | {precision} | {m['rss_growth'] / 2**20:.0f} | {ratio:.2f} | {target} | "
-              f"{m['peak_growth'] / 2**20:.0f} | {m['weight_bytes'] / 2**20:.0f} |")
 
 
 def print_targets(medians: dict, args) -> None:

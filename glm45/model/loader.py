@@ -168,7 +168,7 @@ class _Reader:
             # Plain loads keep zero-copy views of the memory map; a quantized load copies what it keeps as is
             # (norms, routers, biases), since one view would keep the whole map, and with it every page the
             # quantizer read, resident.
-            self.state[internal] = tensor.to(self.device, copy=self.fmt is not None and tensor.device == self.device)
+            self.state[internal] = tensor.to(self.device, copy=self.fmt is not None)
 
     def _read_packed(self, internal: str, ckpt_name: str, stack, shard, meta: torch.Tensor) -> bool:
         """Take a weight the checkpoint stores in the served format as it is; False to read it plainly."""

@@ -20,14 +20,16 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from glm45.chat import normalize_messages, render_chat
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,25 @@ def load_conversations(path: str | Path, on_error: str = "fail") -> list[dict[st
     if not conversations:
         raise ValueError(f"{path} has no usable conversations")
     return conversations
+
+
+def read_records(path: str | Path, parse: Callable[[Any], T], what: str) -> list[T]:
+    """`parse` applied to each non-blank line of a JSONL file; a line it cannot take is a ValueError naming its line
+    number ("malformed {what}"), and a file with none is one too. For the DPO pairs and the RL prompts."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file {path}")
+    records = []
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if raw.strip():
+                try:
+                    records.append(parse(json.loads(raw.decode("utf-8"))))
+                except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                    raise ValueError(f"{path}:{line_number}: malformed {what}: {e}") from e
+    if not records:
+        raise ValueError(f"{path} has no {what}")
+    return records
 
 
 def _unusable(message: str, on_error: str, error: BaseException) -> int:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from glm45.chat import normalize_messages, render_chat
-from glm45.train.data import Batch, Example, collate, tokenize_conversation
+from glm45.train.data import Batch, Example, collate, read_records, tokenize_conversation
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "observation": "tool", "tool": "tool", "function_call": "assistant"}
@@ -107,19 +107,7 @@ def parse_pair(record: Any) -> dict[str, Any]:
 
 
 def load_pairs(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no data file {path}")
-    pairs = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                pairs.append(parse_pair(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_number}: malformed preference pair: {e}") from e
-    if not pairs:
-        raise ValueError(f"{path} has no preference pairs")
-    return pairs
+    return read_records(path, parse_pair, "preference pair")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from glm45.chat import assemble_turn, normalize_messages, plan_chat
+from glm45.train.data import read_records
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +72,7 @@ def parse_prompt_row(record: Any) -> PromptRow:
 
 
 def load_prompts(path: str | Path) -> list[PromptRow]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prompts file {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(parse_prompt_row(json.loads(line)))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{line_number}: malformed prompt row: {e}") from e
-    if not rows:
-        raise ValueError(f"{path} has no prompts")
-    return rows
+    return read_records(path, parse_prompt_row, "prompt row")
 
 
 def load_reward(spec: str) -> Callable[..., float]:

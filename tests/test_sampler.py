@@ -1,9 +1,24 @@
-"""Logit processing: penalties, temperature, top-k, top-p, min-p — each against its definition."""
+"""Logit processing: penalties, temperature, top-k, top-p, min-p — each against its definition; the batched
+path (what the engine runs) against the row-at-a-time definitions, batch invariance of seeded rows, no host
+syncs before the tokens are read, and MTP's batched rejection sampling keeping the target distribution."""
 
+import pytest
 import torch
+from test_sync_free import OpCounter
 
-from glm45.engine.sampler import apply_penalties, draw, probabilities
+from glm45.engine.sampler import (
+    Sampler,
+    apply_penalties,
+    choose,
+    distributions,
+    draw_rows,
+    penalise,
+    probabilities,
+    uniforms,
+)
 from glm45.engine.sampling_params import SamplingParams
+from glm45.engine.sequence import Sequence
+from glm45.engine.speculative import verify
 
 
 def test_penalties_follow_their_definitions():
@@ -30,8 +45,108 @@ def test_filters_keep_the_right_tokens():
     assert torch.isclose(cold.sum(), torch.tensor(1.0))
 
 
-def test_draw_samples_the_distribution():
-    probs = torch.tensor([0.1, 0.6, 0.3])
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.tensor([draw(probs, generator) for _ in range(6000)]), minlength=3)
-    assert torch.allclose(counts / 6000, probs, atol=0.025)
+def test_draw_rows_samples_each_rows_distribution():
+    probs = torch.tensor([[0.1, 0.6, 0.3, 0.0], [0.0, 0.0, 0.5, 0.5]]).repeat(3000, 1)
+    tokens = draw_rows(probs * 7.0, uniforms([torch.Generator().manual_seed(0)], 6000, torch.device("cpu"))[0])
+    for row in (0, 1):
+        counts = torch.bincount(tokens[row::2], minlength=4) / 3000
+        assert torch.allclose(counts, probs[row], atol=0.03), counts
+    # a zero-probability token is never drawn, even by u at the very top of [0, 1)
+    edge = torch.tensor([[0.3, 0.7, 0.0, 0.0]])
+    assert draw_rows(edge, torch.tensor([1.0 - 2**-24])).item() == 1
+    assert draw_rows(edge, torch.tensor([0.0])).item() == 0
+
+
+PARAMS = [SamplingParams(temperature=0), SamplingParams(temperature=0.7), SamplingParams(top_k=5),
+          SamplingParams(top_k=1500, temperature=1.3), SamplingParams(top_p=0.8), SamplingParams(top_k=40, top_p=0.6),
+          SamplingParams(min_p=0.05, temperature=0.9), SamplingParams(top_k=3, top_p=0.9, min_p=0.2),
+          SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3, top_p=0.95),
+          SamplingParams(temperature=0, repetition_penalty=0.8), SamplingParams(top_k=1)]
+
+
+@pytest.mark.parametrize("vocab", [300, 2000])  # 2000: top-k 1500 is past TOPK_LIMIT, so that batch sorts
+def test_batched_distributions_equal_the_row_definitions(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(len(PARAMS), vocab, generator=generator) * 3
+    prompts = [torch.randint(0, vocab, (9,), generator=generator).tolist() for _ in PARAMS]
+    outputs = [torch.randint(0, vocab, (i,), generator=generator).tolist() for i in range(len(PARAMS))]
+    penalised = penalise(logits, PARAMS, prompts, outputs)
+    got = distributions(penalised, PARAMS)
+    for i, params in enumerate(PARAMS):
+        expected_logits = apply_penalties(logits[i], params, prompts[i], outputs[i])
+        assert torch.allclose(penalised[i], expected_logits, atol=1e-6), i
+        assert torch.allclose(got[i], probabilities(expected_logits, params), atol=1e-6), i
+        # and each row alone gives the same as in the batch (the cut never depends on the neighbours)
+        alone = distributions(penalise(logits[i:i + 1], [params], [prompts[i]], [outputs[i]]), [params])
+        assert torch.equal(alone[0], got[i]), i
+    greedy = choose(penalised, PARAMS, [torch.Generator().manual_seed(i) for i in range(len(PARAMS))])
+    for i in (0, 9, 10):  # greedy rows, and top-k 1: the argmax of the penalised logits
+        assert greedy[i] == penalised[i].argmax()
+
+
+def sequences(params: list[SamplingParams], seed: int = 0) -> list[Sequence]:
+    return [Sequence(f"r{i}", [1, 2, 3], p, [0], None if p.greedy else torch.Generator().manual_seed(seed + i))
+            for i, p in enumerate(params)]
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch():
+    vocab = 400
+    steps = [torch.randn(8, vocab, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    params = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2)
+    alone, crowd = sequences([params]), sequences([SamplingParams(top_k=7)] * 3 + [params] + PARAMS[:4], seed=50)
+    crowd[3].generator = torch.Generator().manual_seed(0)
+    sampler = Sampler()
+    for logits in steps:
+        (token, _), = sampler(logits[3:4], alone)
+        crowded = sampler(logits, crowd)
+        assert crowded[3][0] == token
+        for seq, (t, _) in zip([alone[0], crowd[3]], [(token, None), crowded[3]], strict=True):
+            seq.token_ids.append(t)
+    assert len(set(alone[0].output_token_ids)) > 1
+
+
+def test_sampling_has_no_host_sync_before_the_tokens_are_read():
+    """Penalties, truncation, min-p and the draw run as tensor operations whose number does not grow with the rows
+    (parameters are read on the host, never from the device); only reading the tokens waits."""
+    launches = []
+    for repeats in (1, 4):
+        params = PARAMS * repeats
+        seqs = sequences(params)
+        for i, seq in enumerate(seqs):
+            seq.token_ids += list(range(i))
+        counter = OpCounter()
+        with counter:
+            choose(penalise(torch.randn(len(params), 3000), params, [s.prompt_token_ids for s in seqs],
+                            [s.output_token_ids for s in seqs]), params, [s.generator for s in seqs])
+        assert counter.syncs == [], counter.syncs
+        # the host makes each sampled row's uniform (`rand`) and gathers them (`stack`); the device work is fixed
+        launches.append([name for name in counter.names if name not in ("rand", "stack")])
+    assert launches[0] == launches[1]
+
+
+def test_batched_rejection_sampling_keeps_the_target_distribution():
+    """Draft from q, verify against p, 20,000 sequences in one batch: the first emitted token is distributed as p
+    (chi-square), not as q."""
+    vocab, trials = 6, 20000
+    p = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.20, 0.10])
+    q = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.10, 0.20])
+    drafts = torch.multinomial(q, trials, replacement=True, generator=torch.Generator().manual_seed(0)).tolist()
+    seqs = sequences([SamplingParams(temperature=1.0)] * trials, seed=1)
+    for seq, draft in zip(seqs, drafts, strict=True):
+        seq.draft_token_ids, seq.draft_probs = [draft], q[None]
+    bonus = torch.zeros(vocab)
+    chunks = [torch.stack([p.log(), bonus])] * trials
+    first = torch.tensor([tokens[0] for tokens in verify(chunks, seqs)])
+    counts = torch.bincount(first, minlength=vocab).float()
+    expected = p * trials
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # the 99.9% quantile of chi-square with 5 degrees of freedom
+    assert float(((counts - q * trials) ** 2 / (q * trials)).sum()) > 1000
+
+
+def test_greedy_verification_accepts_while_drafts_match():
+    logits = torch.full((3, 5), -5.0)
+    logits[0, 2] = logits[1, 4] = logits[2, 1] = 5.0
+    greedy = sequences([SamplingParams(temperature=0)] * 2)
+    greedy[0].draft_token_ids, greedy[1].draft_token_ids = [2, 4], [2, 3]
+    assert verify([logits, logits], greedy) == [[2, 4, 1], [2, 4]]

@@ -21,11 +21,12 @@ BLOCK = 4
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.ops, self.syncs = 0, []
+        self.ops, self.syncs, self.names = 0, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.ops += 1
+        self.names.append(name)
         if name in SYNCING:
             self.syncs.append(name)
         if name == "index" and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool

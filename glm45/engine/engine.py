@@ -271,10 +271,11 @@ class LLMEngine:
         self.num_prompt_tokens += len(prompt_ids) * params.n
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
-        """The random stream of one sampled completion: the request's seed + index, or the engine's own."""
+        """The random stream of one sampled completion: the request's seed + index, or the engine's own. It lives on
+        the host (the sampler copies each step's uniforms to the device without waiting)."""
         if params.greedy:
             return None
-        generator = torch.Generator(device=self.device)
+        generator = torch.Generator()
         if params.seed is not None:
             generator.manual_seed((params.seed + index) % 2**64)  # any int64 seed, wrapped as torch takes it
         else:

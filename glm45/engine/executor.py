@@ -23,10 +23,10 @@ from glm45.engine.attention import SeqSlice, StepInputs
 from glm45.engine.block_manager import BlockManager
 from glm45.engine.logits import follow, needs_processing, process_chain, process_rows
 from glm45.engine.model_runner import ModelRunner
-from glm45.engine.sampler import Sampler, rows_top_logprobs, top_logprobs
+from glm45.engine.sampler import Sampler, rows_top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence
-from glm45.engine.speculative import AcceptanceStats, choose_draft, verify
+from glm45.engine.speculative import AcceptanceStats, choose_drafts, verify
 
 PROMPT_LOGPROBS_BYTES = 64 << 20  # float32 logits of prompt rows reduced at a time (~110 rows of GLM-4.5's vocab)
 
@@ -67,7 +67,7 @@ class Executor:
             drafts = list(seq.draft_token_ids) if ends_known and item.num_tokens == 1 else []
             tokens = seq.token_ids[start:start + item.num_tokens] + drafts
             plan.append((seq, start, item.num_tokens, drafts, len(ids)))
-            slices.append(SeqSlice(len(ids), len(tokens), start + len(tokens), seq.block_table))
+            slices.append(SeqSlice(len(ids), len(tokens), start + len(tokens), seq.block_table, seq.seq_id))
             ids += tokens
             positions += range(start, start + len(tokens))
             slots += self._slots(seq, start, len(tokens))
@@ -127,15 +127,21 @@ class Executor:
             sampled = self.sampler(chosen, seqs, raw_logits=raw)
             for (seq, _), (token, logprobs) in zip(plain, sampled, strict=True):
                 new_tokens[seq.seq_id] = ([token], [logprobs])
-        for seq, row, num_drafts in owners:
-            if num_drafts:
+        drafted = [(seq, row, num_drafts) for seq, row, num_drafts in owners if num_drafts]
+        if drafted:
+            chunks = []
+            for seq, row, num_drafts in drafted:
                 rows = logits[row:row + num_drafts + 1]
-                chosen = process_chain(rows.clone(), seq, seq.draft_token_ids) if needs_processing(seq) else rows
-                tokens = verify(chosen, seq)
+                chunks.append(process_chain(rows.clone(), seq, seq.draft_token_ids) if needs_processing(seq) else rows)
+            accepted = verify(chunks, [seq for seq, _, _ in drafted])
+            wanted = [(seq, row + i, t) for (seq, row, _), tokens in zip(drafted, accepted, strict=True)
+                      if seq.params.logprobs is not None for i, t in enumerate(tokens)]
+            entries = iter(rows_top_logprobs(logits[[r for _, r, _ in wanted]], [t for _, _, t in wanted],
+                                             [seq.params.logprobs for seq, _, _ in wanted]) if wanted else [])
+            for (seq, _, num_drafts), tokens in zip(drafted, accepted, strict=True):
                 self.stats.record(num_drafts, len(tokens))
-                k = seq.params.logprobs
-                new_tokens[seq.seq_id] = (tokens, [None if k is None else top_logprobs(rows[i], t, k)
-                                                   for i, t in enumerate(tokens)])
+                new_tokens[seq.seq_id] = (tokens, [None if seq.params.logprobs is None else next(entries)
+                                                   for _ in tokens])
         return new_tokens
 
     def propose_drafts(self) -> list[tuple[Sequence, list[int], torch.Tensor | None]]:
@@ -147,7 +153,7 @@ class Executor:
             return []
         ids, positions, slots, slices, rows = [], [], [], [], []
         for c in items:
-            slices.append(SeqSlice(len(ids), c.num_valid, c.start + c.num_valid, c.seq.block_table))
+            slices.append(SeqSlice(len(ids), c.num_valid, c.start + c.num_valid, c.seq.block_table, c.seq.seq_id))
             ids += c.seq.token_ids[c.start + 1:c.start + c.num_valid + 1]
             positions += range(c.start, c.start + c.num_valid)
             slots += self._slots(c.seq, c.start, c.num_valid)
@@ -166,18 +172,18 @@ class Executor:
         for step in range(self.k if seqs else 0):
             if processed:
                 logits = process_rows(logits.clone(), seqs, states)
+            tokens, q = choose_drafts(logits, seqs)
             for b, seq in enumerate(seqs):
-                token, q = choose_draft(logits[b], seq)
-                drafts[b].append(token)
-                probs[b].append(q)
+                drafts[b].append(tokens[b])
+                probs[b].append(q[b])
                 if processed and step < self.k - 1:
-                    states[b] = follow(states[b], seq, token)
+                    states[b] = follow(states[b], seq, tokens[b])
             if step == self.k - 1:
                 break
             # The pair (h', d_j) sits at position n + j - 1, where n is the pending token's position.
             pos = [len(seq) - 1 + step for seq in seqs]
             pairs = list(zip(seqs, pos, strict=True))
-            step_slices = [SeqSlice(b, 1, p + 1, seq.block_table) for b, (seq, p) in enumerate(pairs)]
+            step_slices = [SeqSlice(b, 1, p + 1, seq.block_table, seq.seq_id) for b, (seq, p) in enumerate(pairs)]
             step_slots = [self.block_manager.slot(seq, p) for seq, p in pairs]
             tokens = [d[-1] for d in drafts]
             logits = self.runner.draft(StepInputs(tokens, pos, step_slots, step_slices), None, list(range(len(seqs))))

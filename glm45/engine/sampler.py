@@ -1,11 +1,16 @@
-"""Turning logits into tokens, for a batch of rows that each follow their own request's parameters.
+"""Turning logits into tokens for a batch of rows that each follow their own request's parameters, in one pass of
+batched tensor operations: no loop over rows, and on a GPU no host synchronisation until the tokens are read.
 
-`probabilities` applies, in vLLM's order: repetition/presence/frequency penalties, temperature, top-k,
-top-p, min-p, softmax. Greedy rows take the argmax of the penalised logits. Sampled rows draw with their
-own request's `torch.Generator` through the exponential race (argmax p / E, E ~ Exp(1)), which samples
-exactly from p and consumes the request's random stream only — so a seeded request gives the same
-output whatever else is in the batch. Log-probabilities are reported from the raw model distribution (in
-float32), those of sampled tokens row by row and those of prompt tokens many rows at a time.
+`penalise` then `distributions` apply, in vLLM's order: repetition/presence/frequency penalties, temperature,
+top-k, top-p, min-p, softmax. Greedy rows take the argmax of the penalised logits. Sampled rows draw by inverse
+CDF: the first token whose cumulative probability exceeds u · total, with u uniform in [0, 1) from the request's
+own host-side `torch.Generator` (a fixed number of uniforms per step; the device never waits for them), so a
+seeded request gives the same output whatever else is in the batch. Top-k and top-p need the largest logits in
+order: `torch.topk` of the largest k when every truncating row has a small top-k, one sort otherwise; the cut
+itself is a prefix sum in that order, so a row's result does not depend on its neighbours.
+Log-probabilities are reported from the raw model distribution (in float32), many rows at a time.
+
+`apply_penalties` and `probabilities` are the row-at-a-time definitions the batched path is tested against.
 """
 
 from __future__ import annotations
@@ -14,12 +19,165 @@ import torch
 
 from glm45.engine.sampling_params import SamplingParams
 
+TOPK_LIMIT = 1024  # top-k rows up to this k avoid sorting the vocabulary
 
+
+# ---------------------------------------------------------------------- batched path
+def uniforms(generators: list[torch.Generator | None], count: int, device: torch.device) -> torch.Tensor:
+    """[rows, count] uniforms in [0, 1), each row from its own stream (made on the host, copied without waiting)."""
+    host = torch.stack([torch.rand(count, generator=g) for g in generators])
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(map(len, rows)))
+    return column([r + [pad] * (width - len(r)) for r in rows], torch.long, device)
+
+
+def penalise(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+             outputs: list[list[int]]) -> torch.Tensor:
+    """Row i: repetition penalty over prompt and output (HF/vLLM: divide positive, multiply negative logits),
+    presence and frequency penalties over the output only (OpenAI). Rows without penalties are returned as
+    they are; the others in a new tensor."""
+    rows = [i for i, p in enumerate(params) if p.uses_penalties]
+    if not rows:
+        return logits
+    device, vocab = logits.device, logits.shape[-1]
+    index = column(rows, torch.long, device)
+    chosen = logits.index_select(0, index).float()
+    # Histories as padded id rows; the pad id `vocab` lands in a spare column that is dropped.
+    seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device)
+    seen.scatter_(1, _padded([prompts[i] + outputs[i] for i in rows], vocab, device).clamp(max=vocab), True)
+    seen = seen[:, :vocab]
+    counts = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=device)
+    out_ids = _padded([outputs[i] for i in rows], vocab, device).clamp(max=vocab)
+    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
+    counts = counts[:, :vocab]
+    repetition = column([params[i].repetition_penalty for i in rows], torch.float32, device)[:, None]
+    presence = column([params[i].presence_penalty for i in rows], torch.float32, device)[:, None]
+    frequency = column([params[i].frequency_penalty for i in rows], torch.float32, device)[:, None]
+    repeated = torch.where(chosen > 0, chosen / repetition, chosen * repetition)
+    chosen = torch.where(seen, repeated, chosen) - frequency * counts - presence * (counts > 0)
+    out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
+    return out.index_copy_(0, index, chosen)
+
+
+def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """float32 [rows, V] → the same with -inf outside each row's top-k and then its top-p nucleus (a token is
+    dropped when the tokens before it in descending order already reach top_p of the top-k mass)."""
+    vocab = logits.shape[-1]
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    cut = [k < vocab or p < 1.0 for k, p in zip(ks, top_p, strict=True)]
+    if not any(cut):
+        return logits
+    width = max(k if p >= 1.0 else vocab for k, p, c in zip(ks, top_p, cut, strict=True) if c)
+    if width <= TOPK_LIMIT:
+        ordered = logits.topk(width, dim=-1).values
+    else:
+        ordered, width = logits.sort(dim=-1, descending=True).values, vocab
+    device = logits.device
+    k = column([min(k, width) for k in ks], torch.long, device)[:, None]
+    p = column([p if p < 1.0 else float("inf") for p in top_p], torch.float32, device)[:, None]
+    weights = (ordered - ordered[:, :1]).exp()
+    mass = weights.cumsum(-1)  # a prefix sum, so row i's cut never depends on the width other rows set
+    before = mass - weights
+    keep = (torch.arange(width, device=device) < k) & (before < p * mass.gather(1, k - 1))
+    threshold = ordered.gather(1, keep.sum(-1, keepdim=True) - 1)
+    threshold = torch.where(column(cut, torch.bool, device)[:, None], threshold, float("-inf"))
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Penalised logits [rows, V] → float32 distributions to draw from (temperature, top-k, top-p, min-p)."""
+    device = logits.device
+    # times the reciprocal: a division by a [1, 1] column is turned into that anyway, so one row alone and the
+    # same row in a batch round alike
+    inverse = column([1.0 / max(p.temperature, 1e-5) for p in params], torch.float32, device)[:, None]
+    scaled = truncate(logits.float() * inverse, [p.top_k for p in params], [p.top_p for p in params])
+    probs = scaled.softmax(-1)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = column([p.min_p for p in params], torch.float32, device)[:, None]
+        kept = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+        probs = torch.where(min_p > 0, kept / kept.sum(-1, keepdim=True), probs)  # others untouched, bit for bit
+    return probs
+
+
+def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of (unnormalised) probabilities: the first whose cumulative mass exceeds u · total."""
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    # strictly below the total even where u · total rounds up to it, so the token found has mass of its own
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+def rows_top_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[dict[int, float]]:
+    """Row i's float32 log-softmax at `token_ids[i]`, then its top `ks[i]`, with a constant number of tensor ops
+    whatever the number of rows (sampled tokens' and prompt tokens' log-probabilities)."""
+    logprobs = logits.float().log_softmax(-1)
+    targets = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    values, ids = logprobs.topk(max(ks, default=0), dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    out = []
+    for token_id, logprob, k, row_values, row_ids in zip(token_ids, chosen, ks, values, ids, strict=True):
+        entry = {token_id: logprob}
+        for index, value in zip(row_ids[:k], row_values[:k], strict=True):
+            entry.setdefault(index, value)
+        out.append(entry)
+    return out
+
+
+def histories(seqs: list) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, output ids) of each sequence that uses penalties ([] for the others: nothing to build)."""
+    prompts = [s.token_ids[: s.num_prompt_tokens] if s.params.uses_penalties else [] for s in seqs]
+    outputs = [s.output_token_ids if s.params.uses_penalties else [] for s in seqs]
+    return prompts, outputs
+
+
+def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """[rows] tokens on the device from penalised logits: argmax for greedy rows, a draw for the others."""
+    tokens = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = column(sampled, torch.long, logits.device)
+        probs = distributions(logits.index_select(0, index), [params[i] for i in sampled])
+        u = uniforms([generators[i] for i in sampled], 1, logits.device)[:, 0]
+        tokens = tokens.index_copy(0, index, draw_rows(probs, u))
+    return tokens
+
+
+class Sampler:
+    """Samples one token per row; each row brings its sequence (parameters, history, generator)."""
+
+    def __call__(self, logits: torch.Tensor, seqs: list,
+                 raw_logits: torch.Tensor | None = None) -> list[tuple[int, dict[int, float] | None]]:
+        """One token per row of `logits`; log-probabilities from `raw_logits` (the model's own, before any bias or
+        mask) when given."""
+        raw_logits = logits if raw_logits is None else raw_logits
+        params = [s.params for s in seqs]
+        logits = penalise(logits, params, *histories(seqs))
+        tokens = choose(logits, params, [s.generator for s in seqs]).tolist()  # the step's one wait
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs: list[dict[int, float] | None] = [None] * len(seqs)
+        if want:
+            entries = rows_top_logprobs(raw_logits[want], [tokens[i] for i in want], [params[i].logprobs for i in want])
+            for i, entry in zip(want, entries, strict=True):
+                logprobs[i] = entry
+        return list(zip(tokens, logprobs, strict=True))
+
+
+# ---------------------------------------------------------------------- row-at-a-time definitions (reference)
 def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
 ) -> torch.Tensor:
-    """One row. Repetition penalty over prompt and output (HF/vLLM: divide positive, multiply negative
-    logits); presence and frequency penalties over the output only (OpenAI)."""
+    """One row: repetition penalty over prompt and output, presence and frequency penalties over the output."""
     if not params.uses_penalties:
         return logits
     logits = logits.clone()
@@ -52,63 +210,3 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
         probs = probs / probs.sum()
     return probs
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int(torch.argmax(probs / noise))
-
-
-def top_logprobs(raw_logits: torch.Tensor, token_id: int, k: int) -> dict[int, float]:
-    logprobs = raw_logits.float().log_softmax(-1)
-    result = {token_id: float(logprobs[token_id])}
-    if k > 0:
-        values, ids = logprobs.topk(k)
-        for value, index in zip(values.tolist(), ids.tolist(), strict=True):
-            result.setdefault(index, value)
-    return result
-
-
-def rows_top_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[dict[int, float]]:
-    """`top_logprobs` for many rows at once (prompt log-probabilities): row i's float32 log-softmax at
-    `token_ids[i]`, then its top `ks[i]`, with a constant number of tensor ops whatever the number of rows."""
-    logprobs = logits.float().log_softmax(-1)
-    targets = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-    values, ids = logprobs.topk(max(ks, default=0), dim=-1)
-    values, ids = values.tolist(), ids.tolist()
-    out = []
-    for token_id, logprob, k, row_values, row_ids in zip(token_ids, chosen, ks, values, ids, strict=True):
-        entry = {token_id: logprob}
-        for index, value in zip(row_ids[:k], row_values[:k], strict=True):
-            entry.setdefault(index, value)
-        out.append(entry)
-    return out
-
-
-class Sampler:
-    """Samples one token per row; each row brings its sequence (parameters, history, generator)."""
-
-    def __call__(self, logits: torch.Tensor, seqs: list,
-                 raw_logits: torch.Tensor | None = None) -> list[tuple[int, dict[int, float] | None]]:
-        """One token per row of `logits`; log-probabilities from `raw_logits` (the model's own, before any bias or
-        mask) when given."""
-        raw_logits = logits if raw_logits is None else raw_logits
-        results = []
-        greedy_rows = [i for i, s in enumerate(seqs) if s.params.greedy and not s.params.uses_penalties]
-        greedy_ids = logits[greedy_rows].argmax(-1).tolist() if greedy_rows else []
-        greedy = dict(zip(greedy_rows, greedy_ids, strict=True))
-        for row, seq in enumerate(seqs):
-            if row in greedy:
-                token = greedy[row]
-            else:
-                penalised = apply_penalties(logits[row], seq.params, seq.token_ids[: seq.num_prompt_tokens],
-                                            seq.output_token_ids)
-                if seq.params.greedy:
-                    token = int(penalised.argmax())
-                else:
-                    token = draw(probabilities(penalised, seq.params), seq.generator)
-            logprobs = None if seq.params.logprobs is None else top_logprobs(raw_logits[row], token,
-                                                                             seq.params.logprobs)
-            results.append((token, logprobs))
-        return results

@@ -16,68 +16,78 @@ from __future__ import annotations
 
 import torch
 
-from glm45.engine.sampler import apply_penalties, draw, probabilities
+from glm45.engine.sampler import column, distributions, draw_rows, penalise, uniforms
 
 
-def target_distributions(logits: torch.Tensor, seq, drafts: list[int]) -> list[torch.Tensor]:
-    """The distribution plain decoding would sample from at each verify position (penalties see the
-    drafts before that position as already generated)."""
-    prompt = seq.token_ids[: seq.num_prompt_tokens]
-    out = []
-    for i in range(len(drafts) + 1):
-        penalised = apply_penalties(logits[i], seq.params, prompt, seq.output_token_ids + drafts[:i])
-        out.append(probabilities(penalised, seq.params))
-    return out
+def choose_drafts(logits: torch.Tensor, seqs: list) -> tuple[list[int], list[torch.Tensor | None]]:
+    """One draft token per row of the MTP logits: argmax for greedy requests, else a draw from q, which is
+    returned with it (the verification needs it)."""
+    tokens = logits.argmax(-1)
+    q: list[torch.Tensor | None] = [None] * len(seqs)
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if sampled:
+        index = column(sampled, torch.long, logits.device)
+        probs = distributions(logits.index_select(0, index), [seqs[i].params for i in sampled])
+        u = uniforms([seqs[i].generator for i in sampled], 1, logits.device)[:, 0]
+        tokens = tokens.index_copy(0, index, draw_rows(probs, u))
+        for j, i in enumerate(sampled):
+            q[i] = probs[j]
+    return tokens.tolist(), q
 
 
-def greedy_verify(logits: torch.Tensor, seq, drafts: list[int]) -> list[int]:
-    if seq.params.uses_penalties:
-        prompt = seq.token_ids[: seq.num_prompt_tokens]
-        targets = [int(apply_penalties(logits[i], seq.params, prompt, seq.output_token_ids + drafts[:i]).argmax())
-                   for i in range(len(drafts) + 1)]
-    else:  # one argmax over all positions
-        targets = logits[: len(drafts) + 1].argmax(-1).tolist()
-    accepted: list[int] = []
-    for i, token in enumerate(targets):
-        accepted.append(token)
-        if i == len(drafts) or token != drafts[i]:
-            break
-    return accepted
+def verify(chunks: list[torch.Tensor], seqs: list) -> list[list[int]]:
+    """For each sequence its target logits at the k+1 verify positions ([k+1, V], after bias and masks) → the
+    tokens to append (1 … k+1), all sequences in one batch of tensor operations.
 
-
-def rejection_sample(
-    target_probs: list[torch.Tensor], draft_probs: torch.Tensor, drafts: list[int], generator: torch.Generator | None
-) -> list[int]:
-    """target_probs: k+1 rows p_0…p_k; draft_probs [k, V] rows q_1…q_k that drafts were sampled from."""
-    accepted: list[int] = []
-    for i, token in enumerate(drafts):
-        p, q = target_probs[i], draft_probs[i]
-        u = float(torch.rand((), generator=generator, device=p.device))
-        if u * float(q[token]) <= float(p[token]):
-            accepted.append(token)
-            continue
-        residual = (p - q).clamp(min=0.0)
-        total = residual.sum()
-        accepted.append(draw(residual / total if total > 0 else p, generator))
-        return accepted
-    accepted.append(draw(target_probs[len(drafts)], generator))
-    return accepted
-
-
-def verify(logits: torch.Tensor, seq) -> list[int]:
-    """logits [k+1, V] of the target at the verify positions → the tokens to append (1 … k+1)."""
-    drafts = seq.draft_token_ids
-    if seq.params.greedy:
-        return greedy_verify(logits, seq, drafts)
-    return rejection_sample(target_distributions(logits, seq, drafts), seq.draft_probs, drafts, seq.generator)
-
-
-def choose_draft(logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None]:
-    """A draft token from the MTP logits: argmax for greedy requests, else a sample from q (returned)."""
-    if seq.params.greedy:
-        return int(logits.argmax()), None
-    q = probabilities(logits, seq.params)
-    return draw(q, seq.generator), q
+    Penalties see the drafts before a position as already generated. Each sampled sequence takes 2(k+1)
+    uniforms from its stream per step (an acceptance test and a draw per position), whatever is accepted."""
+    params, prompts, outputs, spans = [], [], [], []
+    for seq in seqs:
+        drafts = seq.draft_token_ids
+        spans.append((len(params), len(drafts)))
+        prompt = seq.token_ids[: seq.num_prompt_tokens] if seq.params.uses_penalties else []
+        for i in range(len(drafts) + 1):
+            params.append(seq.params)
+            prompts.append(prompt)
+            outputs.append(seq.output_token_ids + drafts[:i] if seq.params.uses_penalties else [])
+    logits = penalise(torch.cat(chunks), params, prompts, outputs)
+    device = logits.device
+    targets = logits.argmax(-1)
+    sampled = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
+    accept = drawn = None
+    if sampled:
+        rows = [spans[b][0] + i for b in sampled for i in range(spans[b][1] + 1)]
+        p = distributions(logits.index_select(0, column(rows, torch.long, device)), [params[r] for r in rows])
+        zero = p.new_zeros(1, p.shape[-1])
+        q = torch.cat([t for b in sampled for t in (seqs[b].draft_probs.to(p.dtype), zero)])
+        d = column([t for b in sampled for t in (*seqs[b].draft_token_ids, 0)], torch.long, device)[:, None]
+        u = torch.cat([uniforms([seqs[b].generator], 2 * (spans[b][1] + 1), device).view(-1, 2) for b in sampled])
+        # accept d_i with probability min(1, p(d_i) / q(d_i)); else draw from norm(max(0, p − q)); the last row of
+        # each sequence has q = 0, so its draw is the bonus token from p
+        accept = (u[:, 0:1] * q.gather(1, d) <= p.gather(1, d))[:, 0]
+        residual = (p - q).clamp_(min=0.0)
+        has_mass = residual.sum(-1, keepdim=True) > 0
+        drawn = draw_rows(torch.where(has_mass, residual, p), u[:, 1])
+        accept, drawn = accept.tolist(), drawn.tolist()
+    targets = targets.tolist()
+    results, at = [], 0
+    for seq, (start, k) in zip(seqs, spans, strict=True):
+        drafts, emitted = seq.draft_token_ids, []
+        if seq.params.greedy:
+            for i in range(k + 1):
+                emitted.append(targets[start + i])
+                if i == k or targets[start + i] != drafts[i]:
+                    break
+        else:
+            for i in range(k + 1):
+                if i < k and accept[at + i]:
+                    emitted.append(drafts[i])
+                    continue
+                emitted.append(drawn[at + i])
+                break
+            at += k + 1
+        results.append(emitted)
+    return results
 
 
 class AcceptanceStats:

@@ -189,3 +189,37 @@ def test_a_parallel_llm_releases_its_workers_on_shutdown_exit_and_garbage_collec
     finally:
         third.shutdown()
         third.shutdown()  # idempotent
+
+
+def test_block_tables_travel_as_deltas_and_arrive_whole():
+    """Rank 0's mirror encodes, a worker's decodes (through pickle, as the control group sends them): tables that
+    grow send their new blocks, a table that changed otherwise (a preemption) or a sequence that comes back after a
+    forward without it goes whole, drafts add without forgetting, and every decoded table equals the original."""
+    import pickle
+
+    from glm45.engine.attention import SeqSlice, StepInputs
+    from glm45.engine.workers import BlockTableMirror
+
+    def step(tables: dict[int, list[int]]) -> StepInputs:
+        slices = [SeqSlice(i, 1, 16 * len(t), list(t), seq_id) for i, (seq_id, t) in enumerate(tables.items())]
+        return StepInputs([0] * len(slices), [0] * len(slices), [0] * len(slices), slices)
+
+    sender, receiver = BlockTableMirror(), BlockTableMirror()
+    long = list(range(2000))
+    calls = [("forward", {1: long, 2: [7, 8]}),
+             ("draft", {1: long}),
+             ("forward", {1: long + [2000], 2: [7, 8, 9], 3: [4]}),   # growth; a new sequence
+             ("forward", {1: long + [2000], 2: [5]}),                 # 2 was preempted and re-admitted; 3 left
+             ("forward", {1: long + [2000, 2001], 3: [4, 6]}),        # 3 comes back: whole
+             ("draft", {3: [4, 6]}),
+             ("forward", {1: long[:10]})]                             # a shorter table: whole
+    sizes = []
+    for name, tables in calls:
+        inputs = step(tables)
+        wire = pickle.dumps(sender.encode(inputs, forget_others=name == "forward"))
+        sizes.append(len(wire))
+        decoded = receiver.decode(pickle.loads(wire), forget_others=name == "forward")
+        assert [s.block_table for s in decoded.slices] == list(tables.values())
+        assert decoded.slices == inputs.slices
+    full = len(pickle.dumps(step(calls[2][1])))
+    assert max(sizes[1:3]) < 600 and full > 4000  # a known 2,000-block table costs a few bytes, not its length

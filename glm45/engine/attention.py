@@ -61,6 +61,7 @@ class SeqSlice:
     q_len: int
     ctx_len: int
     block_table: list[int]
+    seq_id: int = -1  # whose table it is (tensor parallelism sends a known table's new entries only); -1: unnamed
 
 
 @dataclass

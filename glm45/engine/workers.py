@@ -2,7 +2,8 @@
 
 The scheduler, the sequences and the sampler exist once, on rank 0. Each step rank 0 sends the plain inputs
 of each model call (token ids, positions, slot mapping, per-sequence attention slices, logit rows) to the
-other ranks over the control group, then every rank runs the same call on its shard of the model and of
+other ranks over the control group (a block table the workers already hold travels as its new entries only,
+`BlockTableMirror`), then every rank runs the same call on its shard of the model and of
 the KV cache (its own KV heads); the model's all-reduces and all-gathers keep them in lock-step, and only
 rank 0 uses the logits.
 
@@ -27,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass, replace
 from multiprocessing.connection import wait as wait_for_sentinels
 from pathlib import Path
 
@@ -80,6 +82,45 @@ def load_shard(config: EngineConfig, model_path: Path, group: ParallelGroup, dev
         parallelize=functools.partial(parallelize_model, group=group, expert_parallel=config.enable_expert_parallel))
 
 
+@dataclass
+class TableDelta:
+    """A block table on the wire: the first `kept` entries of the table the worker holds for the sequence, then
+    `appended`."""
+
+    kept: int
+    appended: list[int]
+
+
+class BlockTableMirror:
+    """The block tables the workers hold, kept alike on rank 0 (`encode`) and on every worker (`decode`), so a step
+    sends each sequence's new blocks instead of its whole table (at 32k tokens, 2,048 entries per sequence). A table
+    is remembered while its sequence takes part in the steps: a `forward` call forgets every sequence it does not
+    include, a `draft` call only adds. A table that is not an extension of the remembered one goes whole."""
+
+    def __init__(self):
+        self.known: dict[int, list[int]] = {}
+
+    def encode(self, inputs: StepInputs, forget_others: bool) -> StepInputs:
+        slices = []
+        for s in inputs.slices:
+            known = self.known.get(s.seq_id)
+            table = s.block_table
+            kept = len(known) if known and len(known) <= len(table) and table[:len(known)] == known else 0
+            slices.append(replace(s, block_table=TableDelta(kept, table[kept:])))
+        self._remember(inputs.slices, forget_others)
+        return replace(inputs, slices=slices)
+
+    def decode(self, inputs: StepInputs, forget_others: bool) -> StepInputs:
+        slices = [replace(s, block_table=self.known[s.seq_id][:s.block_table.kept] + s.block_table.appended)
+                  if s.block_table.kept else replace(s, block_table=s.block_table.appended) for s in inputs.slices]
+        self._remember(slices, forget_others)
+        return replace(inputs, slices=slices)
+
+    def _remember(self, slices: list, forget_others: bool) -> None:
+        tables = {s.seq_id: list(s.block_table) for s in slices if s.seq_id >= 0}
+        self.known = tables if forget_others else {**self.known, **tables}
+
+
 def _broadcast(control: dist.ProcessGroup, message=None):
     """Rank 0's `message` on every rank of the control group (plain Python objects, pickled)."""
     box = [message]
@@ -98,10 +139,13 @@ def serve_steps(config: EngineConfig, model_path: Path, group: ParallelGroup, co
     num_blocks, num_cache_layers = start
     runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size, config.kv_cache_dtype)
     logger.info("rank %d serving: %d KV blocks of its %d KV heads", group.rank, num_blocks, local_kv_heads(model))
+    tables = BlockTableMirror()
     while (command := _broadcast(control)) is not None:
         name, args = command
         if name not in COMMANDS:
             raise RuntimeError(f"rank 0 sent an unknown command {name!r}")
+        if name != "logits":
+            args = (tables.decode(args[0], forget_others=name == "forward"), *args[1:])
         getattr(runner, name)(*args)
 
 
@@ -262,11 +306,13 @@ class DistributedModelRunner(ModelRunner):
     def __init__(self, model, kv_cache: torch.Tensor, block_size: int, workers: WorkerGroup):
         super().__init__(model, kv_cache, block_size)
         self.workers = workers
+        self.tables = BlockTableMirror()
 
     def _run(self, name: str, *args):
         self.workers.check()
         try:
-            _broadcast(self.workers.control, (name, args))
+            sent = args if name == "logits" else (self.tables.encode(args[0], name == "forward"), *args[1:])
+            _broadcast(self.workers.control, (name, sent))
             return getattr(super(), name)(*args)
         except WorkerError:
             raise

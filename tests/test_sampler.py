@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_sync_free import OpCounter
 
+from glm45.engine import sampler
 from glm45.engine.sampler import (
     Sampler,
     apply_penalties,
@@ -64,24 +65,49 @@ PARAMS = [SamplingParams(temperature=0), SamplingParams(temperature=0.7), Sampli
           SamplingParams(temperature=0, repetition_penalty=0.8), SamplingParams(top_k=1)]
 
 
-@pytest.mark.parametrize("vocab", [300, 2000])  # 2000: top-k 1500 is past TOPK_LIMIT, so that batch sorts
-def test_batched_distributions_equal_the_row_definitions(vocab):
+@pytest.mark.parametrize("vocab, scale, small_k_only", [
+    (300, 3.0, False),   # the whole vocabulary is within TOPK_LIMIT: one sort
+    (2000, 3.0, False),  # top-k 1500 is past TOPK_LIMIT: one sort
+    (5000, 3.0, True),   # torch.topk, every top-p nucleus inside it
+    (5000, 0.01, True),  # a flat row's top-p nucleus spills over: one sort
+])
+def test_batched_distributions_equal_the_row_definitions(vocab, scale, small_k_only):
+    params = [p for p in PARAMS if p.top_k < 1024] if small_k_only else PARAMS
     generator = torch.Generator().manual_seed(vocab)
-    logits = torch.randn(len(PARAMS), vocab, generator=generator) * 3
-    prompts = [torch.randint(0, vocab, (9,), generator=generator).tolist() for _ in PARAMS]
-    outputs = [torch.randint(0, vocab, (i,), generator=generator).tolist() for i in range(len(PARAMS))]
-    penalised = penalise(logits, PARAMS, prompts, outputs)
-    got = distributions(penalised, PARAMS)
-    for i, params in enumerate(PARAMS):
-        expected_logits = apply_penalties(logits[i], params, prompts[i], outputs[i])
+    logits = torch.randn(len(params), vocab, generator=generator) * scale
+    prompts = [torch.randint(0, vocab, (9,), generator=generator).tolist() for _ in params]
+    outputs = [torch.randint(0, vocab, (i,), generator=generator).tolist() for i in range(len(params))]
+    penalised = penalise(logits, params, prompts, outputs)
+    got = distributions(penalised, params)
+    for i, row_params in enumerate(params):
+        expected_logits = apply_penalties(logits[i], row_params, prompts[i], outputs[i])
         assert torch.allclose(penalised[i], expected_logits, atol=1e-6), i
-        assert torch.allclose(got[i], probabilities(expected_logits, params), atol=1e-6), i
+        assert torch.allclose(got[i], probabilities(expected_logits, row_params), atol=1e-6), i
         # and each row alone gives the same as in the batch (the cut never depends on the neighbours)
-        alone = distributions(penalise(logits[i:i + 1], [params], [prompts[i]], [outputs[i]]), [params])
+        alone = distributions(penalise(logits[i:i + 1], [row_params], [prompts[i]], [outputs[i]]), [row_params])
         assert torch.equal(alone[0], got[i]), i
-    greedy = choose(penalised, PARAMS, [torch.Generator().manual_seed(i) for i in range(len(PARAMS))])
-    for i in (0, 9, 10):  # greedy rows, and top-k 1: the argmax of the penalised logits
-        assert greedy[i] == penalised[i].argmax()
+    generators = [torch.Generator().manual_seed(i) for i in range(len(params))]
+    tokens = choose(penalised, params, generators)
+    for i, row_params in enumerate(params):
+        if row_params.greedy or row_params.top_k == 1:
+            assert tokens[i] == penalised[i].argmax()
+        assert got[i, tokens[i]] > 0  # drawn from the row's own support
+
+
+def test_a_truncating_row_draws_its_nucleus_in_proportion():
+    """Truncating rows draw among their nucleus (token ids gathered back from torch.topk's order): the frequencies
+    over 4,000 draws match the row definitions."""
+    vocab, draws = 3000, 4000
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(7)) * 2
+    logits[:4] = torch.tensor([9.0, 8.5, 8.0, 7.0])
+    for params in (SamplingParams(top_k=3), SamplingParams(top_p=0.9, temperature=0.8),
+                   SamplingParams(top_k=50, top_p=0.95, min_p=0.05)):
+        expected = probabilities(logits, params)
+        tokens = choose(logits.expand(draws, vocab), [params] * draws,
+                        [torch.Generator().manual_seed(i) for i in range(draws)])
+        counts = torch.bincount(tokens, minlength=vocab) / draws
+        assert set(tokens.tolist()) <= set(expected.nonzero()[:, 0].tolist())
+        assert torch.allclose(counts, expected, atol=0.03), params
 
 
 def sequences(params: list[SamplingParams], seed: int = 0) -> list[Sequence]:
@@ -105,9 +131,11 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch():
     assert len(set(alone[0].output_token_ids)) > 1
 
 
-def test_sampling_has_no_host_sync_before_the_tokens_are_read():
-    """Penalties, truncation, min-p and the draw run as tensor operations whose number does not grow with the rows
-    (parameters are read on the host, never from the device); only reading the tokens waits."""
+def test_sampling_has_no_host_sync_before_the_tokens_are_read(monkeypatch):
+    """On the GPU path, penalties, truncation, min-p and the draw run as tensor operations whose number does not
+    grow with the rows (parameters are read on the host, never from the device); only reading the tokens waits.
+    (On CPUs the host checks whether a top-p nucleus fits the largest TOPK_LIMIT logits; that path is below.)"""
+    monkeypatch.setattr(sampler, "WAITS_FOR_CHECKS", ())
     launches = []
     for repeats in (1, 4):
         params = PARAMS * repeats

@@ -6,8 +6,9 @@ top-k, top-p, min-p, softmax. Greedy rows take the argmax of the penalised logit
 CDF: the first token whose cumulative probability exceeds u · total, with u uniform in [0, 1) from the request's
 own host-side `torch.Generator` (a fixed number of uniforms per step; the device never waits for them), so a
 seeded request gives the same output whatever else is in the batch. Top-k and top-p need the largest logits in
-order: `torch.topk` of the largest k when every truncating row has a small top-k, one sort otherwise; the cut
-itself is a prefix sum in that order, so a row's result does not depend on its neighbours.
+order (`nucleus`): `torch.topk` of a few hundred when that covers every truncating row, one sort otherwise; the cut
+is a prefix sum in that order, so a row's result does not depend on its neighbours, and a truncating row draws
+among its kept tokens only, never touching the rest of the vocabulary again.
 Log-probabilities are reported from the raw model distribution (in float32), many rows at a time.
 
 `apply_penalties` and `probabilities` are the row-at-a-time definitions the batched path is tested against.
@@ -19,7 +20,8 @@ import torch
 
 from glm45.engine.sampling_params import SamplingParams
 
-TOPK_LIMIT = 1024  # top-k rows up to this k avoid sorting the vocabulary
+TOPK_LIMIT = 1024  # the largest logits looked at before sorting the whole vocabulary
+WAITS_FOR_CHECKS = ("cpu",)  # devices where the host may read a check (whether a nucleus fits) mid-sampling
 
 
 # ---------------------------------------------------------------------- batched path
@@ -68,51 +70,96 @@ def penalise(logits: torch.Tensor, params: list[SamplingParams], prompts: list[l
     return out.index_copy_(0, index, chosen)
 
 
-def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """float32 [rows, V] → the same with -inf outside each row's top-k and then its top-p nucleus (a token is
-    dropped when the tokens before it in descending order already reach top_p of the top-k mass)."""
-    vocab = logits.shape[-1]
-    ks = [k if 0 < k < vocab else vocab for k in top_k]
-    cut = [k < vocab or p < 1.0 for k, p in zip(ks, top_p, strict=True)]
-    if not any(cut):
-        return logits
-    width = max(k if p >= 1.0 else vocab for k, p, c in zip(ks, top_p, cut, strict=True) if c)
-    if width <= TOPK_LIMIT:
-        ordered = logits.topk(width, dim=-1).values
-    else:
-        ordered, width = logits.sort(dim=-1, descending=True).values, vocab
-    device = logits.device
-    k = column([min(k, width) for k in ks], torch.long, device)[:, None]
-    p = column([p if p < 1.0 else float("inf") for p in top_p], torch.float32, device)[:, None]
-    weights = (ordered - ordered[:, :1]).exp()
-    mass = weights.cumsum(-1)  # a prefix sum, so row i's cut never depends on the width other rows set
-    before = mass - weights
-    keep = (torch.arange(width, device=device) < k) & (before < p * mass.gather(1, k - 1))
-    threshold = ordered.gather(1, keep.sum(-1, keepdim=True) - 1)
-    threshold = torch.where(column(cut, torch.bool, device)[:, None], threshold, float("-inf"))
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Penalised logits [rows, V] → float32 distributions to draw from (temperature, top-k, top-p, min-p)."""
-    device = logits.device
+def _scaled(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     # times the reciprocal: a division by a [1, 1] column is turned into that anyway, so one row alone and the
     # same row in a batch round alike
-    inverse = column([1.0 / max(p.temperature, 1e-5) for p in params], torch.float32, device)[:, None]
-    scaled = truncate(logits.float() * inverse, [p.top_k for p in params], [p.top_p for p in params])
+    inverse = column([1.0 / max(p.temperature, 1e-5) for p in params], torch.float32, logits.device)[:, None]
+    return logits.float() * inverse
+
+
+def truncates(params: SamplingParams, vocab: int) -> bool:
+    return 0 < params.top_k < vocab or params.top_p < 1.0
+
+
+def nucleus(scaled: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that truncate (top-k and/or top-p), temperature applied → (token ids [rows, W] in descending order of
+    probability, their weights [rows, W]: proportional to the row's distribution, 0 where dropped).
+
+    Only the W largest logits are looked at: W is the largest top-k, or TOPK_LIMIT when a row has top-p but no
+    top-k and its nucleus ends within that many tokens (on CPUs; checked on the host), else the whole sorted
+    vocabulary. A top-k row's weights are its softmax over its top k; a top-p-only row's are its softmax over
+    the vocabulary. Every sum is a prefix sum along the row, so W never changes a row's result."""
+    rows, vocab = scaled.shape
+    device = scaled.device
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    open_rows = [k == vocab for k in ks]  # top-p alone: how many tokens it keeps is not known in advance
+    width = min(vocab, max([k for k in ks if k < vocab] + [TOPK_LIMIT if any(open_rows) else 0]))
+    # A GPU sorts the vocabulary faster than the host could learn whether it needs to.
+    whole = width > TOPK_LIMIT or width == vocab or (any(open_rows) and device.type not in WAITS_FOR_CHECKS)
+    probs = scaled.softmax(-1) if any(open_rows) else None
+    k = column(ks, torch.long, device)[:, None]
+    top_p = column([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32, device)[:, None]
+    min_p = column([p.min_p for p in params], torch.float32, device)[:, None]
+    is_open = column(open_rows, torch.bool, device)[:, None]
+
+    def weigh(values, ids):
+        w = values.shape[-1]
+        relative = (values - values[:, :1]).exp()
+        within_k = relative / relative.cumsum(-1).gather(1, k.clamp(max=w) - 1)
+        weights = torch.where(is_open, probs.gather(1, ids), within_k) if probs is not None else within_k
+        before = weights.cumsum(-1) - weights
+        keep = (torch.arange(w, device=device) < k) & (before < top_p) & (weights >= min_p * weights[:, :1])
+        return weights * keep, before
+
+    if not whole:  # an open row's nucleus may go on past the W-th token: then 8 W, then the whole vocabulary
+        for w in (width, 8 * width):
+            if w >= vocab:
+                break
+            values, ids = scaled.topk(w, dim=-1)
+            weights, before = weigh(values, ids)
+            if not any(open_rows) or not bool(((before[:, -1:] < top_p) & is_open).any()):
+                return ids, weights
+    values, ids = scaled.sort(dim=-1, descending=True)
+    return ids, weigh(values, ids)[0]
+
+
+def _dense(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Rows that do not truncate → their distributions over the vocabulary, min-p applied."""
     probs = scaled.softmax(-1)
     if any(p.min_p > 0.0 for p in params):
-        min_p = column([p.min_p for p in params], torch.float32, device)[:, None]
+        min_p = column([p.min_p for p in params], torch.float32, scaled.device)[:, None]
         kept = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
         probs = torch.where(min_p > 0, kept / kept.sum(-1, keepdim=True), probs)  # others untouched, bit for bit
     return probs
 
 
+def _split(params: list[SamplingParams], vocab: int) -> tuple[list[int], list[int]]:
+    cut = [i for i, p in enumerate(params) if truncates(p, vocab)]
+    return cut, [i for i, p in enumerate(params) if not truncates(p, vocab)]
+
+
+def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Penalised logits [rows, V] → float32 distributions over the vocabulary (temperature, top-k, top-p,
+    min-p): what MTP's rejection sampling compares."""
+    scaled = _scaled(logits, params)
+    cut, plain = _split(params, scaled.shape[-1])
+    if not cut:
+        return _dense(scaled, params)
+    out = torch.zeros_like(scaled)
+    if plain:
+        index = column(plain, torch.long, scaled.device)
+        out.index_copy_(0, index, _dense(scaled.index_select(0, index), [params[i] for i in plain]))
+    index = column(cut, torch.long, scaled.device)
+    ids, weights = nucleus(scaled.index_select(0, index), [params[i] for i in cut])
+    totals = weights.cumsum(-1)[:, -1:]
+    return out.index_copy_(0, index, torch.zeros_like(out[: len(cut)]).scatter_(1, ids, weights / totals))
+
+
 def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of (unnormalised) probabilities: the first whose cumulative mass exceeds u · total."""
+    """One column per row of (unnormalised) probabilities: the first whose cumulative mass exceeds u · total."""
     cdf = probs.float().cumsum(-1)
     total = cdf[:, -1:]
-    # strictly below the total even where u · total rounds up to it, so the token found has mass of its own
+    # strictly below the total even where u · total rounds up to it, so the column found has mass of its own
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True)[:, 0]
 
@@ -142,14 +189,28 @@ def histories(seqs: list) -> tuple[list[list[int]], list[list[int]]]:
 
 
 def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
-    """[rows] tokens on the device from penalised logits: argmax for greedy rows, a draw for the others."""
+    """[rows] tokens on the device from penalised logits: argmax for greedy rows, a draw for the others (truncating
+    rows draw among their nucleus only, the others over the vocabulary)."""
     tokens = logits.argmax(-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        index = column(sampled, torch.long, logits.device)
-        probs = distributions(logits.index_select(0, index), [params[i] for i in sampled])
-        u = uniforms([generators[i] for i in sampled], 1, logits.device)[:, 0]
-        tokens = tokens.index_copy(0, index, draw_rows(probs, u))
+    if not sampled:
+        return tokens
+    device, vocab = logits.device, logits.shape[-1]
+    u = dict(zip(sampled, uniforms([generators[i] for i in sampled], 1, device)[:, 0], strict=True))
+    cut, plain = _split([params[i] for i in sampled], vocab)
+    for group, truncated in ((cut, True), (plain, False)):
+        if not group:
+            continue
+        rows = [sampled[j] for j in group]
+        index = column(rows, torch.long, device)
+        scaled = _scaled(logits.index_select(0, index), [params[i] for i in rows])
+        u_rows = torch.stack([u[i] for i in rows])
+        if truncated:
+            ids, weights = nucleus(scaled, [params[i] for i in rows])
+            drawn = ids.gather(1, draw_rows(weights, u_rows)[:, None])[:, 0]
+        else:
+            drawn = draw_rows(_dense(scaled, [params[i] for i in rows]), u_rows)
+        tokens = tokens.index_copy(0, index, drawn)
     return tokens
 
 

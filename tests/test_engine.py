@@ -212,3 +212,24 @@ def test_long_prompt_through_chunked_prefill_in_a_small_kv_budget(checkpoints):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
     assert out["long"].outputs[0].token_ids == expected[0, 3000:].tolist()
+
+
+def test_the_kv_budget_leaves_room_for_the_measured_largest_step(checkpoints):
+    """On one GPU the KV budget is what gpu_memory_utilization leaves after the memory in use and the largest
+    step's measured activations (5% when unmeasured, under tensor parallelism). The profiling step itself —
+    max_num_batched_tokens in one forward, logits and top-p distributions for max_num_seqs rows — runs through
+    the engine's own forward, here on CPU, and writes only its own cache."""
+    from glm45.engine.model_runner import cuda_kv_budget, profile_step
+    from glm45.model import Glm4MoeForCausalLM
+
+    gib = 2**30
+    assert cuda_kv_budget(100 * gib, 60 * gib, 0.9, 3 * gib) == 47 * gib  # 90 allowed − 40 in use − 3
+    assert cuda_kv_budget(100 * gib, 60 * gib, 0.9, None) == 45 * gib     # − 5% when not measured
+    assert cuda_kv_budget(100 * gib, 5 * gib, 0.9, 3 * gib) == 0
+    model = Glm4MoeForCausalLM.from_pretrained(checkpoints["air_like"], dtype="float32", progress=False).eval()
+    config = EngineConfig(max_num_batched_tokens=70, max_num_seqs=8, block_size=16)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    cache_bytes = profile_step(config, model, model.config.num_hidden_layers)
+    per_block = 2 * model.config.num_hidden_layers * 16 * model.config.num_key_value_heads * model.config.head_dim * 4
+    assert cache_bytes == (5 + 1) * per_block  # ⌈70 / 16⌉ blocks and the scratch block
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())

@@ -107,7 +107,7 @@ class LLMEngine:
             )
         self.num_speculative_tokens = k
         num_cache_layers = self.model_config.num_hidden_layers + (1 if k else 0)
-        num_blocks = kv_cache_blocks(config, model, self.device, num_cache_layers)
+        num_blocks = kv_cache_blocks(config, model, self.device, num_cache_layers, profile=self.workers is None)
         lookahead = 2 * k
         capacity = num_blocks * config.block_size - lookahead
         max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, capacity)

@@ -18,12 +18,12 @@ import logging
 
 import torch
 
-from glm45.engine.attention import PagedAttention, StepInputs
+from glm45.engine.attention import PagedAttention, SeqSlice, StepInputs
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
-CUDA_ACTIVATION_MARGIN = 0.05  # share of the GPU kept free for activations when sizing the KV cache
+CUDA_ACTIVATION_MARGIN = 0.05  # share of the GPU kept for activations when they are not measured (TP)
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -46,22 +46,67 @@ def local_kv_heads(model) -> int:
     return model.model.layers[0].self_attn.num_kv_heads
 
 
-def kv_cache_blocks(config, model, device: torch.device, num_cache_layers: int) -> int:
-    """How many KV blocks the cache gets: `num_gpu_blocks_override`, else the byte budget
-    (`kv_cache_memory_bytes`, or on CUDA what `gpu_memory_utilization` leaves after the weights and a margin
-    for activations, or a fixed default on CPU) divided by the bytes of one block."""
+def kv_cache_blocks(config, model, device: torch.device, num_cache_layers: int, profile: bool = True) -> int:
+    """How many KV blocks the cache gets: `num_gpu_blocks_override`, else the byte budget divided by the bytes of
+    one block. The budget: `kv_cache_memory_bytes`; or on CUDA what `gpu_memory_utilization` of the GPU leaves
+    after everything allocated so far and the activations of the largest step, measured by running that step
+    (`profile_step`; under tensor parallelism, where one rank cannot run a forward alone, a fixed share is kept
+    instead); or a fixed default on CPU."""
     if config.num_gpu_blocks_override:
         return config.num_gpu_blocks_override
     per_block = kv_bytes_per_block(num_cache_layers, config.block_size, local_kv_heads(model),
                                    model.config.head_dim, kv_dtype(config.kv_cache_dtype, model))
     budget = config.kv_cache_memory_bytes
     if budget is None and device.type == "cuda":
-        # vLLM's meaning: the whole process may use this share of the GPU.
+        activations = profiled_activation_bytes(config, model, device, num_cache_layers) if profile else None
         free, total = torch.cuda.mem_get_info(device)
-        budget = max(0, int(total * (config.gpu_memory_utilization - CUDA_ACTIVATION_MARGIN) - (total - free)))
+        budget = cuda_kv_budget(total, free, config.gpu_memory_utilization, activations)
+        logger.info("KV budget %.2f GiB: %.0f%% of %.1f GiB less %.2f GiB in use and %s", budget / 2**30,
+                    100 * config.gpu_memory_utilization, total / 2**30, (total - free) / 2**30,
+                    "a 5% margin" if activations is None else f"{activations / 2**30:.2f} GiB of measured activations")
     elif budget is None:
         budget = DEFAULT_CPU_KV_BYTES
     return budget // per_block
+
+
+def cuda_kv_budget(total: int, free: int, utilization: float, activations: int | None) -> int:
+    """vLLM's meaning: the whole process may use `utilization` of the GPU; the KV cache gets what is left after
+    what is in use now and the step's activations (or a 5% margin when they were not measured)."""
+    reserve = total * CUDA_ACTIVATION_MARGIN if activations is None else activations
+    return max(0, int(total * utilization - (total - free) - reserve))
+
+
+def profile_step(config, model, num_cache_layers: int) -> int:
+    """Run the largest step the scheduler can make — `max_num_batched_tokens` prompt tokens in one forward over a
+    cache just large enough, float32 logits for `max_num_seqs` rows and their top-p distributions (a sort of the
+    vocabulary) — and return the bytes of the cache it used (the caller subtracts them from the peak)."""
+    from glm45.engine.sampler import distributions
+    from glm45.engine.sampling_params import SamplingParams
+
+    tokens, block = config.max_num_batched_tokens, config.block_size
+    blocks = -(-tokens // block)
+    kv_cache = allocate_kv_cache(num_cache_layers, blocks + 1, block, local_kv_heads(model), model.config.head_dim,
+                                 kv_dtype(config.kv_cache_dtype, model), model.device)
+    runner = ModelRunner(model, kv_cache, block)
+    rows = min(config.max_num_seqs, tokens)
+    inputs = StepInputs([0] * tokens, list(range(tokens)), list(range(tokens)),
+                        [SeqSlice(0, tokens, tokens, list(range(blocks)))])
+    logits = runner.forward(inputs, list(range(tokens - rows, tokens)))
+    distributions(logits, [SamplingParams(top_p=0.95)] * rows)
+    return kv_cache.numel() * kv_cache.element_size()
+
+
+def profiled_activation_bytes(config, model, device: torch.device, num_cache_layers: int) -> int:
+    """The peak bytes `profile_step` allocates beyond its own cache, from the CUDA allocator's statistics."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    cache_bytes = profile_step(config, model, num_cache_layers)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before - cache_bytes
+    torch.cuda.empty_cache()
+    return max(0, peak)
 
 
 class ModelRunner:

@@ -19,14 +19,14 @@ there are at least as many as ranks, else one per rank; vocabulary rows split; n
                  + S × (k + 1) × V × 4 bytes × 2                        fp32 logits and sampling probabilities
                  T = max(max_num_batched_tokens, S·(k+1)), S = max_num_seqs, Hq/KV = this rank's heads,
                  F = max(intermediate, top_k·moe_intermediate + shared·moe_intermediate) / tp, E = experts.
-    reserve      max(5% of the GPU, activations): the engine leaves 5% of the GPU beside the weights and the
-                 KV cache for activations, CUDA graphs and the CUDA context (model_runner.kv_cache_blocks).
+    reserve      max(5% of the GPU, activations): room beside the weights and the KV cache for activations,
+                 CUDA graphs and the CUDA context. (The engine measures its largest step's activations on one
+                 GPU and keeps 5% under tensor parallelism: model_runner.kv_cache_blocks.)
     fits         weights + KV + reserve ≤ gpu_memory_utilization × GPU memory, per GPU.
 
 GPUs: H100 79.1 GiB, H200 139.8 GiB (the totals torch reports). `--max-num-seqs` defaults to 1: one sequence
 at the full context, what the engine needs to start. Quantized weights and an fp8 cache are counted as held
-in their format; until the engine keeps them so (it dequantizes FP8 checkpoints to bf16 at load today), plan
-today's engine with quantization="bf16" and kv_cache_dtype="auto".
+in their format, as the engine holds them (`--quantization`, `--kv-cache-dtype fp8`).
 
 GLM-4.5's own hardware table (zai-org/GLM-4.5 README, July 2025: MTP on, batch ≤ 8, FP8 cache) is checked in
 tests/test_plan.py with FP8 cache, k = 3 and 8 sequences: of 16K tokens each for the minimum table, which

@@ -83,12 +83,25 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
     return w.float().reshape(*lead, k // QBLOCK, QBLOCK)
 
 
+def _row_chunks(w: torch.Tensor):
+    """(start, rows) views of a weight flattened to rows, about 4M values each: a quantizer's float32 temporaries
+    then take a slice of memory, not a copy of the whole (a 151,552 × 5,120 embedding)."""
+    flat = w.reshape(-1, w.shape[-1])
+    step = max(1, (1 << 22) // w.shape[-1])
+    for start in range(0, flat.shape[0], step):
+        yield flat[start:start + step]
+
+
 def quantize_int8(w: torch.Tensor) -> PackedWeight:
-    blocks = _blocks(w)
-    scale = (blocks.abs().amax(-1) / 127.0).to(torch.float16)
-    inverse = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros_like(scale, dtype=torch.float32))
-    q = torch.round(blocks * inverse[..., None]).clamp_(-127, 127).to(torch.int8)
-    return PackedWeight("int8", q.reshape(w.shape), scale)
+    *lead, n, k = w.shape
+    codes, scales = [], []
+    for rows in _row_chunks(w):
+        blocks = _blocks(rows)
+        scale = (blocks.abs().amax(-1) / 127.0).to(torch.float16)
+        inverse = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros_like(scale, dtype=torch.float32))
+        codes.append(torch.round(blocks * inverse[..., None]).clamp_(-127, 127).to(torch.int8).reshape(-1, k))
+        scales.append(scale)
+    return PackedWeight("int8", torch.cat(codes).reshape(*lead, n, k), torch.cat(scales).reshape(*lead, n, k // QBLOCK))
 
 
 def _int4_codes(blocks: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
@@ -117,11 +130,9 @@ def quantize_int4(w: torch.Tensor, iterations: int = 3) -> PackedWeight:
     least-squares refit of scale and minimum (rounded to fp16 as stored), keeping the best error seen.
     Works through the rows in chunks, so a large stack needs only a slice of fp32 memory at a time."""
     *lead, n, k = w.shape
-    flat = w.reshape(-1, k)
     codes, scales, minimums = [], [], []
-    chunk = max(1, (1 << 22) // k)
-    for start in range(0, flat.shape[0], chunk):
-        blocks = _blocks(flat[start:start + chunk])
+    for rows in _row_chunks(w):
+        blocks = _blocks(rows)
         low, high = blocks.amin(-1), blocks.amax(-1)
         scale, minimum = _fp16((high - low) / 15.0), _fp16(low)
         q = _int4_codes(blocks, scale, minimum)
@@ -149,10 +160,13 @@ def quantize_int4(w: torch.Tensor, iterations: int = 3) -> PackedWeight:
 
 def quantize_fp8(w: torch.Tensor) -> PackedWeight:
     """e4m3 with one fp32 scale per output row (the compressed-tensors layout of GLM-4.5's FP8 releases)."""
-    w32 = w.float()
-    scale = (w32.abs().amax(-1) / FP8_MAX).clamp(min=1e-12)
-    q = (w32 / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return PackedWeight("fp8", q, scale)
+    codes, scales = [], []
+    for rows in _row_chunks(w):
+        w32 = rows.float()
+        scale = (w32.abs().amax(-1) / FP8_MAX).clamp(min=1e-12)
+        codes.append((w32 / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        scales.append(scale)
+    return PackedWeight("fp8", torch.cat(codes).reshape(w.shape), torch.cat(scales).reshape(w.shape[:-1]))
 
 
 def quantize(w: torch.Tensor, fmt: str) -> PackedWeight:

@@ -3,10 +3,10 @@
     python benchmarks/bench_lora.py                     # the bundled model, batch 8, 4 adapters of rank 16
     python benchmarks/bench_lora.py --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 
-One engine serves everything. Each round generates `--output-len` tokens for `--batch` requests three ways, rounds
-interleaved: the base model (captured decode step), the base model run eagerly (`enforce_eager`, the path every
-batch with adapter rows takes), and the same batch spread over 4 adapters (2 requests each at batch 8). It prints the
-median decode time per step of each (range in brackets) and the adapters' cost as a multiple of both base figures.
+Two engines (captured decode step, and `enforce_eager`) serve everything. Each round generates `--output-len` tokens
+for `--batch` requests four ways, rounds interleaved: the base model and the same batch spread over 4 adapters (2
+requests each at batch 8), each on both engines. It prints the median decode time per step of each (range in
+brackets) and the adapters' cost as a multiple of the base's on the same engine.
 """
 
 from __future__ import annotations
@@ -70,15 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         loras = make_adapters(Path(args.model), Path(tmp), args.adapters, args.rank, args.targets.split(","))
         llm = LLM(args.model, enable_lora=True, max_loras=args.adapters, max_lora_rank=args.rank)
-        eager = LLM(args.model, enforce_eager=True)
+        eager = LLM(args.model, enable_lora=True, max_loras=args.adapters, max_lora_rank=args.rank, enforce_eager=True)
         prompts = [{"prompt_token_ids": [10 + i, 20 + i, 30 + i, 40 + i] * 4} for i in range(args.batch)]
         params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
         mixed = [loras[i % len(loras)] for i in range(args.batch)]
         runs = {"base (captured step)": (llm, None), "base (eager)": (eager, None),
-                f"{args.adapters} adapters, eager": (llm, mixed)}
-        for engine, lora in runs.values():  # warm-up: kernels, captured step, adapter loading
-            timed(engine, prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
-                  lora[:2] if lora else None)
+                f"{args.adapters} adapters (captured step)": (llm, mixed),
+                f"{args.adapters} adapters (eager)": (eager, mixed)}
+        for engine, lora in runs.values():  # warm-up: kernels, captured step, every adapter loaded
+            count = len(loras) if lora else 2
+            timed(engine, prompts[:count], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                  lora[:count] if lora else None)
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.rounds):
             for name, (engine, lora) in runs.items():
@@ -88,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {name:28s} {medians[name] * 1e3:7.2f} ms/step  [{min(t) * 1e3:.2f} – {max(t) * 1e3:.2f}]")
-    adapters = medians[f"{args.adapters} adapters, eager"]
-    print(f"  adapters / base (captured): {adapters / medians['base (captured step)']:.2f}×;  "
-          f"adapters / base (eager): {adapters / medians['base (eager)']:.2f}×")
+    captured, eager = medians[f"{args.adapters} adapters (captured step)"], medians[f"{args.adapters} adapters (eager)"]
+    print(f"  adapters / base, captured steps: {captured / medians['base (captured step)']:.2f}×;  "
+          f"eager steps: {eager / medians['base (eager)']:.2f}×")
     return 0
 
 

@@ -147,3 +147,38 @@ def test_lora_modules_flags_turn_on_lora_and_name_the_adapters(served):
         lora_requests(["no-equals-sign"])
     with pytest.raises(ValueError, match="distinct"):
         lora_requests([f"a={adapters['attn']}", f"a={adapters['mlp']}"])
+
+
+def test_the_captured_cpu_step_serves_adapter_rows_as_the_eager_path_does(served):
+    """The captured decode step (CPU programs with per-row LoRA ops) against `enforce_eager` on the same mixed batch:
+    the same tokens and log-probabilities, and no step small enough to be captured falls back to the eager forward.
+    The adapters arrive one at a time, each adapting layers the earlier ones did not, so the programs are rebuilt."""
+    from glm45.engine.captured_cpu import CapturedDecode
+
+    base, adapters, _ = served
+    requests = {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())}
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    which = [requests[w] if w else None for w in WHICH]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    results = {}
+    for eager in (False, True):
+        llm = LLM(str(base), dtype="float32", enable_lora=True, max_loras=3, max_num_seqs=16, enforce_eager=eager)
+        runner = llm.engine.runner
+        assert isinstance(runner.captured, CapturedDecode) != eager
+        fallbacks = []
+
+        def eager_forward(inputs, rows, plain=runner._eager_forward, fallbacks=fallbacks):
+            if inputs.adapter_ids:
+                fallbacks.append(len(inputs.token_ids))
+            return plain(inputs, rows)
+
+        runner._eager_forward = eager_forward
+        for name in ADAPTERS:  # one adapter at a time first: each wraps new layers
+            llm.generate(prompts[:1], params, use_tqdm=False, lora_request=requests[name])
+        results[eager] = llm.generate(prompts, params, use_tqdm=False, lora_request=which)
+        if not eager:
+            assert all(rows > 64 for rows in fallbacks), fallbacks
+    for fast, slow in zip(results[False], results[True], strict=True):
+        assert fast.outputs[0].token_ids == slow.outputs[0].token_ids
+        for a, b in zip(fast.outputs[0].logprobs, slow.outputs[0].logprobs, strict=True):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from glm45.engine.attention import fill_rows
+from glm45.engine.lora import MultiLoRALinear
 from glm45.kernels import cpu
 
 logger = logging.getLogger(__name__)
@@ -42,12 +43,12 @@ def default_sizes() -> tuple[int, ...]:
 
 
 (OP_EMBED, OP_RMSNORM, OP_QUANT, OP_LINEAR, OP_QK_ROPE, OP_ATTN, OP_SILU_MUL, OP_ROUTER, OP_GROUPED, OP_COMBINE,
- OP_GATHER) = range(1, 12)
+ OP_GATHER, OP_LORA) = range(1, 13)
 KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
 
 
 class Op(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int64), ("p", ctypes.c_void_p * 12), ("n", ctypes.c_int64 * 12),
+    _fields_ = [("kind", ctypes.c_int64), ("p", ctypes.c_void_p * 16), ("n", ctypes.c_int64 * 16),
                 ("f", ctypes.c_float * 4)]
 
 
@@ -168,6 +169,14 @@ class StepBuffers:
         self.draft_logits = torch.zeros(rows, c.vocab_size, **f32)
         self.scores = torch.zeros(threads, c.num_attention_heads // c.num_key_value_heads, max_context, **f32)
         self.inv_freq = _f32(model.rotary.inv_freq(torch.device("cpu")))
+        # Served LoRA adapters: each row's slot (the zero slot `no_adapter` for base rows), the head rows' slots,
+        # and the rank-wide intermediate t = A · x.
+        adapted = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+        self.no_adapter = adapted[0].lora_A.shape[0] - 1 if adapted else 0
+        self.lora_slots = torch.full((rows,), self.no_adapter, dtype=torch.int64)
+        self.lora_head_slots = torch.full((rows,), self.no_adapter, dtype=torch.int64)
+        self.lora_t = torch.zeros(rows, max((m.lora_A.shape[1] for m in adapted), default=1), **f32)
+        self.lora_delta = torch.zeros(rows, max((m.lora_Bt.shape[2] for m in adapted), default=1), **f32)
         self._quant: dict[tuple, tuple] = {}
 
     def quant(self, buffer: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,6 +197,7 @@ class _Builder:
         self.model, self.config, self.kv_cache, self.block_size = model, model.config, kv_cache, block_size
         self.b, self.rows = buffers, rows
         self.program = _Program()
+        self.lora_slots = buffers.lora_slots  # the head's program reads its rows' slots from lora_head_slots
 
     # -------------------------------------------------------------- pieces
     def quantize_if_needed(self, buffer: torch.Tensor, rows: int, weights: list) -> tuple:
@@ -207,6 +217,22 @@ class _Builder:
             pointers += [_describe(self.program, weight, bias), out]
             strides[3 + j] = ld
         self.program.add(OP_LINEAR, pointers, strides)
+        adapted = [(module, out, ld) for module, out, ld in outputs if isinstance(module, MultiLoRALinear)]
+        if adapted:  # layers served adapters adapt (engine/lora.MultiLoRALinear)
+            self.lora(x, rows, adapted)
+
+    def lora(self, x: torch.Tensor, rows: int, outputs: list[tuple]) -> None:
+        """out[r] += B[slot r] · (A[slot r] · x[r]) for rows with an adapter, for each (module, out, ld) of one
+        product. The factors are read where the module holds them (B transposed), so an adapter loaded into a slot
+        later needs no rebuild."""
+        b = self.b
+        _, rank, k = outputs[0][0].lora_A.shape
+        pointers = [x, self.lora_slots, b.lora_t, b.lora_delta]
+        numbers = [rows, k, rank, x.shape[1], b.no_adapter, len(outputs), b.lora_delta.shape[1]]
+        for module, out, ld in outputs:
+            pointers += [module.lora_A, module.lora_Bt, out]
+            numbers += [module.lora_Bt.shape[2], ld]
+        self.program.add(OP_LORA, pointers, numbers)
 
     def norm(self, x: torch.Tensor, weight, out: torch.Tensor, add: torch.Tensor | None = None) -> None:
         D = weight.numel()
@@ -313,6 +339,7 @@ def build_mtp_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int
 
 def build_head(model, buffers: StepBuffers, rows: int, draft: bool) -> _Program:
     builder = _Builder(model, None, 0, buffers, rows)
+    builder.lora_slots = buffers.lora_head_slots
     if draft:
         builder.head(buffers.draft_hidden, model.mtp.shared_head.head, buffers.draft_logits)
     else:
@@ -340,7 +367,9 @@ class CapturedDecode:
             self.mtp_trunks = {n: build_mtp_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
             self.mtp_heads = {n: build_head(model, self.buffers, n, draft=True) for n in self.sizes}
         self._np = {name: getattr(self.buffers, name).numpy() for name in
-                    ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows")}
+                    ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
+                     "lora_head_slots")}
+        self.adapted_layers = sum(isinstance(m, MultiLoRALinear) for m in model.modules())
         logger.info("captured the CPU decode step for %s rows in %.2f s (%d threads)", self.sizes,
                     time.perf_counter() - start, self.threads)
 
@@ -354,11 +383,30 @@ class CapturedDecode:
         self._np["logit_rows"][: len(logit_rows)] = logit_rows
         self._np["logit_rows"][len(logit_rows):size] = 0
 
+    def serves_adapters_of(self, model) -> bool:
+        """Whether the programs include every layer adapters adapt now (a layer is wrapped when the first adapter
+        that adapts it is loaded; the runner captures again then)."""
+        return self.adapted_layers == sum(isinstance(m, MultiLoRALinear) for m in model.modules())
+
+    def _adapter_slots(self, adapter_ids: list[int] | None, n: int, size: int, logit_rows: list[int]) -> None:
+        slots, head, none = self._np["lora_slots"], self._np["lora_head_slots"], self.buffers.no_adapter
+        if adapter_ids is None:
+            slots[:size] = none
+            head[:size] = none
+            return
+        slots[:n] = adapter_ids
+        slots[:n][slots[:n] < 0] = none
+        slots[n:size] = none
+        head[: len(logit_rows)] = slots[logit_rows]
+        head[len(logit_rows):size] = none
+
     def forward(self, inputs, logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(float32 logits at `logit_rows`, final hidden states [rows, D]) of the target model."""
+        """(float32 logits at `logit_rows`, final hidden states [rows, D]) of the target model; rows with an adapter
+        (`inputs.adapter_ids`) add its LoRA deltas."""
         n = len(inputs.token_ids)
         size = self.size_for(n)
         self._fill(inputs, size)
+        self._adapter_slots(inputs.adapter_ids, n, size, logit_rows)
         self.trunks[size].run(self.rounding, self.threads)
         hidden = self.buffers.hidden[:n]
         if not logit_rows:

@@ -5,7 +5,8 @@
 
 Each adapter (a PEFT LoRA folder, as `glm45 train --lora-rank` writes it) gets a slot. The linear layers it adapts
 in the main stack are wrapped once by `MultiLoRALinear`, which holds every slot's factors stacked — A [S, r, in],
-B [S, out, r] pre-multiplied by the adapter's scale α/r, ranks zero-padded to `max_lora_rank` — and computes
+B [S, out, r] (stored transposed) pre-multiplied by the adapter's scale α/r, ranks zero-padded to `max_lora_rank` —
+and computes
 
     y = base(x);  y[rows of slot s] += scale_s · (x[rows] · A_sᵀ) · B_sᵀ      for each slot s in the batch
 
@@ -17,8 +18,10 @@ which slot is set once per forward by the model runner (`begin`/`end`), from the
 wrapped modules share that one `AdapterRows` object.
 
 What is not served this way: adapters on the routed experts or the MTP layer (merge those with `glm45 merge`), and
-tensor parallelism. Batches with adapter rows run the eager forward: the captured decode step computes base weights
-only. Prefix-cache blocks are keyed by the adapter too (`Sequence.cache_salt`), since K/V depend on it.
+tensor parallelism. On CPUs the captured decode step serves adapter rows too (one C op after each product that has
+adapted layers, `captured_cpu.py`; the programs are rebuilt when an adapter adapts a layer no earlier one did); on
+GPUs, and for steps too large to be captured, batches with adapter rows run the eager forward. Prefix-cache blocks
+are keyed by the adapter too (`Sequence.cache_salt`), since K/V depend on it.
 """
 
 from __future__ import annotations
@@ -70,8 +73,14 @@ class MultiLoRALinear(nn.Module):
         # One slot more than adapters: the last stays zero, for base rows among gathered ones.
         slots = max_loras + 1
         self.register_buffer("lora_A", torch.zeros(slots, max_rank, in_features, device=device), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(slots, out_features, max_rank, device=device), persistent=False)
+        # B is held transposed, [S, r, out], so the captured CPU step adds r rows of it (contiguous) to the output
+        self.register_buffer("lora_Bt", torch.zeros(slots, max_rank, out_features, device=device), persistent=False)
         self.present: set[int] = set()  # slots whose adapter adapts this layer
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """[S, out, r]: a view of `lora_Bt`."""
+        return self.lora_Bt.transpose(1, 2)
 
     def __getattr__(self, name: str):
         # The captured decode step and the quantized kernels read the base layer's weight, bias, packed format…

@@ -151,12 +151,23 @@ class ModelRunner:
             cls = captured.CapturedCudaDecode if self.device.type == "cuda" else captured.CapturedDecode
             self.captured = cls(self.model, self.kv_cache, self.block_size, self.scratch_block, max_model_len,
                                 sizes or captured.default_sizes())
+            self._capture_args = (max_model_len, sizes)
         except Exception as e:  # a capture that fails must never take the engine down
             logger.warning("could not capture the decode step (%s: %s); running eagerly", type(e).__name__, e)
             self.captured = None
 
     def _captured_rows(self, rows: int) -> bool:
         return self.captured is not None and self.captured.size_for(rows) is not None
+
+    def _captured_adapters(self) -> bool:
+        """Whether the captured step serves adapter rows: on CPUs, once its programs include every adapted layer
+        (captured again when an adapter adapts a layer no earlier one did); CUDA graphs hold base weights only."""
+        if self.device.type == "cuda":
+            return False
+        if not self.captured.serves_adapters_of(self.model):
+            self.captured = None
+            self.capture(*self._capture_args)
+        return self.captured is not None
 
     @property
     def has_mtp(self) -> bool:
@@ -171,12 +182,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, logit_rows: list[int]) -> torch.Tensor | None:
         """The target model over `inputs` (its K/V written to the cache) → float32 logits at `logit_rows`."""
-        if self.adapters is not None and self.adapters.begin(inputs.adapter_ids, self.device):
-            try:  # rows with adapters: the eager forward, which the adapters' layers take part in
+        captured = self._captured_rows(len(inputs.token_ids))
+        if inputs.adapter_ids is not None and not (captured and self._captured_adapters()):
+            self.adapters.begin(inputs.adapter_ids, self.device)
+            try:  # rows with adapters the captured step cannot serve: the eager forward, through the wrapped layers
                 return self._eager_forward(inputs, logit_rows)
             finally:
                 self.adapters.end()
-        if self._captured_rows(len(inputs.token_ids)):
+        if captured:
             logits, self.hidden = self.captured.forward(inputs, logit_rows)
             return logits
         return self._eager_forward(inputs, logit_rows)

@@ -30,13 +30,18 @@ enum {
     OP_COMBINE = 10, /* p: expert_out, weights, shared, out | n: R, K, D, ld_out
                         out = (Σ_k expert_out[r·K + k] · w[r, k]) + shared[r] */
     OP_GATHER = 11,  /* p: src, rows(i64), out | n: count, D, ld_src, ld_out */
+    OP_LORA = 12,    /* p: x, slots(i64 [R]), t(f32 [R, rank]), delta(f32 [R, ld_delta]),
+                        (A(f32 [S, rank, K]), Bt(f32 [S, rank, N]), out) × up to 3
+                        | n: R, K, rank, ld_x, none, count, ld_delta, (N, ld_out) × 3
+                        out_j[r] += Bt_j[slots[r]]ᵀ · (A_j[slots[r]] · x[r]), rounded like the eager path's bf16
+                        add; rows whose slot is `none` (base rows) are skipped */
 };
 enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
 
 typedef struct {
     int64_t kind;
-    void *p[12];
-    int64_t n[12];
+    void *p[16];
+    int64_t n[16];
     float f[4];
 } Op;
 
@@ -337,6 +342,43 @@ static void op_combine(const Op *op, int ith, int nth, int round) {
         }
 }
 
+/* LoRA per row (served adapters, engine/lora.py): a row's adapter slot picks its factors. Rows are split over the
+ * threads, and each thread runs both products of its rows for every output of the layer: one op, one barrier. */
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0.0f}, s = 0.0f;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) acc[k] += a[i + k] * b[i + k];
+    for (int k = 0; k < 16; k++) s += acc[k];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void op_lora(const Op *op, int ith, int nth, int round) {
+    const float *x = op->p[0];
+    const int64_t *slots = op->p[1];
+    const int64_t K = op->n[1], rank = op->n[2];
+    int64_t r0, r1;
+    split_range(op->n[0], ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t s = slots[r];
+        if (s == op->n[4]) continue;
+        float *t = (float *)op->p[2] + r * rank, *d = (float *)op->p[3] + r * op->n[6];
+        for (int64_t j = 0; j < op->n[5]; j++) {
+            const float *A = op->p[4 + 3 * j], *Bt = op->p[5 + 3 * j];
+            const int64_t N = op->n[7 + 2 * j];
+            float *y = (float *)op->p[6 + 3 * j] + r * op->n[8 + 2 * j];
+            for (int64_t q = 0; q < rank; q++) t[q] = dot_f32(A + (s * rank + q) * K, x + r * op->n[3], K);
+            memset(d, 0, N * sizeof(float));
+            for (int64_t q = 0; q < rank; q++) {
+                const float *b = Bt + (s * rank + q) * N, tq = t[q];
+                for (int64_t o = 0; o < N; o++) d[o] += tq * b[o];
+            }
+            for (int64_t o = 0; o < N; o++) y[o] = rnd(y[o] + rnd(d[o], round), round);
+        }
+    }
+}
+
 static void run_op(const Op *op, int ith, int nth, int round) {
     int64_t r0, r1;
     switch (op->kind) {
@@ -361,6 +403,7 @@ static void run_op(const Op *op, int ith, int nth, int round) {
     case OP_ROUTER: op_router(op, ith, nth); break;
     case OP_GROUPED: op_grouped(op, ith, nth, round); break;
     case OP_COMBINE: op_combine(op, ith, nth, round); break;
+    case OP_LORA: op_lora(op, ith, nth, round); break;
     case OP_GATHER:
         split_range(op->n[0], ith, nth, 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++)

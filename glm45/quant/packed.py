@@ -83,25 +83,32 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
     return w.float().reshape(*lead, k // QBLOCK, QBLOCK)
 
 
+CHUNK_VALUES = 1 << 24  # per quantizer pass: 64 MB float32 temporaries
+
+
 def _row_chunks(w: torch.Tensor):
-    """(start, rows) views of a weight flattened to rows, about 4M values each: a quantizer's float32 temporaries
-    then take a slice of memory, not a copy of the whole (a 151,552 × 5,120 embedding)."""
+    """(start, stop, rows) of a weight flattened to rows, about CHUNK_VALUES values at a time: a quantizer's float32
+    temporaries take a slice of memory, not copies of the whole (a 151,552 × 5,120 embedding), and each is above
+    glibc's largest mmap threshold (32 MB), so it goes back to the system when freed instead of fragmenting the
+    heap that the packed weights live beside. The packed outputs are allocated whole up front."""
     flat = w.reshape(-1, w.shape[-1])
-    step = max(1, (1 << 22) // w.shape[-1])
+    step = max(1, CHUNK_VALUES // w.shape[-1])
     for start in range(0, flat.shape[0], step):
-        yield flat[start:start + step]
+        yield start, start + step, flat[start:start + step]
 
 
 def quantize_int8(w: torch.Tensor) -> PackedWeight:
     *lead, n, k = w.shape
-    codes, scales = [], []
-    for rows in _row_chunks(w):
+    codes = torch.empty(*lead, n, k, dtype=torch.int8, device=w.device)
+    scales = torch.empty(*lead, n, k // QBLOCK, dtype=torch.float16, device=w.device)
+    flat_codes, flat_scales = codes.view(-1, k), scales.view(-1, k // QBLOCK)
+    for start, stop, rows in _row_chunks(w):
         blocks = _blocks(rows)
         scale = (blocks.abs().amax(-1) / 127.0).to(torch.float16)
         inverse = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros_like(scale, dtype=torch.float32))
-        codes.append(torch.round(blocks * inverse[..., None]).clamp_(-127, 127).to(torch.int8).reshape(-1, k))
-        scales.append(scale)
-    return PackedWeight("int8", torch.cat(codes).reshape(*lead, n, k), torch.cat(scales).reshape(*lead, n, k // QBLOCK))
+        flat_codes[start:stop] = torch.round(blocks * inverse[..., None]).clamp_(-127, 127).reshape(-1, k)
+        flat_scales[start:stop] = scale
+    return PackedWeight("int8", codes, scales)
 
 
 def _int4_codes(blocks: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
@@ -130,8 +137,12 @@ def quantize_int4(w: torch.Tensor, iterations: int = 3) -> PackedWeight:
     least-squares refit of scale and minimum (rounded to fp16 as stored), keeping the best error seen.
     Works through the rows in chunks, so a large stack needs only a slice of fp32 memory at a time."""
     *lead, n, k = w.shape
-    codes, scales, minimums = [], [], []
-    for rows in _row_chunks(w):
+    codes = torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(*lead, n, k // QBLOCK, dtype=torch.float16, device=w.device)
+    minimums = torch.empty(*lead, n, k // QBLOCK, dtype=torch.float16, device=w.device)
+    flat_codes, flat_scales = codes.view(-1, k // 2), scales.view(-1, k // QBLOCK)
+    flat_minimums = minimums.view(-1, k // QBLOCK)
+    for start, stop, rows in _row_chunks(w):
         blocks = _blocks(rows)
         low, high = blocks.amin(-1), blocks.amax(-1)
         scale, minimum = _fp16((high - low) / 15.0), _fp16(low)
@@ -149,24 +160,23 @@ def quantize_int4(w: torch.Tensor, iterations: int = 3) -> PackedWeight:
                     torch.where(better, minimum, best[2]))
         q, scale, minimum = best
         q = q.to(torch.uint8)
-        packed = q[..., :QBLOCK // 2] | (q[..., QBLOCK // 2:] << 4)
-        codes.append(packed.reshape(packed.shape[0], -1))
-        scales.append(scale.to(torch.float16))
-        minimums.append(minimum.to(torch.float16))
-    return PackedWeight("int4", torch.cat(codes).reshape(*lead, n, k // 2),
-                        torch.cat(scales).reshape(*lead, n, k // QBLOCK),
-                        torch.cat(minimums).reshape(*lead, n, k // QBLOCK))
+        flat_codes[start:stop] = (q[..., :QBLOCK // 2] | (q[..., QBLOCK // 2:] << 4)).reshape(-1, k // 2)
+        flat_scales[start:stop] = scale
+        flat_minimums[start:stop] = minimum
+    return PackedWeight("int4", codes, scales, minimums)
 
 
 def quantize_fp8(w: torch.Tensor) -> PackedWeight:
     """e4m3 with one fp32 scale per output row (the compressed-tensors layout of GLM-4.5's FP8 releases)."""
-    codes, scales = [], []
-    for rows in _row_chunks(w):
+    codes = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    scales = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
+    flat_codes, flat_scales = codes.view(-1, w.shape[-1]), scales.view(-1)
+    for start, stop, rows in _row_chunks(w):
         w32 = rows.float()
         scale = (w32.abs().amax(-1) / FP8_MAX).clamp(min=1e-12)
-        codes.append((w32 / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
-        scales.append(scale)
-    return PackedWeight("fp8", torch.cat(codes).reshape(w.shape), torch.cat(scales).reshape(w.shape[:-1]))
+        flat_codes[start:stop] = (w32 / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        flat_scales[start:stop] = scale
+    return PackedWeight("fp8", codes, scales)
 
 
 def quantize(w: torch.Tensor, fmt: str) -> PackedWeight:

@@ -170,3 +170,38 @@ def test_bundled_model_greedy_text_is_identical(k):
         assert (llm.engine.runner.captured is None) == eager
         texts[eager] = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     assert texts[True] == texts[False]
+
+
+@pytest.mark.skipif(not cpu.native_bf16_gemm(), reason="torch's bf16 GEMM is the fast head only on CPUs with bf16 "
+                                                       "arithmetic (AVX512-BF16 or AMX); this one has neither")
+def test_a_bf16_head_of_many_rows_runs_as_torchs_gemm_and_matches_eager(folders, monkeypatch):
+    """From HEAD_GEMM_ROWS logit rows a plain bf16 head is torch's GEMM over the program's hidden states (lowered
+    here to 1 so the small steps take it): the logits agree with the eager path as the program's own head does, for
+    the target's head and the MTP layer's."""
+    from glm45.engine import captured_cpu
+
+    monkeypatch.setattr(captured_cpu, "HEAD_GEMM_ROWS", 1)
+    eager, captured = runners(folders["mtp"], torch.bfloat16)
+    heads = captured.runner.captured.gemm_heads
+    assert heads[False] is captured.runner.model.lm_head and heads[True] is not None
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def counting_linear(x, weight, bias=None):
+        if any(weight is head.weight for head in heads.values()):
+            calls.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    run_teacher_forced(eager, captured, strict=False, steps=6, verify=3)
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    rows = [(0, 5, 30), (0, 6, 31), (1, 7, 17)]
+    captured.runner.forward(captured.inputs(rows), [0, 1, 2])
+    assert calls == [3]  # the captured step's head, as torch's GEMM
+    eager.runner.forward(eager.inputs(rows), [0, 1, 2])
+    calls.clear()
+    b = captured.runner.draft(captured.inputs(rows), [0, 1, 2], [0, 2])
+    assert calls == [2]
+    a = eager.runner.draft(eager.inputs(rows), [0, 1, 2], [0, 2])
+    agreement = Agreement(strict=False)
+    agreement.add(a, b)
+    agreement.check()

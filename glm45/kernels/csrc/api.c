@@ -51,17 +51,9 @@ void glm45_grouped_linear(const Weight *w, const float *x, int64_t R, int64_t ld
                           int64_t ldy, int round, int threads) {
     Act a = {x, R, w->K, ldx, NULL, NULL, NULL};
     QScratch s = quantized(w, &a);
-    const int64_t chunk = 16, chunks = (w->N + chunk - 1) / chunk;
     int nth = threads_for(R * w->N * w->K, threads);
 #pragma omp parallel num_threads(nth) if (nth > 1)
-    {
-        int64_t i0, i1;
-        split_range(R * chunks, omp_get_thread_num(), omp_get_num_threads(), 1, &i0, &i1);
-        for (int64_t i = i0; i < i1; i++) {
-            int64_t r = i / chunks, n0 = (i % chunks) * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
-            weight_rows(w, expert[r], n0, n1, &a, r, 1, y, ldy, round);
-        }
-    }
+    expert_pairs(w, expert, R, 1, &a, y, ldy, omp_get_thread_num(), omp_get_num_threads(), round);
     release(s);
 }
 

@@ -144,6 +144,8 @@ void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const 
 void quantize_act_rows(const float *x, int64_t ldx, int64_t m0, int64_t m1, int64_t K, int8_t *xq, float *xd,
                        float *xs);
 int weight_needs_qact(const Weight *w);
+void expert_pairs(const Weight *w, const int64_t *experts, int64_t P, int64_t per, const Act *a, float *y, int64_t ldy,
+                  int ith, int nth, int round);
 void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out);
 
 #endif

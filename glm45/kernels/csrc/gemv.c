@@ -216,6 +216,40 @@ void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const 
     }
 }
 
+/* The expert GEMVs of P (row, expert) pairs, thread ith's share: y[p] = W[experts[p]] · x[p / per] (per > 1 when
+ * several pairs read one input row, as the routed experts' gate/up do). Pairs are taken expert by expert, and for
+ * each 16-row chunk of an expert's matrix every pair routed to that expert runs while the chunk is in cache, so an
+ * expert's weights leave memory once per call however many rows chose it. The work units (expert, chunk, pair) are
+ * split evenly over the threads; every thread orders the pairs itself (a counting sort of a few hundred ids). */
+void expert_pairs(const Weight *w, const int64_t *experts, int64_t P, int64_t per, const Act *a, float *y, int64_t ldy,
+                  int ith, int nth, int round) {
+    const int64_t E = w->num_experts, chunk = 16, chunks = (w->N + chunk - 1) / chunk;
+    int64_t *start = calloc(E + 1, sizeof(int64_t)), *cursor = malloc(E * sizeof(int64_t) + 1);
+    int64_t *order = malloc(P * sizeof(int64_t) + 1);
+    for (int64_t p = 0; p < P; p++) start[experts[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(cursor, start, E * sizeof(int64_t));
+    for (int64_t p = 0; p < P; p++) order[cursor[experts[p]]++] = p;
+    Act one = *a;
+    int64_t u0, u1;
+    split_range(P * chunks, ith, nth, 1, &u0, &u1);
+    for (int64_t e = 0, offset = 0; e < E && offset < u1; e++) {
+        const int64_t count = start[e + 1] - start[e], units = count * chunks;
+        const int64_t first = u0 > offset ? u0 : offset, stop = u1 < offset + units ? u1 : offset + units;
+        for (int64_t u = first; u < stop; u++) {
+            const int64_t c = (u - offset) / count, p = order[start[e] + (u - offset) % count], row = p / per;
+            const int64_t n0 = c * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
+            one.M = row + 1;
+            /* weight_rows writes row `row` of its output: point it at pair p's row */
+            weight_rows(w, e, n0, n1, &one, row, 1, y + (p - row) * ldy, ldy, round);
+        }
+        offset += units;
+    }
+    free(start);
+    free(cursor);
+    free(order);
+}
+
 /* Row n of expert `expert`, as fp32 (embedding lookups and the prefill path's dequantization). */
 void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out) {
     const int64_t K = w->K, nb = K / QBLOCK, r = expert * w->N + n;

@@ -312,20 +312,8 @@ static void op_router(const Op *op, int ith, int nth) {
 }
 
 static void op_grouped(const Op *op, int ith, int nth, int round) {
-    const Weight *w = op->p[4];
-    const int64_t *ids = op->p[5];
-    const int64_t P = op->n[0], per = op->n[1];
-    /* Rows of pair p read input row p / per; give each (pair, chunk of 16 output rows) to one thread. */
     Act a = {op->p[0], 0, op->n[4], op->n[2], op->p[1], op->p[2], op->p[3]};
-    const int64_t chunk = 16, chunks = (w->N + chunk - 1) / chunk;
-    int64_t i0, i1;
-    split_range(P * chunks, ith, nth, 1, &i0, &i1);
-    for (int64_t i = i0; i < i1; i++) {
-        int64_t p = i / chunks, n0 = (i % chunks) * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
-        a.M = p / per + 1;
-        float *y = (float *)op->p[6] + p * op->n[3] - (p / per) * op->n[3];
-        weight_rows(w, ids[p], n0, n1, &a, p / per, 1, y, op->n[3], round);
-    }
+    expert_pairs(op->p[4], op->p[5], op->n[0], op->n[1], &a, op->p[6], op->n[3], ith, nth, round);
 }
 
 static void op_combine(const Op *op, int ith, int nth, int round) {

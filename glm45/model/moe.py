@@ -91,9 +91,11 @@ class Experts(nn.Module):
         order = flat_ids.argsort(stable=True)
         token_of_row = order // top_k
         rows_per_expert = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        # Per-expert outputs are concatenated rather than written into a preallocated buffer: in backward every
-        # slice assignment would clone and zero-fill the whole buffer, and in inference the one copy is cheap.
         gate_up_proj, down_proj = self.weights()
+        if not torch.is_grad_enabled():
+            return self._by_expert(x_TD, topk_weights_TK.reshape(-1)[order], token_of_row, rows_per_expert)
+        # Training: per-expert outputs are concatenated rather than written into a preallocated buffer: in backward
+        # every slice assignment would clone and zero-fill the whole buffer.
         outputs = []
         for expert, rows in enumerate(x_TD[token_of_row].split(rows_per_expert)):
             if rows.shape[0]:
@@ -105,6 +107,21 @@ class Experts(nn.Module):
         weights = topk_weights_TK.reshape(-1)[order, None]
         weighted = (out_sorted * weights).to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_of_row, weighted)
+
+    def _by_expert(self, x_TD: torch.Tensor, weights: torch.Tensor, token_of_row: torch.Tensor,
+                   rows_per_expert: list[int]) -> torch.Tensor:
+        """Inference over many tokens: each expert gathers its tokens, runs, weights its outputs and adds them into
+        the result while they are in cache — the same sums in the same order as the training path's, without its
+        passes over all T·K rows at once (which took most of an Air-shaped prefill step)."""
+        gate_up_proj, down_proj = self.weights()
+        out = torch.zeros_like(x_TD)
+        for expert, (tokens, w) in enumerate(zip(token_of_row.split(rows_per_expert), weights.split(rows_per_expert),
+                                                 strict=True)):
+            if tokens.shape[0]:
+                gate, up = cpu.linear(x_TD[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
+                y = cpu.linear(F.silu(gate) * up, down_proj[expert])
+                out.index_add_(0, tokens, (y * w[:, None]).to(x_TD.dtype))  # float32 weighting, as in training
+        return out
 
     def _grouped(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """The assignments sorted by expert into groups padded to GROUP_ALIGN rows, one grouped GEMM per

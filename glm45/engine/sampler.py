@@ -6,9 +6,9 @@ top-k, top-p, min-p, softmax. Greedy rows take the argmax of the penalised logit
 CDF: the first token whose cumulative probability exceeds u · total, with u uniform in [0, 1) from the request's
 own host-side `torch.Generator` (a fixed number of uniforms per step; the device never waits for them), so a
 seeded request gives the same output whatever else is in the batch. Top-k and top-p need the largest logits in
-order (`nucleus`): `torch.topk` of a few hundred when that covers every truncating row, one sort otherwise; the cut
-is a prefix sum in that order, so a row's result does not depend on its neighbours, and a truncating row draws
-among its kept tokens only, never touching the rest of the vocabulary again.
+order (`nucleus`): `torch.topk` of the largest 1,024 (on CPUs 8,192 next, when a top-p nucleus spills over) when
+that covers every truncating row, one sort of the vocabulary otherwise; the cut is a prefix sum in that order, so a
+row's result does not depend on its neighbours, and a truncating row draws among its kept tokens only.
 Log-probabilities are reported from the raw model distribution (in float32), many rows at a time.
 
 `apply_penalties` and `probabilities` are the row-at-a-time definitions the batched path is tested against.
@@ -34,6 +34,7 @@ def uniforms(generators: list[torch.Generator | None], count: int, device: torch
 
 
 def column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-row parameters read on the host, as a device tensor (copied without waiting)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 

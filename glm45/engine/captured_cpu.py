@@ -47,12 +47,11 @@ def gemm_head(module) -> torch.nn.Linear | None:
 
 
 def default_sizes() -> tuple[int, ...]:
-    """Row counts captured by default. Measured with 2 threads on 64 (or 32) sequences of 64–640 tokens decoding
-    together, CPU with AVX512-BF16: a 64-row step takes 47 ms captured against 93 eager on the 71M `small`
-    benchmark model and 254 against 277 on the Air-shaped 0.6B; 32 rows 26 against 53 and 134 against 164. (With
-    short contexts and one thread, torch's bf16 GEMM made the eager path faster from 32 rows on the Air shape; at
-    real batch contexts the eager path's attention and per-op costs outweigh it.) On AVX2-only CPUs the eager
-    path's GEMMs widen to fp32, so the program is further ahead there."""
+    """Row counts captured by default. Measured with 2 threads on 8–64 sequences of 256-token prompts decoding
+    together on the Air-shaped 0.6B benchmark model, CPU with AVX512-BF16 (the eager path's MoE running expert by
+    expert on torch's bf16 GEMM, the program's head on it too from 8 rows): captured 304–307, 365–381, 429–438
+    and 528–553 tokens/s at 8, 16, 32 and 64 rows against eager 136–137, 190–191, 250–258 and 371–372. On
+    AVX2-only CPUs the eager path's GEMMs widen to fp32, so the program is further ahead there."""
     return (1, 2, 4, 8, 16, 32, 64)
 
 

@@ -19,14 +19,15 @@ tokens agree with it (tests/test_captured_cpu.py).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 
 import numpy as np
 import torch
 
+from glm45.engine import cpu_program as ops
 from glm45.engine.attention import fill_rows
+from glm45.engine.cpu_program import Program, as_f32, describe, linear_weight
 from glm45.engine.lora import MultiLoRALinear
 from glm45.kernels import cpu
 
@@ -55,16 +56,6 @@ def default_sizes() -> tuple[int, ...]:
     return (1, 2, 4, 8, 16, 32, 64)
 
 
-(OP_EMBED, OP_RMSNORM, OP_QUANT, OP_LINEAR, OP_QK_ROPE, OP_ATTN, OP_SILU_MUL, OP_ROUTER, OP_GROUPED, OP_COMBINE,
- OP_GATHER, OP_LORA) = range(1, 13)
-KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
-
-
-class Op(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int64), ("p", ctypes.c_void_p * 16), ("n", ctypes.c_int64 * 16),
-                ("f", ctypes.c_float * 4)]
-
-
 def supported(model, kv_cache: torch.Tensor) -> str | None:
     """Why the captured step cannot run this model here (None when it can)."""
     if cpu.library() is None:
@@ -73,7 +64,7 @@ def supported(model, kv_cache: torch.Tensor) -> str | None:
         return "the model is not on the CPU"
     if model.dtype not in (torch.float32, torch.bfloat16):
         return f"the model's dtype is {model.dtype}"
-    if kv_cache.dtype not in KV_DTYPES:
+    if kv_cache.dtype not in ops.KV_DTYPES:
         return f"the KV cache's dtype is {kv_cache.dtype}"
     config = model.config
     dims = [config.hidden_size, config.head_dim * config.num_attention_heads, config.moe_intermediate_size,
@@ -83,68 +74,6 @@ def supported(model, kv_cache: torch.Tensor) -> str | None:
     if config.head_dim % 16 or config.head_dim > 128 or config.n_routed_experts > 1024 or config.n_group > 64:
         return "a head dimension (a multiple of 16 up to 128), expert count or group count beyond the kernels' limits"
     return None
-
-
-class _Program:
-    """A list of ops and everything they point at (kept alive with them)."""
-
-    def __init__(self):
-        self.ops: list[Op] = []
-        self.keep: list = []
-        self.array = None
-
-    def ptr(self, t) -> int | None:
-        if t is None:
-            return None
-        if isinstance(t, torch.Tensor):
-            self.keep.append(t)
-            return t.data_ptr()
-        self.keep.append(t)
-        return ctypes.addressof(t)
-
-    def add(self, kind: int, p=(), n=(), f=()) -> Op:
-        op = Op()
-        op.kind = kind
-        for i, value in enumerate(p):
-            op.p[i] = self.ptr(value)
-        for i, value in enumerate(n):
-            op.n[i] = int(value)
-        for i, value in enumerate(f):
-            op.f[i] = float(value)
-        self.ops.append(op)
-        return op
-
-    def finish(self) -> None:
-        self.array = (Op * len(self.ops))(*self.ops)
-
-    def run(self, rounding: bool, threads: int) -> None:
-        cpu.library().glm45_run_program(self.array, len(self.ops), int(rounding), threads)
-
-
-def _linear_weight(module):
-    """(descriptor source, fp32 bias) of a Linear or QuantLinear."""
-    packed = getattr(module, "packed", None)
-    return (packed if packed is not None else module.weight), (
-        None if module.bias is None else module.bias.detach().float().contiguous())
-
-
-def _describe(program: _Program, weight, bias=None) -> cpu.Weight:
-    if isinstance(weight, torch.Tensor):
-        weight = weight.detach().contiguous()
-        program.keep.append(weight)
-    else:
-        program.keep.append(weight)
-    if bias is not None:
-        program.keep.append(bias)
-    descriptor = cpu.describe(weight, bias)
-    if descriptor is None:
-        raise ValueError(f"the CPU kernels do not take a {type(weight).__name__} of dtype "
-                         f"{getattr(weight, 'dtype', None)}")
-    return descriptor
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().contiguous()
 
 
 class StepBuffers:
@@ -181,7 +110,7 @@ class StepBuffers:
         self.logits = torch.zeros(rows, c.vocab_size, **f32)
         self.draft_logits = torch.zeros(rows, c.vocab_size, **f32)
         self.scores = torch.zeros(threads, c.num_attention_heads // c.num_key_value_heads, max_context, **f32)
-        self.inv_freq = _f32(model.rotary.inv_freq(torch.device("cpu")))
+        self.inv_freq = as_f32(model.rotary.inv_freq(torch.device("cpu")))
         # Served LoRA adapters: each row's slot (the zero slot `no_adapter` for base rows), the head rows' slots,
         # and the rank-wide intermediate t = A · x.
         adapted = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
@@ -209,7 +138,7 @@ class _Builder:
     def __init__(self, model, kv_cache: torch.Tensor, block_size: int, buffers: StepBuffers, rows: int):
         self.model, self.config, self.kv_cache, self.block_size = model, model.config, kv_cache, block_size
         self.b, self.rows = buffers, rows
-        self.program = _Program()
+        self.program = Program()
         self.lora_slots = buffers.lora_slots  # the head's program reads its rows' slots from lora_head_slots
 
     # -------------------------------------------------------------- pieces
@@ -218,18 +147,18 @@ class _Builder:
         if not any(getattr(w, "format", None) in ("int8", "int4") for w in weights):
             return (None, None, None)
         xq, xd, xs = self.b.quant(buffer, rows)
-        self.program.add(OP_QUANT, (buffer, xq, xd, xs), (rows, buffer.shape[1], buffer.shape[1]))
+        self.program.add(ops.OP_QUANT, (buffer, xq, xd, xs), (rows, buffer.shape[1], buffer.shape[1]))
         return xq, xd, xs
 
     def linear(self, x: torch.Tensor, rows: int, outputs: list[tuple]) -> None:
         """outputs: [(module or (weight, bias), out tensor view start, out row stride)]."""
-        weights = [(_linear_weight(m) if not isinstance(m, tuple) else m) for m, _, _ in outputs]
+        weights = [(linear_weight(m) if not isinstance(m, tuple) else m) for m, _, _ in outputs]
         quant = self.quantize_if_needed(x, rows, [w for w, _ in weights])
         pointers, strides = [x, *quant], [rows, x.shape[1], len(outputs), 0, 0, 0, x.shape[1]]
         for j, ((weight, bias), (_, out, ld)) in enumerate(zip(weights, outputs, strict=True)):
-            pointers += [_describe(self.program, weight, bias), out]
+            pointers += [describe(self.program, weight, bias), out]
             strides[3 + j] = ld
-        self.program.add(OP_LINEAR, pointers, strides)
+        self.program.add(ops.OP_LINEAR, pointers, strides)
         adapted = [(module, out, ld) for module, out, ld in outputs if isinstance(module, MultiLoRALinear)]
         if adapted:  # layers served adapters adapt (engine/lora.MultiLoRALinear)
             self.lora(x, rows, adapted)
@@ -245,11 +174,11 @@ class _Builder:
         for module, out, ld in outputs:
             pointers += [module.lora_A, module.lora_Bt, out]
             numbers += [module.lora_Bt.shape[2], ld]
-        self.program.add(OP_LORA, pointers, numbers)
+        self.program.add(ops.OP_LORA, pointers, numbers)
 
     def norm(self, x: torch.Tensor, weight, out: torch.Tensor, add: torch.Tensor | None = None) -> None:
         D = weight.numel()
-        self.program.add(OP_RMSNORM, (x, _f32(weight), out, add),
+        self.program.add(ops.OP_RMSNORM, (x, as_f32(weight), out, add),
                          (self.rows, D, x.shape[1], out.stride(0), 0 if add is None else add.shape[1]),
                          (self.config.rms_norm_eps,))
 
@@ -264,12 +193,12 @@ class _Builder:
         self.linear(b.h, R, [(attn.q_proj, b.qkv, ld), (attn.k_proj, b.qkv[:, q_width:], ld),
                              (attn.v_proj, b.qkv[:, q_width + kv_width:], ld)])
         k_cache, v_cache = self.kv_cache[cache_index, 0], self.kv_cache[cache_index, 1]
-        qn = _f32(attn.q_norm.weight) if attn.use_qk_norm else None
-        kn = _f32(attn.k_norm.weight) if attn.use_qk_norm else None
-        kv_dtype = KV_DTYPES[self.kv_cache.dtype]
-        self.program.add(OP_QK_ROPE, (b.qkv, qn, kn, b.positions, k_cache, v_cache, b.slots, b.inv_freq),
+        qn = as_f32(attn.q_norm.weight) if attn.use_qk_norm else None
+        kn = as_f32(attn.k_norm.weight) if attn.use_qk_norm else None
+        kv_dtype = ops.KV_DTYPES[self.kv_cache.dtype]
+        self.program.add(ops.OP_QK_ROPE, (b.qkv, qn, kn, b.positions, k_cache, v_cache, b.slots, b.inv_freq),
                          (R, Hq, Hkv, hd, c.rotary_dim, ld, kv_dtype), (c.rms_norm_eps,))
-        self.program.add(OP_ATTN, (b.qkv, k_cache, v_cache, b.tables, b.context, b.attn, b.scores),
+        self.program.add(ops.OP_ATTN, (b.qkv, k_cache, v_cache, b.tables, b.context, b.attn, b.scores),
                          (R, Hq, Hkv, hd, self.block_size, b.max_blocks, ld, b.attn.shape[1], kv_dtype,
                           b.scores.shape[2]), (attn.scale,))
         self.linear(b.attn, R, [(attn.o_proj, b.delta, b.delta.shape[1])])
@@ -283,45 +212,45 @@ class _Builder:
         """gate/up → SiLU(gate)·up → down. The buffers are as wide as the widest MLP; narrower ones use their
         first columns (the kernels take row strides)."""
         b, R = self.b, self.rows
-        width = _linear_weight(mlp.gate_proj)[0].shape[-2]
+        width = linear_weight(mlp.gate_proj)[0].shape[-2]
         ld = b.gate_up.shape[1]
         self.linear(b.h, R, [(mlp.gate_proj, b.gate_up, ld), (mlp.up_proj, b.gate_up[:, width:], ld)])
-        self.program.add(OP_SILU_MUL, (b.gate_up, b.act), (R, width, ld, b.act.shape[1]))
+        self.program.add(ops.OP_SILU_MUL, (b.gate_up, b.act), (R, width, ld, b.act.shape[1]))
         self.linear(b.act, R, [(mlp.down_proj, out, out.shape[1])])
 
     def moe(self, moe) -> None:
         b, c, R = self.b, self.config, self.rows
         K, I = c.num_experts_per_tok, c.moe_intermediate_size
         router = moe.gate
-        self.program.add(OP_ROUTER, (b.h, _f32(router.weight), _f32(router.e_score_correction_bias), b.ids,
+        self.program.add(ops.OP_ROUTER, (b.h, as_f32(router.weight), as_f32(router.e_score_correction_bias), b.ids,
                                      b.weights),
                          (R, c.hidden_size, c.n_routed_experts, K, c.n_group, c.topk_group, int(c.norm_topk_prob),
                           b.h.shape[1]), (c.routed_scaling_factor,))
         gate_up, down = moe.experts.weights()
         quant = self.quantize_if_needed(b.h, R, [gate_up])
-        self.program.add(OP_GROUPED, (b.h, *quant, _describe(self.program, gate_up), b.ids, b.expert_gate_up),
+        self.program.add(ops.OP_GROUPED, (b.h, *quant, describe(self.program, gate_up), b.ids, b.expert_gate_up),
                          (R * K, K, b.h.shape[1], b.expert_gate_up.shape[1], b.h.shape[1]))
-        self.program.add(OP_SILU_MUL, (b.expert_gate_up, b.expert_act), (R * K, I, 2 * I, I))
+        self.program.add(ops.OP_SILU_MUL, (b.expert_gate_up, b.expert_act), (R * K, I, 2 * I, I))
         quant = self.quantize_if_needed(b.expert_act, R * K, [down])
-        self.program.add(OP_GROUPED, (b.expert_act, *quant, _describe(self.program, down), b.ids, b.expert_out),
+        self.program.add(ops.OP_GROUPED, (b.expert_act, *quant, describe(self.program, down), b.ids, b.expert_out),
                          (R * K, 1, I, b.expert_out.shape[1], I))
         self.mlp(moe.shared_experts, b.shared_out)
-        self.program.add(OP_COMBINE, (b.expert_out, b.weights, b.shared_out, b.delta),
+        self.program.add(ops.OP_COMBINE, (b.expert_out, b.weights, b.shared_out, b.delta),
                          (R, K, c.hidden_size, b.delta.shape[1]))
 
     def embed(self, embedding, out: torch.Tensor) -> None:
         weight = getattr(embedding, "packed", None)
         weight = weight if weight is not None else embedding.weight
-        self.program.add(OP_EMBED, (_describe(self.program, weight), self.b.tokens, out), (self.rows, out.shape[1]))
+        self.program.add(ops.OP_EMBED, (describe(self.program, weight), self.b.tokens, out), (self.rows, out.shape[1]))
 
     def head(self, source: torch.Tensor, head_module, logits: torch.Tensor) -> None:
         b = self.b
-        self.program.add(OP_GATHER, (source, b.logit_rows, b.head_in), (self.rows, source.shape[1], source.shape[1],
+        self.program.add(ops.OP_GATHER, (source, b.logit_rows, b.head_in), (self.rows, source.shape[1], source.shape[1],
                                                                        b.head_in.shape[1]))
         self.linear(b.head_in, self.rows, [(head_module, logits, logits.shape[1])])
 
 
-def build_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> _Program:
+def build_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
     builder = _Builder(model, kv_cache, block_size, buffers, rows)
     b = buffers
     builder.embed(model.model.embed_tokens, b.x)
@@ -334,13 +263,13 @@ def build_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) ->
     return builder.program
 
 
-def build_mtp_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> _Program:
+def build_mtp_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
     """x = eh_proj([enorm(embed(token)), hnorm(h)]) → the MTP block → h' = shared_head.norm(x). The rows of h
     are gathered from `buffers.hidden` (the target's last hidden states) by `buffers.source_rows`."""
     builder = _Builder(model, kv_cache, block_size, buffers, rows)
     b, mtp, D = buffers, model.mtp, model.config.hidden_size
     builder.embed(mtp.embed_tokens, b.x)
-    builder.program.add(OP_GATHER, (b.hidden, b.source_rows, b.source), (rows, D, D, D))
+    builder.program.add(ops.OP_GATHER, (b.hidden, b.source_rows, b.source), (rows, D, D, D))
     builder.norm(b.x, mtp.enorm.weight, b.concat)
     builder.norm(b.source, mtp.hnorm.weight, b.concat[:, D:])
     builder.linear(b.concat, rows, [(mtp.eh_proj, b.x, D)])
@@ -350,7 +279,7 @@ def build_mtp_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int
     return builder.program
 
 
-def build_head(model, buffers: StepBuffers, rows: int, draft: bool) -> _Program:
+def build_head(model, buffers: StepBuffers, rows: int, draft: bool) -> Program:
     builder = _Builder(model, None, 0, buffers, rows)
     builder.lora_slots = buffers.lora_head_slots
     if draft:

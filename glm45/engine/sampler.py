@@ -197,7 +197,7 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list)
     if not sampled:
         return tokens
     device, vocab = logits.device, logits.shape[-1]
-    u = dict(zip(sampled, uniforms([generators[i] for i in sampled], 1, device)[:, 0], strict=True))
+    u = uniforms([generators[i] for i in sampled], 1, device)[:, 0]  # one per sampled row, in their order
     cut, plain = _split([params[i] for i in sampled], vocab)
     for group, truncated in ((cut, True), (plain, False)):
         if not group:
@@ -205,7 +205,7 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list)
         rows = [sampled[j] for j in group]
         index = column(rows, torch.long, device)
         scaled = _scaled(logits.index_select(0, index), [params[i] for i in rows])
-        u_rows = torch.stack([u[i] for i in rows])
+        u_rows = u.index_select(0, column(group, torch.long, device))
         if truncated:
             ids, weights = nucleus(scaled, [params[i] for i in rows])
             drawn = ids.gather(1, draw_rows(weights, u_rows)[:, None])[:, 0]

@@ -93,7 +93,8 @@ class Experts(nn.Module):
         rows_per_expert = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         gate_up_proj, down_proj = self.weights()
         if not torch.is_grad_enabled():
-            return self._by_expert(x_TD, topk_weights_TK.reshape(-1)[order], token_of_row, rows_per_expert)
+            return self._by_expert(x_TD, topk_weights_TK.reshape(-1)[order], token_of_row, rows_per_expert,
+                                   gate_up_proj, down_proj)
         # Training: per-expert outputs are concatenated rather than written into a preallocated buffer: in backward
         # every slice assignment would clone and zero-fill the whole buffer.
         outputs = []
@@ -109,11 +110,10 @@ class Experts(nn.Module):
         return torch.zeros_like(x_TD).index_add_(0, token_of_row, weighted)
 
     def _by_expert(self, x_TD: torch.Tensor, weights: torch.Tensor, token_of_row: torch.Tensor,
-                   rows_per_expert: list[int]) -> torch.Tensor:
+                   rows_per_expert: list[int], gate_up_proj, down_proj) -> torch.Tensor:
         """Inference over many tokens: each expert gathers its tokens, runs, weights its outputs and adds them into
         the result while they are in cache — the same sums in the same order as the training path's, without its
         passes over all T·K rows at once (which took most of an Air-shaped prefill step)."""
-        gate_up_proj, down_proj = self.weights()
         out = torch.zeros_like(x_TD)
         for expert, (tokens, w) in enumerate(zip(token_of_row.split(rows_per_expert), weights.split(rows_per_expert),
                                                  strict=True)):

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -110,6 +112,15 @@ def test_matching_dtype_is_zero_copy(air_folder):
     first = checkpoint.raw("model.embed_tokens.weight")
     again, _ = checkpoint.weight("model.embed_tokens.weight", torch.float32)
     assert first.data_ptr() == again.data_ptr()  # both views of the memory map, no copy made
+
+
+def test_loading_does_not_import_the_compiler(air_folder):
+    """A meta-device model draws no initial values: `normal_` on meta would import torch._dynamo and triton."""
+    script = (f"import sys; from glm45.model import Glm4MoeForCausalLM; "
+              f"Glm4MoeForCausalLM.from_pretrained({str(air_folder)!r}, dtype='float32', progress=False); "
+              f"print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 # ---------------------------------------------------------------------- FP8

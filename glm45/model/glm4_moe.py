@@ -21,7 +21,7 @@ from torch import nn
 
 from glm45.config import ModelConfig
 from glm45.model.decoder import AttentionContext, DecoderLayer
-from glm45.model.layers import Linear, RMSNorm, RotaryEmbedding
+from glm45.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from glm45.model.loader import load_model, save_model
 from glm45.model.mtp import MTPLayer
 from glm45.model.shard import ShardPlan
@@ -32,7 +32,7 @@ class Glm4MoeModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

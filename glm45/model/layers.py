@@ -1,4 +1,4 @@
-"""Building blocks shared by the decoder and the MTP layer: RMSNorm, partial RoPE, the SwiGLU MLP.
+"""Building blocks shared by the decoder and the MTP layer: embeddings, RMSNorm, partial RoPE, the SwiGLU MLP.
 
 Each one reproduces the reference numerics exactly, dtype casts included, because bf16 parity with
 transformers depends on where the casts happen.
@@ -18,6 +18,16 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a table on the meta device uninitialised. The loader builds models on the meta
+    device, and `normal_` on a meta tensor runs through torch._refs, whose first use imports torch._dynamo and
+    triton (about a second, and 70 MiB resident) to draw values the checkpoint replaces."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class RMSNorm(nn.Module):

@@ -20,7 +20,7 @@ from torch import nn
 
 from glm45.config import ModelConfig
 from glm45.model.decoder import AttentionContext, DecoderLayer
-from glm45.model.layers import Linear, RMSNorm
+from glm45.model.layers import Embedding, Linear, RMSNorm
 
 
 class SharedHead(nn.Module):
@@ -36,7 +36,7 @@ class MTPLayer(DecoderLayer):
     def __init__(self, config: ModelConfig):
         # The MTP block sits after the last layer, so it is an MoE block whenever the model has any.
         super().__init__(config, layer_idx=config.num_hidden_layers)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)

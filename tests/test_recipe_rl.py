@@ -56,6 +56,8 @@ def test_rl_prompts_mix_the_kinds_and_keep_held_out_words_unseen():
     english = [r for r in rows if r["expected_call"] and r["expected_call"]["name"].split("_")[0] in RL_VERBS]
     assert 0.2 < len(no_tools) / len(rows) < 0.45 and 0.2 < len(english) / len(rows) < 0.45
     assert all(r["expected_call"] is None for r in no_tools)
+    twins = [(r, rows[i + 1]) for i, r in enumerate(rows[:-1]) if r["kind"].startswith("no_tools:")]
+    assert twins and all(t["messages"] == r["messages"] and t["tools"] and t["expected_call"] for r, t in twins)
     assert all(r["messages"][-1]["role"] == "user" for r in rows if r not in answers)
     text = " ".join(str(r) for r in rows).lower()
     assert not any(word in text for word in _HELDOUT_WORDS)  # no held-out city, verb or noun anywhere

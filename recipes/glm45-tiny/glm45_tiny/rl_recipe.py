@@ -11,8 +11,10 @@ SFT (`recipe.py`) taught the protocol from reference answers; two things it neve
 The prompts (`prompt_rows`) mix four kinds: the training split's own tasks as SFT drew them (tools declared when the
 task has them; chat), tool tasks with tools named by `RL_VERBS`/`RL_NOUNS` (English words that are neither training
 words nor the evaluation's held-out words — the held-out tools stay unseen), requests of both kinds of tool task
-asked with no tools declared, where the right answer has no call, and the answer after a tool's result, which must
-mention the result's values. Cities are the training split's.
+asked with no tools declared, where the right answer has no call (each followed by the same request with its tools
+declared, so that the model learns to decline by the tool list, not by the request: without the twins, 360 steps
+taught it to answer some calculator requests with a greeting even with the calculator declared), and the answer
+after a tool's result, which must mention the result's values. Cities are the training split's.
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ def prompt_rows(num: int, seed: int) -> list[dict[str, Any]]:
             while "call" not in conversation["meta"]:
                 conversation = train.conversation()
         rows.append(_row(conversation, tools=kind != "no_tools"))
-    return rows
+        if kind == "no_tools":  # its twin with the tools declared: declining is learnt against calling
+            rows.append(_row(conversation))
+    return rows[:num]
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -108,7 +108,8 @@ class StepBuffers:
         self.source = torch.zeros(rows, D, **f32)
         self.head_in = torch.zeros(rows, D, **f32)
         self.logits = torch.zeros(rows, c.vocab_size, **f32)
-        self.draft_logits = torch.zeros(rows, c.vocab_size, **f32)
+        # A vocabulary-wide row is 0.6 MB on GLM-4.5: the draft head's rows exist only with an MTP layer loaded.
+        self.draft_logits = torch.zeros(rows if model.mtp is not None else 0, c.vocab_size, **f32)
         self.scores = torch.zeros(threads, c.num_attention_heads // c.num_key_value_heads, max_context, **f32)
         self.inv_freq = as_f32(model.rotary.inv_freq(torch.device("cpu")))
         # Served LoRA adapters: each row's slot (the zero slot `no_adapter` for base rows), the head rows' slots,

@@ -120,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = train(config)
     logger.info("training done: %s", summary)
     if args.install:
-        ASSET_DIR.mkdir(parents=True, exist_ok=True)
-        for name in INSTALLED_FILES:
-            shutil.copy(Path(summary["result"]) / name, ASSET_DIR / name)
-        logger.info("installed into %s", ASSET_DIR)
+        install(summary["result"])
     return 0
+
+
+def install(result: str | Path) -> None:
+    """Copy a trained model folder's files into the package as the bundled model."""
+    ASSET_DIR.mkdir(parents=True, exist_ok=True)
+    for name in INSTALLED_FILES:
+        shutil.copyfile(Path(result) / name, ASSET_DIR / name)  # contents only: the package's file modes stay
+    logger.info("installed into %s", ASSET_DIR)
 
 
 if __name__ == "__main__":

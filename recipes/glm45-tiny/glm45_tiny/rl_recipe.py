@@ -1,6 +1,6 @@
 """The bundled model's RL stage: GRPO on tool-use prompts with the reward of `glm45_tiny.rewards`, by one command.
 
-    python -m glm45_tiny.rl_recipe --model glm45/assets/glm45-tiny --out runs/glm45-tiny-rl
+    python -m glm45_tiny.rl_recipe --model runs/glm45-tiny-v5/model --out runs/glm45-tiny-rl --install
 
 SFT (`recipe.py`) taught the protocol from reference answers; two things it never showed are what RL fixes here:
 - a request that needs a tool when *no* tool is declared: the model had only ever seen such requests with tools, and
@@ -120,13 +120,13 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from glm45.train.rl import rl
     from glm45.train.rl_config import RLConfig
+    from glm45_tiny.recipe import install
 
     parser = argparse.ArgumentParser(description="GRPO stage of the bundled model (tool use).")
-    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[3] / "glm45" / "assets" /
-                                               "glm45-tiny"))
+    parser.add_argument("--model", required=True, help="the SFT model (`glm45_tiny.recipe`'s result)")
     parser.add_argument("--out", default="runs/glm45-tiny-rl")
     parser.add_argument("--num-prompts", type=int, default=4000)
-    parser.add_argument("--max-steps", type=int, default=120)
+    parser.add_argument("--max-steps", type=int, default=360)
     parser.add_argument("--max-minutes", type=float, default=52.0)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--optimizer", default="muon")
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--install", action="store_true", help="copy the result into the package as the bundled model")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads, seed=args.seed, resume=args.resume)
     summary = rl(config)
     logger.info("RL done: %s", summary)
+    if args.install:
+        install(summary["result"])
     return 0
 
 

@@ -29,14 +29,15 @@ def reference(x, w, bias=None):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_bf16_kernel_matches_float32(isa, rows):
+@pytest.mark.parametrize("k", [96, 256, 2048])  # short rows go four weight rows at a time, long ones one by one
+def test_bf16_kernel_matches_float32(isa, rows, k):
     assert cpu.library().glm45_isa().decode() == isa
     torch.manual_seed(rows)
-    w = torch.randn(300, 96).bfloat16()
-    x = torch.randn(rows, 96).bfloat16()
-    bias = torch.randn(300).bfloat16()
+    w = torch.randn(301, k).bfloat16()  # 301: a last group of fewer than four weight rows
+    x = torch.randn(rows, k).bfloat16()
+    bias = torch.randn(301).bfloat16()
     got = cpu.linear(x, w, bias)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 300)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 301)
     # the only rounding is of the fp32 result to bf16
     assert torch.allclose(got.float(), reference(x, w, bias), rtol=2**-8, atol=1e-3)
 

@@ -138,6 +138,20 @@ static inline vf vload_fp8(const uint8_t *p) {
 }
 #endif
 
+/* The four horizontal sums of v0..v3 at once (a transposing add tree): out[i] = Σ lanes of vi. */
+static inline void hsum4_256(__m256 v0, __m256 v1, __m256 v2, __m256 v3, float out[4]) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+#ifdef __AVX512F__
+static inline __m256 fold512(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#define vhsum4(v0, v1, v2, v3, out) hsum4_256(fold512(v0), fold512(v1), fold512(v2), fold512(v3), out)
+#else
+#define vhsum4(v0, v1, v2, v3, out) hsum4_256(v0, v1, v2, v3, out)
+#endif
+
 /* ---- kernels shared between files ---- */
 void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                  float *y, int64_t ldy, int round);

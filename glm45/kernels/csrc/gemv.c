@@ -1,7 +1,8 @@
 /* Matrix-vector products for decoding: a few activation rows against a weight matrix in any of five formats.
  *
  * Decoding reads every active weight once per token, so these kernels stream each weight row once and dot it
- * with up to 4 activation rows at a time (more rows loop over groups of 4 while the row is in cache):
+ * with up to 4 activation rows at a time (more rows loop over groups of 4 while the row is in cache; short f32/bf16
+ * rows go four at a time, see FLOAT_ROWS4):
  *   f32, bf16   widened in registers (a bf16 is the top half of an fp32), fp32 FMA;
  *   fp8 (e4m3)  widened through fp16 (see fp8_to_f32), fp32 FMA, one scale per row or per 128×128 block;
  *   int8 (q8)   blocks of 32 with an fp16 scale; the activation row is quantized to int8 per block of 32 and

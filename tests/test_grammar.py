@@ -105,6 +105,34 @@ def test_forced_and_triggered_tool_calls(backend, tokenizer):
     assert walk(backend, tokenizer, full, "ok <tool_call>get_weather\n<arg_key>town")[1] is not None
 
 
+def test_name_choices_where_a_call_name_starts(backend, tokenizer):
+    names = [tokenizer.encode("get_weather\n"), tokenizer.encode("get\n")]
+    auto = StructuredOutputsParams(tool_calls=ToolCallConstraint(TOOLS, ToolCallMode.AUTO_NAME), reasoning=True)
+    c = backend.constraint(auto, [1])
+    for token in tokenizer.encode("\n<think>hm</think>\nLook"):
+        c.accept(token)
+        assert c.name_choices() is None
+    c.accept(backend.tool_call_start)
+    assert c.name_choices() == names  # each allowed here, as its tokens and the newline that ends it
+    c.accept(names[0][0])
+    assert c.name_choices() is None  # not inside a name
+    for token in tokenizer.encode("_weather\n</tool_call> and <tool_call>"):
+        c.accept(token)
+    assert c.name_choices() == names  # the next call's name
+    short = backend.constraint(auto, [1], max_tokens=8)
+    for token in tokenizer.encode("\n<think>a</think>\n<tool_call>"):
+        short.accept(token)
+    assert short.name_choices() is None  # "get_weather\n" would not fit in the tokens left
+    required = StructuredOutputsParams(tool_calls=ToolCallConstraint(TOOLS, ToolCallMode.REQUIRED), reasoning=False)
+    assert backend.constraint(required, [1, backend.tool_call_start]).name_choices() == names
+    assert backend.constraint(required, [1, 2]).name_choices() is None  # nothing says a name starts
+    named = StructuredOutputsParams(tool_calls=ToolCallConstraint(TOOLS, ToolCallMode.NAMED, "get", False),
+                                    reasoning=False)
+    assert backend.constraint(named, [1, backend.tool_call_start]).name_choices() is None
+    one = StructuredOutputsParams(tool_calls=ToolCallConstraint(TOOLS[:1], ToolCallMode.REQUIRED), reasoning=False)
+    assert backend.constraint(one, [1, backend.tool_call_start]).name_choices() is None  # no choice to make
+
+
 def test_thinking_budget_forces_the_end_of_the_thought(backend, tokenizer):
     assistant = tokenizer.special_token_id("<|assistant|>")
     c, refused = walk(backend, tokenizer, None, "\n<think>a b c d e f</think>", budget=5, prompt=[assistant])

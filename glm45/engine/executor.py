@@ -9,6 +9,11 @@ logits at the prompt positions the chunk covered. It changes no sequence; the sc
 every sequence that decodes next. Tokens and drafts are chosen after the request's `logit_bias` and its
 constraint's mask (`logits.py`).
 
+Where a constrained call's name starts (`ScheduledSeq.name_choices`), the step first scores each declared name
+after the sequence's pending token — one forward per name, its K/V written past the known tokens and overwritten
+by the next — and picks one (`name_choice.py`); the batch's forward then computes the chosen name's tokens as
+known ones after the pending token, and the token after the name is sampled from its last row.
+
 The executor sits above the model runner (as in vLLM): with tensor parallelism the runner is rank 0's
 `DistributedModelRunner`, which sends each call's plain inputs to the other ranks first.
 """
@@ -21,8 +26,9 @@ import torch
 
 from glm45.engine.attention import SeqSlice, StepInputs
 from glm45.engine.block_manager import BlockManager
-from glm45.engine.logits import follow, needs_processing, process_chain, process_rows
+from glm45.engine.logits import follow, needs_processing, process_chain, process_rows, state_after
 from glm45.engine.model_runner import ModelRunner
+from glm45.engine.name_choice import choose_name, name_logprobs, until_name_start
 from glm45.engine.sampler import Sampler, rows_top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence
@@ -59,36 +65,39 @@ class Executor:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> StepResult:
+        names = {item.seq.seq_id: self._choose_name(item) for item in batch if item.name_choices is not None}
         ids, positions, slots, slices, adapters = [], [], [], [], []
-        plan = []  # (seq, start, num_tokens, drafts, q_start)
+        plan = []  # (seq, start, num_tokens, drafts, q_start, name): `name` the chosen name's tokens, or []
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
             ends_known = start + item.num_tokens == len(seq)
-            drafts = list(seq.draft_token_ids) if ends_known and item.num_tokens == 1 else []
-            tokens = seq.token_ids[start:start + item.num_tokens] + drafts
-            plan.append((seq, start, item.num_tokens, drafts, len(ids)))
+            name = names.get(seq.seq_id, [])
+            drafts = list(seq.draft_token_ids) if ends_known and item.num_tokens == 1 and not name else []
+            tokens = seq.token_ids[start:start + item.num_tokens] + name + drafts
+            plan.append((seq, start, item.num_tokens, drafts, len(ids), name))
             slices.append(SeqSlice(len(ids), len(tokens), start + len(tokens), seq.block_table, seq.seq_id))
             ids += tokens
             positions += range(start, start + len(tokens))
             slots += self._slots(seq, start, len(tokens))
             adapters += [seq.lora_slot] * len(tokens)
 
-        # Logits only where something is sampled: the last known token, and every draft position.
+        # Logits only where something is sampled: the last known token, and every draft position (and a chosen
+        # name's positions, for the log-probabilities of its tokens).
         logit_rows, owners = [], []
-        for seq, start, num_tokens, drafts, q_start in plan:
+        for seq, start, num_tokens, drafts, q_start, name in plan:
             if start + num_tokens == len(seq):
-                owners.append((seq, len(logit_rows), len(drafts)))
-                logit_rows += range(q_start + num_tokens - 1, q_start + num_tokens + len(drafts))
+                owners.append((seq, len(logit_rows), len(drafts), name))
+                logit_rows += range(q_start + num_tokens - 1, q_start + num_tokens + len(name) + len(drafts))
         adapter_ids = adapters if any(a >= 0 for a in adapters) else None
         logits = self.runner.forward(StepInputs(ids, positions, slots, slices, adapter_ids), logit_rows)
         new_tokens = self._sample(logits, owners)
         prompt_logprobs = self._prompt_logprobs(plan)
 
         results, self._computed = {}, []
-        for seq, start, num_tokens, drafts, q_start in plan:
+        for seq, start, num_tokens, drafts, q_start, name in plan:
             tokens, logprobs = new_tokens.get(seq.seq_id, ([], []))
-            # K/V stays valid for the known tokens and for each accepted draft.
-            num_valid = num_tokens + max(0, len(tokens) - 1) if drafts else num_tokens
+            # K/V stays valid for the known tokens, a chosen name's, and each accepted draft's.
+            num_valid = num_tokens + max(0, len(tokens) - 1) if drafts else num_tokens + len(name)
             results[seq.seq_id] = SeqResult(tokens, logprobs, start + num_valid, len(drafts),
                                             prompt_logprobs.get(seq.seq_id, []))
             self._computed.append(_Computed(seq, start, num_valid, q_start))
@@ -101,7 +110,7 @@ class Executor:
         (`PROMPT_LOGPROBS_BYTES` of float32 logits), each reduced to its entries before the next: a long prompt
         never holds more than one block of [rows, vocab] logits."""
         rows, owners, targets, ks = [], [], [], []
-        for seq, start, num_tokens, _, q_start in plan:
+        for seq, start, num_tokens, _, q_start, _ in plan:
             for p in seq.prompt_logprob_positions(start, num_tokens):
                 rows.append(q_start + p - start)
                 owners.append(seq.seq_id)
@@ -119,21 +128,27 @@ class Executor:
         """{seq_id: (new tokens, their logprobs)} for the sequences that sample this step. Tokens are chosen from
         the logits after `logit_bias` and constraint masks (`logits.py`); log-probabilities are the model's own."""
         new_tokens: dict[int, tuple[list[int], list]] = {}
-        plain = [(seq, row) for seq, row, num_drafts in owners if num_drafts == 0]
+        plain = [(seq, row, name) for seq, row, num_drafts, name in owners if num_drafts == 0]
         if plain:
-            raw = logits[[row for _, row in plain]]
-            seqs = [seq for seq, _ in plain]
-            chosen = process_rows(raw.clone(), seqs) if any(map(needs_processing, seqs)) else raw
+            raw = logits[[row + len(name) for _, row, name in plain]]
+            seqs = [seq for seq, _, _ in plain]
+            # After a chosen name the constraint stands past it: a fork of it, advanced through the name, masks.
+            states = [state_after(seq, name) for seq, _, name in plain]
+            chosen = process_rows(raw.clone(), seqs, states) if any(map(needs_processing, seqs)) else raw
             sampled = self.sampler(chosen, seqs, raw_logits=raw)
-            for (seq, _), (token, logprobs) in zip(plain, sampled, strict=True):
-                new_tokens[seq.seq_id] = ([token], [logprobs])
-        drafted = [(seq, row, num_drafts) for seq, row, num_drafts in owners if num_drafts]
+            for (seq, row, name), (token, logprobs) in zip(plain, sampled, strict=True):
+                named = rows_top_logprobs(logits[row:row + len(name)], name, [seq.params.logprobs] * len(name)) \
+                    if name and seq.params.logprobs is not None else [None] * len(name)
+                new_tokens[seq.seq_id] = (name + [token], named + [logprobs])
+        drafted = [(seq, row, num_drafts) for seq, row, num_drafts, _ in owners if num_drafts]
         if drafted:
             chunks = []
             for seq, row, num_drafts in drafted:
                 rows = logits[row:row + num_drafts + 1]
                 chunks.append(process_chain(rows.clone(), seq, seq.draft_token_ids) if needs_processing(seq) else rows)
-            accepted = verify(chunks, [seq for seq, _, _ in drafted])
+            accepted = [until_name_start(seq, tokens)
+                        for (seq, _, _), tokens in zip(drafted, verify(chunks, [seq for seq, _, _ in drafted]),
+                                                       strict=True)]
             wanted = [(seq, row + i, t) for (seq, row, _), tokens in zip(drafted, accepted, strict=True)
                       if seq.params.logprobs is not None for i, t in enumerate(tokens)]
             entries = iter(rows_top_logprobs(logits[[r for _, r, _ in wanted]], [t for _, _, t in wanted],
@@ -143,6 +158,20 @@ class Executor:
                 new_tokens[seq.seq_id] = (tokens, [None if seq.params.logprobs is None else next(entries)
                                                    for _ in tokens])
         return new_tokens
+
+    def _choose_name(self, item: ScheduledSeq) -> list[int]:
+        """Score each declared name after the sequence's pending token (one forward of the pending token and the
+        name per name) and return the chosen one's tokens."""
+        seq, start = item.seq, item.seq.num_computed_tokens
+        scores = []
+        for name in item.name_choices:
+            tokens = [seq.token_ids[start], *name]
+            n = len(tokens)
+            inputs = StepInputs(tokens, list(range(start, start + n)), self._slots(seq, start, n),
+                                [SeqSlice(0, n, start + n, seq.block_table, seq.seq_id)],
+                                [seq.lora_slot] * n if seq.lora_slot >= 0 else None)
+            scores.append(name_logprobs(self.runner.forward(inputs, list(range(len(name)))), name))
+        return item.name_choices[choose_name(scores, seq.params, seq.generator)]
 
     def propose_drafts(self) -> list[tuple[Sequence, list[int], torch.Tensor | None]]:
         """MTP over the pairs (h_t, x_{t+1}) the last step computed (their MTP K/V), then k draft tokens for each

@@ -90,3 +90,11 @@ def follow(state, seq, token: int):
     state = state.fork() if state is seq.constraint else state
     state.accept(token)
     return state
+
+
+def state_after(seq, tokens: list[int]):
+    """The sequence's constraint state after `tokens` not yet appended (a fork; the constraint itself when none)."""
+    state = seq.constraint
+    for token in tokens:
+        state = follow(state, seq, token)
+    return state

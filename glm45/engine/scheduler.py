@@ -6,6 +6,11 @@ sequences come first, in arrival order: a decoding sequence needs 1 token (plus 
 still prefilling takes the next chunk of its prompt that fits the budget (chunked prefill). Waiting
 sequences are admitted after them, first looking their prompt up in the prefix cache.
 
+A sequence whose constraint stands where a call's name starts (`SequenceConstraint.name_choices`) takes, in its
+decode step, room for the longest declared name on top of its pending token: the executor scores every name there
+and computes the chosen one. A prefill that would end at such a point stops one token short, so that the choice is
+made in a decode step.
+
 A paused sequence (its request's reader is behind: `LLMEngine.pause_request`) is skipped until resumed; it
 keeps its blocks.
 
@@ -37,6 +42,9 @@ logger = logging.getLogger(__name__)
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # known tokens to compute this step (drafts come on top)
+    # Where a constrained call's name starts: the declared names the step chooses among (`name_choice.py`), each as
+    # its tokens; the step scores each name after the pending token, then computes the chosen one as known tokens.
+    name_choices: list[list[int]] | None = None
 
 
 @dataclass
@@ -113,11 +121,15 @@ class Scheduler:
             if seq not in self.running or seq.seq_id in self.paused:  # preempted earlier in this loop, or paused
                 continue
             remaining = len(seq) - seq.num_computed_tokens
-            num_tokens = min(remaining, budget) if remaining > 1 else 1
-            cost = num_tokens + (len(seq.draft_token_ids) if remaining == 1 else 0)
+            choices = self._name_choices(seq)
+            num_tokens = min(remaining - (choices is not None), budget) if remaining > 1 else 1
+            extra = max(map(len, choices)) if choices is not None and remaining == 1 else 0
+            cost = num_tokens
+            if remaining == 1:
+                cost += extra if choices is not None else len(seq.draft_token_ids)
             if cost > budget:
                 continue
-            needed = seq.num_computed_tokens + num_tokens + self.lookahead
+            needed = seq.num_computed_tokens + num_tokens + extra + self.lookahead
             while not self.block_manager.can_allocate(seq, needed):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -127,7 +139,7 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue
             self.block_manager.allocate(seq, needed)
-            batch.append(ScheduledSeq(seq, num_tokens))
+            batch.append(ScheduledSeq(seq, num_tokens, choices if extra else None))
             budget -= cost
 
         while budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
@@ -136,9 +148,14 @@ class Scheduler:
                 break
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
-            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            needed = seq.num_computed_tokens + num_tokens + self.lookahead
-            if not self.block_manager.can_allocate(seq, needed):
+            remaining = len(seq) - seq.num_computed_tokens
+            choices = self._name_choices(seq)
+            if choices is not None and remaining == 1:  # all but the pending token was in the prefix cache
+                num_tokens, extra = 1, max(map(len, choices))
+            else:
+                num_tokens, extra = min(remaining - (choices is not None), budget), 0
+            needed = seq.num_computed_tokens + num_tokens + extra + self.lookahead
+            if num_tokens + extra > budget or not self.block_manager.can_allocate(seq, needed):
                 self.block_manager.free(seq)  # give shared prefix blocks back until it can run
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
@@ -146,9 +163,18 @@ class Scheduler:
             self.waiting.remove(seq)  # the front, unless paused ones stand before it
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.append(ScheduledSeq(seq, num_tokens))
-            budget -= num_tokens
+            batch.append(ScheduledSeq(seq, num_tokens, choices if extra else None))
+            budget -= num_tokens + extra
         return batch
+
+    def _name_choices(self, seq: Sequence) -> list[list[int]] | None:
+        """The declared names to choose among at the sequence's next token (`SequenceConstraint.name_choices`),
+        when the longest fits in the context and in a step's token budget."""
+        choices = seq.constraint.name_choices() if seq.constraint is not None else None
+        longest = max(map(len, choices)) if choices is not None else 0
+        if choices is None or len(seq) + longest >= self.max_model_len or 1 + longest > self.max_num_batched_tokens:
+            return None
+        return choices
 
     def update(self, batch: list[ScheduledSeq], result: StepResult) -> list[Sequence]:
         """Apply a step's result to its sequences; returns them (finished ones are already freed)."""

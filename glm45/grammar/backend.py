@@ -34,7 +34,7 @@ from typing import Any
 
 from glm45.grammar import closing, masks, tool_calls
 from glm45.grammar.constraint import SequenceConstraint
-from glm45.grammar.spec import StructuredOutputsParams, ToolCallConstraint
+from glm45.grammar.spec import StructuredOutputsParams, ToolCallConstraint, ToolCallMode, tool_name
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class GrammarBackend:
         self.blank_or_think_row = masks.from_ids(blanks + thinks, vocab_size)
         self.think_start_row = masks.from_ids(thinks, vocab_size)
         self.only_think_end = masks.from_ids([self.think_end] if self.think_end is not None else [], vocab_size)
+        self._name_tokens: dict[str, list[int]] = {}
 
     @functools.cached_property
     def _closing_orders(self):
@@ -109,7 +110,17 @@ class GrammarBackend:
             raise GrammarError("a thinking budget needs a tokenizer with <think> and </think> tokens")
         if answer is None and call is None and budget is None:
             return None
-        return SequenceConstraint(self, answer, call, reasoning, budget, max_tokens)
+        names = tuple(tool_name(t) for t in calls.tools) if calls is not None and calls.mode != ToolCallMode.NAMED \
+            else ()
+        opened = bool(prompt_ids) and prompt_ids[-1] == self.tool_call_start
+        return SequenceConstraint(self, answer, call, reasoning, budget, max_tokens, names, opened)
+
+    def name_tokens(self, name: str) -> list[int]:
+        """The tokens of a tool's name as a call writes it, followed by the newline that ends it."""
+        tokens = self._name_tokens.get(name)
+        if tokens is None:
+            tokens = self._name_tokens[name] = self.tokenizer.encode(name + "\n")
+        return tokens
 
     # ------------------------------------------------------------------ compiling
     def compile_answer(self, spec: StructuredOutputsParams):

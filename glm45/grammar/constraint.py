@@ -21,6 +21,11 @@ constrained answer always ends complete when max_tokens leaves room for one.
 `restrict` writes the next token's bitmask (or says what is banned, or that nothing is); `accept` advances the
 state by one sampled token; `fork` copies the state for speculative drafts (the engine advances a fork through
 the MTP drafts to mask each verify position, and throws it away).
+
+Where a call's name starts (right after a `<tool_call>` the grammar took, or the one the prompt was prefilled
+with) and the grammar allows more than one declared name, `name_choices` offers each name whole — its tokens and
+the newline that ends it — so that the engine can choose among them by the model's likelihood of the whole name
+(`glm45.engine.name_choice`) rather than token by token.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ FREE = None
 
 class SequenceConstraint:
     def __init__(self, backend, answer_grammar, call_grammar, reasoning: bool, thinking_budget: int | None = None,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, call_names: tuple[str, ...] = (), opened_call: bool = False):
         self.backend = backend
         self.max_tokens = max_tokens  # the answer is closed (`closing.py`) before this many output tokens
         self.answer_grammar = answer_grammar
@@ -77,6 +82,10 @@ class SequenceConstraint:
         self.route_length = 0         # tokens that route took when last looked up
         self.route: list[int] | None = None  # that route, while the output follows it
         self.broken = False           # a token the grammar refused got through: nothing is constrained any more
+        self.call_names = call_names  # the declared tools whose names `name_choices` offers whole
+        # The last bytes the current matcher took (the prompt's prefilled `<tool_call>` when it ends with one).
+        self.fed = CALL_START if opened_call and self.phase == Phase.ANSWER else b""
+        self._choices: tuple[int, list[list[int]] | None] | None = None  # (num_tokens, name_choices then)
         # With an answer to come, the thought may not end the turn (a stop token), nor end in a `<tool_call>` that
         # the answer's grammar cannot take.
         banned = []
@@ -124,6 +133,30 @@ class SequenceConstraint:
             bitmask[row] |= extra
             return Restriction(masked=True)
         return Restriction(masked=True) if need else FREE
+
+    # ------------------------------------------------------------------ a call's name, whole
+    def name_choices(self) -> list[list[int]] | None:
+        """Where the output stands at the start of a call's name: the tokens of each declared name followed by its
+        newline that the grammar allows from here and that fit in the tokens left, when there are two or more of
+        them (else None: the name is decoded token by token, as any text)."""
+        if self._choices is not None and self._choices[0] == self.num_tokens:
+            return self._choices[1]
+        choices = None
+        if self.call_names and self.phase == Phase.ANSWER and self.matcher is not None and \
+                self.fed.endswith(CALL_START) and not (self.finished or self.broken or self.closing):
+            left = None if self.max_tokens is None else self.max_tokens - self.num_tokens
+            allowed = []
+            for name in self.call_names:
+                tokens = self.backend.name_tokens(name)
+                if tokens not in allowed and (left is None or len(tokens) < left) and self._allows(tokens):
+                    allowed.append(tokens)
+            choices = allowed if len(allowed) > 1 else None
+        self._choices = (self.num_tokens, choices)
+        return choices
+
+    def _allows(self, tokens: list[int]) -> bool:
+        matcher = self.matcher.fork()
+        return all(matcher.accept_token(token) for token in tokens)
 
     # ------------------------------------------------------------------ closing before max_tokens
     def _must_close(self, route_length: int | None) -> bool:
@@ -210,9 +243,10 @@ class SequenceConstraint:
     def _advance(self, token_id: int, data: bytes) -> bool:
         if not self.matcher.accept_token(token_id):
             return self._break(f"token {token_id} ({data!r}) is not allowed by the grammar")
+        self.fed = (self.fed + data)[-TAIL_BYTES:]
         if self.in_call:
             if self.matcher.is_completed():  # `</tool_call>`: free text again until the next call
-                self.matcher, self.in_call, self.tail = None, False, b""
+                self.matcher, self.in_call, self.tail, self.fed = None, False, b"", b""
         elif self.matcher.is_terminated():
             self.finished = True
         return True
@@ -241,6 +275,7 @@ class SequenceConstraint:
             self.matcher, self.in_call = self._matcher(self.call_grammar), True
         else:
             return
+        self.fed = ((CALL_START if tag == CALL_START else b"") + rest)[-TAIL_BYTES:]
         if rest and not self.matcher.accept_string(rest.decode("utf-8", "replace")):
             self._break(f"the text after {tag.decode()} ({rest!r}) is not allowed by the grammar")
 

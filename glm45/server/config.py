@@ -43,7 +43,8 @@ class ServerConfig:
     enable_auto_tool_choice: bool = arg(True, 'let the model decide to call tools (tool_choice "auto")')
     tool_call_constraint: str = arg(
         "name", 'off | name | full: with tool_choice "auto", once the model opens <tool_call>, constrain the name '
-                "to a declared tool (name) and its arguments to the tool's schema too (full)")
+                "to a declared tool, chosen whole by the model's likelihood (name), and its arguments to the tool's "
+                "schema too (full)")
     max_request_body_bytes: int = arg(16 * 2**20, "larger request bodies are refused with 413")
     request_body_timeout: float = arg(30.0, "seconds to wait for each piece of a request body before a 408")
     shutdown_timeout: float = arg(60.0, "seconds SIGTERM waits for in-flight requests to finish")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from glm45.chat import render_chat
+from glm45.engine.sampling_params import SamplingParams
 from glm45.parsers import parse_reasoning, parse_tool_calls
 from glm45_tiny.synthetic import FIXED_TOOLS, WEATHER_TOOL, generate
 
@@ -49,6 +50,12 @@ class ContiguousCache:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.fp8 = kv_cache_dtype == "fp8"  # K/V stored as e4m3 at scale 1 and widened on read, as the engine does
+
+    def fork(self) -> ContiguousCache:
+        """A copy that can grow apart from this one (the stored tensors are never changed in place)."""
+        other = ContiguousCache()
+        other.keys, other.values, other.fp8 = dict(self.keys), dict(self.values), self.fp8
+        return other
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.fp8:
@@ -69,14 +76,27 @@ class ContiguousCache:
 def greedy_generate(model, prompt_ids: list[int], stop_ids: set[int], max_new_tokens: int,
                     constraint=None, kv_cache_dtype: str = "auto") -> tuple[list[int], bool]:
     """Greedy continuation of `prompt_ids` → (new ids including the stop token, stopped). With a `constraint`
-    (`glm45.grammar.SequenceConstraint`), each token is chosen among those it allows, as the engine does."""
+    (`glm45.grammar.SequenceConstraint`), each token is chosen among those it allows, and a call's name among the
+    declared ones as a whole (`glm45.engine.name_choice`), as the engine does."""
     from glm45.engine.logits import mask_row
+    from glm45.engine.name_choice import choose_name, name_logprobs
 
     cache = ContiguousCache(kv_cache_dtype)
     ids = torch.tensor(prompt_ids)
     positions = torch.arange(len(prompt_ids))
     out: list[int] = []
-    for _ in range(max_new_tokens):
+    while len(out) < max_new_tokens:
+        names = constraint.name_choices() if constraint is not None else None
+        if names is not None:  # score each name after the pending token, then take the chosen one as known tokens
+            scores = [name_logprobs(model(torch.cat([ids, torch.tensor(name)]),
+                                          torch.arange(positions[0], positions[-1] + 1 + len(name)),
+                                          cache.fork())[-len(name) - 1:-1], name) for name in names]
+            name = names[choose_name(scores, GREEDY, None)]
+            for token in name:
+                constraint.accept(token)
+            out += name
+            ids = torch.cat([ids, torch.tensor(name)])
+            positions = torch.arange(positions[0], positions[-1] + 1 + len(name))
         logits = model(ids, positions, cache)[-1]
         if constraint is not None:
             logits = mask_row(logits.clone(), constraint)
@@ -108,6 +128,7 @@ def mtp_acceptance(model, prompt_ids: list[int], generated: list[int]) -> tuple[
     return int((drafts == targets).sum()), int(targets.numel())
 
 
+GREEDY = SamplingParams(temperature=0)
 NO_TOOL_EXAMPLES = ("What is 12*7?", "Compute 45+17", "What's the weather like in Paris?")
 
 

@@ -25,10 +25,12 @@ schema, in the server's request checks rather than in the engine's step. Applyin
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +41,7 @@ from glm45.grammar.spec import StructuredOutputsParams, ToolCallConstraint, Tool
 logger = logging.getLogger(__name__)
 
 CACHE_BYTES = 256 << 20  # compiled grammars kept (xgrammar's LRU cache)
+GRAMMARS_KEPT = 256      # of them, the most recent also kept here as objects (with their answer routes)
 
 
 class GrammarError(ValueError):
@@ -80,15 +83,22 @@ class GrammarBackend:
         self.think_start_row = masks.from_ids(thinks, vocab_size)
         self.only_think_end = masks.from_ids([self.think_end] if self.think_end is not None else [], vocab_size)
         self._name_tokens: dict[str, list[int]] = {}
+        # Compiled grammars by their structural tag, handed out again as the same objects, with the length of each
+        # one's shortest whole answer once looked up (a closing route through the whole grammar).
+        self._lock = threading.Lock()
+        self._kept: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._answer_routes: dict[int, int | None] = {}
 
     @functools.cached_property
     def _closing_orders(self):
         return [closing.closing_order(self.token_bytes, self.stop_token_ids, preferred, longest)
                 for preferred in (closing.JSON_FIRST, closing.PREFERRED) for longest in (True, False)]
 
-    def shortest_route(self, matcher) -> list[int] | None:
-        """The tokens of a short way from `matcher`'s state to the end of its grammar (`closing.py`)."""
-        return closing.shortest_route(matcher, self._closing_orders, set(self.stop_token_ids), self.vocab_size)
+    def shortest_route(self, matcher, num_starts: int | None = None) -> list[int] | None:
+        """The tokens of a short way from `matcher`'s state to the end of its grammar (`closing.py`), starting from
+        each closing order or from the first `num_starts`."""
+        return closing.shortest_route(matcher, self._closing_orders, set(self.stop_token_ids), self.vocab_size,
+                                      num_starts=num_starts)
 
     def one_hot(self, token_id: int):
         """A bitmask row allowing only `token_id`."""
@@ -167,10 +177,35 @@ class GrammarBackend:
     def _compile(self, fmt: Any, param: str):
         structural_tag = json.dumps({"type": "structural_tag", "format": fmt.model_dump(mode="json")},
                                     ensure_ascii=False)
+        with self._lock:
+            grammar = self._kept.get(structural_tag)
+            if grammar is not None:
+                self._kept.move_to_end(structural_tag)
+                return grammar
         try:
-            return self.compiler.compile_structural_tag(structural_tag)  # xgrammar caches by this text
+            grammar = self.compiler.compile_structural_tag(structural_tag)  # xgrammar caches by this text too
         except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with the reason
             raise GrammarError(f"{param}: the grammar engine cannot compile this schema: {_reason(e)}") from None
+        with self._lock:
+            grammar = self._kept.setdefault(structural_tag, grammar)
+            while len(self._kept) > GRAMMARS_KEPT:
+                _, old = self._kept.popitem(last=False)
+                self._answer_routes.pop(id(old), None)
+        return grammar
+
+    def answer_route(self, grammar) -> int | None:
+        """Tokens of the shortest route through a whole answer of `grammar` (None: none found), looked up once per
+        grammar while it is kept."""
+        key = id(grammar)
+        with self._lock:
+            if key in self._answer_routes:
+                return self._answer_routes[key]
+        route = self.shortest_route(_xgrammar().GrammarMatcher(grammar))
+        length = None if route is None else len(route)
+        with self._lock:  # ids are unique only while the grammar lives: cache only for the ones kept
+            if any(kept is grammar for kept in self._kept.values()):
+                self._answer_routes[key] = length
+        return length
 
 
 def _reason(error: Exception) -> str:

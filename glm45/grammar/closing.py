@@ -42,13 +42,13 @@ def closing_order(token_bytes: list[bytes], stop_token_ids: list[int], preferred
 
 
 def shortest_route(matcher, orders: list[np.ndarray], stop_token_ids: set[int], vocab_size: int,
-                   limit: int = MAX_ROUTE) -> list[int] | None:
+                   limit: int = MAX_ROUTE, num_starts: int | None = None) -> list[int] | None:
     """Tokens from the matcher's state to the end of its grammar, a stop token last (None: none found): the shortest
-    of the routes found starting from each of `orders` (each given up once no shorter than the best so far). A route
-    switches to the next order where its own goes round in circles (`"` inside a raw argument value, a closing tag
-    inside a JSON string)."""
+    of the routes found starting from each of `orders` (or the first `num_starts` of them; each given up once no
+    shorter than the best so far). A route switches to the next order where its own goes round in circles (`"`
+    inside a raw argument value, a closing tag inside a JSON string)."""
     best = None
-    for start in range(len(orders)):
+    for start in range(num_starts or len(orders)):
         rotated = orders[start:] + orders[:start]
         route = _route(matcher, rotated, stop_token_ids, vocab_size, limit if best is None else len(best) - 1)
         if route and (best is None or len(route) < len(best)):

@@ -37,13 +37,17 @@ from dataclasses import dataclass
 
 import torch
 
+from glm45.grammar import closing
+
 logger = logging.getLogger(__name__)
 
 THINK_END, CALL_START = b"</think>", b"<tool_call>"
 TAIL_BYTES = 16      # output bytes kept to find a tag split over tokens (longer than any tag)
 MAX_LEADING_BLANKS = 4  # whitespace tokens allowed before the thought or answer opens
-ROUTE_MARGIN = 16       # tokens of slack (or half the route, if more) when the closing route is looked up
-ROUTE_EVERY = 8         # and how often it is looked up before that
+ROUTE_MARGIN = 16       # tokens before the end (beyond a whole answer's route) from which a complete answer ends
+ROUTE_EVERY = 16        # the most output tokens between two lookups of the closing route
+# No route is looked up while more tokens are left than the longest route (`closing.MAX_ROUTE`) could ever need.
+ROUTE_HORIZON = closing.MAX_ROUTE + 1 + closing.MAX_ROUTE // 2
 
 
 class Phase(enum.IntEnum):
@@ -80,11 +84,13 @@ class SequenceConstraint:
         self.finished = False         # the answer is complete and a stop token was accepted
         self.closing = False          # every token from now on is the next one of the shortest route to the end
         self.route_length = 0         # tokens that route took when last looked up
+        self.next_lookup = 0          # the output token count at which the route is looked up again
         self.route: list[int] | None = None  # that route, while the output follows it
         self.broken = False           # a token the grammar refused got through: nothing is constrained any more
         self.call_names = call_names  # the declared tools whose names `name_choices` offers whole
         # The last bytes the current matcher took (the prompt's prefilled `<tool_call>` when it ends with one).
         self.fed = CALL_START if opened_call and self.phase == Phase.ANSWER else b""
+        self.fresh = answer_grammar is not None  # the matcher is the answer's and has taken nothing yet
         self._choices: tuple[int, list[list[int]] | None] | None = None  # (num_tokens, name_choices then)
         # With an answer to come, the thought may not end the turn (a stop token), nor end in a `<tool_call>` that
         # the answer's grammar cannot take.
@@ -175,38 +181,62 @@ class SequenceConstraint:
 
     @functools.cached_property
     def _answer_route(self) -> int | None:
-        """Tokens of the shortest route through a whole answer (looked up once per constraint)."""
+        """Tokens of the shortest route through a whole answer (looked up once per grammar)."""
         if self.answer_grammar is None or self.max_tokens is None:
             return None
-        route = self.backend.shortest_route(self._matcher(self.answer_grammar))
-        return None if route is None else len(route)
+        return self.backend.answer_route(self.answer_grammar)
 
     def _plan_closing(self) -> None:
         """Whether the next token is the next one of the shortest route to the end of the grammar (`closing`, with
-        the route in `route`), once the tokens left call for it. The route is looked up every few tokens, at every
-        token near the end (within its last length and a margin), and is kept while the output follows it. Called
-        as the state reaches each position (construction, `accept`), never from `restrict`, so that the decision
-        depends on the tokens alone, not on which copy was asked when: MTP verification asks forks."""
+        the route in `route`), once the tokens left call for it. Called as the state reaches each position
+        (construction, `accept`), never from `restrict`, so that the decision depends on the tokens alone, not on
+        which copy was asked when: MTP verification asks forks.
+
+        A route is looked up only within `ROUTE_HORIZON` tokens of the end, and then again once the tokens left
+        beyond what closing by it needs (its cushion) could run out: after a quarter of the cushion, at most every
+        `ROUTE_EVERY` tokens (a route seldom grows by more than a token per token written: opening a structure). A
+        route is kept while the output follows it."""
         if self.finished or self.broken or self.phase == Phase.THINK or self.matcher is None:
             return
         if self.max_tokens is None:
             return
-        left = self.max_tokens - self.num_tokens
-        known = max(self.route_length, self._answer_route or 0) if self.answer_grammar is not None else \
-            self.route_length
-        # Far from the end the route is looked up every ROUTE_EVERY tokens (its length can jump when the output opens
-        # a structure), near the end at every token.
-        if not self.closing and left > known + max(ROUTE_MARGIN, known // 2) and self.num_tokens % ROUTE_EVERY:
+        if self.closing:
+            if self.route is None:  # the output left the route (a tag spelled out byte by byte): a new one from here
+                self.route = self.backend.shortest_route(self.matcher)
             return
-        if self.route is None:  # a route stays valid while the output follows it (closing: always)
-            self.route = self.backend.shortest_route(self.matcher)
-            if self.route is None:
-                return
-            self.route_length = len(self.route)
-        # Where the answer could end now (only a stop token left), it ends unless another whole answer's worth of
-        # tokens remains: a further call (or item) begun now could not be closed in time.
-        could_end = len(self.route) == 1 and left <= (self._answer_route or 0) + ROUTE_MARGIN
-        self.closing = self.closing or could_end or self._must_close(len(self.route))
+        left = self.max_tokens - self.num_tokens
+        if left > ROUTE_HORIZON:
+            return
+        # Where the answer could end now (its shortest route is a stop token), it ends unless another whole answer's
+        # worth of tokens remains: a further call (or item) begun now could not be closed in time.
+        if left <= (self._answer_route or 0) + ROUTE_MARGIN and self.matcher.is_completed():
+            self.closing, self.route = True, [self.backend.stop_token_ids[0]]
+            return
+        if self.route is not None:
+            length = len(self.route)
+        elif self.num_tokens < self.next_lookup:
+            return
+        else:
+            # The route from the first closing order is a route, so the shortest is no longer: when even it leaves
+            # room, so does the shortest, and the routes from the other orders need not be walked. It is not kept.
+            if self.fresh and self._answer_route is not None:  # the answer's start: its shortest route is known
+                bound = self._answer_route
+            else:
+                route = self.backend.shortest_route(self.matcher, num_starts=1)
+                bound = None if route is None else len(route)
+            if bound is not None and not self._must_close(bound):
+                length = bound
+            else:
+                self.route = self.backend.shortest_route(self.matcher)
+                if self.route is None:
+                    return
+                length = len(self.route)
+        self.route_length = length
+        if self._must_close(length):
+            self.closing = True
+            return
+        cushion = left - (length + 1 + max(4, length // 2))
+        self.next_lookup = self.num_tokens + max(1, min(ROUTE_EVERY, cushion // 4))
 
     # ------------------------------------------------------------------ advancing
     def accept(self, token_id: int) -> bool:
@@ -244,6 +274,7 @@ class SequenceConstraint:
         if not self.matcher.accept_token(token_id):
             return self._break(f"token {token_id} ({data!r}) is not allowed by the grammar")
         self.fed = (self.fed + data)[-TAIL_BYTES:]
+        self.fresh = False
         if self.in_call:
             if self.matcher.is_completed():  # `</tool_call>`: free text again until the next call
                 self.matcher, self.in_call, self.tail, self.fed = None, False, b"", b""
@@ -276,6 +307,7 @@ class SequenceConstraint:
         else:
             return
         self.fed = ((CALL_START if tag == CALL_START else b"") + rest)[-TAIL_BYTES:]
+        self.fresh = not self.in_call and not rest
         if rest and not self.matcher.accept_string(rest.decode("utf-8", "replace")):
             self._break(f"the text after {tag.decode()} ({rest!r}) is not allowed by the grammar")
 

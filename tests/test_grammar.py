@@ -21,7 +21,7 @@ from glm45.grammar import (
     masks,
     tool_call_constraint,
 )
-from glm45.grammar.constraint import Phase
+from glm45.grammar.constraint import ROUTE_HORIZON, Phase
 from glm45.tokenizer import Tokenizer
 
 SCHEMA = {"type": "object", "required": ["a", "b"],
@@ -155,13 +155,18 @@ def test_closing_route_completes_what_is_open(backend, tokenizer):
     assert tokenizer.decode(route[:-1], skip_special_tokens=False).endswith("</tool_call>")
 
 
-def test_a_constrained_answer_closes_before_max_tokens(backend, tokenizer):
-    """A model that never closes its string: the answer still ends complete at max_tokens."""
+@pytest.mark.parametrize("max_tokens", [24, 60, 200, 600])
+def test_a_constrained_answer_closes_before_max_tokens(backend, tokenizer, monkeypatch, max_tokens):
+    """A model that never closes its string: the answer still ends complete at max_tokens; no closing route is looked
+    up while more tokens are left than the longest route could need."""
     spec = StructuredOutputsParams(json=SCHEMA, reasoning=True)
-    c = backend.constraint(spec, [1], max_tokens=60)
+    c = backend.constraint(spec, [1], max_tokens=max_tokens)
+    lookups = []
+    route = backend.shortest_route
+    monkeypatch.setattr(backend, "shortest_route", lambda *a, **k: lookups.append(c.num_tokens) or route(*a, **k))
     bitmask, text, ids = masks.allocate(1, 3072), [], []
     filler = tokenizer.encode("la")[0]
-    for _ in range(60):
+    for _ in range(max_tokens):
         restriction = c.restrict(bitmask, 0)
         allowed = masks.allowed(bitmask, 3072)[0] if restriction is not None and restriction.masked else None
         # the "model" wants to write "la" forever (inside the thought, then inside the string)
@@ -175,9 +180,10 @@ def test_a_constrained_answer_closes_before_max_tokens(backend, tokenizer):
         text.append(tokenizer.decode([token], skip_special_tokens=False))
         if c.finished:
             break
-    assert c.finished
+    assert c.finished and len(ids) <= max_tokens
     answer = tokenizer.decode(ids).split("</think>")[1]
     assert set(json.loads(answer)) == {"a", "b"}
+    assert lookups and min(lookups) >= max_tokens - ROUTE_HORIZON
 
 
 def test_bitmask_apply_matches_the_bits():

@@ -33,6 +33,14 @@ def test_penalties_follow_their_definitions():
     assert torch.equal(apply_penalties(logits, SamplingParams(), [0], [1]), logits)
 
 
+def test_pending_tokens_count_as_generated_for_penalties():
+    """Tokens a sequence takes before the sampled one (a tool name chosen whole) are penalised as output."""
+    seq = Sequence("r", [0], SamplingParams(temperature=0, presence_penalty=2.0), eos_token_ids=[9])
+    logits = torch.tensor([[0.0, 1.5, 1.0, 0.0]])
+    assert Sampler()(logits.clone(), [seq])[0][0] == 1
+    assert Sampler()(logits.clone(), [seq], pending=[[1]])[0][0] == 2
+
+
 def test_filters_keep_the_right_tokens():
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
     assert (probabilities(logits, SamplingParams(top_k=2)) > 0).tolist() == [True, True, False, False, False]

@@ -135,7 +135,7 @@ class Executor:
             # After a chosen name the constraint stands past it: a fork of it, advanced through the name, masks.
             states = [state_after(seq, name) for seq, _, name in plain]
             chosen = process_rows(raw.clone(), seqs, states) if any(map(needs_processing, seqs)) else raw
-            sampled = self.sampler(chosen, seqs, raw_logits=raw)
+            sampled = self.sampler(chosen, seqs, raw_logits=raw, pending=[name for _, _, name in plain])
             for (seq, row, name), (token, logprobs) in zip(plain, sampled, strict=True):
                 named = rows_top_logprobs(logits[row:row + len(name)], name, [seq.params.logprobs] * len(name)) \
                     if name and seq.params.logprobs is not None else [None] * len(name)

@@ -182,10 +182,13 @@ def rows_top_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int])
     return out
 
 
-def histories(seqs: list) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, output ids) of each sequence that uses penalties ([] for the others: nothing to build)."""
+def histories(seqs: list, pending: list[list[int]] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, output ids) of each sequence that uses penalties ([] for the others: nothing to build); the output
+    ends with the sequence's `pending` tokens, those it takes before the sampled one (a chosen tool name)."""
+    pending = pending or [[] for _ in seqs]
     prompts = [s.token_ids[: s.num_prompt_tokens] if s.params.uses_penalties else [] for s in seqs]
-    outputs = [s.output_token_ids if s.params.uses_penalties else [] for s in seqs]
+    outputs = [s.output_token_ids + extra if s.params.uses_penalties else []
+               for s, extra in zip(seqs, pending, strict=True)]
     return prompts, outputs
 
 
@@ -218,13 +221,13 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list)
 class Sampler:
     """Samples one token per row; each row brings its sequence (parameters, history, generator)."""
 
-    def __call__(self, logits: torch.Tensor, seqs: list,
-                 raw_logits: torch.Tensor | None = None) -> list[tuple[int, dict[int, float] | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list, raw_logits: torch.Tensor | None = None,
+                 pending: list[list[int]] | None = None) -> list[tuple[int, dict[int, float] | None]]:
         """One token per row of `logits`; log-probabilities from `raw_logits` (the model's own, before any bias or
-        mask) when given."""
+        mask) when given. `pending`: per row, tokens its sequence takes before this one (penalties count them)."""
         raw_logits = logits if raw_logits is None else raw_logits
         params = [s.params for s in seqs]
-        logits = penalise(logits, params, *histories(seqs))
+        logits = penalise(logits, params, *histories(seqs, pending))
         tokens = choose(logits, params, [s.generator for s in seqs]).tolist()  # the step's one wait
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs: list[dict[int, float] | None] = [None] * len(seqs)

@@ -18,7 +18,7 @@ greedily from the prompt, as a server would:
   These extra generations do not enter the other figures.
 
     python -m glm45_tiny.evaluate glm45/assets/glm45-tiny --num 300 --num-unseen 100 --seed 2
-    ... --tool-call-constraint name    # decode tool calls as the server does by default (declared names only)
+    ... --tool-call-constraint name    # decode tool calls as the server does by default (a declared name, chosen whole)
 """
 
 from __future__ import annotations
@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument("--tool-call-constraint", choices=("off", "name", "full"), default="off",
                         help="decode as `glm45 serve --tool-call-constraint` does with tool_choice auto: once the "
-                             "model opens <tool_call>, the name (and with full, the arguments) follow a grammar")
+                             "model opens <tool_call>, the name is a declared one chosen whole (and with full, the "
+                             "arguments follow a grammar)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO")
     torch.set_num_threads(args.threads)

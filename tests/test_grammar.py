@@ -3,6 +3,7 @@ allows, GLM-4.5's tool-call grammars, the closing route, bitmasks, and what cann
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -184,6 +185,21 @@ def test_a_constrained_answer_closes_before_max_tokens(backend, tokenizer, monke
     answer = tokenizer.decode(ids).split("</think>")[1]
     assert set(json.loads(answer)) == {"a", "b"}
     assert lookups and min(lookups) >= max_tokens - ROUTE_HORIZON
+
+
+def test_the_answer_route_is_looked_up_once_per_schema(backend, monkeypatch):
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"q": {"type": "integer"}},
+                                         "required": ["q"]}, reasoning=False)
+    walks = []
+    route = backend.shortest_route
+    monkeypatch.setattr(backend, "shortest_route", lambda *a, **k: walks.append(1) or route(*a, **k))
+    first, again = backend.compile_answer(spec), backend.compile_answer(spec)  # two objects, one structural tag
+    assert first is not again
+    assert backend.answer_route(first) == backend.answer_route(again) is not None and len(walks) == 1
+    key = id(first)
+    del first
+    gc.collect()
+    assert key not in backend._texts  # forgotten with the grammar: its id may name another one later
 
 
 def test_bitmask_apply_matches_the_bits():

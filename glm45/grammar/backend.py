@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,7 @@ from glm45.grammar.spec import StructuredOutputsParams, ToolCallConstraint, Tool
 logger = logging.getLogger(__name__)
 
 CACHE_BYTES = 256 << 20  # compiled grammars kept (xgrammar's LRU cache)
-GRAMMARS_KEPT = 256      # of them, the most recent also kept here as objects (with their answer routes)
+ROUTES_KEPT = 4096       # answer-route lengths kept, by structural tag
 
 
 class GrammarError(ValueError):
@@ -83,11 +84,11 @@ class GrammarBackend:
         self.think_start_row = masks.from_ids(thinks, vocab_size)
         self.only_think_end = masks.from_ids([self.think_end] if self.think_end is not None else [], vocab_size)
         self._name_tokens: dict[str, list[int]] = {}
-        # Compiled grammars by their structural tag, handed out again as the same objects, with the length of each
-        # one's shortest whole answer once looked up (a closing route through the whole grammar).
-        self._lock = threading.Lock()
-        self._kept: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        self._answer_routes: dict[int, int | None] = {}
+        # The structural tag of each compiled grammar handed out (while it lives), and by tag the length of the
+        # shortest whole answer (a closing route through the whole grammar) once looked up.
+        self._lock = threading.RLock()  # reentrant: a finalizer may run (garbage collection) while it is held
+        self._texts: dict[int, str] = {}
+        self._answer_routes: collections.OrderedDict[str, int | None] = collections.OrderedDict()
 
     @functools.cached_property
     def _closing_orders(self):
@@ -177,34 +178,34 @@ class GrammarBackend:
     def _compile(self, fmt: Any, param: str):
         structural_tag = json.dumps({"type": "structural_tag", "format": fmt.model_dump(mode="json")},
                                     ensure_ascii=False)
-        with self._lock:
-            grammar = self._kept.get(structural_tag)
-            if grammar is not None:
-                self._kept.move_to_end(structural_tag)
-                return grammar
         try:
-            grammar = self.compiler.compile_structural_tag(structural_tag)  # xgrammar caches by this text too
+            grammar = self.compiler.compile_structural_tag(structural_tag)  # xgrammar caches by this text
         except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with the reason
             raise GrammarError(f"{param}: the grammar engine cannot compile this schema: {_reason(e)}") from None
         with self._lock:
-            grammar = self._kept.setdefault(structural_tag, grammar)
-            while len(self._kept) > GRAMMARS_KEPT:
-                _, old = self._kept.popitem(last=False)
-                self._answer_routes.pop(id(old), None)
+            self._texts[id(grammar)] = structural_tag
+        weakref.finalize(grammar, self._forget, id(grammar))  # an id names one grammar only while it lives
         return grammar
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._texts.pop(key, None)
 
     def answer_route(self, grammar) -> int | None:
         """Tokens of the shortest route through a whole answer of `grammar` (None: none found), looked up once per
-        grammar while it is kept."""
-        key = id(grammar)
+        structural tag (of the last `ROUTES_KEPT`)."""
         with self._lock:
-            if key in self._answer_routes:
-                return self._answer_routes[key]
+            text = self._texts.get(id(grammar))
+            if text is not None and text in self._answer_routes:
+                self._answer_routes.move_to_end(text)
+                return self._answer_routes[text]
         route = self.shortest_route(_xgrammar().GrammarMatcher(grammar))
         length = None if route is None else len(route)
-        with self._lock:  # ids are unique only while the grammar lives: cache only for the ones kept
-            if any(kept is grammar for kept in self._kept.values()):
-                self._answer_routes[key] = length
+        if text is not None:
+            with self._lock:
+                self._answer_routes[text] = length
+                while len(self._answer_routes) > ROUTES_KEPT:
+                    self._answer_routes.popitem(last=False)
         return length
 
 

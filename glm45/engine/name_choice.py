@@ -45,7 +45,9 @@ def choose_name(scores: list[torch.Tensor], params, generator: torch.Generator |
 def until_name_start(seq, tokens: list[int]) -> list[int]:
     """`tokens` (to be appended to `seq`) up to the first after which a call's name is to be chosen whole."""
     state = seq.constraint
-    if state is None or not state.call_names:
+    # A name starts only after a token that ends `<tool_call>`: without one, nothing to walk.
+    if state is None or not state.call_names or not any(
+            state.backend.token_bytes[t].endswith(b">") for t in tokens[:-1] if t < len(state.backend.token_bytes)):
         return tokens
     for i, token in enumerate(tokens[:-1]):
         state = follow(state, seq, token)

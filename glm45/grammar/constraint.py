@@ -83,7 +83,6 @@ class SequenceConstraint:
         self.tail = b""
         self.finished = False         # the answer is complete and a stop token was accepted
         self.closing = False          # every token from now on is the next one of the shortest route to the end
-        self.route_length = 0         # tokens that route took when last looked up
         self.next_lookup = 0          # the output token count at which the route is looked up again
         self.route: list[int] | None = None  # that route, while the output follows it
         self.broken = False           # a token the grammar refused got through: nothing is constrained any more
@@ -231,7 +230,6 @@ class SequenceConstraint:
                 if self.route is None:
                     return
                 length = len(self.route)
-        self.route_length = length
         if self._must_close(length):
             self.closing = True
             return

@@ -172,36 +172,28 @@ def test_bundled_model_greedy_text_is_identical(k):
     assert texts[True] == texts[False]
 
 
-@pytest.mark.skipif(not cpu.native_bf16_gemm(), reason="torch's bf16 GEMM is the fast head only on CPUs with bf16 "
-                                                       "arithmetic (AVX512-BF16 or AMX); this one has neither")
-def test_a_bf16_head_of_many_rows_runs_as_torchs_gemm_and_matches_eager(folders, monkeypatch):
-    """From HEAD_GEMM_ROWS logit rows a plain bf16 head is torch's GEMM over the program's hidden states (lowered
-    here to 1 so the small steps take it): the logits agree with the eager path as the program's own head does, for
-    the target's head and the MTP layer's."""
-    from glm45.engine import captured_cpu
-
-    monkeypatch.setattr(captured_cpu, "HEAD_GEMM_ROWS", 1)
+def test_many_bf16_rows_match_eager_head_and_draft_included(folders):
+    """Four sequences (all the test cache holds) decoding together in bf16: from four rows the program's bf16
+    products (projections, experts, the head) take the dot-product path on CPUs with AVX512-BF16; the target's
+    logits and the MTP layer's agree with the eager path as the fewer-row steps do."""
     eager, captured = runners(folders["mtp"], torch.bfloat16)
-    heads = captured.runner.captured.gemm_heads
-    assert heads[False] is captured.runner.model.lm_head and heads[True] is not None
-    calls = []
-    linear = torch.nn.functional.linear
-
-    def counting_linear(x, weight, bias=None):
-        if any(weight is head.weight for head in heads.values()):
-            calls.append(x.shape[0])
-        return linear(x, weight, bias)
-
-    run_teacher_forced(eager, captured, strict=False, steps=6, verify=3)
-    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
-    rows = [(0, 5, 30), (0, 6, 31), (1, 7, 17)]
-    captured.runner.forward(captured.inputs(rows), [0, 1, 2])
-    assert calls == [3]  # the captured step's head, as torch's GEMM
-    eager.runner.forward(eager.inputs(rows), [0, 1, 2])
-    calls.clear()
-    b = captured.runner.draft(captured.inputs(rows), [0, 1, 2], [0, 2])
-    assert calls == [2]
-    a = eager.runner.draft(eager.inputs(rows), [0, 1, 2], [0, 2])
     agreement = Agreement(strict=False)
-    agreement.add(a, b)
+    last = {}
+    for seq in range(4):
+        rows = [(seq, 11 * seq + t, t) for t in range(5)]
+        agreement.add(eager.runner.forward(eager.inputs(rows), [4]),
+                      captured.runner.forward(captured.inputs(rows), [4]))
+        last[seq] = (11 * seq + 4, 4)
+    for _ in range(8):
+        rows = [(seq, token, position) for seq, (token, position) in last.items()]
+        a = eager.runner.forward(eager.inputs(rows), list(range(4)))
+        agreement.add(a, captured.runner.forward(captured.inputs(rows), list(range(4))))
+        last = {seq: (token, position + 1) for seq, token, (_, position) in
+                zip(last, a.argmax(-1).tolist(), last.values(), strict=True)}
+    rows = [(seq, token, position) for seq, (token, position) in last.items()]
+    logit_rows = list(range(4))
+    eager.runner.forward(eager.inputs(rows), logit_rows)
+    captured.runner.forward(captured.inputs(rows), logit_rows)
+    agreement.add(eager.runner.draft(eager.inputs(rows), logit_rows, logit_rows),
+                  captured.runner.draft(captured.inputs(rows), logit_rows, logit_rows))
     agreement.check()

@@ -1,6 +1,8 @@
 """The CPU kernels against torch references: every weight format, plain and grouped (MoE), for each instruction
 set this CPU can run (AVX2, and AVX-512 where present), and their fallbacks keep torch's semantics."""
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,41 @@ def test_bf16_kernel_matches_float32(isa, rows, k):
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 301)
     # the only rounding is of the fp32 result to bf16
     assert torch.allclose(got.float(), reference(x, w, bias), rtol=2**-8, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [4, 5, 11, 64])
+@pytest.mark.parametrize("k", [80, 1024])  # 80: a last vector of 16 inputs (masked)
+def test_bf16_rows_of_a_bf16_model_match_float32(isa, rows, k):
+    """The program's products for a bf16 model (activations rounded to bf16, `round` set) at many rows: with
+    AVX512-BF16 they are bf16 dot products (groups of four activation rows, four weight rows a pass, a last
+    partial group of each), else the widening path; either way the fp32 sum of the exact products, rounded."""
+    torch.manual_seed(rows + k)
+    w = torch.randn(301, k).bfloat16()
+    x = torch.randn(rows, k).bfloat16().float()
+    bias = torch.randn(301)
+    got = torch.empty(rows, 301)
+    lib = cpu.library()
+    lib.glm45_linear(ctypes.byref(cpu.describe(w, bias)), x.data_ptr(), rows, k, got.data_ptr(), 301, 1, 2)
+    expected = reference(x, w, bias)
+    assert torch.equal(got, got.bfloat16().float())  # rounded to bf16
+    assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("pairs", [6, 200])
+def test_grouped_bf16_rows_of_a_bf16_model_match_the_reference(isa, pairs):
+    """Expert GEMVs of many (row, expert) pairs for a bf16 model: each expert's pairs four at a time (counts that
+    leave partial groups, an output width that leaves a partial pass of weight rows)."""
+    torch.manual_seed(pairs)
+    stack = torch.randn(7, 42, 96).bfloat16()
+    x = torch.randn(pairs, 96).bfloat16().float()
+    experts = torch.randint(0, 7, (pairs,))
+    got = torch.empty(pairs, 42)
+    lib = cpu.library()
+    lib.glm45_grouped_linear(ctypes.byref(cpu.describe(stack)), x.data_ptr(), pairs, 96, experts.data_ptr(),
+                             got.data_ptr(), 42, 1, 2)
+    expected = torch.stack([reference(x[r:r + 1], stack[e])[0] for r, e in enumerate(experts.tolist())])
+    assert torch.equal(got, got.bfloat16().float())
+    assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])

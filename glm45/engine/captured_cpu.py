@@ -33,24 +33,11 @@ from glm45.kernels import cpu
 
 logger = logging.getLogger(__name__)
 
-# From this many logit rows a plain bf16 head is multiplied by torch's bf16 GEMM, on CPUs with bf16 arithmetic,
-# instead of the program's GEMV: measured with 2 threads, 8 rows of a 151,552 × 1,024 head take 13 ms against 20
-# and 64 rows 30 against 96 (the crossover lies between 2 and 8 rows on both benchmark models).
-HEAD_GEMM_ROWS = 8
-
-
-def gemm_head(module) -> torch.nn.Linear | None:
-    """A head that torch's bf16 GEMM should multiply at many rows: a plain bf16 Linear (adapters or packed formats
-    stay in the program), on a CPU with bf16 arithmetic."""
-    if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.bfloat16 and cpu.native_bf16_gemm():
-        return module
-    return None
-
-
 def default_sizes() -> tuple[int, ...]:
     """Row counts captured by default. Measured with 2 threads on 8–64 sequences of 256-token prompts decoding
     together on the Air-shaped 0.6B benchmark model, CPU with AVX512-BF16 (the eager path's MoE running expert by
-    expert on torch's bf16 GEMM, the program's head on it too from 8 rows): captured 304–307, 365–381, 429–438
+    expert on torch's bf16 GEMM, the program's head on it too from 8 rows, before the program's bf16 dot products):
+    captured 304–307, 365–381, 429–438
     and 528–553 tokens/s at 8, 16, 32 and 64 rows against eager 136–137, 190–191, 250–258 and 371–372. On
     AVX2-only CPUs the eager path's GEMMs widen to fp32, so the program is further ahead there."""
     return (1, 2, 4, 8, 16, 32, 64)
@@ -305,8 +292,6 @@ class CapturedDecode:
         self.buffers = StepBuffers(model, self.sizes[-1], max_blocks, max_model_len + block_size, self.threads)
         self.trunks = {n: build_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
         self.heads = {n: build_head(model, self.buffers, n, draft=False) for n in self.sizes}
-        self.gemm_heads = {False: gemm_head(model.lm_head),
-                           True: gemm_head(model.mtp.shared_head.head) if model.mtp is not None else None}
         self.mtp_trunks, self.mtp_heads = {}, {}
         if model.mtp is not None:
             self.mtp_trunks = {n: build_mtp_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
@@ -324,12 +309,9 @@ class CapturedDecode:
     def _fill(self, inputs, size: int) -> None:
         fill_rows(self._np, inputs, self.block_size, self.scratch_block, size)
 
-    def _head(self, source: torch.Tensor, logit_rows: list[int], draft: bool) -> torch.Tensor:
-        """float32 logits of `source`'s `logit_rows`: the head program, or torch's GEMM for many rows."""
-        module = self.gemm_heads[draft]
-        if module is not None and len(logit_rows) >= HEAD_GEMM_ROWS:
-            rows = source[torch.tensor(logit_rows)].to(torch.bfloat16)  # exact: the program keeps bf16 values
-            return torch.nn.functional.linear(rows, module.weight, module.bias).float()
+    def _head(self, logit_rows: list[int], draft: bool) -> torch.Tensor:
+        """float32 logits of the final (or draft) hidden states' `logit_rows`, in the head program's buffer (valid
+        until the next step)."""
         size = self.size_for(len(logit_rows))
         self._logit_rows(logit_rows, size)
         (self.mtp_heads if draft else self.heads)[size].run(self.rounding, self.threads)
@@ -367,7 +349,7 @@ class CapturedDecode:
         hidden = self.buffers.hidden[:n]
         if not logit_rows:
             return None, hidden
-        return self._head(self.buffers.hidden, logit_rows, draft=False), hidden
+        return self._head(logit_rows, draft=False), hidden
 
     def draft(self, inputs, hidden: torch.Tensor, hidden_rows: list[int] | None,
               logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -389,4 +371,4 @@ class CapturedDecode:
         h = self.buffers.draft_hidden[:n]
         if not logit_rows:
             return None, h
-        return self._head(self.buffers.draft_hidden, logit_rows, draft=True), h
+        return self._head(logit_rows, draft=True), h

@@ -37,6 +37,14 @@ from glm45.engine.speculative import AcceptanceStats, choose_drafts, verify
 PROMPT_LOGPROBS_BYTES = 64 << 20  # float32 logits of prompt rows reduced at a time (~110 rows of GLM-4.5's vocab)
 
 
+def select_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows]: a view when the rows are consecutive (a decode step's usual case), else a copy. At 64 rows of a
+    151k vocabulary a copy is 39 MB of fresh pages, about 14 ms on the 2-core machine."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return logits[rows[0]:rows[0] + len(rows)]
+    return logits[rows]
+
+
 @dataclass
 class _Computed:
     """Where one sequence's tokens sat in the last forward, for drafting from its hidden states."""
@@ -130,7 +138,7 @@ class Executor:
         new_tokens: dict[int, tuple[list[int], list]] = {}
         plain = [(seq, row, name) for seq, row, num_drafts, name in owners if num_drafts == 0]
         if plain:
-            raw = logits[[row + len(name) for _, row, name in plain]]
+            raw = select_rows(logits, [row + len(name) for _, row, name in plain])
             seqs = [seq for seq, _, _ in plain]
             # After a chosen name the constraint stands past it: a fork of it, advanced through the name, masks.
             states = [state_after(seq, name) for seq, _, name in plain]

@@ -306,6 +306,15 @@ static void dp_rows(const Weight *w, const uint16_t *W, int64_t n0, int64_t n1, 
         }
         for (int m = 0; m < mc; m++) {
             float out[4];
+            if (no == 4) { /* four outputs finished as one vector: at short K the scalar epilogue cost as much as the dots */
+                __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(fold512(acc[0][m]), fold512(acc[1][m])),
+                                          _mm256_hadd_ps(fold512(acc[2][m]), fold512(acc[3][m])));
+                __m128 v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                if (w->bias) v = _mm_add_ps(v, _mm_loadu_ps(w->bias + n));
+                if (round) v = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32((__m128i)_mm_cvtneps_pbh(v)), 16));
+                _mm_storeu_ps(y[m] + n, v);
+                continue;
+            }
             vhsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m], out);
             for (int o = 0; o < no; o++) y[m][n + o] = finish(out[o], w, n + o, round);
         }

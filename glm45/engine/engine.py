@@ -39,6 +39,7 @@ from glm45.config import EngineConfig, bundled_model_path
 from glm45.engine.block_manager import BlockManager
 from glm45.engine.device import resolve_device
 from glm45.engine.executor import Executor
+from glm45.engine.host_memory import settle_host_allocator
 from glm45.engine.memory import memory_report
 from glm45.engine.model_runner import ModelRunner, kv_cache_blocks
 from glm45.engine.output import OutputProcessor
@@ -146,6 +147,7 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self.memory = memory_report(model, self.kv_cache, config.block_size)
         logger.info("memory: %s", self.memory.describe())
+        settle_host_allocator()
         parallel = ""
         if self.workers is not None:
             parallel = f", tensor parallel ×{config.tensor_parallel_size}"

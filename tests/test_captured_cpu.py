@@ -173,7 +173,7 @@ def test_bundled_model_greedy_text_is_identical(k):
 
 
 def test_many_bf16_rows_match_eager_head_and_draft_included(folders):
-    """Four sequences (all the test cache holds) decoding together in bf16: from four rows the program's bf16
+    """Four sequences (all the test cache holds) decoding together in bf16: from two rows the program's bf16
     products (projections, experts, the head) take the dot-product path on CPUs with AVX512-BF16; the target's
     logits and the MTP layer's agree with the eager path as the fewer-row steps do."""
     eager, captured = runners(folders["mtp"], torch.bfloat16)

@@ -44,12 +44,12 @@ def test_bf16_kernel_matches_float32(isa, rows, k):
     assert torch.allclose(got.float(), reference(x, w, bias), rtol=2**-8, atol=1e-3)
 
 
-@pytest.mark.parametrize("rows", [4, 5, 11, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 11, 64])
 @pytest.mark.parametrize("k", [80, 1024])  # 80: a last vector of 16 inputs (masked)
 def test_bf16_rows_of_a_bf16_model_match_float32(isa, rows, k):
     """The program's products for a bf16 model (activations rounded to bf16, `round` set) at many rows: with
-    AVX512-BF16 they are bf16 dot products (groups of four activation rows, four weight rows a pass, a last
-    partial group of each), else the widening path; either way the fp32 sum of the exact products, rounded."""
+    AVX512-BF16 they are bf16 dot products from two rows (groups of four activation rows, four weight rows a pass, a
+    last partial group of each), else the widening path; either way the fp32 sum of the exact products, rounded."""
     torch.manual_seed(rows + k)
     w = torch.randn(301, k).bfloat16()
     x = torch.randn(rows, k).bfloat16().float()

@@ -9,9 +9,10 @@ Measured on the 2-core machine, and used here:
 - 1–4 input rows (decoding): the kernels stream the weights once and widen them in registers (bf16, fp8) or
   dot quantized activations with them in integers (int8, int4) — about 2× torch's bf16 GEMV on a 151k × 1024
   head; for MoE experts one call covers all (row, expert) pairs;
-- batched decoding in the captured step (4–64 rows of a bf16 model): bf16 dot products (AVX512-BF16's vdpbf16ps,
-  four weight rows by four activation rows a pass) at 530–650 GFLOP/s with 2 threads, 2.5–3× the widening path
-  and on a par with torch's bf16 GEMM, for the projections, the experts and the LM head;
+- batched decoding and MTP verification in the captured step (2–64 rows of a bf16 model): bf16 dot products
+  (AVX512-BF16's vdpbf16ps, four weight rows by four activation rows a pass) at 530–650 GFLOP/s with 2 threads at
+  64 rows, 2.5–3× the widening path and on a par with torch's bf16 GEMM, for the projections, the experts and the
+  LM head;
 - more rows in torch-side calls (prefill): on CPUs with bf16 arithmetic (AVX512-BF16, AMX) torch's bf16 GEMM,
   after dequantizing packed weights to bf16 a few hundred rows at a time; on AVX2-only CPUs the weights are
   widened or dequantized to fp32 in such blocks, so the fp32 copy stays in cache, and torch's fp32 GEMM (MKL)

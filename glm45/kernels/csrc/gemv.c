@@ -231,14 +231,12 @@ static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
  * added pairwise into 16 fp32 lanes). With `round` set, every activation a bf16 model multiplies is a bf16 value,
  * so the rows convert to bf16 exactly; the products are exact and the sums fp32, in another order than torch's
  * (and values below 2^-126 flush to zero). A pass takes 4 weight rows × 4 activation rows into 16 accumulators:
- * 16 dot products per 8 loads, where widening bf16 to fp32 costs a load per FMA. That is what batched decoding
- * needs: at 64 rows the Air-shaped benchmark model's expert and projection GEMVs are compute-bound. With fewer
- * than DP_MIN_ROWS rows a step is bound by reading the weights, and the widening path streams them best. */
+ * 16 dot products per 8 loads, where widening bf16 to fp32 costs a load per FMA and becomes the limit from two
+ * rows on (2 threads, a 151,552 × 1,024 head streamed from memory: 2 rows 10.9 → 7.7 ms, 3 rows 14.3 → 8.2 ms; at
+ * 64 rows the Air-shaped benchmark model's expert and projection GEMVs ran 2.5–3× faster). One row is bound by
+ * reading the weights, and the widening path streams them as fast or faster (the `small` model's bs=1 decode). */
 #if defined(__AVX512BF16__)
-#define DP_MIN_ROWS 4
-#ifndef DP_AHEAD
-#define DP_AHEAD 16
-#endif
+#define DP_MIN_ROWS 2
 #define DP_CHUNK 16 /* weight rows that every group of activation rows passes over while they are in cache */
 
 /* Rows of x as bf16, each padded with zeros to Kp (a multiple of 32) so the kernels load whole vectors. */

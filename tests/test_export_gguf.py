@@ -105,7 +105,7 @@ def test_llama_cpp_gives_glm45s_greedy_tokens(checkpoint, tmp_path, outtype):
 def test_q8_0_holds_glm45s_int8_blocks_and_runs_like_glm45_int8(checkpoint, tmp_path):
     """The Q8_0 tensors dequantize to exactly glm45's int8 weights. llama.cpp also rounds activations to 8 bits
     in its Q8_0 products (glm45's int8 path does only for 1–4 rows), so its logits are compared, not its tokens: as
-    close to glm45-int8's as the activations' rounding allows — closer than glm45-int8's are to float32's."""
+    close to glm45-int8's as the activations' rounding allows — closer than they are to float32's."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
 
@@ -133,5 +133,5 @@ def test_q8_0_holds_glm45s_int8_blocks_and_runs_like_glm45_int8(checkpoint, tmp_
             ours, exact = (m(torch.tensor([sequence]))[0].numpy() for m in (int8, full))
         assert theirs[len(prompt) - 1].argmax() == generated[0]
         to_int8 += list(np.abs(theirs - ours).max(-1))
-        to_float += list(np.abs(ours - exact).max(-1))
+        to_float += list(np.abs(theirs - exact).max(-1))
     assert np.median(to_int8) < np.median(to_float), (np.median(to_int8), np.median(to_float))

@@ -4,16 +4,17 @@ input before anything large is allocated."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoints import save_reference
+from tiny_checkpoints import build_reference, save_reference
 
 from glm45 import LLM, SamplingParams
 from glm45.cli import main as cli_main
 from glm45.config import EngineConfig, bundled_model_path
 from glm45.model import Glm4MoeForCausalLM
-from glm45.quant.modules import QuantEmbedding, QuantLinear
+from glm45.quant.modules import QuantLinear
 from glm45.quant.packed import dequantize, quantize
 
 IDS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -60,7 +61,10 @@ def test_quantized_loading_packs_every_linear_layer_and_stays_close(folder, fmt)
     plain = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False)
     model = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization=fmt)
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
-    assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
+    assert isinstance(model.lm_head, QuantLinear)
+    # the embedding table stays as the checkpoint has it (a step reads one row per token)
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert torch.equal(model.model.embed_tokens.weight, plain.model.embed_tokens.weight)
     assert model.model.layers[3].mlp.experts.weights()[0].format == fmt
     assert model.model.layers[3].mlp.gate.weight.dtype == torch.float32  # routers stay in full precision
     with torch.no_grad():
@@ -144,3 +148,30 @@ def test_bad_quantization_requests_are_clear_errors(folder, tmp_path):
     with pytest.raises(ValueError, match=r"int8 packs blocks of 32 inputs.*mlp\.down_proj\.weight \[64, 120\]"):
         Glm4MoeForCausalLM.from_pretrained(odd, progress=False, quantization="int8")
     assert cli_main(["quantize", str(odd), "--to", "int4", "--out", str(tmp_path / "x")]) == 2
+
+
+def mapped_resident_kib(path) -> int:
+    """This process's resident KiB of the mappings of file `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[-1] == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_a_quantized_load_keeps_the_embedding_mapped_and_releases_the_files_pages(tmp_path):
+    """The quantizer reads every page of the file; after the load none of them stays with the process, and the
+    embedding table (a view of the map) reads its rows back from the file intact."""
+    build_reference("air_like", 0).to(torch.bfloat16).save_pretrained(tmp_path)
+    folder = tmp_path
+    shard = next(folder.glob("*.safetensors"))
+    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype="bfloat16", progress=False, quantization="int8")
+    table = model.model.embed_tokens.weight
+    assert table.dtype == torch.bfloat16 and not table.untyped_storage().resizable()  # a view of the map, not a copy
+    assert mapped_resident_kib(shard) < 0.05 * shard.stat().st_size / 1024
+    plain = Glm4MoeForCausalLM.from_pretrained(folder, dtype="bfloat16", progress=False)
+    assert torch.equal(table, plain.model.embed_tokens.weight)

@@ -11,8 +11,9 @@ it stores it: `gpt2` BPE with merges, added tokens CONTROL when special, `[gMASK
 
 Types follow the converter's rules: 1-D tensors, norms, routers and biases in F32; every other weight in the
 `--outtype`. Q8_0 blocks are glm45's own int8 blocks (`glm45.quant.packed.quantize_int8`: 32 weights, an fp16 scale,
-the same layout), so llama.cpp computes with exactly the weights `--quantization int8` serves; a row whose width is
-not a multiple of 32 falls back to F16, as in the converter.
+the same layout), so llama.cpp computes with exactly the weights `--quantization int8` serves (embedding tables stay
+BF16 or F32, as int8 serving keeps them); a row whose width is not a multiple of 32 falls back to F16, as in the
+converter.
 
 The pre-tokenizer name is llama.cpp's: `glm4` when this tokenizer splits text as GLM-4's does (recognised by the
 converter's own check: the hash of the ids of a fixed text), else `default` with a warning — token-id prompts are
@@ -90,6 +91,10 @@ def _encode(gguf, name: str, gguf_name: str, tensor: torch.Tensor, outtype: str)
     keep_f32 = data.dim() <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight") \
         or ".ffn_gate_inp." in gguf_name
     if keep_f32 or outtype == "f32":
+        return data.numpy(), q.F32
+    if outtype == "q8_0" and name.endswith("embed_tokens.weight"):  # int8 serving keeps embeddings as they are
+        if tensor.dtype == torch.bfloat16:
+            return gguf.quants.quantize(data.numpy(), q.BF16), q.BF16
         return data.numpy(), q.F32
     if outtype == "q8_0" and data.shape[-1] % 32 == 0:
         return _q8_0_bytes(data), q.Q8_0

@@ -129,7 +129,6 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_linear.argtypes = [w, p, i64, i64, p, i64, i32, i32]
     lib.glm45_grouped_linear.argtypes = [w, p, i64, i64, p, p, i64, i32, i32]
     lib.glm45_dequantize.argtypes = [w, i64, i64, i64, p, i32]
-    lib.glm45_embedding.argtypes = [w, p, i64, p]
     lib.glm45_run_program.argtypes = [p, i64, i32, i32]
     lib.glm45_isa.restype = ctypes.c_char_p
     logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
@@ -252,16 +251,3 @@ def dequantize_rows(weight, expert: int, start: int, stop: int) -> torch.Tensor:
     out = torch.empty(stop - start, weight.in_features, dtype=torch.float32)
     lib.glm45_dequantize(ctypes.byref(describe(weight)), expert, start, stop, out.data_ptr(), torch.get_num_threads())
     return out
-
-
-def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
-    """Rows of a packed embedding table, fp32."""
-    lib = library()
-    flat = ids.reshape(-1).to(torch.int64).contiguous()
-    if lib is None:
-        out = torch.stack([weight.dequantize_reference(0, int(i), int(i) + 1)[0] for i in flat]) if flat.numel() \
-            else torch.empty(0, weight.in_features)
-    else:
-        out = torch.empty(flat.numel(), weight.in_features, dtype=torch.float32)
-        lib.glm45_embedding(ctypes.byref(describe(weight)), flat.data_ptr(), flat.numel(), out.data_ptr())
-    return out.view(*ids.shape, weight.in_features)

@@ -62,6 +62,12 @@ class SafetensorsFile:
     def shape(self, name: str) -> list[int]:
         return self.entries[name][1]
 
+    def release_pages(self) -> None:
+        """Drop the map's pages from this process (they stay in the page cache, and come back on the next read):
+        views of the map stay valid."""
+        if self.map is not None and hasattr(self.map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED)
+
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
         if end == begin:
@@ -157,6 +163,11 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self.location
+
+    def release_pages(self) -> None:
+        """Drop every file's mapped pages from this process (after a load that copied or packed what it keeps)."""
+        for file in self.files.values():
+            file.release_pages()
 
     def names(self) -> list[str]:
         return list(self.location)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from glm45.quant.packed import PackedWeight
 from glm45.quant.scheme import check_packable, checkpoint_format, quantizes, served_format
 
 logger = logging.getLogger(__name__)
+
+EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")  # kept in the checkpoint's dtype (quant/scheme.py)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
@@ -102,6 +105,8 @@ def load_model(
 
     install(model, reader.packed, reader.state, dtype)
     model.load_state_dict(reader.state, strict=False, assign=True)
+    if fmt is not None:
+        checkpoint.release_pages()
     left = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
     if left:
         raise CheckpointError(f"cannot load {path}: tensors left unassigned: {some_names(left)}")
@@ -165,10 +170,12 @@ class _Reader:
         if quantizes(internal, self.fmt) and not self.as_shipped:
             self.packed[internal] = pack(tensor, self.fmt, self.device)
         else:
-            # Plain loads keep zero-copy views of the memory map; a quantized load copies what it keeps as is
-            # (norms, routers, biases), since one view would keep the whole map, and with it every page the
-            # quantizer read, resident.
-            self.state[internal] = tensor.to(self.device, copy=self.fmt is not None)
+            # Plain loads keep zero-copy views of the memory map. A quantized load copies the small tensors it
+            # keeps as they are (norms, routers, biases) and keeps the embedding tables as views: after the load
+            # the map's pages are released (`Checkpoint.release_pages`), so of a table only the rows of tokens in
+            # use become resident again, and the pages the quantizer read do not stay with the process.
+            keep_view = self.fmt is None or EMBEDDING.search(internal) is not None
+            self.state[internal] = tensor.to(self.device, copy=not keep_view)
 
     def _read_packed(self, internal: str, ckpt_name: str, stack, shard, meta: torch.Tensor) -> bool:
         """Take a weight the checkpoint stores in the served format as it is; False to read it plainly."""

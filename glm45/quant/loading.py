@@ -5,7 +5,7 @@ stores in the served format (FP8 with its scale, or glm45's own int8/int4; `Chec
 it is; any other is read in the compute dtype — one tensor, or one expert stack, at a time — and quantized
 here (`pack`). So a
 bf16 copy of the whole model never exists, and resident memory after loading is the packed size.
-`install` then replaces the model's modules by their quantized counterparts (QuantLinear, QuantEmbedding) or
+`install` then replaces the model's linear layers by QuantLinear or
 registers packed buffers on the expert stacks.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from glm45.quant.modules import QuantEmbedding, QuantLinear, register_packed
+from glm45.quant.modules import QuantLinear, register_packed
 from glm45.quant.packed import PackedWeight, quantize
 
 
@@ -49,11 +49,8 @@ def install(model: nn.Module, packed: dict[str, PackedWeight], state: dict[str, 
         module_name = name.removesuffix(".weight")
         parent, attribute = _parent(model, module_name)
         module = getattr(parent, attribute)
-        if isinstance(module, nn.Embedding):
-            quantized = QuantEmbedding(weight, dtype)
-        else:
-            bias = state.pop(f"{module_name}.bias", None) if getattr(module, "bias", None) is not None else None
-            quantized = QuantLinear(weight, bias)
+        bias = state.pop(f"{module_name}.bias", None) if getattr(module, "bias", None) is not None else None
+        quantized = QuantLinear(weight, bias)
         quantized._forward_hooks = module._forward_hooks  # tensor parallelism's all-reduces stay attached
         setattr(parent, attribute, quantized)
 

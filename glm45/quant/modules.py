@@ -1,4 +1,4 @@
-"""Model modules whose weights stay quantized: linear layers, embeddings and the experts' stacks.
+"""Model modules whose weights stay quantized: linear layers and the experts' stacks.
 
 A quantized weight is held as buffers named after the weight it replaces — `X.weight` (the codes),
 `X.weight_scale`, and for int4 `X.weight_min` — so a quantized model's state dict is what `glm45 quantize`
@@ -13,7 +13,6 @@ dequantized blocks and fp32 GEMM for more rows), and through dequantization to t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from glm45.kernels import cpu
@@ -69,27 +68,3 @@ class QuantLinear(nn.Module):
         fmt, block = self._packed_formats["weight"]
         return f"in={self.in_features}, out={self.out_features}, format={fmt}" + (f", block={block}" if block else "")
 
-
-class QuantEmbedding(nn.Module):
-    """An embedding table over a packed weight (each looked-up row is dequantized)."""
-
-    def __init__(self, packed: PackedWeight, dtype: torch.dtype):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = packed.shape
-        self.dtype = dtype
-        register_packed(self, "weight", packed)
-
-    @property
-    def packed(self) -> PackedWeight:
-        return expert_weight(self, "weight")
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.device.type == "cpu":
-            return cpu.embedding(ids, self.packed).to(self.dtype)
-        packed = self.packed
-        rows = PackedWeight(packed.format, packed.data[ids.reshape(-1)], packed.scale[ids.reshape(-1)],
-                            None if packed.minimum is None else packed.minimum[ids.reshape(-1)],
-                            packed.block) if packed.block == 0 else None
-        if rows is None:  # fp8 with block scales: dequantize the whole table (rare: embeddings are per row)
-            return F.embedding(ids, packed.dequantize(self.dtype))
-        return rows.dequantize(self.dtype).view(*ids.shape, self.embedding_dim)

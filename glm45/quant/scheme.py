@@ -8,10 +8,11 @@ Served format (`--quantization`, or the checkpoint's own when not given):
 - "none" loads every weight dequantized to the compute dtype (training a quantized checkpoint).
 
 Quantized tensors: every linear layer's weight (attention, dense MLP, shared and routed experts, MTP's eh_proj),
-and — a choice of ours, documented in the README — the embedding tables and the LM heads too, since on an
-Air-shaped model they are two thirds of the bytes a decode step reads and of the resident memory. Routers,
-their correction bias, norms and biases stay in higher precision, as in the official FP8 releases. An FP8
-checkpoint keeps its bf16 embeddings and heads as shipped.
+and — a choice of ours, documented in the README — the LM heads too, since a decode step reads the whole head (on
+an Air-shaped model a third of its bytes). The embedding tables stay in the checkpoint's dtype, as in the official
+FP8 releases: a step reads one row per token, and on CPUs the table stays a view of the memory-mapped file, so only
+the rows of tokens in use become resident. Routers, their correction bias, norms and biases stay in higher
+precision, as in the official FP8 releases. An FP8 checkpoint keeps its bf16 heads as shipped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import re
 from glm45.config import QUANTIZATIONS, ModelConfig
 
 QUANTIZED_WEIGHT = re.compile(
-    r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|eh_proj|lm_head|head|embed_tokens)\.weight$"
+    r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|eh_proj|lm_head|head)\.weight$"
     r"|\.mlp\.experts\.(gate_up_proj|down_proj)$")
 GLM45_GROUP_SIZE = 32
 
@@ -77,7 +78,7 @@ def quantizes(internal_name: str, fmt: str | None) -> bool:
 
 def quantization_config(fmt: str) -> dict:
     """The `quantization_config` of a checkpoint `glm45 quantize` saves in `fmt` (glm45's own layout: per-row
-    FP8 scales or 32-wide int8/int4 blocks, fused expert stacks, embeddings and heads packed too)."""
+    FP8 scales or 32-wide int8/int4 blocks, fused expert stacks, heads packed too, embeddings as they were)."""
     config = {"quant_method": fmt, "format": "glm45"}
     if fmt != "fp8":
         config["group_size"] = GLM45_GROUP_SIZE

@@ -64,11 +64,6 @@ void glm45_dequantize(const Weight *w, int64_t expert, int64_t n0, int64_t n1, f
     for (int64_t n = n0; n < n1; n++) dequant_row(w, expert, n, out + (n - n0) * w->K);
 }
 
-/* Rows `ids[t]` of an embedding table, [T, K] fp32. */
-void glm45_embedding(const Weight *w, const int64_t *ids, int64_t T, float *out) {
-    for (int64_t t = 0; t < T; t++) dequant_row(w, 0, ids[t], out + t * w->K);
-}
-
 /* Which instruction set this build targets (checked by the loader against its file name). */
 const char *glm45_isa(void) {
 #if defined(__AVX512F__)

@@ -94,9 +94,11 @@ class StepBuffers:
         self.concat = torch.zeros(rows, 2 * D, **f32)
         self.source = torch.zeros(rows, D, **f32)
         self.head_in = torch.zeros(rows, D, **f32)
-        self.logits = torch.zeros(rows, c.vocab_size, **f32)
-        # A vocabulary-wide row is 0.6 MB on GLM-4.5: the draft head's rows exist only with an MTP layer loaded.
-        self.draft_logits = torch.zeros(rows if model.mtp is not None else 0, c.vocab_size, **f32)
+        # Logit rows are only read after the head wrote them, so they are left unwritten: their pages become
+        # resident as steps of that many rows run (64 rows of a 151k vocabulary are 37 MiB, which a one-user
+        # server never touches). A vocabulary-wide row is 0.6 MB: the draft head's rows exist only with MTP.
+        self.logits = torch.empty(rows, c.vocab_size, **f32)
+        self.draft_logits = torch.empty(rows if model.mtp is not None else 0, c.vocab_size, **f32)
         self.scores = torch.zeros(threads, c.num_attention_heads // c.num_key_value_heads, max_context, **f32)
         self.inv_freq = as_f32(model.rotary.inv_freq(torch.device("cpu")))
         # Served LoRA adapters: each row's slot (the zero slot `no_adapter` for base rows), the head rows' slots,

@@ -114,10 +114,10 @@ static inline vf vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 static inline vf vload_fp8(const uint8_t *p) {
-    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7f)), 7),
-                                _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8));
-    return _mm512_cvtph_ps(h);
+    /* sign-extended, shifted by 7: the sign lands in bits 15 and 14, the 7 magnitude bits in 13..7; clearing bit 14
+     * leaves the fp16 described above fp8_to_f32 (three operations where masking each part took six) */
+    __m256i v = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)), 7);
+    return _mm512_cvtph_ps(_mm256_and_si256(v, _mm256_set1_epi16((short)0xbf80)));
 }
 #else
 #define VL 8
@@ -131,10 +131,8 @@ static inline vf vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 static inline vf vload_fp8(const uint8_t *p) {
-    __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
-    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7f)), 7),
-                             _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8));
-    return _mm256_cvtph_ps(h);
+    __m128i v = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p)), 7);
+    return _mm256_cvtph_ps(_mm_and_si128(v, _mm_set1_epi16((short)0xbf80)));
 }
 #endif
 

@@ -304,7 +304,7 @@ static void dp_rows(const Weight *w, const uint16_t *W, int64_t n0, int64_t n1, 
         }
         for (int m = 0; m < mc; m++) {
             float out[4];
-            if (no == 4) { /* four outputs finished as one vector (at short K a scalar epilogue cost as much as the dots) */
+            if (no == 4) { /* four outputs as one vector: at short K a scalar epilogue cost as much as the dots */
                 __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(fold512(acc[0][m]), fold512(acc[1][m])),
                                           _mm256_hadd_ps(fold512(acc[2][m]), fold512(acc[3][m])));
                 __m128 v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));

@@ -37,8 +37,8 @@ def default_sizes() -> tuple[int, ...]:
     """Row counts captured by default. Measured with 2 threads on 8–64 sequences of 256-token prompts decoding
     together on the Air-shaped 0.6B benchmark model, CPU with AVX512-BF16 (the eager path's MoE running expert by
     expert on torch's bf16 GEMM, the program's head on it too from 8 rows, before the program's bf16 dot products):
-    captured 304–307, 365–381, 429–438
-    and 528–553 tokens/s at 8, 16, 32 and 64 rows against eager 136–137, 190–191, 250–258 and 371–372. On
+    captured 304–307, 365–381, 429–438 and 528–553 tokens/s at 8, 16, 32 and 64 rows against eager 136–137,
+    190–191, 250–258 and 371–372. On
     AVX2-only CPUs the eager path's GEMMs widen to fp32, so the program is further ahead there."""
     return (1, 2, 4, 8, 16, 32, 64)
 

@@ -9,7 +9,8 @@ Measured on the 2-core machine, and used here:
 - 1–4 input rows (decoding): the kernels stream the weights once and widen them in registers (bf16, fp8) or
   dot quantized activations with them in integers (int8, int4) — about 2× torch's bf16 GEMV on a 151k × 1024
   head; for MoE experts one call covers all (row, expert) pairs;
-- batched decoding and MTP verification in the captured step (2–64 rows of a bf16 model): bf16 dot products
+- 2 or more rows of a bf16 model (batched decoding and MTP verification in the captured step, and torch-side
+  calls of 2–4 rows), on CPUs with AVX512-BF16: bf16 dot products
   (AVX512-BF16's vdpbf16ps, four weight rows by four activation rows a pass) at 530–650 GFLOP/s with 2 threads at
   64 rows, 2.5–3× the widening path and on a par with torch's bf16 GEMM, for the projections, the experts and the
   LM head;

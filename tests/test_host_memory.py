@@ -1,11 +1,16 @@
-"""The engine's host-allocator settings: step-sized blocks freed by one step are reused by the next, not mapped
-afresh (which cost every prefill its first-touch page faults)."""
+"""The engine's host memory: step-sized blocks freed by one step are reused by the next, not mapped afresh (which
+cost every prefill its first-touch page faults), and the KV cache becomes resident as it is written."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from tiny_checkpoints import save_reference
 
+from glm45 import SamplingParams
+from glm45.config import EngineConfig
+from glm45.engine import LLMEngine
 from glm45.engine.host_memory import _glibc
 
 # A "step": tensors of 1–24 MB, a few alive at a time, then all freed; the page faults of each of 8 steps.
@@ -37,3 +42,44 @@ def test_steps_after_the_first_two_reuse_the_heap_without_page_faults():
     faults = [int(v) for v in out.stdout.strip().splitlines()[-1].strip("[]").split(",")]
     assert faults[0] > 5000, faults  # the first step touches its pages
     assert max(faults[2:]) < 200, faults
+
+
+def resident_kib_at(address: int) -> int:
+    """Resident KiB of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("Rss:"):
+            return int(fields[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_the_kv_cache_becomes_resident_as_requests_write_it(tmp_path):
+    """A 256 MiB host KV cache costs nothing at startup; a request makes its own blocks resident, not the rest, and
+    the engine's output is the same as with a cache that was written with zeros up front."""
+    folder = save_reference("air_like", tmp_path)
+    config = dict(model=str(folder), dtype="float32", device="cpu", max_model_len=512,
+                  kv_cache_memory_bytes=256 << 20)
+    engine = LLMEngine(EngineConfig(**config))
+    cache = engine.kv_cache
+    assert cache.untyped_storage().nbytes() >= 200 << 20
+    assert resident_kib_at(cache.data_ptr()) < 1024
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    lazy = complete(engine, list(range(3, 200)), params)
+    assert resident_kib_at(cache.data_ptr()) < 16 << 10
+    eager = LLMEngine(EngineConfig(**config))
+    eager.kv_cache.fill_(0)
+    assert complete(eager, list(range(3, 200)), params) == lazy
+
+
+def complete(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> list[int]:
+    engine.add_request("r", prompt, params)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                return output.outputs[0].token_ids
+    raise AssertionError("the request did not finish")

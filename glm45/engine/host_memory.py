@@ -9,14 +9,22 @@ batch's prefill of the `small` benchmark model took 4.1 s with glibc's defaults 
 threshold and a 1 GiB trim threshold (what PyTorch's CPU guidance gets from jemalloc or tcmalloc). The cost is that
 freed memory up to the trim threshold stays with the process, like the peak of the steps it served; trimming once
 after loading keeps the load's own temporaries (quantizing, building the captured step) out of that. Elsewhere than
-glibc nothing changes."""
+glibc nothing changes.
+
+Large tables that start as zeros and fill as they are used (the KV cache) are mapped from the kernel's zero pages
+(`lazily_zeroed`), so they become resident block by block as requests write them, not all at startup: on a CPU
+the default 1 GiB cache otherwise costs a one-user server a gigabyte from the start."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import math
+import mmap
 from functools import cache
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -47,3 +55,14 @@ def settle_host_allocator() -> bool:
     if not applied:
         logger.debug("mallopt refused the allocator settings; glibc's defaults stay")
     return applied
+
+
+def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled host tensor in a private anonymous mapping: its pages are the kernel's zero page until written
+    (so reads of unwritten parts see zeros, and only the written pages are resident)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # The tensor keeps the mapping alive through the buffer it was made from.
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)

@@ -19,6 +19,7 @@ import logging
 import torch
 
 from glm45.engine.attention import PagedAttention, SeqSlice, StepInputs
+from glm45.engine.host_memory import lazily_zeroed
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    """The paged KV cache, zeroed. On the host its pages become resident as blocks are first written."""
+    shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+    if torch.device(device).type == "cpu":
+        return lazily_zeroed(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def kv_dtype(kv_cache_dtype: str, model) -> torch.dtype:

@@ -66,6 +66,70 @@ def test_save_load_round_trip_keeps_mtp(tmp_path):
     assert torch.equal(logits(without), logits(model))
 
 
+def mtp_draft_logits(model, ids=IDS):
+    """The MTP layer's logits for (h_t, x_{t+1}) pairs of `ids` (no cache: the whole sequence at once)."""
+    with torch.no_grad():
+        positions = torch.arange(ids.shape[1] - 1).expand(ids.shape[0], -1)
+        hidden = model.hidden_states(ids[:, :-1], positions)
+        return model.mtp_draft(ids[:, 1:], hidden, positions)[1]
+
+
+def model_with_mtp_copies(folder):
+    """A model whose MTP layer stores exact copies of the main embedding and head (GLM-4.5's layout)."""
+    model = our_model_with_mtp()
+    with torch.no_grad():
+        model.mtp.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+        model.mtp.shared_head.head.weight.copy_(model.lm_head.weight)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_mtp_copies_of_the_embedding_and_head_are_shared_or_taken_from_the_main_model(tmp_path, quantization):
+    """GLM-4.5 stores copies of the embedding and head in its MTP layer, GLM-4.6 leaves them out: both load, to the
+    same draft logits, and the engine's loads keep one tensor for both places."""
+    n = our_model_with_mtp().config.num_hidden_layers
+    glm45_layout = tmp_path / "copies"
+    reference = model_with_mtp_copies(glm45_layout)
+    glm46_layout = copy_checkpoint(glm45_layout, tmp_path / "left_out")
+    rewrite_tensors(glm46_layout, lambda t: [t.pop(f"model.layers.{n}.{name}.weight")
+                                             for name in ("embed_tokens", "shared_head.head")])
+    load = dict(dtype="float32", progress=False, quantization=quantization)
+    apart = Glm4MoeForCausalLM.from_pretrained(glm45_layout, **load)
+    expected = mtp_draft_logits(apart)
+    if quantization is None:
+        assert torch.equal(expected, mtp_draft_logits(reference))
+    assert apart.mtp.shared_head.head is not apart.lm_head
+    assert apart.mtp.embed_tokens.weight.data_ptr() != apart.model.embed_tokens.weight.data_ptr()
+    for folder in (glm45_layout, glm46_layout):
+        for share in (False, True):
+            model = Glm4MoeForCausalLM.from_pretrained(folder, share_mtp_copies=share, **load)
+            assert torch.equal(mtp_draft_logits(model), expected), (folder.name, share)
+            assert torch.equal(logits(model), logits(apart))
+            shared = model.mtp.shared_head.head is model.lm_head and model.mtp.embed_tokens is model.model.embed_tokens
+            # Training (no sharing) keeps a trainable copy even of what the checkpoint left out; packed weights
+            # are not trained, so a left-out packed head is the main one either way.
+            if share:
+                assert shared
+            elif quantization is None:
+                assert model.mtp.embed_tokens.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+                assert model.mtp.shared_head.head.weight.data_ptr() != model.lm_head.weight.data_ptr()
+            saved = tmp_path / f"saved-{folder.name}-{share}"
+            if quantization is None:
+                model.save_pretrained(saved)  # back in GLM-4.5's layout, the copies stored
+                again = load_file(saved / "model.safetensors")
+                assert torch.equal(again[f"model.layers.{n}.shared_head.head.weight"], again["lm_head.weight"])
+
+
+def test_an_mtp_head_that_differs_from_the_main_one_is_not_shared(tmp_path):
+    model = our_model_with_mtp()  # independent random embedding and head in its MTP layer
+    model.save_pretrained(tmp_path)
+    loaded = Glm4MoeForCausalLM.from_pretrained(tmp_path, dtype="float32", progress=False, share_mtp_copies=True)
+    assert loaded.mtp.shared_head.head is not loaded.lm_head
+    assert loaded.mtp.embed_tokens is not loaded.model.embed_tokens
+    assert torch.equal(mtp_draft_logits(loaded), mtp_draft_logits(model))
+
+
 def test_transformers_loads_what_we_save(tmp_path):
     from transformers import Glm4MoeForCausalLM as Reference
 

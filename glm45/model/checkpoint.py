@@ -68,6 +68,16 @@ class SafetensorsFile:
         if self.map is not None and hasattr(self.map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             self.map.madvise(mmap.MADV_DONTNEED)
 
+    def release_tensor_pages(self, name: str) -> None:
+        """Drop the pages that lie wholly inside tensor `name` (as `release_pages` does for the whole map)."""
+        if self.map is None or not hasattr(self.map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, begin, end = self.entries[name]
+        first = -(-(self.data_start + begin) // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (self.data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
         if end == begin:
@@ -168,6 +178,10 @@ class Checkpoint:
         """Drop every file's mapped pages from this process (after a load that copied or packed what it keeps)."""
         for file in self.files.values():
             file.release_pages()
+
+    def release_tensor_pages(self, name: str) -> None:
+        """Drop the mapped pages of tensor `name` from this process (after reading it only to compare it)."""
+        self.location[name].release_tensor_pages(name)
 
     def names(self) -> list[str]:
         return list(self.location)

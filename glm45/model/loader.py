@@ -9,6 +9,12 @@ Tensor and expert parallelism hook in through `from_pretrained(..., parallelize=
 model to one rank's shard and returns a `ShardSpec` per sharded parameter; the loader then cuts each
 memory-mapped tensor (and its FP8 scale) to that shard before copying, so no rank reads or holds the whole
 model.
+
+The MTP layer's embedding and head are the main model's (DeepSeek-V3's design, which GLM-4.5 follows): GLM-4.5's
+checkpoints store copies of them, later ones of the architecture (GLM-4.6) leave them out. A missing one is taken
+from the main model; a stored copy identical to it is, with `share_mtp_copies`, not loaded a second time (the
+engine's choice: a copy of GLM-4.5-Air's head alone is 1.2 GB in bf16), while training keeps a copy it can train
+apart.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from glm45.quant.scheme import check_packable, checkpoint_format, quantizes, ser
 logger = logging.getLogger(__name__)
 
 EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")  # kept in the checkpoint's dtype (quant/scheme.py)
+MTP_COPIES = {"mtp.embed_tokens.weight": "model.embed_tokens.weight", "mtp.shared_head.head.weight": "lm_head.weight"}
+STORED_SUFFIXES = ("", "_scale", "_scale_inv", "_min")  # a weight and what a packed one is stored with
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
@@ -67,12 +75,15 @@ def load_model(
     progress: bool = True,
     parallelize: Callable[[torch.nn.Module], ShardPlan] | None = None,
     quantization: str | None = None,
+    share_mtp_copies: bool = False,
 ):
     """Build a `model_class` (Glm4MoeForCausalLM) on the meta device and assign its tensors from the checkpoint.
 
     `parallelize(meta_model)` (tensor/expert parallelism) turns the model into this rank's shard and returns
     the `ShardSpec` of every parameter it cut; those parameters are read shard by shard. `quantization` (fp8,
-    int8, int4; default: the checkpoint's own format) keeps weights packed (glm45.quant.scheme says which)."""
+    int8, int4; default: the checkpoint's own format) keeps weights packed (glm45.quant.scheme says which).
+    `share_mtp_copies`: the MTP layer's stored copies of the embedding and head, when identical to the main
+    model's, are not loaded: the modules share the main model's parameters."""
     config = ModelConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype, config)
     device = torch.device(device)
@@ -85,7 +96,7 @@ def load_model(
     check_packable(model.state_dict(), fmt, device)
     check_fits(model, dtype, device, path, fmt)
 
-    reader = _Reader(checkpoint, config, dtype, device, plan, fmt)
+    reader = _Reader(checkpoint, config, dtype, device, plan, fmt, share_mtp_copies)
     bar = tqdm(model.state_dict().items(), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
     for internal, meta in bar:
         reader.read(internal, meta)
@@ -105,6 +116,9 @@ def load_model(
 
     install(model, reader.packed, reader.state, dtype)
     model.load_state_dict(reader.state, strict=False, assign=True)
+    for internal, main in reader.shared.items():  # the main model's module in both places
+        owner, leaf = internal.removesuffix(".weight").rsplit(".", 1)
+        setattr(model.get_submodule(owner), leaf, model.get_submodule(main.removesuffix(".weight")))
     if fmt is not None:
         checkpoint.release_pages()
     left = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
@@ -120,9 +134,11 @@ class _Reader:
     """Reads each model tensor from the checkpoint: plain, or packed in the served format."""
 
     def __init__(self, checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 plan: ShardPlan, fmt: str | None):
+                 plan: ShardPlan, fmt: str | None, share_mtp_copies: bool = False):
         self.checkpoint, self.config, self.dtype, self.device, self.plan, self.fmt = (
             checkpoint, config, dtype, device, plan, fmt)
+        self.share_mtp_copies = share_mtp_copies
+        self.shared: dict[str, str] = {}  # MTP parameter → the main model's parameter it is
         stored = checkpoint_format(config)
         self.stored = stored
         # A checkpoint served in its own packed format keeps what it stores (FP8 releases: bf16 embeddings and
@@ -135,6 +151,8 @@ class _Reader:
         self.packed: dict[str, PackedWeight] = {}
 
     def read(self, internal: str, meta: torch.Tensor) -> None:
+        if self._take_from_main(internal):
+            return
         ckpt_name = checkpoint_name(internal, self.config)
         stack = EXPERT_STACK.match(ckpt_name)
         shard = self.plan.get(internal)
@@ -176,6 +194,48 @@ class _Reader:
             # use become resident again, and the pages the quantizer read do not stay with the process.
             keep_view = self.fmt is None or EMBEDDING.search(internal) is not None
             self.state[internal] = tensor.to(self.device, copy=not keep_view)
+
+    def _take_from_main(self, internal: str) -> bool:
+        """Give an MTP embedding or head the main model's tensor when the checkpoint leaves it out, or (sharing
+        asked for) stores an identical copy; False to read it as stored."""
+        main = MTP_COPIES.get(internal)
+        if main is None or self.plan.get(internal) != self.plan.get(main):
+            return False
+        main_value = self.packed.get(main, self.state.get(main))
+        if main_value is None:
+            return False
+        own, theirs = checkpoint_name(internal, self.config), checkpoint_name(main, self.config)
+        stored = [own + suffix for suffix in STORED_SUFFIXES if own + suffix in self.checkpoint]
+        if not stored:  # left out of the checkpoint: the main model's
+            if isinstance(main_value, PackedWeight) or self.share_mtp_copies:
+                self.shared[internal] = main
+            else:
+                self.state[internal] = main_value.clone()
+            return True
+        if not self.share_mtp_copies or not self._identical(stored, own, theirs):
+            return False
+        self.consumed.update(stored)
+        self.shared[internal] = main
+        return True
+
+    def _identical(self, names: list[str], own: str, theirs: str) -> bool:
+        """Whether the stored tensors `names` (a weight and its scales) equal the main model's, byte for byte."""
+        ckpt = self.checkpoint
+        if {n.removeprefix(own) for n in names} != {s for s in STORED_SUFFIXES if theirs + s in ckpt}:
+            return False
+        for name in names:
+            other = theirs + name.removeprefix(own)
+            if ckpt.shape(name) != ckpt.shape(other):
+                return False
+            a, b = ckpt.raw(name), ckpt.raw(other)
+            same = a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            # Comparing read both whole; their pages need not stay with the process (a plain load's views read
+            # them back from the page cache when they are used).
+            ckpt.release_tensor_pages(name)
+            ckpt.release_tensor_pages(other)
+            if not same:
+                return False
+        return True
 
     def _read_packed(self, internal: str, ckpt_name: str, stack, shard, meta: torch.Tensor) -> bool:
         """Take a weight the checkpoint stores in the served format as it is; False to read it plainly."""

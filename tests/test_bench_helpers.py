@@ -82,3 +82,30 @@ def test_median_and_range_formatting():
     assert format_median_range([float("nan")]) == ("n/a", "")
     assert [format_figure(v) for v in (1234.5, 56.78, 5.678, 0.1234)] == ["1234", "56.8", "5.68", "0.123"]
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+
+
+def test_the_quality_tally_is_kl_divergence_and_paired_log_likelihood():
+    """bench_quality's per-token figures against torch's KL divergence and the definitions."""
+    import numpy as np
+
+    from benchmarks.bench_quality import Tally
+
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.log_softmax(torch.randn(50, 40, generator=gen, dtype=torch.float64), -1)
+    other = torch.log_softmax(reference + 0.3 * torch.randn(50, 40, generator=gen, dtype=torch.float64), -1)
+    ids = torch.randint(0, 40, (50,), generator=gen)
+    tally = Tally()
+    tally.add(other[:25].numpy(), reference[:25].numpy(), ids[:25].numpy())
+    tally.add(other[25:].numpy(), reference[25:].numpy(), ids[25:].numpy())
+    summary = tally.summary()
+    kl = torch.nn.functional.kl_div(other, reference, log_target=True, reduction="none").sum(-1)
+    assert summary["mean_kl"] == pytest.approx(kl.mean().item(), rel=1e-12)
+    picked = other[torch.arange(50), ids]
+    delta = picked - reference[torch.arange(50), ids]
+    assert summary["perplexity"] == pytest.approx(np.exp(-picked.mean().item()), rel=1e-12)
+    assert summary["mean_logprob_change"] == pytest.approx(delta.mean().item(), rel=1e-12)
+    assert summary["change_stderr"] == pytest.approx(delta.std().item() / 50 ** 0.5, rel=1e-12)
+    assert summary["same_top"] == (other.argmax(-1) == reference.argmax(-1)).double().mean().item()
+    same = Tally()
+    same.add(reference.numpy(), reference.numpy(), ids.numpy())
+    assert same.summary()["mean_kl"] == 0 and same.summary()["same_top"] == 1

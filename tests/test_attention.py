@@ -1,10 +1,13 @@
 """Paged attention against a plain per-sequence reference: short slices share one padded call (grouped heads folded
-into the query length), long ones run alone; every new row sees exactly its own sequence's keys up to itself."""
+into the query length), long ones run alone (bf16 ones through the fused CPU kernel where it runs); every new row
+sees exactly its own sequence's keys up to itself."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from glm45.engine.attention import PagedAttention, SeqSlice, grouped_attention
+from glm45.kernels import cpu as cpu_kernels
 
 
 def reference(q, keys, values):
@@ -57,3 +60,46 @@ def test_paged_attention_equals_each_sequence_alone():
     for s, (keys, values) in zip(slices, history, strict=True):
         rows = slice(s.q_start, s.q_start + s.q_len)
         torch.testing.assert_close(out[rows], reference(q[rows], keys, values), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None or not cpu_kernels.native_bf16_gemm(),
+                    reason="this CPU has no AVX512-BF16: prefill chunks take torch's SDPA only")
+def test_bf16_prefill_chunks_take_the_fused_kernel_and_match_torchs_attention(monkeypatch):
+    """Long slices of a bf16 cache (a fresh prompt, a chunk after a cached prefix) go through the fused CPU kernel;
+    its rows are as close to a float32 reference as torch's own bf16 attention is, and the short rows are not its."""
+    torch.manual_seed(2)
+    block_size, kv_heads, heads, head_dim, num_blocks = 16, 2, 8, 64, 64
+    kv_cache = torch.zeros(1, 2, num_blocks, block_size, kv_heads, head_dim, dtype=torch.bfloat16)
+    shapes = [(0, 70), (45, 33), (20, 1)]
+    free = iter(torch.randperm(num_blocks).tolist())
+    slices, slots, history, q_start = [], [], [], 0
+    for cached, new in shapes:
+        total = cached + new
+        table = [next(free) for _ in range(-(-total // block_size))]
+        keys = torch.randn(total, kv_heads, head_dim).bfloat16()
+        values = torch.randn(total, kv_heads, head_dim).bfloat16()
+        positions = torch.arange(total)
+        flat = torch.tensor(table)[positions // block_size] * block_size + positions % block_size
+        kv_cache[0, 0].view(-1, kv_heads, head_dim)[flat[:cached]] = keys[:cached]
+        kv_cache[0, 1].view(-1, kv_heads, head_dim)[flat[:cached]] = values[:cached]
+        slices.append(SeqSlice(q_start, new, total, table))
+        slots.append(flat[cached:])
+        history.append((keys, values))
+        q_start += new
+    q = torch.randn(q_start, heads, head_dim).bfloat16()
+    k_new = torch.cat([keys[cached:] for (keys, _), (cached, _) in zip(history, shapes, strict=True)])
+    v_new = torch.cat([values[cached:] for (_, values), (cached, _) in zip(history, shapes, strict=True)])
+    calls = []
+    fused = cpu_kernels.causal_attention
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    out = PagedAttention(kv_cache.clone(), torch.cat(slots), slices, block_size).attend(0, q, k_new, v_new)
+    assert calls == [70, 33]
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: None)
+    plain = PagedAttention(kv_cache.clone(), torch.cat(slots), slices, block_size).attend(0, q, k_new, v_new)
+    for s, (keys, values) in zip(slices, history, strict=True):
+        rows = slice(s.q_start, s.q_start + s.q_len)
+        expected = reference(q[rows].float(), keys.float(), values.float())
+        fused_error = (out[rows].float() - expected).abs().max()
+        assert fused_error <= 1.5 * (plain[rows].float() - expected).abs().max() + 1e-3
+        if s.q_len == 1:
+            assert torch.equal(out[rows], plain[rows])

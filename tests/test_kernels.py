@@ -145,3 +145,52 @@ def test_fallbacks_keep_torch_semantics():
     wb = torch.randn(16, 32, dtype=torch.bfloat16, requires_grad=True)
     cpu.linear(torch.randn(1, 32, dtype=torch.bfloat16), wb).sum().backward()
     assert wb.grad is not None
+
+
+needs_bf16_dot = pytest.mark.skipif(
+    cpu.library() is None or not cpu.native_bf16_gemm(),
+    reason="this CPU has no AVX512-BF16: the fused attention kernel does not run (torch's SDPA does)")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("q_len, keys_len, heads, kv_heads, dim", [
+    (1, 1, 2, 1, 32),       # one token
+    (5, 5, 4, 2, 64),       # a prompt shorter than a tile of keys
+    (37, 100, 8, 2, 128),   # a chunk after a cached prefix (offset causal mask)
+    (300, 300, 8, 2, 128),  # several blocks of query rows, odd tails
+    (64, 1000, 12, 4, 96),  # dimensions a multiple of 32 but not of 64
+    (129, 129, 4, 4, 256),  # no grouping; the largest head size taken
+])
+def test_fused_causal_attention_matches_float64(q_len, keys_len, heads, kv_heads, dim):
+    """Against float64 attention over the same bf16 inputs, read through a shuffled slot list of a larger cache:
+    within the rounding of the probabilities to bf16 (which torch's bf16 SDPA exceeds on the same inputs)."""
+    gen = torch.Generator().manual_seed(q_len)
+    cache_rows = keys_len + 37
+    k_cache = torch.randn(cache_rows, kv_heads, dim, generator=gen).bfloat16()
+    v_cache = torch.randn(cache_rows, kv_heads, dim, generator=gen).bfloat16()
+    slots = torch.randperm(cache_rows, generator=gen)[:keys_len]
+    q = (2 * torch.randn(q_len, heads, dim, generator=gen)).bfloat16()
+    out = cpu.causal_attention(q, k_cache, v_cache, slots, dim ** -0.5)
+    assert out is not None and out.dtype == torch.float32 and out.shape == q.shape
+    keys, values = k_cache[slots].transpose(0, 1).double(), v_cache[slots].transpose(0, 1).double()
+    mask = torch.ones(q_len, keys_len, dtype=torch.bool).tril(keys_len - q_len)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1).double(), keys, values, attn_mask=mask,
+                                              enable_gqa=True).transpose(0, 1)
+    error = (out.double() - expected).abs()
+    torch_bf16 = F.scaled_dot_product_attention(q.transpose(0, 1), keys.bfloat16(), values.bfloat16(), attn_mask=mask,
+                                                enable_gqa=True).transpose(0, 1).double()
+    assert error.max() < 4e-3 and error.max() <= (torch_bf16 - expected).abs().max()
+    assert error.mean() < 3e-4
+
+
+@needs_kernel
+def test_fused_attention_declines_what_it_does_not_take(monkeypatch):
+    q, cache, slots = torch.zeros(4, 2, 64).bfloat16(), torch.zeros(8, 1, 64).bfloat16(), torch.arange(6)
+    assert cpu.causal_attention(q.float(), cache.float(), cache.float(), slots, 0.125) is None  # not bf16
+    assert cpu.causal_attention(q[..., :48], cache[..., :48], cache[..., :48], slots, 0.1) is None  # 48 dims
+    monkeypatch.setenv("GLM45_CPU_ISA", "avx2")
+    cpu.library.cache_clear()
+    try:
+        assert cpu.causal_attention(q, cache, cache, slots, 0.125) is None  # no bf16 dot products
+    finally:
+        cpu.library.cache_clear()

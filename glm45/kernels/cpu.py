@@ -131,6 +131,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_grouped_linear.argtypes = [w, p, i64, i64, p, p, i64, i32, i32]
     lib.glm45_dequantize.argtypes = [w, i64, i64, i64, p, i32]
     lib.glm45_run_program.argtypes = [p, i64, i32, i32]
+    lib.glm45_causal_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.glm45_isa.restype = ctypes.c_char_p
     logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
     return lib
@@ -252,3 +253,25 @@ def dequantize_rows(weight, expert: int, start: int, stop: int) -> torch.Tensor:
     out = torch.empty(stop - start, weight.in_features, dtype=torch.float32)
     lib.glm45_dequantize(ctypes.byref(describe(weight)), expert, start, stop, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def causal_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     scale: float) -> torch.Tensor | None:
+    """Causal attention of one sequence's chunk of queries (csrc/attention.c, on CPUs with AVX512-BF16): q [Tq, H, D]
+    bf16 at positions Tk − Tq … Tk − 1, its keys and values at `slots` [Tk] of the paged caches [slots, KV, D]
+    (bf16); the result [Tq, H, D] in fp32. None when the kernel does not take the call (another CPU, dtype or
+    shape): the caller uses torch's attention. Measured on the Air-shaped benchmark model's 2,048-token prompt
+    (8 heads, 2 KV heads, 128 dimensions, 2 threads): 15 ms a layer, against 53 ms for torch's
+    `scaled_dot_product_attention` (its CPU flash kernel) on the same bf16 tensors."""
+    lib = library() if q.device.type == "cpu" else None
+    if (lib is None or not native_bf16_gemm() or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16
+            or v_cache.dtype != torch.bfloat16 or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return None
+    q = q.contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    (tq, heads, dim), kv_heads = q.shape, k_cache.shape[-2]
+    out = torch.empty(tq, heads, dim, dtype=torch.float32)
+    status = lib.glm45_causal_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+                                        out.data_ptr(), tq, slots.numel(), heads, kv_heads, dim, scale,
+                                        torch.get_num_threads())
+    return None if status else out

@@ -10,8 +10,9 @@
  * Both products use vdpbf16ps, which multiplies adjacent pairs of bf16 values: the keys are packed so that one
  * vector holds a pair of dimensions of 16 keys ([D/2][keys][2]), the values so that one holds 16 dimensions of
  * a pair of keys ([keys/2][D][2]); a query's pair of dimensions, or a probability pair of two keys, is
- * broadcast against them. Measured on the 2-core machine (Air-shaped layer: 8 heads, 2 KV heads, 128
- * dimensions, 2,048 tokens): see glm45/kernels/cpu.py.
+ * broadcast against them. On the 2-core machine an Air-shaped layer (8 heads, 2 KV heads, 128 dimensions,
+ * 2,048 tokens) took 21 ms against 55 ms for torch's CPU flash attention: about 420 GFLOP/s of useful work,
+ * near what one vdpbf16ps a cycle per core allows.
  */
 #include <omp.h>
 #include <stdlib.h>

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from glm45.kernels import cpu
-from glm45.quant.packed import dequantize, quantize
+from glm45.quant.packed import PackedWeight, _expand_codes, dequantize, quantize
 
 ISAS = [isa for isa in ("avx2", "avx512")
         if (isa == "avx2" and {"avx2", "fma", "f16c"} <= cpu.cpu_features())
@@ -24,6 +24,15 @@ def isa(request, monkeypatch):
     cpu.library.cache_clear()
     yield request.param
     cpu.library.cache_clear()
+
+
+def pack(w, fmt):
+    """`quantize`, plus "int4/block": int4 in the per-block fp16 layout of checkpoints glm45 wrote before."""
+    if fmt != "int4/block":
+        return quantize(w, fmt)
+    packed = quantize(w, "int4")
+    scale, minimum = _expand_codes(packed.scale.float(), packed.minimum.float(), packed.sub_scale, packed.sub_min)
+    return PackedWeight("int4", packed.data, scale.half(), minimum.half())
 
 
 def reference(x, w, bias=None):
@@ -79,13 +88,14 @@ def test_grouped_bf16_rows_of_a_bf16_model_match_the_reference(isa, pairs):
     assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4/block", "fp8"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
-def test_packed_kernels_match_the_dequantized_reference(isa, fmt, rows):
+@pytest.mark.parametrize("k", [256, 352])  # int4: whole super-blocks of 8 blocks, and a last one of 3
+def test_packed_kernels_match_the_dequantized_reference(isa, fmt, rows, k):
     torch.manual_seed(7)
-    w = torch.randn(130, 256) * 0.05
-    packed = quantize(w, fmt)
-    x = torch.randn(rows, 256)
+    w = torch.randn(130, k) * 0.05
+    packed = pack(w, fmt)
+    x = torch.randn(rows, k)
     bias = torch.randn(130)
     expected = reference(x, dequantize(packed), bias)
     got = cpu.linear(x, packed, bias)
@@ -94,24 +104,24 @@ def test_packed_kernels_match_the_dequantized_reference(isa, fmt, rows):
     assert (got - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int4/block", "fp8"])
 def test_grouped_kernel_matches_per_expert_products(isa, fmt):
     torch.manual_seed(1)
-    stack = torch.randn(5, 40, 64) * 0.1
-    x = torch.randn(6, 64)
+    stack = torch.randn(5, 40, 320) * 0.1
+    x = torch.randn(6, 320)
     experts = torch.tensor([0, 0, 3, 4, 1, 3])
-    weight = stack.bfloat16() if fmt == "bf16" else quantize(stack, fmt)
+    weight = stack.bfloat16() if fmt == "bf16" else pack(stack, fmt)
     dense = stack.bfloat16().float() if fmt == "bf16" else dequantize(weight)
     got = cpu.grouped_linear(x.bfloat16() if fmt == "bf16" else x, weight, experts).float()
     expected = torch.stack([reference(x[r:r + 1], dense[e])[0] for r, e in enumerate(experts.tolist())])
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4/block", "fp8"])
 def test_dequantize_kernel_equals_the_reference(isa, fmt):
     torch.manual_seed(2)
-    w = torch.randn(50, 96)
-    packed = quantize(w, fmt)
+    w = torch.randn(50, 352)
+    packed = pack(w, fmt)
     torch.testing.assert_close(cpu.dequantize_rows(packed, 0, 3, 20), dequantize(packed)[3:20])
 
 

@@ -4,6 +4,7 @@ input before anything large is allocated."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,47 @@ def test_glm45_quantize_round_trip(folder, tmp_path, fmt):
             Glm4MoeForCausalLM.from_pretrained(out, progress=False, quantization="int4" if fmt == "int8" else "int8")
     dense = Glm4MoeForCausalLM.from_pretrained(out, dtype="float32", progress=False, quantization="none")
     torch.testing.assert_close(dense.lm_head.weight, saved.lm_head.packed.dequantize())
+
+
+def test_int4_codes_its_scales_in_super_blocks_and_reads_per_block_checkpoints(folder, tmp_path):
+    """int4 stores 4.625 bits a weight (8-bit codes of each block's scale and minimum under an fp16 pair per 8
+    blocks); checkpoints of the per-block fp16 layout (20 bytes per 32 weights) still load, to the same model."""
+    from safetensors.torch import load_file, save_file
+
+    from glm45.model.checkpoint import CheckpointError
+    from glm45.quant.packed import _expand_codes
+
+    w = torch.randn(64, 512) * 0.05
+    packed = quantize(w, "int4")
+    assert packed.nbytes * 8 / w.numel() == 4.625
+    assert packed.scale.shape == (64, 2) and packed.sub_scale.shape == packed.sub_min.shape == (64, 16)
+    out = tmp_path / "int4"
+    assert cli_main(["--log-level", "WARNING", "quantize", str(folder), "--to", "int4", "--out", str(out)]) == 0
+    tensors = load_file(out / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("_sub_scale")]:
+        base = name.removesuffix("_sub_scale")
+        scale, minimum = _expand_codes(tensors[base + "_scale"].float(), tensors[base + "_min"].float(),
+                                       tensors.pop(name), tensors.pop(base + "_sub_min"))
+        tensors[base + "_scale"], tensors[base + "_min"] = scale.half(), minimum.half()
+    old = tmp_path / "per-block"
+    shutil.copytree(out, old)
+    save_file(tensors, old / "model.safetensors", metadata={"format": "pt"})
+    coded = Glm4MoeForCausalLM.from_pretrained(out, dtype="float32", progress=False)
+    per_block = Glm4MoeForCausalLM.from_pretrained(old, dtype="float32", progress=False)
+    assert per_block.lm_head.packed.sub_scale is None and coded.lm_head.packed.sub_scale is not None
+    assert per_block.model.layers[3].mlp.experts.weights()[0].sub_scale is None
+    # the same weights but for the fp16 rounding of each d·sc and m·mn
+    for a, b in ((per_block.lm_head.packed, coded.lm_head.packed),
+                 (per_block.model.layers[3].mlp.experts.weights()[1], coded.model.layers[3].mlp.experts.weights()[1])):
+        torch.testing.assert_close(a.dequantize(), b.dequantize(), atol=5e-4, rtol=2e-3)
+    with torch.no_grad():
+        assert ((per_block(IDS) - coded(IDS)).abs().mean() / coded(IDS).abs().mean()) < 0.02
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    broken = load_file(out / "model.safetensors")
+    del broken[name + "_sub_min"]
+    save_file(broken, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{name} is int4 in super-blocks but lacks"):
+        Glm4MoeForCausalLM.from_pretrained(out, dtype="float32", progress=False)
 
 
 def test_resident_memory_relative_to_bf16():

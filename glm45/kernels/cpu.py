@@ -58,7 +58,8 @@ class Weight(ctypes.Structure):
 
     _fields_ = [("fmt", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
                 ("num_experts", ctypes.c_int64), ("fp8_block", ctypes.c_int64), ("data", ctypes.c_void_p),
-                ("scale", ctypes.c_void_p), ("minimum", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("scale", ctypes.c_void_p), ("minimum", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("sub_scale", ctypes.c_void_p), ("sub_min", ctypes.c_void_p)]
 
 
 def cpu_features() -> set[str]:
@@ -165,7 +166,8 @@ def describe(weight, bias: torch.Tensor | None = None) -> Weight | None:
     if isinstance(weight, PackedWeight):
         experts, n, k = weight.num_experts, weight.out_features, weight.in_features
         return Weight(FORMATS[weight.format], n, k, experts, weight.block if weight.format == "fp8" else 0,
-                      _ptr(weight.data), _ptr(weight.scale), _ptr(weight.minimum), _ptr(bias))
+                      _ptr(weight.data), _ptr(weight.scale), _ptr(weight.minimum), _ptr(bias),
+                      _ptr(weight.sub_scale), _ptr(weight.sub_min))
     if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_contiguous() or weight.dim() not in (2, 3):
         return None
     n, k = weight.shape[-2:]

@@ -261,7 +261,8 @@ def some_names(names: list[str], limit: int = 12) -> str:
 # ---------------------------------------------------------------------- packed (quantized) weights
 def stored_packed(checkpoint: Checkpoint, name: str, stored: str) -> tuple[PackedWeight, list[str]] | None:
     """The tensor `name` as the checkpoint stores it, when it is packed (with its scale): FP8 per channel
-    (`weight_scale`) or per block (`weight_scale_inv`), or glm45's int8/int4 (`_scale`, int4 also `_min`)."""
+    (`weight_scale`) or per block (`weight_scale_inv`), or glm45's int8/int4 (`_scale`, int4 also `_min` and, in
+    super-blocks, `_sub_scale` and `_sub_min`)."""
     for suffix in ("_scale", "_scale_inv"):
         if name + suffix not in checkpoint:
             continue
@@ -274,13 +275,19 @@ def stored_packed(checkpoint: Checkpoint, name: str, stored: str) -> tuple[Packe
                 scale.float().reshape(()).expand(data.shape[:-1]).contiguous()
             return PackedWeight("fp8", data, per_row.contiguous()), names
         if stored in ("int8", "int4"):
-            minimum = None
+            extra = {}
             if stored == "int4":
                 if name + "_min" not in checkpoint:
                     raise CheckpointError(f"{name} is int4 but has no {name}_min")
-                minimum = checkpoint.raw(name + "_min")
-                names.append(name + "_min")
-            return PackedWeight(stored, data, scale, minimum), names
+                codes = [name + "_sub_scale" in checkpoint, name + "_sub_min" in checkpoint]
+                if any(codes) and not all(codes):
+                    raise CheckpointError(f"{name} is int4 in super-blocks but lacks one of {name}_sub_scale, "
+                                          f"{name}_sub_min")
+                fields = {"minimum": "_min", **({"sub_scale": "_sub_scale", "sub_min": "_sub_min"} if all(codes)
+                                                 else {})}
+                extra = {field: checkpoint.raw(name + suffix) for field, suffix in fields.items()}
+                names += [name + suffix for suffix in fields.values()]
+            return PackedWeight(stored, data, scale, **extra), names
     return None
 
 

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")  # kept in the checkpoint's dtype (quant/scheme.py)
 MTP_COPIES = {"mtp.embed_tokens.weight": "model.embed_tokens.weight", "mtp.shared_head.head.weight": "lm_head.weight"}
-STORED_SUFFIXES = ("", "_scale", "_scale_inv", "_min")  # a weight and what a packed one is stored with
+STORED_SUFFIXES = ("", "_scale", "_scale_inv", "_min", "_sub_scale", "_sub_min")  # a weight and a packed one's others
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:

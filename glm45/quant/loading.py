@@ -19,17 +19,12 @@ from glm45.quant.packed import PackedWeight, quantize
 
 
 def pack(tensor: torch.Tensor, fmt: str, device: torch.device) -> PackedWeight:
-    packed = quantize(tensor, fmt)
-    return PackedWeight(packed.format, packed.data.to(device), packed.scale.to(device),
-                        None if packed.minimum is None else packed.minimum.to(device), packed.block)
+    return quantize(tensor, fmt).map(lambda t: t.to(device))
 
 
 def to_device(packed: PackedWeight, device: torch.device) -> PackedWeight:
     """A copy on `device` that owns its memory (never a view pinning a memory-mapped file)."""
-    def own(t):
-        return None if t is None else t.to(device, copy=True).contiguous()
-
-    return PackedWeight(packed.format, own(packed.data), own(packed.scale), own(packed.minimum), packed.block)
+    return packed.map(lambda t: t.to(device, copy=True).contiguous())
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

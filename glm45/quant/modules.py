@@ -1,9 +1,10 @@
 """Model modules whose weights stay quantized: linear layers and the experts' stacks.
 
 A quantized weight is held as buffers named after the weight it replaces — `X.weight` (the codes),
-`X.weight_scale`, and for int4 `X.weight_min` — so a quantized model's state dict is what `glm45 quantize`
-saves and what loading reads back. Expert stacks keep their names too (`gate_up_proj`, `gate_up_proj_scale`,
-…), and `Experts` asks `expert_weight(module, name)` for either a plain tensor or a `PackedWeight`.
+`X.weight_scale`, and for int4 `X.weight_min`, `X.weight_sub_scale` and `X.weight_sub_min` — so a quantized
+model's state dict is what `glm45 quantize` saves and what loading reads back. Expert stacks keep their names too
+(`gate_up_proj`, `gate_up_proj_scale`, …), and `Experts` asks `expert_weight(module, name)` for either a plain
+tensor or a `PackedWeight`.
 
 Forward passes go through `glm45.kernels.cpu` on CPU (integer or widening kernels for decode-sized inputs,
 dequantized blocks and fp32 GEMM for more rows), and through dequantization to the compute dtype elsewhere
@@ -18,17 +19,17 @@ from torch import nn
 from glm45.kernels import cpu
 from glm45.quant.packed import PackedWeight
 
-SUFFIXES = ("", "_scale", "_min")
+# The buffer of each PackedWeight tensor: `name` + suffix.
+SUFFIXES = {"data": "", "scale": "_scale", "minimum": "_min", "sub_scale": "_sub_scale", "sub_min": "_sub_min"}
 
 
 def register_packed(module: nn.Module, name: str, packed: PackedWeight) -> None:
-    """Hold `packed` on `module` as buffers `name`, `name_scale` (and `name_min`), replacing a parameter."""
+    """Hold `packed` on `module` as buffers `name`, `name_scale` (and int4's others, see SUFFIXES), replacing a
+    parameter."""
     if name in module._parameters:
         del module._parameters[name]
-    module.register_buffer(name, packed.data)
-    module.register_buffer(name + "_scale", packed.scale)
-    if packed.minimum is not None:
-        module.register_buffer(name + "_min", packed.minimum)
+    for field, tensor in packed.tensors().items():
+        module.register_buffer(name + SUFFIXES[field], tensor)
     formats = dict(getattr(module, "_packed_formats", {}))
     formats[name] = (packed.format, packed.block)
     module._packed_formats = formats
@@ -40,8 +41,8 @@ def expert_weight(module: nn.Module, name: str) -> torch.Tensor | PackedWeight:
     if not formats or name not in formats:
         return getattr(module, name)
     fmt, block = formats[name]
-    return PackedWeight(fmt, getattr(module, name), getattr(module, name + "_scale"),
-                        getattr(module, name + "_min", None), block)
+    tensors = {field: getattr(module, name + suffix, None) for field, suffix in SUFFIXES.items()}
+    return PackedWeight(fmt, block=block, **tensors)
 
 
 class QuantLinear(nn.Module):

@@ -21,6 +21,7 @@ import json
 import re
 
 from glm45.config import QUANTIZATIONS, ModelConfig
+from glm45.quant.packed import SUPER_BLOCKS
 
 QUANTIZED_WEIGHT = re.compile(
     r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|eh_proj|lm_head|head)\.weight$"
@@ -82,6 +83,8 @@ def quantization_config(fmt: str) -> dict:
     config = {"quant_method": fmt, "format": "glm45"}
     if fmt != "fp8":
         config["group_size"] = GLM45_GROUP_SIZE
+    if fmt == "int4":
+        config["super_block_groups"] = SUPER_BLOCKS  # 8-bit codes of each group's scale and minimum
     return config
 
 

@@ -26,10 +26,28 @@ typedef struct {
     int64_t num_experts;    /* 1 for a plain matrix */
     int64_t fp8_block;      /* fp8: 0 = one scale per output row, else square blocks of this size */
     const void *data;       /* f32 / bf16 (uint16) / int8 / packed int4 (uint8, [N, K/2]) / e4m3 (uint8) */
-    const void *scale;      /* q8, q4: fp16 [N, K/32]; fp8: float [N] or [ceil(N/b), ceil(K/b)] */
-    const void *minimum;    /* q4: fp16 [N, K/32] (w = scale * q + minimum, q in 0..15) */
+    const void *scale;      /* q8: fp16 [N, K/32]; q4: fp16 [N, ceil(K/256)] (or [N, K/32] without codes);
+                               fp8: float [N] or [ceil(N/b), ceil(K/b)] */
+    const void *minimum;    /* q4: fp16, shaped as its scale (w = d * q + m, q in 0..15) */
     const float *bias;      /* optional [N] (plain matrices only) */
+    const uint8_t *sub_scale; /* q4 in super-blocks of 8 blocks: [N, K/32], d = scale[b / 8] * sub_scale[b] */
+    const int8_t *sub_min;    /* q4 in super-blocks: [N, K/32], m = minimum[b / 8] * sub_min[b] */
 } Weight;
+
+#define Q4_SUPER 8 /* int4 blocks per super-block (one fp16 scale and minimum for their 8-bit codes) */
+
+/* The scale and minimum of int4 block b of flat row r (experts × N rows). */
+static inline void q4_block(const Weight *w, int64_t r, int64_t b, float *d, float *m) {
+    const int64_t nb = w->K / QBLOCK;
+    if (w->sub_scale) {
+        const int64_t groups = (nb + Q4_SUPER - 1) / Q4_SUPER, g = r * groups + b / Q4_SUPER;
+        *d = _cvtsh_ss(((const uint16_t *)w->scale)[g]) * w->sub_scale[r * nb + b];
+        *m = _cvtsh_ss(((const uint16_t *)w->minimum)[g]) * w->sub_min[r * nb + b];
+    } else {
+        *d = _cvtsh_ss(((const uint16_t *)w->scale)[r * nb + b]);
+        *m = _cvtsh_ss(((const uint16_t *)w->minimum)[r * nb + b]);
+    }
+}
 
 /* Activation rows quantized for the integer-dot formats: per block of 32, xq = round(x / d) with
  * d = max|x| / 127, and s = d * sum(xq) (the minimum term of int4). */

@@ -7,8 +7,9 @@
  *   fp8 (e4m3)  widened through fp16 (see fp8_to_f32), fp32 FMA, one scale per row or per 128×128 block;
  *   int8 (q8)   blocks of 32 with an fp16 scale; the activation row is quantized to int8 per block of 32 and
  *               the dot products are integer (maddubs, or VNNI's dpbusd): llama.cpp's route for Q8_0;
- *   int4 (q4)   blocks of 32 with an fp16 scale and minimum (w = d·q + m, q in 0..15), packed two per byte
- *               (byte j: element j in the low nibble, element j + 16 in the high one); integer dots as int8,
+ *   int4 (q4)   blocks of 32 with a scale and minimum (w = d·q + m, q in 0..15), packed two per byte
+ *               (byte j: element j in the low nibble, element j + 16 in the high one); d and m are 8-bit codes
+ *               times their super-block's fp16 pair (or fp16 per block, see q4_block); integer dots as int8,
  *               plus m · Σx from the quantized activation's block sums.
  * f32/bf16/fp8 use the widest vectors the build has (AVX-512 or AVX2); int8/int4 work on 256-bit blocks of 32.
  */
@@ -202,18 +203,16 @@ static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
                     float *y, int64_t ldy, int round) {
     const int64_t K = w->K, nb = K / QBLOCK, xnb = a->K / QBLOCK;
     const uint8_t *base = (const uint8_t *)w->data + e * w->N * (K / 2);
-    const uint16_t *dbase = (const uint16_t *)w->scale + e * w->N * nb;
-    const uint16_t *mbase = (const uint16_t *)w->minimum + e * w->N * nb;
     const __m256i low = _mm256_set1_epi8(0x0f);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = base + n * (K / 2);
-        const uint16_t *d = dbase + n * nb, *mn = mbase + n * nb;
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         float mins[4] = {0, 0, 0, 0};
         for (int64_t b = 0; b < nb; b++) {
             __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
             __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-            float dw = fp16_to_f32(d[b]), mw = fp16_to_f32(mn[b]);
+            float dw, mw;
+            q4_block(w, e * w->N + n, b, &dw, &mw);
             for (int m = 0; m < mc; m++) {
                 const int64_t r = m0 + m;
                 __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + r * a->K + b * QBLOCK));
@@ -500,9 +499,9 @@ void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out) {
     }
     case FMT_Q4: {
         const uint8_t *row = (const uint8_t *)w->data + r * (K / 2);
-        const uint16_t *d = (const uint16_t *)w->scale + r * nb, *mn = (const uint16_t *)w->minimum + r * nb;
         for (int64_t b = 0; b < nb; b++) {
-            float db = fp16_to_f32(d[b]), mb = fp16_to_f32(mn[b]);
+            float db, mb;
+            q4_block(w, r, b, &db, &mb);
             for (int j = 0; j < QBLOCK / 2; j++) {
                 uint8_t byte = row[b * (QBLOCK / 2) + j];
                 out[b * QBLOCK + j] = db * (byte & 0x0f) + mb;

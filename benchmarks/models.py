@@ -88,9 +88,9 @@ def flops_per_token(config: ModelConfig, context: int = 0, with_head: bool = Tru
 
 # Bytes per weight of each benchmark precision, scales included, for the bandwidth floor: fp8 is e4m3 with one
 # scale per output row (negligible); int8 is blocks of 32 with a 16-bit scale (Q8_0: 34 bytes per 32 weights);
-# int4 is glm45's layout: blocks of 32 with a 16-bit scale and a 16-bit minimum, 5 bits a weight (llama.cpp's rows
-# are counted from their GGUF's own tensor types).
-BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 34 / 32, "int4": 20 / 32}
+# int4 is glm45's layout: blocks of 32 with 8-bit codes of a scale and a minimum under an fp16 pair per 8 blocks,
+# 4.625 bits a weight (llama.cpp's rows are counted from their GGUF's own tensor types).
+BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 34 / 32, "int4": 148 / 256}
 
 
 def decode_bytes_per_token(config: ModelConfig, bytes_per_weight: float, context: int = 0) -> float:

@@ -48,7 +48,15 @@ def test_format_table_bytes():
     assert WEIGHT_FORMATS["fp8_block"].nbytes(rows, cols) == n + 4 * (2 * 8)         # 128×128 blocks
     assert WEIGHT_FORMATS["fp8_block"].nbytes(130, 130) == 130 * 130 + 4 * (2 * 2)   # partial blocks count
     assert WEIGHT_FORMATS["int8"].nbytes(rows, cols) == n // 32 * 34                 # Q8_0: 34 bytes / 32
-    assert WEIGHT_FORMATS["int4"].nbytes(rows, cols) == n // 32 * 20                 # Q4_1: 20 bytes / 32
+    assert WEIGHT_FORMATS["int4"].nbytes(rows, cols) == n // 256 * 148               # like Q4_K: 148 bytes / 256
+    assert WEIGHT_FORMATS["int4"].nbytes(2, 352) == 2 * (176 + 11 * 2 + 2 * 4)       # 11 blocks: super-blocks 8 + 3
+
+
+def test_the_int4_table_entry_is_what_packing_holds():
+    from glm45.quant.packed import quantize
+
+    for cols in (256, 352, 1024):
+        assert WEIGHT_FORMATS["int4"].nbytes(48, cols) == quantize(torch.randn(48, cols), "int4").nbytes
 
 
 def test_block_formats_name_the_tensor_whose_input_they_do_not_divide():

@@ -14,7 +14,8 @@ TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 @dataclass(frozen=True)
 class WeightFormat:
     """How a linear layer's weight [out, in] is stored: `bits` per weight, plus one scale (and one minimum)
-    of `scale_bytes` per block of `block_rows` × `block_cols` weights; 0 means the whole dimension."""
+    of `scale_bytes` per block of `block_rows` × `block_cols` weights; 0 means the whole dimension; and
+    `super_bytes` per super-block of `super_blocks` blocks along a row (int4's fp16 pair over its 8-bit codes)."""
 
     name: str
     bits: int
@@ -22,6 +23,8 @@ class WeightFormat:
     block_cols: int = 0
     scale_bytes: int = 0
     min_bytes: int = 0
+    super_blocks: int = 0
+    super_bytes: int = 0
     strict_blocks: bool = False  # the input dimension must be a whole number of blocks (int8/int4 kernels)
     note: str = ""
 
@@ -33,8 +36,10 @@ class WeightFormat:
         data = math.ceil(rows * cols * self.bits / 8)
         if not self.scale_bytes:
             return data
-        blocks = math.ceil(rows / (self.block_rows or rows)) * math.ceil(cols / (self.block_cols or cols))
-        return data + blocks * (self.scale_bytes + self.min_bytes)
+        row_blocks = math.ceil(rows / (self.block_rows or rows))
+        col_blocks = math.ceil(cols / (self.block_cols or cols))
+        supers = row_blocks * math.ceil(col_blocks / self.super_blocks) if self.super_blocks else 0
+        return data + row_blocks * col_blocks * (self.scale_bytes + self.min_bytes) + supers * self.super_bytes
 
     def block_problem(self, cols: int) -> str | None:
         if self.strict_blocks and cols % self.block_cols:
@@ -53,9 +58,11 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
     # like llama.cpp's Q8_0: 32 int8 weights + one fp16 scale = 34 bytes per 32 weights
     WeightFormat("int8", 8, block_rows=1, block_cols=32, scale_bytes=2, strict_blocks=True,
                  note="int8 in blocks of 32 along the input, one fp16 scale each (34 bytes / 32, like Q8_0)"),
-    # like Q4_1: 32 4-bit weights + an fp16 scale + an fp16 minimum = 20 bytes per 32 weights
-    WeightFormat("int4", 4, block_rows=1, block_cols=32, scale_bytes=2, min_bytes=2, strict_blocks=True,
-                 note="4-bit in blocks of 32 along the input, fp16 scale and minimum (20 bytes / 32, like Q4_1)"),
+    # like llama.cpp's K-quants: 32 4-bit weights + 8-bit codes of a scale and a minimum, under an fp16 pair per
+    # 8 blocks = 148 bytes per 256 weights
+    WeightFormat("int4", 4, block_rows=1, block_cols=32, scale_bytes=1, min_bytes=1, super_blocks=8, super_bytes=4,
+                 strict_blocks=True, note="4-bit in blocks of 32 along the input, 8-bit scale and minimum codes "
+                 "under an fp16 pair per 8 blocks (148 bytes / 256)"),
 )}
 QUANTIZATIONS = ("auto", "bf16", "fp8", "int8", "int4")
 KV_CACHE_DTYPES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}  # and "auto": the model's dtype

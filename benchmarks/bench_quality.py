@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GLM45_FORMATS = ("int8", "int4", "fp8")
 LLAMA_TYPES = ("Q8_0", "Q4_K_M")
+_LLAMA_LOG = None
 
 
 def glm45_rows(model, record) -> np.ndarray:
@@ -81,9 +82,17 @@ class Tally:
 
 def llama_cpp_models(model_dir: Path, workdir: Path, threads: int, context: int):
     """LlamaCpp instances of an F32 GGUF of `model_dir` (glm45 export) and its Q8_0 / Q4_K_M quantizations."""
+    import ctypes
+
+    import llama_cpp
+
     from benchmarks.gguf_export import quantize_gguf
     from benchmarks.peer_workers import LlamaCpp
     from glm45.export.gguf import export_gguf
+
+    global _LLAMA_LOG  # the callback must outlive every call llama.cpp makes to it
+    _LLAMA_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_LLAMA_LOG, ctypes.c_void_p(0))  # its loader prints every tensor and token type
 
     f32 = workdir / "model-F32.gguf"
     if not f32.is_file():

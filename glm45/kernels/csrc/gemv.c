@@ -199,29 +199,76 @@ static void rows_q8(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
     }
 }
 
+/* The scales and minimums of int4 blocks [s0, s1) of flat row r (s0 a multiple of 8), 8 blocks a vector: from their
+ * super-blocks' fp16 pairs and 8-bit codes, or from per-block fp16 values (checkpoints of the older layout). */
+static inline void q4_decode_span(const Weight *w, int64_t r, int64_t s0, int64_t s1, float *ds, float *ms) {
+    const int64_t nb = w->K / QBLOCK, groups = (nb + Q4_SUPER - 1) / Q4_SUPER;
+    int64_t b = s0;
+    if (w->sub_scale) {
+        const uint16_t *D = (const uint16_t *)w->scale + r * groups, *M = (const uint16_t *)w->minimum + r * groups;
+        const uint8_t *sc = w->sub_scale + r * nb;
+        const int8_t *mn = w->sub_min + r * nb;
+        for (; b + Q4_SUPER <= s1; b += Q4_SUPER) {
+            const __m256 d = _mm256_set1_ps(fp16_to_f32(D[b / Q4_SUPER]));
+            const __m256 m = _mm256_set1_ps(fp16_to_f32(M[b / Q4_SUPER]));
+            const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + b)));
+            const __m256i o = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mn + b)));
+            _mm256_storeu_ps(ds + b - s0, _mm256_mul_ps(d, _mm256_cvtepi32_ps(c)));
+            _mm256_storeu_ps(ms + b - s0, _mm256_mul_ps(m, _mm256_cvtepi32_ps(o)));
+        }
+    } else {
+        const uint16_t *d = (const uint16_t *)w->scale + r * nb, *m = (const uint16_t *)w->minimum + r * nb;
+        for (; b + 8 <= s1; b += 8) {
+            _mm256_storeu_ps(ds + b - s0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b))));
+            _mm256_storeu_ps(ms + b - s0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))));
+        }
+    }
+    for (; b < s1; b++) q4_block(w, r, b, ds + b - s0, ms + b - s0);
+}
+
+/* Rows [n0, n1) of an int4 matrix against mc ≤ 4 activation rows, Q4_SPAN blocks at a time: the span's weight
+ * scales are decoded, multiplied by each activation row's block scales and the minimum term m · Σx summed, all 8
+ * blocks a vector, so a block then costs its integer dot product and one broadcast per activation row. (With the
+ * scales decoded one block at a time inside the loop, the super-block layout ran 1.25–1.8× slower than an fp16 pair
+ * per block; this way both run at the speed the per-block layout had, 1.6 ms for a 75,776 × 1,024 matrix.) */
+#define Q4_SPAN 256
 static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                     float *y, int64_t ldy, int round) {
     const int64_t K = w->K, nb = K / QBLOCK, xnb = a->K / QBLOCK;
     const uint8_t *base = (const uint8_t *)w->data + e * w->N * (K / 2);
     const __m256i low = _mm256_set1_epi8(0x0f);
+    float ds[Q4_SPAN], ms[Q4_SPAN], sx[4][Q4_SPAN];
     for (int64_t n = n0; n < n1; n++) {
+        const int64_t r = e * w->N + n;
         const uint8_t *row = base + n * (K / 2);
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 acc[4], minacc[4];
         float mins[4] = {0, 0, 0, 0};
-        for (int64_t b = 0; b < nb; b++) {
-            __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
-            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-            float dw, mw;
-            q4_block(w, e * w->N + n, b, &dw, &mw);
+        for (int m = 0; m < 4; m++) acc[m] = minacc[m] = _mm256_setzero_ps();
+        for (int64_t s0 = 0; s0 < nb; s0 += Q4_SPAN) {
+            const int64_t s1 = s0 + Q4_SPAN < nb ? s0 + Q4_SPAN : nb, whole = s0 + (s1 - s0) / 8 * 8;
+            q4_decode_span(w, r, s0, s1, ds, ms);
             for (int m = 0; m < mc; m++) {
-                const int64_t r = m0 + m;
-                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + r * a->K + b * QBLOCK));
-                __m256i p = dot_u8s8(_mm256_setzero_si256(), q, xq);
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->xd[r * xnb + b]), acc[m]);
-                mins[m] += mw * a->xs[r * xnb + b];
+                const float *xd = a->xd + (m0 + m) * xnb, *xs = a->xs + (m0 + m) * xnb;
+                int64_t b = s0;
+                for (; b < whole; b += 8) {
+                    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(ds + b - s0), _mm256_loadu_ps(xd + b));
+                    _mm256_storeu_ps(sx[m] + b - s0, scaled);
+                    minacc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(ms + b - s0), _mm256_loadu_ps(xs + b), minacc[m]);
+                }
+                for (; b < s1; b++) sx[m][b - s0] = ds[b - s0] * xd[b], mins[m] += ms[b - s0] * xs[b];
+            }
+            for (int64_t b = s0; b < s1; b++) {
+                __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
+                __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+                for (int m = 0; m < mc; m++) {
+                    __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + (m0 + m) * a->K + b * QBLOCK));
+                    __m256i p = dot_u8s8(_mm256_setzero_si256(), q, xq);
+                    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sx[m] + b - s0), acc[m]);
+                }
             }
         }
-        for (int m = 0; m < mc; m++) y[(m0 + m) * ldy + n] = finish(hsum256(acc[m]) + mins[m], w, n, round);
+        for (int m = 0; m < mc; m++)
+            y[(m0 + m) * ldy + n] = finish(hsum256(acc[m]) + hsum256(minacc[m]) + mins[m], w, n, round);
     }
 }
 

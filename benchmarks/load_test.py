@@ -8,12 +8,13 @@ starts itself on 127.0.0.1 (the bundled model by default) and stops at the end.
 It prints, per kind of request, the count, p50/p99 latency and the outcomes; errors by kind (any 5xx, a stream
 without `[DONE]` or with an error event, a status other than the expected, a timeout: a lost or stuck
 request); `/health` latency (p50/p99, overall and while a 10 MB prompt is in flight) measured from a separate
-process; the server's resident memory after warm-up and at the end, and its growth; and whether the engine was
+process; the server's resident memory after warm-up and at the end, and its growth apart from the host KV cache's
+pages (which become resident as requests first write them, read from /metrics); and whether the engine was
 idle at the end (no running or waiting request, KV-cache usage 0). A second, short phase sends only 10 MB
 prompts, one after another, and measures `/health` while they are refused, without the mixed load competing
 for the CPU. It exits 1 if any target is missed: an error, a busy engine at the end, /health p99 ≥ 100 ms while
-10 MB prompts are refused (second phase), or memory growth ≥ 5%. The load generator shares the CPU with the
-server (and whatever else runs): read the timings as indicative.
+10 MB prompts are refused (second phase), or memory growth ≥ 5% besides the KV cache. The load generator shares
+the CPU with the server (and whatever else runs): read the timings as indicative.
 """
 
 from __future__ import annotations
@@ -196,6 +197,15 @@ def engine_state(url: str) -> dict[str, float]:
     return state
 
 
+def kv_cache_resident(url: str) -> int:
+    """The server's host KV-cache pages that are resident (/metrics; 0 where it has no such gauge, e.g. a GPU)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("glm45:kv_cache_resident_bytes{"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
 def wait_idle(url: str, timeout: float = 60) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
@@ -267,8 +277,14 @@ def report(load: Load, health: list, rss: dict, idle: dict, refusals: tuple[Load
           f"flight: {len(during)} probes, p50 {percentile(during, 0.5) * 1e3:.1f} ms, "
           f"p99 {percentile(during, 0.99) * 1e3:.1f} ms; not 200: {bad_health}")
     growth = (rss["end"] - rss["warm"]) / rss["warm"]
+    # The host KV cache's pages become resident as requests first write them (up to the whole cache), which is not
+    # a leak: the target is on the rest of the process.
+    rest_warm, rest_end = rss["warm"] - rss["warm_kv"], rss["end"] - rss["end_kv"]
+    rest_growth = (rest_end - rest_warm) / rest_warm
     print(f"server memory (RSS): {rss['start'] / 2**20:.0f} MiB at start, {rss['warm'] / 2**20:.0f} MiB after warm-up, "
-          f"{rss['max'] / 2**20:.0f} MiB at most, {rss['end'] / 2**20:.0f} MiB at the end: growth {growth:+.2%}")
+          f"{rss['max'] / 2**20:.0f} MiB at most, {rss['end'] / 2**20:.0f} MiB at the end: growth {growth:+.2%}; "
+          f"of it the KV cache's resident pages {rss['warm_kv'] / 2**20:.0f} → {rss['end_kv'] / 2**20:.0f} MiB, the "
+          f"rest {rest_warm / 2**20:.0f} → {rest_end / 2**20:.0f} MiB: growth {rest_growth:+.2%}")
     refused, refusal_health = refusals
     alone = health_during(refused, refusal_health)
     sizes = refused.latencies.get(f"{args.huge_prompt_mb}MB prompt", [])
@@ -282,7 +298,7 @@ def report(load: Load, health: list, rss: dict, idle: dict, refusals: tuple[Load
         "no errors (no 5xx, no lost or stuck request)": not load.errors and not refused.errors and bad_health == 0,
         "engine idle at the end": not any(idle.values()),
         "/health p99 < 100 ms while 10 MB prompts are refused": bool(alone) and percentile(alone, 0.99) < 0.1,
-        "memory growth < 5%": growth < 0.05,
+        "memory growth < 5% (besides the KV cache's pages)": rest_growth < 0.05,
     }
     for target, ok in met.items():
         print(f"  [{'x' if ok else ' '}] {target}")
@@ -320,7 +336,7 @@ def main() -> int:
         async def main_loop():
             load_task = asyncio.ensure_future(run_load(load, args, stop_at))
             await asyncio.sleep(warmup)
-            rss["warm"] = rss_bytes(server.pid)
+            rss["warm"], rss["warm_kv"] = rss_bytes(server.pid), kv_cache_resident(url)
             rss["max"] = rss["warm"]
             while not load_task.done():
                 rss["max"] = max(rss["max"], rss_bytes(server.pid))
@@ -332,7 +348,7 @@ def main() -> int:
         prober.join(10)
         refusals = refusal_phase(url, args)
         idle = wait_idle(url)
-        rss["end"] = rss_bytes(server.pid)
+        rss["end"], rss["end_kv"] = rss_bytes(server.pid), kv_cache_resident(url)
         ok = report(load, health, rss, idle, refusals, args)
     finally:
         server.send_signal(signal.SIGTERM)

@@ -1,19 +1,18 @@
 """The engine's host memory: step-sized blocks freed by one step are reused by the next, not mapped afresh (which
 cost every prefill its first-touch page faults), and the KV cache becomes resident as it is written."""
 
-import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_checkpoints import save_reference
 
 from glm45 import SamplingParams
 from glm45.config import EngineConfig
 from glm45.engine import LLMEngine
-from glm45.engine.host_memory import _glibc
+from glm45.engine.host_memory import _glibc, lazily_zeroed, resident_bytes
 
 # A "step": tensors of 1–24 MB, a few alive at a time, then all freed; the page faults of each of 8 steps.
 PROBE = """
@@ -46,18 +45,6 @@ def test_steps_after_the_first_two_reuse_the_heap_without_page_faults():
     assert max(faults[2:]) < 200, faults
 
 
-def resident_kib(address: int, nbytes: int) -> int:
-    """Resident KiB of this process's pages in [address, address + nbytes), from /proc/self/pagemap (bit 63 of
-    each page's entry: present). Per page, not per mapping: the kernel may merge the cache's anonymous mapping
-    with a neighbouring one."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    first, last = address // page, (address + nbytes - 1) // page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(first * 8)
-        entries = struct.unpack(f"<{last - first + 1}Q", f.read((last - first + 1) * 8))
-    return sum(1 for e in entries if e >> 63) * page // 1024
-
-
 @pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/pagemap (Linux)")
 def test_the_kv_cache_becomes_resident_as_requests_write_it(tmp_path):
     """A 256 MiB host KV cache costs nothing at startup; a request makes its own blocks resident, not the rest, and
@@ -67,12 +54,11 @@ def test_the_kv_cache_becomes_resident_as_requests_write_it(tmp_path):
                   kv_cache_memory_bytes=256 << 20)
     engine = LLMEngine(EngineConfig(**config))
     cache = engine.kv_cache
-    size = cache.untyped_storage().nbytes()
-    assert size >= 200 << 20
-    assert resident_kib(cache.data_ptr(), size) < 1024
+    assert cache.untyped_storage().nbytes() >= 200 << 20
+    assert resident_bytes(cache) < 1 << 20  # counted page by page: the mapping may merge with a neighbour
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     lazy = complete(engine, list(range(3, 200)), params)
-    assert 0 < resident_kib(cache.data_ptr(), size) < 16 << 10
+    assert 0 < resident_bytes(cache) < 16 << 20
     eager = LLMEngine(EngineConfig(**config))
     eager.kv_cache.fill_(0)
     assert complete(eager, list(range(3, 200)), params) == lazy
@@ -85,3 +71,11 @@ def complete(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> li
             if output.finished:
                 return output.outputs[0].token_ids
     raise AssertionError("the request did not finish")
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/pagemap (Linux)")
+def test_resident_bytes_counts_the_pages_written():
+    eager, lazy = torch.zeros(64 << 20, dtype=torch.uint8), lazily_zeroed((64 << 20,), torch.uint8)
+    assert resident_bytes(eager) >= 64 << 20 and resident_bytes(lazy) == 0  # eager: its pages, maybe one more
+    lazy[: 5 << 20] = 1
+    assert resident_bytes(lazy) == 5 << 20

@@ -234,6 +234,8 @@ def test_metrics(random_server):
                  "glm45:num_preemptions_total", "glm45:spec_decode_mean_accepted_length"):
         assert name in again
     assert again["glm45:kv_cache_usage_perc"] == 0.0
+    # the host cache's pages: some written by the requests, at most the whole cache
+    assert 0 < again["glm45:kv_cache_resident_bytes"] <= again["glm45:kv_cache_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------------

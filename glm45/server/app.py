@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import glm45
 from glm45.config import EngineConfig
 from glm45.engine.engine import LLMEngine
+from glm45.engine.host_memory import resident_bytes
 from glm45.server.anthropic_protocol import ANTHROPIC_PREFIX, CountTokensRequest, MessagesRequest, anthropic_error
 from glm45.server.async_engine import AsyncEngine
 from glm45.server.config import ServerConfig, lora_requests
@@ -168,7 +169,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None, model_name
     """The FastAPI app serving `engine`. The engine thread starts and stops with the app's lifespan."""
     config = config or ServerConfig()
     names = model_names or config.served_model_name or [engine.model_path.name]
-    metrics = ServerMetrics(names[0], lambda: async_engine.stats())
+    metrics = ServerMetrics(names[0], lambda: async_engine.stats(), lambda: resident_bytes(engine.kv_cache))
     async_engine = AsyncEngine(engine, metrics)
     chat = OpenAIServingChat(async_engine, config, names)
     completion = OpenAIServingCompletion(async_engine, config, names)

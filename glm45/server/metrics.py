@@ -32,8 +32,10 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15
 class EngineStatsCollector(Collector):
     """Exposes the latest `LLMEngine.stats()` snapshot (a dict) as gauges and counters."""
 
-    def __init__(self, snapshot: Callable[[], dict], model_name: str):
+    def __init__(self, snapshot: Callable[[], dict], model_name: str,
+                 kv_cache_resident: Callable[[], int | None] | None = None):
         self._snapshot = snapshot
+        self._kv_cache_resident = kv_cache_resident
         self._labels = {"model_name": model_name}
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -56,6 +58,9 @@ class EngineStatsCollector(Collector):
         yield self._gauge("weight_bytes", "Bytes of the model's weights on this process (packed when quantized).",
                           stats.get("weight_bytes", 0))
         yield self._gauge("kv_cache_bytes", "Bytes of the KV cache on this process.", stats.get("kv_cache_bytes", 0))
+        resident = self._kv_cache_resident() if self._kv_cache_resident else None
+        if resident is not None:  # a host cache's pages become resident as requests first write them
+            yield self._gauge("kv_cache_resident_bytes", "Bytes of the host KV cache resident in memory.", resident)
         yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                             stats["prefix_cache_queries"])
         yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
@@ -79,9 +84,10 @@ class EngineStatsCollector(Collector):
 class ServerMetrics:
     """The registry of one server: engine stats plus the latency histograms and request counters."""
 
-    def __init__(self, model_name: str, snapshot: Callable[[], dict]):
+    def __init__(self, model_name: str, snapshot: Callable[[], dict],
+                 kv_cache_resident: Callable[[], int | None] | None = None):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineStatsCollector(snapshot, model_name))
+        self.registry.register(EngineStatsCollector(snapshot, model_name, kv_cache_resident))
         labels = ["model_name"]
         self.time_to_first_token = Histogram(
             PREFIX + "time_to_first_token_seconds", "Time from arrival to the first generated token.",

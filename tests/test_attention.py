@@ -20,6 +20,31 @@ def reference(q, keys, values):
     return out.transpose(0, 1)
 
 
+def paged_sequences(kv_cache, shapes, block_size):
+    """Sequences of (cached, new) tokens with random keys and values in the cache's dtype, their cached part written
+    into randomly chosen blocks: (slices, slots of the new tokens, (keys, values) per sequence, new keys, new
+    values)."""
+    _, _, num_blocks, _, kv_heads, head_dim = kv_cache.shape
+    free = iter(torch.randperm(num_blocks).tolist())
+    slices, slots, history, q_start = [], [], [], 0
+    for cached, new in shapes:
+        total = cached + new
+        table = [next(free) for _ in range(-(-total // block_size))]
+        keys = torch.randn(total, kv_heads, head_dim).to(kv_cache.dtype)
+        values = torch.randn(total, kv_heads, head_dim).to(kv_cache.dtype)
+        positions = torch.arange(total)
+        flat = torch.tensor(table)[positions // block_size] * block_size + positions % block_size
+        kv_cache[0, 0].view(-1, kv_heads, head_dim)[flat[:cached]] = keys[:cached]
+        kv_cache[0, 1].view(-1, kv_heads, head_dim)[flat[:cached]] = values[:cached]
+        slices.append(SeqSlice(q_start, new, total, table))
+        slots.append(flat[cached:])
+        history.append((keys, values))
+        q_start += new
+    k_new = torch.cat([keys[cached:] for (keys, _), (cached, _) in zip(history, shapes, strict=True)])
+    v_new = torch.cat([values[cached:] for (_, values), (cached, _) in zip(history, shapes, strict=True)])
+    return slices, slots, history, k_new, v_new
+
+
 def test_grouped_attention_is_sdpa_with_grouped_heads():
     torch.manual_seed(0)
     for batch, heads, kv_heads, q_len, keys_len in ((5, 8, 2, 1, 37), (3, 6, 3, 4, 20), (2, 4, 1, 16, 16)):
@@ -38,23 +63,8 @@ def test_paged_attention_equals_each_sequence_alone():
     # (cached tokens, new tokens): decode rows, a few MTP-like rows, a long prefill chunk after a prefix, a fresh
     # prompt
     shapes = [(9, 1), (30, 1), (0, 3), (5, 2), (12, 40), (0, 25)]
-    free = iter(torch.randperm(num_blocks).tolist())
-    slices, slots, history, q_start = [], [], [], 0
-    for cached, new in shapes:
-        total = cached + new
-        table = [next(free) for _ in range(-(-total // block_size))]
-        keys, values = torch.randn(total, kv_heads, head_dim), torch.randn(total, kv_heads, head_dim)
-        positions = torch.arange(total)
-        flat = torch.tensor(table)[positions // block_size] * block_size + positions % block_size
-        kv_cache[0, 0].view(-1, kv_heads, head_dim)[flat[:cached]] = keys[:cached]
-        kv_cache[0, 1].view(-1, kv_heads, head_dim)[flat[:cached]] = values[:cached]
-        slices.append(SeqSlice(q_start, new, total, table))
-        slots.append(flat[cached:])
-        history.append((keys, values))
-        q_start += new
-    q = torch.randn(q_start, heads, head_dim)
-    k_new = torch.cat([keys[cached:] for (keys, _), (cached, _) in zip(history, shapes, strict=True)])
-    v_new = torch.cat([values[cached:] for (_, values), (cached, _) in zip(history, shapes, strict=True)])
+    slices, slots, history, k_new, v_new = paged_sequences(kv_cache, shapes, block_size)
+    q = torch.randn(sum(new for _, new in shapes), heads, head_dim)
     attention = PagedAttention(kv_cache, torch.cat(slots), slices, block_size)
     out = attention.attend(0, q, k_new, v_new)
     for s, (keys, values) in zip(slices, history, strict=True):
@@ -71,24 +81,8 @@ def test_bf16_prefill_chunks_take_the_fused_kernel_and_match_torchs_attention(mo
     block_size, kv_heads, heads, head_dim, num_blocks = 16, 2, 8, 64, 64
     kv_cache = torch.zeros(1, 2, num_blocks, block_size, kv_heads, head_dim, dtype=torch.bfloat16)
     shapes = [(0, 70), (45, 33), (20, 1)]
-    free = iter(torch.randperm(num_blocks).tolist())
-    slices, slots, history, q_start = [], [], [], 0
-    for cached, new in shapes:
-        total = cached + new
-        table = [next(free) for _ in range(-(-total // block_size))]
-        keys = torch.randn(total, kv_heads, head_dim).bfloat16()
-        values = torch.randn(total, kv_heads, head_dim).bfloat16()
-        positions = torch.arange(total)
-        flat = torch.tensor(table)[positions // block_size] * block_size + positions % block_size
-        kv_cache[0, 0].view(-1, kv_heads, head_dim)[flat[:cached]] = keys[:cached]
-        kv_cache[0, 1].view(-1, kv_heads, head_dim)[flat[:cached]] = values[:cached]
-        slices.append(SeqSlice(q_start, new, total, table))
-        slots.append(flat[cached:])
-        history.append((keys, values))
-        q_start += new
-    q = torch.randn(q_start, heads, head_dim).bfloat16()
-    k_new = torch.cat([keys[cached:] for (keys, _), (cached, _) in zip(history, shapes, strict=True)])
-    v_new = torch.cat([values[cached:] for (_, values), (cached, _) in zip(history, shapes, strict=True)])
+    slices, slots, history, k_new, v_new = paged_sequences(kv_cache, shapes, block_size)
+    q = torch.randn(sum(new for _, new in shapes), heads, head_dim).bfloat16()
     calls = []
     fused = cpu_kernels.causal_attention
     monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: calls.append(a[0].shape[0]) or fused(*a))

@@ -25,21 +25,9 @@
 #define BLOCK_ROWS 64 /* query rows of one work item (a head's rows are split so both threads get work) */
 #define MAX_DIM 256
 
-/* e^x for x ≤ 0 (x = -inf gives 0): 2^(x·log2 e) as 2^n · 2^f, |f| ≤ 1/2, 2^f by its Taylor series to the 6th
- * power of f·ln 2 (relative error below 2e-7). */
-static inline __m512 exp_nonpositive(__m512 x) {
-    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(1.44269504f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
-                               _mm512_scalef_ps(p, n));
+/* e^x for x ≤ 0, exactly 0 for masked lanes (x = -inf). */
+static inline __m512 exp_or_zero(__m512 x) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), vexp_nonpositive(x));
 }
 
 /* One tile of up to 4 query rows (query i of the chunk sits at position offset + i and sees keys 0..offset + i)
@@ -85,8 +73,8 @@ static void tile(const uint16_t *q, int64_t q_stride, const uint32_t *kp, const 
             __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
             if (new_max != -INFINITY) { /* a row's first tile always holds key 0, so only repeated rows skip */
                 const __m512 m = _mm512_set1_ps(new_max);
-                p0 = exp_nonpositive(_mm512_sub_ps(s0, m));
-                p1 = exp_nonpositive(_mm512_sub_ps(s1, m));
+                p0 = exp_or_zero(_mm512_sub_ps(s0, m));
+                p1 = exp_or_zero(_mm512_sub_ps(s1, m));
                 const float alpha = row_max[r] == -INFINITY ? 0.0f : expf(row_max[r] - new_max);
                 row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
                 if (alpha != 1.0f)

@@ -141,44 +141,6 @@ static void op_qk_rope(const Op *op, int ith, int nth, int round) {
     }
 }
 
-#ifdef __AVX512F__
-#define vset1(v) _mm512_set1_ps(v)
-#define vmul(a, b) _mm512_mul_ps(a, b)
-#define vsub(a, b) _mm512_sub_ps(a, b)
-#define vmax(a, b) _mm512_max_ps(a, b)
-#define vstore(p, v) _mm512_storeu_ps(p, v)
-#define vround(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-static inline vf vpow2i(vf n) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-}
-#else
-#define vset1(v) _mm256_set1_ps(v)
-#define vmul(a, b) _mm256_mul_ps(a, b)
-#define vsub(a, b) _mm256_sub_ps(a, b)
-#define vmax(a, b) _mm256_max_ps(a, b)
-#define vstore(p, v) _mm256_storeu_ps(p, v)
-#define vround(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-static inline vf vpow2i(vf n) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
-#endif
-
-/* e^x for x ≤ 0 (softmax after subtracting the maximum): 2^n · p(r), n = round(x / ln 2), |r| ≤ ln 2 / 2,
- * p a degree-6 Taylor polynomial (relative error below 2e-7); below -87 the result is flushed to 0. */
-static inline vf vexp_nonpositive(vf x) {
-    x = vmax(x, vset1(-87.0f));
-    vf n = vround(vmul(x, vset1(1.44269504f)));
-    vf r = vsub(vsub(x, vmul(n, vset1(0.693145751953125f))), vmul(n, vset1(1.428606765330187e-06f)));
-    vf p = vset1(1.0f / 720.0f);
-    p = vfma(p, r, vset1(1.0f / 120.0f));
-    p = vfma(p, r, vset1(1.0f / 24.0f));
-    p = vfma(p, r, vset1(1.0f / 6.0f));
-    p = vfma(p, r, vset1(0.5f));
-    p = vfma(p, r, vset1(1.0f));
-    p = vfma(p, r, vset1(1.0f));
-    return vmul(p, vpow2i(n));
-}
-
 static inline vf kv_vec(const void *cache, int64_t i, int64_t dtype) {
     if (dtype == KV_BF16) return vload_bf16((const uint16_t *)cache + i);
     if (dtype == KV_FP8) return vmul(vload_fp8((const uint8_t *)cache + i), vset1(FP8_RESCALE));

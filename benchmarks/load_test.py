@@ -186,24 +186,25 @@ class Load:
                 await asyncio.sleep(interval)
 
 
-def engine_state(url: str) -> dict[str, float]:
+def metric_values(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The server's `glm45:` gauges `names` that /metrics has."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         text = response.read().decode()
-    state = {}
+    values = {}
     for line in text.splitlines():
-        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        for name in names:
             if line.startswith(f"glm45:{name}{{"):
-                state[name] = float(line.rsplit(" ", 1)[1])
-    return state
+                values[name] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def engine_state(url: str) -> dict[str, float]:
+    return metric_values(url, ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"))
 
 
 def kv_cache_resident(url: str) -> int:
-    """The server's host KV-cache pages that are resident (/metrics; 0 where it has no such gauge, e.g. a GPU)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("glm45:kv_cache_resident_bytes{"):
-                return int(float(line.rsplit(" ", 1)[1]))
-    return 0
+    """The server's host KV-cache pages that are resident (0 where it has no such gauge, e.g. a GPU)."""
+    return int(metric_values(url, ("kv_cache_resident_bytes",)).get("kv_cache_resident_bytes", 0))
 
 
 def wait_idle(url: str, timeout: float = 60) -> dict[str, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from glm45.model.shard import ShardSpec
-from glm45.quant.packed import PackedWeight, fp8_block_weight
+from glm45.quant.packed import STORED_SUFFIXES, PackedWeight, fp8_block_weight
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +279,14 @@ def stored_packed(checkpoint: Checkpoint, name: str, stored: str) -> tuple[Packe
             if stored == "int4":
                 if name + "_min" not in checkpoint:
                     raise CheckpointError(f"{name} is int4 but has no {name}_min")
-                codes = [name + "_sub_scale" in checkpoint, name + "_sub_min" in checkpoint]
-                if any(codes) and not all(codes):
+                codes = ["sub_scale", "sub_min"]
+                present = [name + STORED_SUFFIXES[field] in checkpoint for field in codes]
+                if any(present) and not all(present):
                     raise CheckpointError(f"{name} is int4 in super-blocks but lacks one of {name}_sub_scale, "
                                           f"{name}_sub_min")
-                fields = {"minimum": "_min", **({"sub_scale": "_sub_scale", "sub_min": "_sub_min"} if all(codes)
-                                                 else {})}
-                extra = {field: checkpoint.raw(name + suffix) for field, suffix in fields.items()}
-                names += [name + suffix for suffix in fields.values()]
+                fields = ["minimum", *(codes if all(present) else [])]
+                extra = {field: checkpoint.raw(name + STORED_SUFFIXES[field]) for field in fields}
+                names += [name + STORED_SUFFIXES[field] for field in fields]
             return PackedWeight(stored, data, scale, **extra), names
     return None
 

@@ -44,6 +44,7 @@ from glm45.model.state_dict import (
     stack_experts,
 )
 from glm45.quant.loading import install, pack, to_device
+from glm45.quant.packed import STORED_SUFFIXES as PACKED_SUFFIXES
 from glm45.quant.packed import PackedWeight
 from glm45.quant.scheme import check_packable, checkpoint_format, quantizes, served_format
 
@@ -51,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")  # kept in the checkpoint's dtype (quant/scheme.py)
 MTP_COPIES = {"mtp.embed_tokens.weight": "model.embed_tokens.weight", "mtp.shared_head.head.weight": "lm_head.weight"}
-STORED_SUFFIXES = ("", "_scale", "_scale_inv", "_min", "_sub_scale", "_sub_min")  # a weight and a packed one's others
+# A weight and what a packed one is stored with (glm45's own names, and FP8 releases' block scales).
+STORED_SUFFIXES = (*PACKED_SUFFIXES.values(), "_scale_inv")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:

@@ -17,19 +17,16 @@ import torch
 from torch import nn
 
 from glm45.kernels import cpu
-from glm45.quant.packed import PackedWeight
-
-# The buffer of each PackedWeight tensor: `name` + suffix.
-SUFFIXES = {"data": "", "scale": "_scale", "minimum": "_min", "sub_scale": "_sub_scale", "sub_min": "_sub_min"}
+from glm45.quant.packed import STORED_SUFFIXES, PackedWeight
 
 
 def register_packed(module: nn.Module, name: str, packed: PackedWeight) -> None:
-    """Hold `packed` on `module` as buffers `name`, `name_scale` (and int4's others, see SUFFIXES), replacing a
+    """Hold `packed` on `module` as buffers `name`, `name_scale` (and int4's others, see STORED_SUFFIXES), replacing a
     parameter."""
     if name in module._parameters:
         del module._parameters[name]
     for field, tensor in packed.tensors().items():
-        module.register_buffer(name + SUFFIXES[field], tensor)
+        module.register_buffer(name + STORED_SUFFIXES[field], tensor)
     formats = dict(getattr(module, "_packed_formats", {}))
     formats[name] = (packed.format, packed.block)
     module._packed_formats = formats
@@ -41,7 +38,7 @@ def expert_weight(module: nn.Module, name: str) -> torch.Tensor | PackedWeight:
     if not formats or name not in formats:
         return getattr(module, name)
     fmt, block = formats[name]
-    tensors = {field: getattr(module, name + suffix, None) for field, suffix in SUFFIXES.items()}
+    tensors = {field: getattr(module, name + suffix, None) for field, suffix in STORED_SUFFIXES.items()}
     return PackedWeight(fmt, block=block, **tensors)
 
 

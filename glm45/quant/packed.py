@@ -90,6 +90,9 @@ class PackedWeight:
 
 
 TENSOR_FIELDS = ("data", "scale", "minimum", "sub_scale", "sub_min")
+# The name each tensor is stored under, after the weight's own name (`X.weight`, `X.weight_scale`, …): module
+# buffers and glm45's quantized checkpoints alike.
+STORED_SUFFIXES = {"data": "", "scale": "_scale", "minimum": "_min", "sub_scale": "_sub_scale", "sub_min": "_sub_min"}
 
 
 # ---------------------------------------------------------------------- quantizers

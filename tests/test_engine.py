@@ -103,6 +103,41 @@ def test_prefix_cache_hit_gives_the_same_output(checkpoints):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
+def test_speculative_prefix_cache_shares_a_block_when_the_token_after_it_matches(mtp_checkpoint):
+    """With MTP a block's MTP K/V at its last position used the token after the block: a hit needs that token
+    too. The drafts after a hit are those of an engine without a prefix cache."""
+    prompt = random_prompt(70, 5)
+    diverging = prompt[:64] + random_prompt(6, 6)  # the same four blocks, then another 65th token
+    assert diverging[64] != prompt[64]
+
+    def drafted(engine, arrivals):
+        drafts, propose = [], engine.executor.propose_drafts
+        def recording():
+            proposed = propose()
+            drafts.extend(d for _, d, _ in proposed)
+            return proposed
+        engine.executor.propose_drafts = recording
+        try:
+            return run_to_completion(engine, arrivals), drafts
+        finally:
+            engine.executor.propose_drafts = propose
+
+    engine = make_engine(mtp_checkpoint, num_speculative_tokens=1)
+    run_to_completion(engine, {0: [("a", prompt, GREEDY)]})
+    hit, hit_drafts = drafted(engine, {0: [("b", prompt, GREEDY)]})
+    assert hit["b"].num_cached_tokens == 64  # all four full blocks: the 65th token is the same
+    partial, partial_drafts = drafted(engine, {0: [("c", diverging, GREEDY)]})
+    assert partial["c"].num_cached_tokens == 48  # the fourth block's MTP K/V was made with another 65th token
+
+    cold = make_engine(mtp_checkpoint, num_speculative_tokens=1, enable_prefix_caching=False)
+    expected, expected_drafts = drafted(cold, {0: [("b", prompt, GREEDY)]})
+    assert hit["b"].outputs[0].token_ids == expected["b"].outputs[0].token_ids
+    assert hit_drafts == expected_drafts
+    expected, expected_drafts = drafted(cold, {0: [("c", diverging, GREEDY)]})
+    assert partial["c"].outputs[0].token_ids == expected["c"].outputs[0].token_ids
+    assert partial_drafts == expected_drafts
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_speculative_greedy_equals_plain_decoding(mtp_checkpoint, k):
     prompts = [random_prompt(n, seed) for seed, n in enumerate((4, 19, 33, 50))]

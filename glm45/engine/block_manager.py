@@ -6,7 +6,9 @@ position p lives in slot `block_table[p // B] * B + p % B`.
 
 Prefix cache: once a block is full of computed tokens it gets a hash chained from the previous block's
 hash and its own token ids (the first from the sequence's `cache_salt`: its LoRA adapter, whose K/V differ), so
-equal hashes mean equal prefixes. A new sequence looks its prompt's full
+equal hashes mean equal prefixes. With MTP the blocks also hold the MTP layer's K/V, and the MTP pair at a
+block's last position p is (h_p, x_{p+1}): there the token after the block is hashed with it, and the block is
+registered once the MTP layer has run over that pair (the executor's `propose_drafts`). A new sequence looks its prompt's full
 blocks up and shares the hits (reference count + 1). Freed blocks keep their hash and go to the back of
 the free list, so a popular prefix survives until its blocks are actually reused (LRU).
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from glm45.engine.sequence import Sequence
@@ -41,9 +43,11 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, mtp: bool = False):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.mtp = mtp  # blocks also hold the MTP layer's K/V (see match_prefix)
+        self.mtp = mtp  # blocks also hold the MTP layer's K/V, which depends on the token after the block too
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        # Free blocks in the order they were freed (the least recently used first, so cached contents live
+        # longest); an ordered dict so that a prefix hit takes a block out of the middle in O(1).
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
         # Per sequence: how many of its leading blocks are hashed (full and registered in the cache).
         self.num_hashed_blocks: dict[int, int] = {}
@@ -68,7 +72,7 @@ class BlockManager:
 
     # ------------------------------------------------------------------ allocation
     def _take_free_block(self) -> int:
-        block_id = self.free_block_ids.popleft()
+        block_id, _ = self.free_block_ids.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]  # its old contents are about to be overwritten
@@ -91,22 +95,18 @@ class BlockManager:
         if seq.num_prompt_logprobs_done < seq.num_prompt_tokens:
             max_blocks = min(max_blocks, (seq.num_prompt_logprobs_done - 1) // self.block_size)
         matched = []
-        for index in range(max_blocks):
-            tokens = seq.token_ids[index * self.block_size:(index + 1) * self.block_size]
+        for index in range(max_blocks):  # with MTP the token after block max_blocks - 1 exists: it is known
+            tokens = self._block_tokens(seq, index)
             block_hash = chain_hash(previous, tokens)
             block_id = self.hash_to_block.get(block_hash)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             matched.append(block_id)
             previous = block_hash
-        if self.mtp and matched:
-            # The MTP layer's K/V at a block's last position was computed with the token after the block: it is
-            # right for this sequence only if the next block matched too, so the last matched block is not used.
-            matched.pop()
         for block_id in matched:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                self.free_block_ids.remove(block_id)
+                del self.free_block_ids[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
         hits = len(seq.block_table)
@@ -128,19 +128,26 @@ class BlockManager:
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
-                self.free_block_ids.append(block_id)
+                self.free_block_ids[block_id] = None
         seq.block_table = []
         self.num_hashed_blocks.pop(seq.seq_id, None)
 
-    def register_computed_blocks(self, seq: Sequence) -> None:
-        """Hash the sequence's blocks that became full of computed tokens, so later requests can share them."""
-        if not self.enable_prefix_caching:
+    def _block_tokens(self, seq: Sequence, index: int) -> list[int]:
+        """The tokens a block's contents depend on: its own, and with MTP the one after it."""
+        return seq.token_ids[index * self.block_size:(index + 1) * self.block_size + self.mtp]
+
+    def register_computed_blocks(self, seq: Sequence, computed: int | None = None) -> None:
+        """Hash the sequence's blocks that became full of computed tokens, so later requests can share them.
+        `computed`: how many leading positions hold valid K/V, the MTP layer's included (with MTP the caller
+        says, after the MTP layer ran; without, the sequence's computed tokens)."""
+        if not self.enable_prefix_caching or (self.mtp and computed is None):
             return
+        computed = seq.num_computed_tokens if computed is None else computed
         hashed = self.num_hashed_blocks.get(seq.seq_id, 0)
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        full = min(computed // self.block_size, len(seq.block_table), (len(seq) - self.mtp) // self.block_size)
         previous = self.blocks[seq.block_table[hashed - 1]].hash if hashed else seq.cache_salt
         for index in range(hashed, full):
-            tokens = seq.token_ids[index * self.block_size:(index + 1) * self.block_size]
+            tokens = self._block_tokens(seq, index)
             block = self.blocks[seq.block_table[index]]
             block.hash = chain_hash(previous, tokens)
             block.token_ids = tokens

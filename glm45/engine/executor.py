@@ -199,6 +199,8 @@ class Executor:
         decoding = [i for i, c in enumerate(items) if not c.seq.in_prefill]
         last_rows = [slices[i].q_start + slices[i].q_len - 1 for i in decoding]
         logits = self.runner.draft(StepInputs(ids, positions, slots, slices), rows, last_rows)
+        for c in items:  # their blocks' MTP K/V is complete up to here: the prefix cache may share them now
+            self.block_manager.register_computed_blocks(c.seq, c.start + c.num_valid)
         seqs = [items[i].seq for i in decoding]
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor | None]] = [[] for _ in seqs]

@@ -8,9 +8,9 @@ Prefix cache: once a block is full of computed tokens it gets a hash chained fro
 hash and its own token ids (the first from the sequence's `cache_salt`: its LoRA adapter, whose K/V differ), so
 equal hashes mean equal prefixes. With MTP the blocks also hold the MTP layer's K/V, and the MTP pair at a
 block's last position p is (h_p, x_{p+1}): there the token after the block is hashed with it, and the block is
-registered once the MTP layer has run over that pair (the executor's `propose_drafts`). A new sequence looks its prompt's full
-blocks up and shares the hits (reference count + 1). Freed blocks keep their hash and go to the back of
-the free list, so a popular prefix survives until its blocks are actually reused (LRU).
+registered once the MTP layer has run over that pair (the executor's `propose_drafts`). A new sequence looks
+its prompt's full blocks up and shares the hits (reference count + 1). Freed blocks keep their hash and go to
+the back of the free list, so a popular prefix survives until its blocks are actually reused (LRU).
 """
 
 from __future__ import annotations

@@ -204,3 +204,45 @@ def test_fused_attention_declines_what_it_does_not_take(monkeypatch):
         assert cpu.causal_attention(q, cache, cache, slots, 0.125) is None  # no bf16 dot products
     finally:
         cpu.library.cache_clear()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("heads, kv_heads, dim, context, rows", [
+    (4, 2, 64, 1, 1),      # one key
+    (4, 2, 64, 33, 3),     # a verification's rows: one pass over the keys for three positions
+    (8, 2, 128, 150, 6),   # more rows of one sequence than a pass takes, tiles of keys and a partial last tile
+    (12, 1, 128, 97, 2),   # a large group
+    (6, 2, 64, 40, 5),     # an odd group: a row's queries do not pair up evenly
+    (4, 4, 64, 5, 9)])     # one query per KV head
+def test_decode_attention_op_matches_softmax_attention(isa, kv_dtype, heads, kv_heads, dim, context, rows):
+    """The captured step's attention (csrc/program.c, op_attn) on a paged cache: row r of one sequence sees the
+    first context + r keys; a second sequence in the same step sees its own blocks."""
+    from glm45.engine import cpu_program as ops
+
+    torch.manual_seed(0)
+    block, blocks = 16, -(-(context + rows) // 16)
+    k_cache = torch.randn(2 * blocks * block, kv_heads, dim).to(kv_dtype)
+    v_cache = torch.randn(2 * blocks * block, kv_heads, dim).to(kv_dtype)
+    width = (heads + 2 * kv_heads) * dim
+    qkv = torch.randn(rows + 1, width)
+    table = torch.randperm(blocks).to(torch.int32)
+    other = torch.randperm(blocks).to(torch.int32) + blocks
+    tables = torch.cat([table.repeat(rows, 1), other[None]])
+    lengths = torch.cat([torch.arange(context, context + rows), torch.tensor([context + 1])]).to(torch.int32)
+    out = torch.zeros(rows + 1, heads * dim)
+    threads = 2
+    scratch = torch.zeros(threads, cpu.library().glm45_attention_scratch(dim, heads // kv_heads))
+    program = ops.Program()
+    program.add(ops.OP_ATTN, (qkv, k_cache, v_cache, tables, lengths, out, scratch),
+                (rows + 1, heads, kv_heads, dim, block, blocks, width, heads * dim, ops.KV_DTYPES[kv_dtype],
+                 scratch.shape[1]), (dim ** -0.5,))
+    program.finish()
+    program.run(False, threads)
+    for r in range(rows + 1):
+        slots = (tables[r].long()[:, None] * block + torch.arange(block)).reshape(-1)[: lengths[r]]
+        keys = k_cache.float()[slots].repeat_interleave(heads // kv_heads, 1)
+        values = v_cache.float()[slots].repeat_interleave(heads // kv_heads, 1)
+        q = qkv[r, : heads * dim].view(1, heads, 1, dim)
+        expected = F.scaled_dot_product_attention(q.double(), keys.transpose(0, 1)[None].double(),
+                                                  values.transpose(0, 1)[None].double())
+        torch.testing.assert_close(out[r].view(heads, dim).double(), expected[0, :, 0], rtol=1e-5, atol=1e-5)

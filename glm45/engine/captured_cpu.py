@@ -66,7 +66,7 @@ def supported(model, kv_cache: torch.Tensor) -> str | None:
 class StepBuffers:
     """Inputs, activations and outputs of the captured programs, allocated once for the largest size."""
 
-    def __init__(self, model, rows: int, max_blocks: int, max_context: int, threads: int):
+    def __init__(self, model, rows: int, max_blocks: int, threads: int):
         c = model.config
         D, hd, K = c.hidden_size, c.head_dim, c.num_experts_per_tok
         width = max(c.intermediate_size, c.moe_intermediate_size * max(1, c.n_shared_experts))
@@ -99,7 +99,10 @@ class StepBuffers:
         # server never touches). A vocabulary-wide row is 0.6 MB: the draft head's rows exist only with MTP.
         self.logits = torch.empty(rows, c.vocab_size, **f32)
         self.draft_logits = torch.empty(rows if model.mtp is not None else 0, c.vocab_size, **f32)
-        self.scores = torch.zeros(threads, c.num_attention_heads // c.num_key_value_heads, max_context, **f32)
+        # The decode attention's scratch per thread (csrc/program.c, op_attn: a tile of keys and values, and the
+        # scores and accumulators of the queries of a few rows of one sequence).
+        group = c.num_attention_heads // c.num_key_value_heads
+        self.attention_scratch = torch.zeros(threads, cpu.library().glm45_attention_scratch(hd, group), **f32)
         self.inv_freq = as_f32(model.rotary.inv_freq(torch.device("cpu")))
         # Served LoRA adapters: each row's slot (the zero slot `no_adapter` for base rows), the head rows' slots,
         # and the rank-wide intermediate t = A · x.
@@ -188,9 +191,9 @@ class _Builder:
         kv_dtype = ops.KV_DTYPES[self.kv_cache.dtype]
         self.program.add(ops.OP_QK_ROPE, (b.qkv, qn, kn, b.positions, k_cache, v_cache, b.slots, b.inv_freq),
                          (R, Hq, Hkv, hd, c.rotary_dim, ld, kv_dtype), (c.rms_norm_eps,))
-        self.program.add(ops.OP_ATTN, (b.qkv, k_cache, v_cache, b.tables, b.context, b.attn, b.scores),
+        self.program.add(ops.OP_ATTN, (b.qkv, k_cache, v_cache, b.tables, b.context, b.attn, b.attention_scratch),
                          (R, Hq, Hkv, hd, self.block_size, b.max_blocks, ld, b.attn.shape[1], kv_dtype,
-                          b.scores.shape[2]), (attn.scale,))
+                          b.attention_scratch.shape[1]), (attn.scale,))
         self.linear(b.attn, R, [(attn.o_proj, b.delta, b.delta.shape[1])])
         self.norm(b.x, layer.post_attention_layernorm.weight, b.h, b.delta)
         if hasattr(layer.mlp, "gate"):
@@ -291,7 +294,7 @@ class CapturedDecode:
         self.threads = torch.get_num_threads()
         self.rounding = model.dtype == torch.bfloat16
         max_blocks = -(-max_model_len // block_size) + 1
-        self.buffers = StepBuffers(model, self.sizes[-1], max_blocks, max_model_len + block_size, self.threads)
+        self.buffers = StepBuffers(model, self.sizes[-1], max_blocks, self.threads)
         self.trunks = {n: build_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
         self.heads = {n: build_head(model, self.buffers, n, draft=False) for n in self.sizes}
         self.mtp_trunks, self.mtp_heads = {}, {}

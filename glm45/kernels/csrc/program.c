@@ -21,8 +21,8 @@ enum {
     OP_QK_ROPE = 5,  /* p: qkv, q_norm, k_norm, positions(i64), k_cache, v_cache, slots(i64), inv_freq
                         | n: R, Hq, Hkv, hd, rotary_dim, ld_qkv, kv_dtype | f: eps */
     OP_ATTN = 6,     /* p: qkv, k_cache, v_cache, tables(i32 [R, max_blocks]), ctx_lens(i32), out, scratch
-                        | n: R, Hq, Hkv, hd, block_size, max_blocks, ld_qkv, ld_out, kv_dtype, max_context
-                        | f: scale   (scratch: f32 [threads, Hq / Hkv, max_context]) */
+                        | n: R, Hq, Hkv, hd, block_size, max_blocks, ld_qkv, ld_out, kv_dtype, scratch_per_thread
+                        | f: scale   (scratch: f32 [threads, scratch_per_thread], see op_attn) */
     OP_SILU_MUL = 7, /* p: gate_up, out | n: rows, I, ld_in, ld_out  (gate = cols [0, I), up = [I, 2I)) */
     OP_ROUTER = 8,   /* p: x, weight(f32 [E, D]), bias(f32 [E]), ids(i64 [R, K]), weights(f32 [R, K])
                         | n: R, D, E, K, n_group, topk_group, norm_topk, ld_x | f: scaling */
@@ -147,61 +147,172 @@ static inline vf kv_vec(const void *cache, int64_t i, int64_t dtype) {
     return vload((const float *)cache + i);
 }
 
-/* Decode attention of one row and one KV head over its cached context, for the `group` query heads that share
- * the KV head: each K and V row is read once for all of them. hd must be a multiple of VL. */
-static void op_attn(const Op *op, int ith, int nth, int round) {
+/* Decode attention, flash-decoding's order of work. A work item is one KV head of a run of up to ATTN_RUN rows of
+ * one sequence (consecutive positions: a verification's draft rows, a short prefill chunk); its queries are those
+ * rows' query heads of the KV head's group, each seeing the keys before its own length. The keys go by in tiles of
+ * ATTN_TILE: each tile's K and V are read from the paged cache once, widened to fp32 into the thread's scratch,
+ * and met by every query of the item; scores go four keys at a time (one transposing add tree for four dot
+ * products), and an online softmax keeps each query's running maximum and sum, rescaling its accumulator when the
+ * maximum grows. Scratch per thread: keys and values [ATTN_TILE, hd], then the scores [Q, ATTN_TILE], accumulators
+ * [Q, hd], maxima and sums of its Q ≤ ATTN_RUN · group queries (glm45_attention_scratch). hd is a multiple of VL. */
+#define ATTN_TILE 32
+#define ATTN_RUN 4
+#define ATTN_PREFETCH 16 /* keys ahead whose K and V rows are prefetched */
+#define ATTN_MAX_ROWS 4096
+
+/* How many rows from r on (at most ATTN_RUN) are consecutive positions of one sequence: the same block table
+ * and context lengths stepping by one. */
+static int64_t sequence_run(const int32_t *tables, const int32_t *ctx, int64_t mb, int64_t bs, int64_t r, int64_t R) {
+    int64_t n = 1;
+    while (r + n < R && n < ATTN_RUN && ctx[r + n] == ctx[r + n - 1] + 1 &&
+           !memcmp(tables + (r + n) * mb, tables + r * mb, (size_t)((ctx[r + n] + bs - 1) / bs) * sizeof(int32_t)))
+        n++;
+    return n;
+}
+
+/* A query's scores over one tile (n keys) → e^(s·scale − m) in place, with its running maximum m and sum
+ * updated; returns the factor its accumulator is rescaled by (0 on its first tile, when m was -inf). */
+static inline float softmax_tile(float *s, int64_t n, float scale, float *row_max, float *row_sum) {
+    float mx = *row_max;
+    for (int64_t i = 0; i < n; i++) {
+        s[i] *= scale;
+        mx = s[i] > mx ? s[i] : mx;
+    }
+    const float rescale = expf(*row_max - mx);
+    *row_max = mx;
+    vf total = vzero();
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        const vf e = vexp_nonpositive(vsub(vload(s + i), vset1(mx)));
+        vstore(s + i, e);
+        total = vadd(total, e);
+    }
+    float sum = vhsum(total);
+    for (; i < n; i++) sum += (s[i] = expf(s[i] - mx));
+    *row_sum = *row_sum * rescale + sum;
+    return rescale;
+}
+
+static void attend_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, float *scratch, int round) {
     const float *qkv = op->p[0];
     const void *kc = op->p[1], *vc = op->p[2];
-    const int32_t *tables = op->p[3], *ctx = op->p[4];
+    const int32_t *table = (const int32_t *)op->p[3] + r0 * op->n[5], *ctx = (const int32_t *)op->p[4] + r0;
     float *out = op->p[5];
-    const int64_t R = op->n[0], Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], bs = op->n[4], mb = op->n[5];
-    const int64_t ldq = op->n[6], ldo = op->n[7], dt = op->n[8], max_ctx = op->n[9], group = Hq / Hkv;
+    const int64_t Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], bs = op->n[4], ldq = op->n[6], ldo = op->n[7];
+    const int64_t dt = op->n[8], group = Hq / Hkv, Q = rows * group, L = ctx[rows - 1];
+    const int64_t kv_size = dt == KV_F32 ? 4 : dt == KV_BF16 ? 2 : 1;
     const float scale = op->f[0];
-    int64_t i0, i1;
-    split_range(R * Hkv, ith, nth, 1, &i0, &i1);
-    float *scores = (float *)op->p[6] + (int64_t)ith * group * max_ctx;
-    float acc[64 * 128];
-    for (int64_t i = i0; i < i1; i++) {
-        const int64_t r = i / Hkv, kvh = i % Hkv, L = ctx[r];
-        const int32_t *table = tables + r * mb;
-        const float *q0 = qkv + r * ldq + kvh * group * hd;
-        for (int64_t t = 0; t < L; t++) {
-            const int64_t base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
-            for (int64_t g = 0; g < group; g++) {
-                vf s = vzero();
-                for (int64_t d = 0; d < hd; d += VL) s = vfma(kv_vec(kc, base + d, dt), vload(q0 + g * hd + d), s);
-                scores[g * max_ctx + t] = vhsum(s) * scale;
+    float *keys = scratch, *values = keys + ATTN_TILE * hd, *scores = values + ATTN_TILE * hd;
+    float *acc = scores + Q * ATTN_TILE, *row_max = acc + Q * hd, *row_sum = row_max + Q;
+    for (int64_t i = 0; i < Q; i++) {
+        row_max[i] = -INFINITY, row_sum[i] = 0.0f;
+        memset(acc + i * hd, 0, hd * sizeof(float));
+    }
+    for (int64_t t0 = 0; t0 < L; t0 += ATTN_TILE) {
+        const int64_t tn = L - t0 < ATTN_TILE ? L - t0 : ATTN_TILE;
+        for (int64_t i = 0; i < tn; i++) {
+            const int64_t t = t0 + i, base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
+            if (t + ATTN_PREFETCH < L) { /* one head's row every Hkv·hd elements: too sparse for the prefetchers */
+                const int64_t ahead = t + ATTN_PREFETCH;
+                const int64_t next = (((int64_t)table[ahead / bs] * bs + ahead % bs) * Hkv * hd + kvh * hd) * kv_size;
+                for (int64_t b = 0; b < hd * kv_size; b += 64) {
+                    _mm_prefetch((const char *)kc + next + b, _MM_HINT_T0);
+                    _mm_prefetch((const char *)vc + next + b, _MM_HINT_T0);
+                }
             }
-        }
-        for (int64_t g = 0; g < group; g++) {
-            float *s = scores + g * max_ctx, mx = -INFINITY, total = 0.0f;
-            for (int64_t t = 0; t < L; t++) mx = s[t] > mx ? s[t] : mx;
-            int64_t t = 0;
-            vf vt = vzero();
-            for (; t + VL <= L; t += VL) {
-                vf e = vexp_nonpositive(vsub(vload(s + t), vset1(mx)));
-                vstore(s + t, e);
-                vt = vadd(vt, e);
-            }
-            total = vhsum(vt);
-            for (; t < L; t++) total += (s[t] = expf(s[t] - mx));
-            const float inv = 1.0f / total;
-            for (t = 0; t < L; t++) s[t] *= inv;
-            for (int64_t d = 0; d < hd; d++) acc[g * hd + d] = 0.0f;
-        }
-        for (int64_t t = 0; t < L; t++) {
-            const int64_t base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
             for (int64_t d = 0; d < hd; d += VL) {
-                vf v = kv_vec(vc, base + d, dt);
-                for (int64_t g = 0; g < group; g++)
-                    vstore(acc + g * hd + d, vfma(vset1(scores[g * max_ctx + t]), v, vload(acc + g * hd + d)));
+                vstore(keys + i * hd + d, kv_vec(kc, base + d, dt));
+                vstore(values + i * hd + d, kv_vec(vc, base + d, dt));
             }
         }
-        for (int64_t g = 0; g < group; g++) {
-            float *o = out + r * ldo + (kvh * group + g) * hd;
-            for (int64_t d = 0; d < hd; d++) o[d] = rnd(acc[g * hd + d], round);
+        /* The queries of a row see the same keys: they go two at a time, sharing each key and value load. */
+        int64_t pair;
+        for (int64_t qi = 0; qi < Q; qi += 1 + pair) {
+            const int64_t j = qi / group, n = ctx[j] - t0 < tn ? ctx[j] - t0 : tn;
+            pair = qi + 1 < Q && (qi + 1) / group == j;
+            if (n <= 0) continue; /* this row's keys ended in an earlier tile */
+            const float *q0 = qkv + (r0 + j) * ldq + (kvh * group + qi % group) * hd, *q1 = q0 + hd * pair;
+            float *s0 = scores + qi * ATTN_TILE, *s1 = s0 + ATTN_TILE * pair;
+            int64_t i = 0;
+            for (; i + 4 <= n; i += 4) {
+                vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+                vf b0 = vzero(), b1 = vzero(), b2 = vzero(), b3 = vzero();
+                const float *k = keys + i * hd;
+                for (int64_t d = 0; d < hd; d += VL) {
+                    const vf x0 = vload(q0 + d), x1 = vload(q1 + d);
+                    const vf k0 = vload(k + d), k1 = vload(k + hd + d), k2 = vload(k + 2 * hd + d),
+                             k3 = vload(k + 3 * hd + d);
+                    a0 = vfma(x0, k0, a0), a1 = vfma(x0, k1, a1), a2 = vfma(x0, k2, a2), a3 = vfma(x0, k3, a3);
+                    b0 = vfma(x1, k0, b0), b1 = vfma(x1, k1, b1), b2 = vfma(x1, k2, b2), b3 = vfma(x1, k3, b3);
+                }
+                vhsum4(a0, a1, a2, a3, s0 + i);
+                vhsum4(b0, b1, b2, b3, s1 + i);
+            }
+            for (; i < n; i++) {
+                vf a = vzero(), b = vzero();
+                for (int64_t d = 0; d < hd; d += VL) {
+                    const vf k = vload(keys + i * hd + d);
+                    a = vfma(vload(q0 + d), k, a), b = vfma(vload(q1 + d), k, b);
+                }
+                s0[i] = vhsum(a), s1[i] = vhsum(b);
+            }
+            float rescale[2];
+            for (int c = 0; c <= pair; c++) rescale[c] = softmax_tile(c ? s1 : s0, n, scale, row_max + qi + c,
+                                                                      row_sum + qi + c);
+            /* a += Σ_i p_i · v_i, a slice of the dimensions at a time in registers */
+            float *acc0 = acc + qi * hd, *acc1 = acc0 + hd * pair;
+            for (int64_t d0 = 0; d0 < hd; d0 += 4 * VL) {
+                const int64_t width = hd - d0 < 4 * VL ? (hd - d0) / VL : 4;
+                vf o0[4], o1[4];
+                for (int w = 0; w < width; w++) {
+                    o0[w] = vmul(vload(acc0 + d0 + w * VL), vset1(rescale[0]));
+                    o1[w] = vmul(vload(acc1 + d0 + w * VL), vset1(rescale[pair]));
+                }
+                for (i = 0; i < n; i++) {
+                    const vf p0 = vset1(s0[i]), p1 = vset1(s1[i]);
+                    const float *v = values + i * hd + d0;
+                    for (int w = 0; w < width; w++) {
+                        const vf x = vload(v + w * VL);
+                        o0[w] = vfma(p0, x, o0[w]), o1[w] = vfma(p1, x, o1[w]);
+                    }
+                }
+                for (int w = 0; w < width; w++) {
+                    vstore(acc1 + d0 + w * VL, o1[w]); /* the same row as acc0 for a lone query: acc0 wins */
+                    vstore(acc0 + d0 + w * VL, o0[w]);
+                }
+            }
         }
     }
+    for (int64_t qi = 0; qi < Q; qi++) {
+        const int64_t j = qi / group, g = qi % group;
+        float *o = out + (r0 + j) * ldo + (kvh * group + g) * hd;
+        const float inv = 1.0f / row_sum[qi];
+        for (int64_t d = 0; d < hd; d++) o[d] = rnd(acc[qi * hd + d] * inv, round);
+    }
+}
+
+/* The scratch one thread of op_attn needs, in floats. */
+int64_t glm45_attention_scratch(int64_t hd, int64_t group) {
+    return 2 * ATTN_TILE * hd + ATTN_RUN * group * (ATTN_TILE + hd + 2);
+}
+
+static void op_attn(const Op *op, int ith, int nth, int round) {
+    const int32_t *tables = op->p[3], *ctx = op->p[4];
+    const int64_t R = op->n[0], Hkv = op->n[2], bs = op->n[4], mb = op->n[5];
+    float *scratch = (float *)op->p[6] + (int64_t)ith * op->n[9];
+    int64_t i0, i1;
+    if (R > ATTN_MAX_ROWS) { /* beyond any captured size: every row on its own */
+        split_range(R * Hkv, ith, nth, 1, &i0, &i1);
+        for (int64_t i = i0; i < i1; i++) attend_run(op, i / Hkv, 1, i % Hkv, scratch, round);
+        return;
+    }
+    int64_t starts[ATTN_MAX_ROWS], lengths[ATTN_MAX_ROWS], runs = 0;
+    for (int64_t r = 0; r < R; r += lengths[runs++]) {
+        starts[runs] = r;
+        lengths[runs] = sequence_run(tables, ctx, mb, bs, r, R);
+    }
+    split_range(runs * Hkv, ith, nth, 1, &i0, &i1);
+    for (int64_t i = i0; i < i1; i++) attend_run(op, starts[i / Hkv], lengths[i / Hkv], i % Hkv, scratch, round);
 }
 
 static void op_silu_mul(const Op *op, int ith, int nth, int round) {

@@ -213,8 +213,10 @@ def test_fused_attention_declines_what_it_does_not_take(monkeypatch):
     (8, 2, 128, 150, 6),   # more rows of one sequence than a pass takes, tiles of keys and a partial last tile
     (12, 1, 128, 97, 2),   # a large group
     (6, 2, 64, 40, 5),     # an odd group: a row's queries do not pair up evenly
-    (4, 4, 64, 5, 9)])     # one query per KV head
-def test_decode_attention_op_matches_softmax_attention(isa, kv_dtype, heads, kv_heads, dim, context, rows):
+    (4, 4, 64, 5, 9),      # one query per KV head
+    (4, 1, 64, 700, 2)])   # one KV head: with more threads than runs, a head's keys are split between threads
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_decode_attention_op_matches_softmax_attention(isa, kv_dtype, heads, kv_heads, dim, context, rows, threads):
     """The captured step's attention (csrc/program.c, op_attn) on a paged cache: row r of one sequence sees the
     first context + r keys; a second sequence in the same step sees its own blocks."""
     from glm45.engine import cpu_program as ops
@@ -230,7 +232,6 @@ def test_decode_attention_op_matches_softmax_attention(isa, kv_dtype, heads, kv_
     tables = torch.cat([table.repeat(rows, 1), other[None]])
     lengths = torch.cat([torch.arange(context, context + rows), torch.tensor([context + 1])]).to(torch.int32)
     out = torch.zeros(rows + 1, heads * dim)
-    threads = 2
     scratch = torch.zeros(threads, cpu.library().glm45_attention_scratch(dim, heads // kv_heads))
     program = ops.Program()
     program.add(ops.OP_ATTN, (qkv, k_cache, v_cache, tables, lengths, out, scratch),

@@ -159,6 +159,7 @@ static inline vf kv_vec(const void *cache, int64_t i, int64_t dtype) {
 #define ATTN_RUN 4
 #define ATTN_PREFETCH 16 /* keys ahead whose K and V rows are prefetched */
 #define ATTN_MAX_ROWS 4096
+#define ATTN_SPLIT_KEYS 256 /* the fewest keys a thread takes when a KV head's keys are split */
 
 /* How many rows from r on (at most ATTN_RUN) are consecutive positions of one sequence: the same block table
  * and context lengths stepping by one. */
@@ -193,13 +194,14 @@ static inline float softmax_tile(float *s, int64_t n, float scale, float *row_ma
     return rescale;
 }
 
-static void attend_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, float *scratch, int round) {
+static void attend_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, int64_t begin, int64_t end,
+                       float *scratch) {
     const float *qkv = op->p[0];
     const void *kc = op->p[1], *vc = op->p[2];
     const int32_t *table = (const int32_t *)op->p[3] + r0 * op->n[5], *ctx = (const int32_t *)op->p[4] + r0;
-    float *out = op->p[5];
-    const int64_t Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], bs = op->n[4], ldq = op->n[6], ldo = op->n[7];
-    const int64_t dt = op->n[8], group = Hq / Hkv, Q = rows * group, L = ctx[rows - 1];
+    const int64_t Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], bs = op->n[4], ldq = op->n[6];
+    const int64_t dt = op->n[8], group = Hq / Hkv, Q = rows * group;
+    const int64_t L = ctx[rows - 1] < end ? ctx[rows - 1] : end; /* keys [begin, L) of this part */
     const int64_t kv_size = dt == KV_F32 ? 4 : dt == KV_BF16 ? 2 : 1;
     const float scale = op->f[0];
     float *keys = scratch, *values = keys + ATTN_TILE * hd, *scores = values + ATTN_TILE * hd;
@@ -208,7 +210,7 @@ static void attend_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, floa
         row_max[i] = -INFINITY, row_sum[i] = 0.0f;
         memset(acc + i * hd, 0, hd * sizeof(float));
     }
-    for (int64_t t0 = 0; t0 < L; t0 += ATTN_TILE) {
+    for (int64_t t0 = begin; t0 < L; t0 += ATTN_TILE) {
         const int64_t tn = L - t0 < ATTN_TILE ? L - t0 : ATTN_TILE;
         for (int64_t i = 0; i < tn; i++) {
             const int64_t t = t0 + i, base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
@@ -283,11 +285,32 @@ static void attend_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, floa
             }
         }
     }
+}
+
+/* The output of a run of rows for one KV head from the partial results of `parts` threads' scratch (consecutive,
+ * the first at `scratch`), each over its own range of keys: o = Σ_s e^(m_s − M) acc_s / Σ_s e^(m_s − M) l_s. */
+static void finish_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, const float *scratch, int64_t parts,
+                       int round) {
+    const int64_t Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], ldo = op->n[7], stride = op->n[9];
+    const int64_t group = Hq / Hkv, Q = rows * group, acc_at = 2 * ATTN_TILE * hd + Q * ATTN_TILE;
+    float *out = op->p[5];
     for (int64_t qi = 0; qi < Q; qi++) {
-        const int64_t j = qi / group, g = qi % group;
-        float *o = out + (r0 + j) * ldo + (kvh * group + g) * hd;
-        const float inv = 1.0f / row_sum[qi];
-        for (int64_t d = 0; d < hd; d++) o[d] = rnd(acc[qi * hd + d] * inv, round);
+        float top = -INFINITY, total = 0.0f, weight[64];
+        for (int64_t s = 0; s < parts; s++) {
+            const float m = scratch[s * stride + acc_at + Q * hd + qi];
+            top = m > top ? m : top;
+        }
+        for (int64_t s = 0; s < parts; s++) {
+            const float *part = scratch + s * stride + acc_at;
+            weight[s] = part[Q * hd + qi] == -INFINITY ? 0.0f : expf(part[Q * hd + qi] - top);
+            total += weight[s] * part[Q * hd + Q + qi];
+        }
+        float *o = out + (r0 + qi / group) * ldo + (kvh * group + qi % group) * hd;
+        for (int64_t d = 0; d < hd; d++) {
+            float sum = 0.0f;
+            for (int64_t s = 0; s < parts; s++) sum += weight[s] * scratch[s * stride + acc_at + qi * hd + d];
+            o[d] = rnd(sum / total, round);
+        }
     }
 }
 
@@ -296,6 +319,9 @@ int64_t glm45_attention_scratch(int64_t hd, int64_t group) {
     return 2 * ATTN_TILE * hd + ATTN_RUN * group * (ATTN_TILE + hd + 2);
 }
 
+/* Work: runs × KV heads. With fewer of them than threads, each one's keys are split into as many parts as there are
+ * threads for it (at least ATTN_SPLIT_KEYS keys a part), each thread keeps its part's partial result in its scratch,
+ * and after a barrier the first thread of each item combines them. */
 static void op_attn(const Op *op, int ith, int nth, int round) {
     const int32_t *tables = op->p[3], *ctx = op->p[4];
     const int64_t R = op->n[0], Hkv = op->n[2], bs = op->n[4], mb = op->n[5];
@@ -303,16 +329,40 @@ static void op_attn(const Op *op, int ith, int nth, int round) {
     int64_t i0, i1;
     if (R > ATTN_MAX_ROWS) { /* beyond any captured size: every row on its own */
         split_range(R * Hkv, ith, nth, 1, &i0, &i1);
-        for (int64_t i = i0; i < i1; i++) attend_run(op, i / Hkv, 1, i % Hkv, scratch, round);
+        for (int64_t i = i0; i < i1; i++) {
+            attend_run(op, i / Hkv, 1, i % Hkv, 0, INT64_MAX, scratch);
+            finish_run(op, i / Hkv, 1, i % Hkv, scratch, 1, round);
+        }
         return;
     }
-    int64_t starts[ATTN_MAX_ROWS], lengths[ATTN_MAX_ROWS], runs = 0;
+    int64_t starts[ATTN_MAX_ROWS], lengths[ATTN_MAX_ROWS], runs = 0, longest = 0;
     for (int64_t r = 0; r < R; r += lengths[runs++]) {
         starts[runs] = r;
         lengths[runs] = sequence_run(tables, ctx, mb, bs, r, R);
+        const int64_t L = ctx[r + lengths[runs] - 1];
+        longest = L > longest ? L : longest;
     }
-    split_range(runs * Hkv, ith, nth, 1, &i0, &i1);
-    for (int64_t i = i0; i < i1; i++) attend_run(op, starts[i / Hkv], lengths[i / Hkv], i % Hkv, scratch, round);
+    const int64_t items = runs * Hkv;
+    int64_t parts = items < nth ? nth / items : 1;
+    if (parts > longest / ATTN_SPLIT_KEYS) parts = longest / ATTN_SPLIT_KEYS > 1 ? longest / ATTN_SPLIT_KEYS : 1;
+    if (parts > 64) parts = 64;
+    if (parts == 1) {
+        split_range(items, ith, nth, 1, &i0, &i1);
+        for (int64_t i = i0; i < i1; i++) {
+            attend_run(op, starts[i / Hkv], lengths[i / Hkv], i % Hkv, 0, INT64_MAX, scratch);
+            finish_run(op, starts[i / Hkv], lengths[i / Hkv], i % Hkv, scratch, 1, round);
+        }
+        return;
+    }
+    const int64_t item = ith / parts, part = ith % parts; /* threads ≥ items · parts have no part */
+    if (item < items) {
+        const int64_t r0 = starts[item / Hkv], rows = lengths[item / Hkv], L = ctx[r0 + rows - 1];
+        const int64_t chunk = (L + parts - 1) / parts, span = (chunk + ATTN_TILE - 1) / ATTN_TILE * ATTN_TILE;
+        attend_run(op, r0, rows, item % Hkv, part * span, (part + 1) * span, scratch);
+    }
+#pragma omp barrier
+    if (item < items && part == 0)
+        finish_run(op, starts[item / Hkv], lengths[item / Hkv], item % Hkv, scratch, parts, round);
 }
 
 static void op_silu_mul(const Op *op, int ith, int nth, int round) {

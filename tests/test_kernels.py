@@ -247,3 +247,38 @@ def test_decode_attention_op_matches_softmax_attention(isa, kv_dtype, heads, kv_
         expected = F.scaled_dot_product_attention(q.double(), keys.transpose(0, 1)[None].double(),
                                                   values.transpose(0, 1)[None].double())
         torch.testing.assert_close(out[r].view(heads, dim).double(), expected[0, :, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, context, rows, threads", [
+    (4, 2, 64, 50, 1, 2), (8, 2, 128, 150, 6, 2), (12, 1, 128, 600, 2, 5), (6, 2, 64, 41, 3, 1)])
+def test_decode_attention_op_of_a_bf16_model_matches_softmax_attention(isa, heads, kv_heads, dim, context, rows,
+                                                                      threads):
+    """A bf16 model's step (queries rounded to bf16, a bf16 cache, outputs rounded): on CPUs with bf16 dot products
+    the op multiplies bf16 pairs and rounds the probabilities to bf16 as torch's CPU flash attention does."""
+    from glm45.engine import cpu_program as ops
+
+    torch.manual_seed(1)
+    block, blocks = 16, -(-(context + rows) // 16)
+    k_cache = torch.randn(blocks * block, kv_heads, dim).bfloat16()
+    v_cache = torch.randn(blocks * block, kv_heads, dim).bfloat16()
+    width = (heads + 2 * kv_heads) * dim
+    qkv = torch.randn(rows, width).bfloat16().float()
+    tables = torch.randperm(blocks).to(torch.int32).repeat(rows, 1)
+    lengths = torch.arange(context, context + rows, dtype=torch.int32)
+    out = torch.zeros(rows, heads * dim)
+    scratch = torch.zeros(threads, cpu.library().glm45_attention_scratch(dim, heads // kv_heads))
+    program = ops.Program()
+    program.add(ops.OP_ATTN, (qkv, k_cache, v_cache, tables, lengths, out, scratch),
+                (rows, heads, kv_heads, dim, block, blocks, width, heads * dim, ops.KV_DTYPES[torch.bfloat16],
+                 scratch.shape[1]), (dim ** -0.5,))
+    program.finish()
+    program.run(True, threads)
+    assert torch.equal(out, out.bfloat16().float())  # rounded like the bf16 model's activations
+    for r in range(rows):
+        slots = (tables[r].long()[:, None] * block + torch.arange(block)).reshape(-1)[: lengths[r]]
+        keys = k_cache.float()[slots].repeat_interleave(heads // kv_heads, 1)
+        values = v_cache.float()[slots].repeat_interleave(heads // kv_heads, 1)
+        q = qkv[r, : heads * dim].view(1, heads, 1, dim)
+        expected = F.scaled_dot_product_attention(q.double(), keys.transpose(0, 1)[None].double(),
+                                                  values.transpose(0, 1)[None].double())
+        torch.testing.assert_close(out[r].view(heads, dim).double(), expected[0, :, 0], rtol=2e-2, atol=4e-3)

@@ -194,8 +194,8 @@ static inline float softmax_tile(float *s, int64_t n, float scale, float *row_ma
     return rescale;
 }
 
-static void attend_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, int64_t begin, int64_t end,
-                       float *scratch) {
+static void attend_run_fp32(const Op *op, int64_t r0, int64_t rows, int64_t kvh, int64_t begin, int64_t end,
+                            float *scratch) {
     const float *qkv = op->p[0];
     const void *kc = op->p[1], *vc = op->p[2];
     const int32_t *table = (const int32_t *)op->p[3] + r0 * op->n[5], *ctx = (const int32_t *)op->p[4] + r0;
@@ -287,6 +287,131 @@ static void attend_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, int6
     }
 }
 
+#if defined(__AVX512BF16__)
+/* attend_run for a bf16 model's bf16 cache on CPUs with bf16 dot products (vdpbf16ps, 32 products a vector): the
+ * queries (bf16 values already: the step rounds them) and the keys are multiplied as bf16 pairs straight from the
+ * cache, and each tile's values are packed two keys to a 32-bit lane, so that a probability pair (rounded to bf16,
+ * as flash attention and torch's CPU kernel round them) is broadcast against 16 dimensions of both keys. Same
+ * results layout as attend_run (finish_run combines them); needs rows · group ≤ 3 · ATTN_TILE and hd % 32 == 0. */
+static void attend_run_bf16(const Op *op, int64_t r0, int64_t rows, int64_t kvh, int64_t begin, int64_t end,
+                            float *scratch) {
+    const float *qkv = op->p[0];
+    const uint16_t *kc = op->p[1], *vc = op->p[2];
+    const int32_t *table = (const int32_t *)op->p[3] + r0 * op->n[5], *ctx = (const int32_t *)op->p[4] + r0;
+    const int64_t Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], bs = op->n[4], ldq = op->n[6];
+    const int64_t group = Hq / Hkv, Q = rows * group, chunks = hd / 32;
+    const int64_t L = ctx[rows - 1] < end ? ctx[rows - 1] : end;
+    const float scale = op->f[0];
+    uint16_t *qb = (uint16_t *)scratch;                          /* [Q, hd] bf16 queries */
+    uint32_t *packed = (uint32_t *)(scratch + Q * hd / 2);       /* [ATTN_TILE / 2, hd] value pairs */
+    float *scores = scratch + 2 * ATTN_TILE * hd;
+    float *acc = scores + Q * ATTN_TILE, *row_max = acc + Q * hd, *row_sum = row_max + Q;
+    const uint16_t *key[ATTN_TILE];
+    for (int64_t qi = 0; qi < Q; qi++) {
+        const float *q = qkv + (r0 + qi / group) * ldq + (kvh * group + qi % group) * hd;
+        for (int64_t d = 0; d < hd; d += 16)
+            _mm256_storeu_si256((__m256i *)(qb + qi * hd + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q + d)));
+        row_max[qi] = -INFINITY, row_sum[qi] = 0.0f;
+        memset(acc + qi * hd, 0, hd * sizeof(float));
+    }
+    for (int64_t t0 = begin; t0 < L; t0 += ATTN_TILE) {
+        const int64_t tn = L - t0 < ATTN_TILE ? L - t0 : ATTN_TILE;
+        for (int64_t i = 0; i < tn; i++) {
+            const int64_t t = t0 + i;
+            key[i] = kc + ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
+            if (t + ATTN_PREFETCH < L) {
+                const int64_t ahead = t + ATTN_PREFETCH;
+                const int64_t next = ((int64_t)table[ahead / bs] * bs + ahead % bs) * Hkv * hd + kvh * hd;
+                for (int64_t b = 0; b < hd; b += 32) {
+                    _mm_prefetch((const char *)(kc + next + b), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(vc + next + b), _MM_HINT_T0);
+                }
+            }
+        }
+        for (int64_t i = 0; i < tn; i += 2) { /* value pairs: key i in the low half of each lane, key i + 1 high */
+            const uint16_t *v0 = vc + (key[i] - kc), *v1 = i + 1 < tn ? vc + (key[i + 1] - kc) : NULL;
+            for (int64_t d = 0; d < hd; d += 16) {
+                const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v0 + d)));
+                const __m512i hi = v1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                            _mm256_loadu_si256((const __m256i *)(v1 + d))), 16)
+                                      : _mm512_setzero_si512();
+                _mm512_storeu_si512(packed + (i / 2) * hd + d, _mm512_or_si512(lo, hi));
+            }
+        }
+        int64_t pair;
+        for (int64_t qi = 0; qi < Q; qi += 1 + pair) {
+            const int64_t j = qi / group, n = ctx[j] - t0 < tn ? ctx[j] - t0 : tn;
+            pair = qi + 1 < Q && (qi + 1) / group == j;
+            if (n <= 0) continue;
+            const uint16_t *x0 = qb + qi * hd, *x1 = x0 + hd * pair;
+            float *s0 = scores + qi * ATTN_TILE, *s1 = s0 + ATTN_TILE * pair;
+            int64_t i = 0;
+            for (; i + 4 <= n; i += 4) {
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+                for (int64_t c = 0; c < chunks; c++) {
+                    const __m512bh y0 = (__m512bh)_mm512_loadu_si512(x0 + 32 * c);
+                    const __m512bh y1 = (__m512bh)_mm512_loadu_si512(x1 + 32 * c);
+                    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(key[i] + 32 * c);
+                    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(key[i + 1] + 32 * c);
+                    const __m512bh k2 = (__m512bh)_mm512_loadu_si512(key[i + 2] + 32 * c);
+                    const __m512bh k3 = (__m512bh)_mm512_loadu_si512(key[i + 3] + 32 * c);
+                    a0 = _mm512_dpbf16_ps(a0, y0, k0), a1 = _mm512_dpbf16_ps(a1, y0, k1);
+                    a2 = _mm512_dpbf16_ps(a2, y0, k2), a3 = _mm512_dpbf16_ps(a3, y0, k3);
+                    b0 = _mm512_dpbf16_ps(b0, y1, k0), b1 = _mm512_dpbf16_ps(b1, y1, k1);
+                    b2 = _mm512_dpbf16_ps(b2, y1, k2), b3 = _mm512_dpbf16_ps(b3, y1, k3);
+                }
+                vhsum4(a0, a1, a2, a3, s0 + i);
+                vhsum4(b0, b1, b2, b3, s1 + i);
+            }
+            for (; i < n; i++) {
+                __m512 a = _mm512_setzero_ps(), b = a;
+                for (int64_t c = 0; c < chunks; c++) {
+                    const __m512bh k = (__m512bh)_mm512_loadu_si512(key[i] + 32 * c);
+                    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(x0 + 32 * c), k);
+                    b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(x1 + 32 * c), k);
+                }
+                s0[i] = _mm512_reduce_add_ps(a), s1[i] = _mm512_reduce_add_ps(b);
+            }
+            float rescale[2];
+            for (int c = 0; c <= pair; c++) {
+                float *sc = c ? s1 : s0;
+                rescale[c] = softmax_tile(sc, n, scale, row_max + qi + c, row_sum + qi + c);
+                uint16_t *pb = (uint16_t *)sc; /* the probabilities in bf16, in place (each write trails its read) */
+                int64_t k = 0;
+                for (; k + 16 <= n; k += 16)
+                    _mm256_storeu_si256((__m256i *)(pb + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + k)));
+                for (; k < n; k++) pb[k] = f32_to_bf16(sc[k]);
+                if (n & 1) pb[n] = 0; /* the odd last key's partner */
+            }
+            const uint16_t *p0 = (const uint16_t *)s0, *p1 = (const uint16_t *)s1;
+            float *acc0 = acc + qi * hd, *acc1 = acc0 + hd * pair;
+            for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+                const int64_t width = hd - d0 < 64 ? (hd - d0) / 16 : 4;
+                __m512 o0[4], o1[4];
+                for (int w = 0; w < width; w++) {
+                    o0[w] = _mm512_mul_ps(_mm512_loadu_ps(acc0 + d0 + 16 * w), _mm512_set1_ps(rescale[0]));
+                    o1[w] = _mm512_mul_ps(_mm512_loadu_ps(acc1 + d0 + 16 * w), _mm512_set1_ps(rescale[pair]));
+                }
+                for (i = 0; i < n; i += 2) {
+                    uint32_t w0, w1;
+                    memcpy(&w0, p0 + i, 4), memcpy(&w1, p1 + i, 4);
+                    const __m512bh e0 = (__m512bh)_mm512_set1_epi32((int)w0), e1 = (__m512bh)_mm512_set1_epi32((int)w1);
+                    const uint32_t *v = packed + (i / 2) * hd + d0;
+                    for (int w = 0; w < width; w++) {
+                        const __m512bh x = (__m512bh)_mm512_loadu_si512(v + 16 * w);
+                        o0[w] = _mm512_dpbf16_ps(o0[w], e0, x), o1[w] = _mm512_dpbf16_ps(o1[w], e1, x);
+                    }
+                }
+                for (int w = 0; w < width; w++) {
+                    _mm512_storeu_ps(acc1 + d0 + 16 * w, o1[w]);
+                    _mm512_storeu_ps(acc0 + d0 + 16 * w, o0[w]);
+                }
+            }
+        }
+    }
+}
+#endif
+
 /* The output of a run of rows for one KV head from the partial results of `parts` threads' scratch (consecutive,
  * the first at `scratch`), each over its own range of keys: o = Σ_s e^(m_s − M) acc_s / Σ_s e^(m_s − M) l_s. */
 static void finish_run(const Op *op, int64_t r0, int64_t rows, int64_t kvh, const float *scratch, int64_t parts,
@@ -322,9 +447,17 @@ int64_t glm45_attention_scratch(int64_t hd, int64_t group) {
 /* Work: runs × KV heads. With fewer of them than threads, each one's keys are split into as many parts as there are
  * threads for it (at least ATTN_SPLIT_KEYS keys a part), each thread keeps its part's partial result in its scratch,
  * and after a barrier the first thread of each item combines them. */
+typedef void (*AttendFn)(const Op *, int64_t, int64_t, int64_t, int64_t, int64_t, float *);
+
 static void op_attn(const Op *op, int ith, int nth, int round) {
     const int32_t *tables = op->p[3], *ctx = op->p[4];
     const int64_t R = op->n[0], Hkv = op->n[2], bs = op->n[4], mb = op->n[5];
+    AttendFn attend_run = attend_run_fp32;
+#if defined(__AVX512BF16__)
+    /* a bf16 model's queries are bf16 values, so their products with a bf16 cache's keys are exact either way */
+    if (round && op->n[8] == KV_BF16 && op->n[3] % 32 == 0 && ATTN_RUN * (op->n[1] / Hkv) <= 3 * ATTN_TILE)
+        attend_run = attend_run_bf16;
+#endif
     float *scratch = (float *)op->p[6] + (int64_t)ith * op->n[9];
     int64_t i0, i1;
     if (R > ATTN_MAX_ROWS) { /* beyond any captured size: every row on its own */

@@ -206,6 +206,32 @@ def test_fused_attention_declines_what_it_does_not_take(monkeypatch):
         cpu.library.cache_clear()
 
 
+def run_attention_op(qkv, k_cache, v_cache, tables, lengths, heads, threads, bf16_model):
+    """The captured step's attention op (csrc/program.c, op_attn) alone: the output [rows, heads · dim]."""
+    from glm45.engine import cpu_program as ops
+
+    rows, (_, kv_heads, dim), block = len(lengths), k_cache.shape, 16
+    out = torch.zeros(rows, heads * dim)
+    scratch = torch.zeros(threads, cpu.library().glm45_attention_scratch(dim, heads // kv_heads))
+    program = ops.Program()
+    program.add(ops.OP_ATTN, (qkv, k_cache, v_cache, tables, lengths, out, scratch),
+                (rows, heads, kv_heads, dim, block, tables.shape[1], qkv.shape[1], heads * dim,
+                 ops.KV_DTYPES[k_cache.dtype], scratch.shape[1]), (dim ** -0.5,))
+    program.finish()
+    program.run(bf16_model, threads)
+    return out
+
+
+def softmax_attention_row(qkv, k_cache, v_cache, table, length, heads):
+    """float64 attention of one row's queries over the first `length` keys of its block table (blocks of 16)."""
+    _, kv_heads, dim = k_cache.shape
+    slots = (table.long()[:, None] * 16 + torch.arange(16)).reshape(-1)[:length]
+    keys = k_cache.double()[slots].repeat_interleave(heads // kv_heads, 1).transpose(0, 1)[None]
+    values = v_cache.double()[slots].repeat_interleave(heads // kv_heads, 1).transpose(0, 1)[None]
+    q = qkv[: heads * dim].double().view(1, heads, 1, dim)
+    return F.scaled_dot_product_attention(q, keys, values)[0, :, 0].reshape(-1)
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("heads, kv_heads, dim, context, rows", [
     (4, 2, 64, 1, 1),      # one key
@@ -217,36 +243,20 @@ def test_fused_attention_declines_what_it_does_not_take(monkeypatch):
     (4, 1, 64, 700, 2)])   # one KV head: with more threads than runs, a head's keys are split between threads
 @pytest.mark.parametrize("threads", [1, 2, 5])
 def test_decode_attention_op_matches_softmax_attention(isa, kv_dtype, heads, kv_heads, dim, context, rows, threads):
-    """The captured step's attention (csrc/program.c, op_attn) on a paged cache: row r of one sequence sees the
-    first context + r keys; a second sequence in the same step sees its own blocks."""
-    from glm45.engine import cpu_program as ops
-
+    """On a paged cache: row r of one sequence sees the first context + r keys; a second sequence in the same step
+    sees its own blocks."""
     torch.manual_seed(0)
-    block, blocks = 16, -(-(context + rows) // 16)
-    k_cache = torch.randn(2 * blocks * block, kv_heads, dim).to(kv_dtype)
-    v_cache = torch.randn(2 * blocks * block, kv_heads, dim).to(kv_dtype)
-    width = (heads + 2 * kv_heads) * dim
-    qkv = torch.randn(rows + 1, width)
-    table = torch.randperm(blocks).to(torch.int32)
-    other = torch.randperm(blocks).to(torch.int32) + blocks
+    blocks = -(-(context + rows) // 16)
+    k_cache = torch.randn(2 * blocks * 16, kv_heads, dim).to(kv_dtype)
+    v_cache = torch.randn(2 * blocks * 16, kv_heads, dim).to(kv_dtype)
+    qkv = torch.randn(rows + 1, (heads + 2 * kv_heads) * dim)
+    table, other = torch.randperm(blocks).to(torch.int32), torch.randperm(blocks).to(torch.int32) + blocks
     tables = torch.cat([table.repeat(rows, 1), other[None]])
     lengths = torch.cat([torch.arange(context, context + rows), torch.tensor([context + 1])]).to(torch.int32)
-    out = torch.zeros(rows + 1, heads * dim)
-    scratch = torch.zeros(threads, cpu.library().glm45_attention_scratch(dim, heads // kv_heads))
-    program = ops.Program()
-    program.add(ops.OP_ATTN, (qkv, k_cache, v_cache, tables, lengths, out, scratch),
-                (rows + 1, heads, kv_heads, dim, block, blocks, width, heads * dim, ops.KV_DTYPES[kv_dtype],
-                 scratch.shape[1]), (dim ** -0.5,))
-    program.finish()
-    program.run(False, threads)
+    out = run_attention_op(qkv, k_cache, v_cache, tables, lengths, heads, threads, bf16_model=False)
     for r in range(rows + 1):
-        slots = (tables[r].long()[:, None] * block + torch.arange(block)).reshape(-1)[: lengths[r]]
-        keys = k_cache.float()[slots].repeat_interleave(heads // kv_heads, 1)
-        values = v_cache.float()[slots].repeat_interleave(heads // kv_heads, 1)
-        q = qkv[r, : heads * dim].view(1, heads, 1, dim)
-        expected = F.scaled_dot_product_attention(q.double(), keys.transpose(0, 1)[None].double(),
-                                                  values.transpose(0, 1)[None].double())
-        torch.testing.assert_close(out[r].view(heads, dim).double(), expected[0, :, 0], rtol=1e-5, atol=1e-5)
+        expected = softmax_attention_row(qkv[r], k_cache.float(), v_cache.float(), tables[r], lengths[r], heads)
+        torch.testing.assert_close(out[r].double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim, context, rows, threads", [
@@ -255,30 +265,15 @@ def test_decode_attention_op_of_a_bf16_model_matches_softmax_attention(isa, head
                                                                       threads):
     """A bf16 model's step (queries rounded to bf16, a bf16 cache, outputs rounded): on CPUs with bf16 dot products
     the op multiplies bf16 pairs and rounds the probabilities to bf16 as torch's CPU flash attention does."""
-    from glm45.engine import cpu_program as ops
-
     torch.manual_seed(1)
-    block, blocks = 16, -(-(context + rows) // 16)
-    k_cache = torch.randn(blocks * block, kv_heads, dim).bfloat16()
-    v_cache = torch.randn(blocks * block, kv_heads, dim).bfloat16()
-    width = (heads + 2 * kv_heads) * dim
-    qkv = torch.randn(rows, width).bfloat16().float()
+    blocks = -(-(context + rows) // 16)
+    k_cache = torch.randn(blocks * 16, kv_heads, dim).bfloat16()
+    v_cache = torch.randn(blocks * 16, kv_heads, dim).bfloat16()
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim).bfloat16().float()
     tables = torch.randperm(blocks).to(torch.int32).repeat(rows, 1)
     lengths = torch.arange(context, context + rows, dtype=torch.int32)
-    out = torch.zeros(rows, heads * dim)
-    scratch = torch.zeros(threads, cpu.library().glm45_attention_scratch(dim, heads // kv_heads))
-    program = ops.Program()
-    program.add(ops.OP_ATTN, (qkv, k_cache, v_cache, tables, lengths, out, scratch),
-                (rows, heads, kv_heads, dim, block, blocks, width, heads * dim, ops.KV_DTYPES[torch.bfloat16],
-                 scratch.shape[1]), (dim ** -0.5,))
-    program.finish()
-    program.run(True, threads)
+    out = run_attention_op(qkv, k_cache, v_cache, tables, lengths, heads, threads, bf16_model=True)
     assert torch.equal(out, out.bfloat16().float())  # rounded like the bf16 model's activations
     for r in range(rows):
-        slots = (tables[r].long()[:, None] * block + torch.arange(block)).reshape(-1)[: lengths[r]]
-        keys = k_cache.float()[slots].repeat_interleave(heads // kv_heads, 1)
-        values = v_cache.float()[slots].repeat_interleave(heads // kv_heads, 1)
-        q = qkv[r, : heads * dim].view(1, heads, 1, dim)
-        expected = F.scaled_dot_product_attention(q.double(), keys.transpose(0, 1)[None].double(),
-                                                  values.transpose(0, 1)[None].double())
-        torch.testing.assert_close(out[r].view(heads, dim).double(), expected[0, :, 0], rtol=2e-2, atol=4e-3)
+        expected = softmax_attention_row(qkv[r], k_cache.float(), v_cache.float(), tables[r], lengths[r], heads)
+        torch.testing.assert_close(out[r].double(), expected, rtol=2e-2, atol=4e-3)

@@ -149,6 +149,25 @@ def test_fp8_checkpoint_is_detected_and_its_files_match_the_fp8_rule(tmp_path):
     assert int8.weights == weight_bytes(config, WEIGHT_FORMATS["int8"]) and int8.stored == plan.stored
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_checkpoint_files_match_the_plans_rule(tmp_path, fmt):
+    """`glm45 quantize` of a bf16 checkpoint packs the LM heads and eh_proj too: the plan counts them so."""
+    config = tiny_config("glm45_like")
+    torch.manual_seed(0)
+    model = Glm4MoeForCausalLM(config, with_mtp=True)
+    tensors = {name: tensor.float().contiguous() if ".mlp.gate." in name else tensor.to(torch.bfloat16).contiguous()
+               for name, tensor in checkpoint_tensors(model)}
+    (tmp_path / "bf16").mkdir()
+    save_file(tensors, str(tmp_path / "bf16" / "model.safetensors"))
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(
+        {**TINY_CONFIGS["glm45_like"], "model_type": "glm4_moe", "num_nextn_predict_layers": 1}))
+    assert main(["quantize", str(tmp_path / "bf16"), "--to", fmt, "--out", str(tmp_path / fmt),
+                 "--dtype", "bfloat16"]) == 0
+    plan = plan_model(str(tmp_path / fmt), num_speculative_tokens=1)
+    assert plan.quantization == fmt
+    assert plan.stored == weight_bytes(config, WEIGHT_FORMATS[fmt]) == plan.weights
+
+
 def test_index_without_shards_gives_the_stored_total(tmp_path):
     config = tiny_config("air_like", num_nextn_predict_layers=0)
     raw = {**TINY_CONFIGS["air_like"], "model_type": "glm4_moe", "num_nextn_predict_layers": 0}

@@ -6,9 +6,11 @@ safetensors headers); nothing is allocated and no weight is read. Sizes are per 
 parallelism (parallel/tensor_parallel.py: heads, MLP and expert intermediates split; KV heads split while
 there are at least as many as ranks, else one per rank; vocabulary rows split; norms and routers replicated).
 
-    weights      Σ over tensors: linear layers by the format's rule (WEIGHT_FORMATS); embeddings, LM head,
-                 MTP eh_proj, norms and biases in bf16 (as in the FP8 releases; the same choice for int8 and
-                 int4 here); routers and their bias in fp32 (as the loader keeps them). The MTP layer is
+    weights      Σ over tensors: linear layers by the format's rule (WEIGHT_FORMATS); the LM heads and MTP's
+                 eh_proj too for int8 and int4 (glm45 packs them), in bf16 for fp8 (as the FP8 releases ship
+                 and serve them; a bf16 checkpoint quantized to fp8 at load packs them, which this overstates);
+                 embeddings, norms and biases in bf16; routers and their bias in fp32 (as the loader keeps
+                 them). The MTP layer's embedding and head are counted as stored copies. The MTP layer is
                  resident only when speculative decoding is on. For a checkpoint served in its own format,
                  each part is scaled to the bytes its safetensors files hold.
     KV per token 2 (K, V) × layers × KV heads × head_dim × bytes, plus one layer (the MTP layer's own cache)

@@ -40,11 +40,16 @@ LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "routed_experts": 
 @dataclass(frozen=True)
 class _Tensor:
     part: str
-    kind: str  # linear (stored in the weight format) | dense (bf16) | router (fp32)
+    kind: str  # linear (stored in the weight format) | head (see HEADS_PACKED_IN) | dense (bf16) | router (fp32)
     name: str
     rows: int
     cols: int = 1
     count: int = 1
+
+
+# The LM heads and MTP's eh_proj are linear layers the FP8 releases ship in bf16 (and an FP8 checkpoint keeps them
+# so); glm45's int8 and int4 pack them like every other linear layer (glm45.quant.scheme).
+HEADS_PACKED_IN = ("int8", "int4")
 
 
 def kv_heads_per_rank(config: ModelConfig, tp: int) -> int:
@@ -90,13 +95,16 @@ def _tensors(config: ModelConfig, tp: int) -> list[_Tensor]:
         out += [replace(t, count=t.count * dense) for t in _block(config, tp, None, False, "model.layers.*")]
     if moe:
         out += [replace(t, count=t.count * moe) for t in _block(config, tp, None, True, "model.layers.*")]
-    out += [_Tensor("embeddings", "dense", "embed_tokens", vocab_rows, D, 1 if config.tie_word_embeddings else 2),
+    out += [_Tensor("embeddings", "dense", "embed_tokens", vocab_rows, D),
             _Tensor("embeddings", "dense", "norm", D)]
+    if not config.tie_word_embeddings:
+        out.append(_Tensor("embeddings", "head", "lm_head", vocab_rows, D))
     if config.num_nextn_predict_layers:
         n = config.num_hidden_layers
         out += _block(config, tp, "mtp", config.is_moe_layer(n), f"model.layers.{n}")
-        out += [_Tensor("mtp", "dense", "embed_tokens and shared_head.head", vocab_rows, D, 2),
-                _Tensor("mtp", "dense", "eh_proj", D, 2 * D),
+        out += [_Tensor("mtp", "dense", "embed_tokens", vocab_rows, D),
+                _Tensor("mtp", "head", f"model.layers.{n}.shared_head.head", vocab_rows, D),
+                _Tensor("mtp", "head", f"model.layers.{n}.eh_proj", D, 2 * D),
                 _Tensor("mtp", "dense", "enorm, hnorm, shared_head.norm", D, 1, 3)]
     return out
 
@@ -106,7 +114,7 @@ def weight_bytes(config: ModelConfig, fmt: WeightFormat, tp: int = 1) -> WeightB
     dense_bytes = fmt.bits // 8 if fmt.bits > 16 else 2  # unquantized tensors: bf16 (fp32 for an fp32 model)
     parts = dict.fromkeys(LABELS, 0)
     for t in _tensors(config, tp):
-        if t.kind == "linear":
+        if _packed(t, fmt):
             size = fmt.nbytes(t.rows, t.cols)
         else:
             size = t.rows * t.cols * (4 if t.kind == "router" else dense_bytes)
@@ -117,7 +125,11 @@ def weight_bytes(config: ModelConfig, fmt: WeightFormat, tp: int = 1) -> WeightB
 def block_problems(config: ModelConfig, fmt: WeightFormat, tp: int) -> list[str]:
     """The linear layers whose per-rank input dimension the format's blocks do not divide."""
     return [f"{t.name}: {problem}" for t in _tensors(config, tp)
-            if t.kind == "linear" and (problem := fmt.block_problem(t.cols))]
+            if _packed(t, fmt) and (problem := fmt.block_problem(t.cols))]
+
+
+def _packed(t: _Tensor, fmt: WeightFormat) -> bool:
+    return t.kind == "linear" or (t.kind == "head" and fmt.name in HEADS_PACKED_IN)
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_bytes: int, tp: int = 1, mtp: bool = False) -> int:

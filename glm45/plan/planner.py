@@ -10,6 +10,7 @@ from typing import Any
 
 from glm45.config import ModelConfig
 from glm45.plan.accounting import (
+    HEADS_PACKED_IN,
     LABELS,
     WeightBytes,
     activation_bytes,
@@ -217,7 +218,8 @@ def _gib(n: float) -> str:
 def describe(plan: MemoryPlan) -> str:
     """The plan as text: what `glm45 plan` prints and what the engine logs at startup."""
     c, k, fmt = plan.config, plan.num_speculative_tokens, WEIGHT_FORMATS[plan.quantization]
-    high = "; embeddings, heads, norms and biases bf16, routers fp32" if fmt.quantized else ""
+    high = "" if not fmt.quantized else "; the heads packed too, embeddings, norms and biases bf16, routers fp32" \
+        if fmt.name in HEADS_PACKED_IN else "; embeddings, heads, norms and biases bf16, routers fp32"
     lines = [f"{plan.model or 'model'}: {plan.source}" if plan.source else plan.model or "model",
              f"  {c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), hidden {c.hidden_size}, "
              f"{c.num_attention_heads}/{c.num_key_value_heads} heads × {c.head_dim}, {c.n_routed_experts} experts "

@@ -171,6 +171,22 @@ static int64_t sequence_run(const int32_t *tables, const int32_t *ctx, int64_t m
     return n;
 }
 
+/* Element offset of KV head kvh's row for key t in a paged cache ([slot, Hkv, hd]), and a prefetch of the K and V
+ * rows ATTN_PREFETCH keys ahead (one head's row every Hkv·hd elements is too sparse for the hardware prefetchers). */
+static inline int64_t kv_row(const int32_t *table, int64_t t, int64_t bs, int64_t Hkv, int64_t hd, int64_t kvh) {
+    return ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
+}
+
+static inline void prefetch_kv(const void *kc, const void *vc, const int32_t *table, int64_t t, int64_t L, int64_t bs,
+                               int64_t Hkv, int64_t hd, int64_t kvh, int64_t kv_size) {
+    if (t + ATTN_PREFETCH >= L) return;
+    const int64_t next = kv_row(table, t + ATTN_PREFETCH, bs, Hkv, hd, kvh) * kv_size;
+    for (int64_t b = 0; b < hd * kv_size; b += 64) {
+        _mm_prefetch((const char *)kc + next + b, _MM_HINT_T0);
+        _mm_prefetch((const char *)vc + next + b, _MM_HINT_T0);
+    }
+}
+
 /* A query's scores over one tile (n keys) → e^(s·scale − m) in place, with its running maximum m and sum
  * updated; returns the factor its accumulator is rescaled by (0 on its first tile, when m was -inf). */
 static inline float softmax_tile(float *s, int64_t n, float scale, float *row_max, float *row_sum) {
@@ -213,15 +229,8 @@ static void attend_run_fp32(const Op *op, int64_t r0, int64_t rows, int64_t kvh,
     for (int64_t t0 = begin; t0 < L; t0 += ATTN_TILE) {
         const int64_t tn = L - t0 < ATTN_TILE ? L - t0 : ATTN_TILE;
         for (int64_t i = 0; i < tn; i++) {
-            const int64_t t = t0 + i, base = ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
-            if (t + ATTN_PREFETCH < L) { /* one head's row every Hkv·hd elements: too sparse for the prefetchers */
-                const int64_t ahead = t + ATTN_PREFETCH;
-                const int64_t next = (((int64_t)table[ahead / bs] * bs + ahead % bs) * Hkv * hd + kvh * hd) * kv_size;
-                for (int64_t b = 0; b < hd * kv_size; b += 64) {
-                    _mm_prefetch((const char *)kc + next + b, _MM_HINT_T0);
-                    _mm_prefetch((const char *)vc + next + b, _MM_HINT_T0);
-                }
-            }
+            const int64_t t = t0 + i, base = kv_row(table, t, bs, Hkv, hd, kvh);
+            prefetch_kv(kc, vc, table, t, L, bs, Hkv, hd, kvh, kv_size);
             for (int64_t d = 0; d < hd; d += VL) {
                 vstore(keys + i * hd + d, kv_vec(kc, base + d, dt));
                 vstore(values + i * hd + d, kv_vec(vc, base + d, dt));
@@ -318,15 +327,8 @@ static void attend_run_bf16(const Op *op, int64_t r0, int64_t rows, int64_t kvh,
         const int64_t tn = L - t0 < ATTN_TILE ? L - t0 : ATTN_TILE;
         for (int64_t i = 0; i < tn; i++) {
             const int64_t t = t0 + i;
-            key[i] = kc + ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
-            if (t + ATTN_PREFETCH < L) {
-                const int64_t ahead = t + ATTN_PREFETCH;
-                const int64_t next = ((int64_t)table[ahead / bs] * bs + ahead % bs) * Hkv * hd + kvh * hd;
-                for (int64_t b = 0; b < hd; b += 32) {
-                    _mm_prefetch((const char *)(kc + next + b), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(vc + next + b), _MM_HINT_T0);
-                }
-            }
+            key[i] = kc + kv_row(table, t, bs, Hkv, hd, kvh);
+            prefetch_kv(kc, vc, table, t, L, bs, Hkv, hd, kvh, 2);
         }
         for (int64_t i = 0; i < tn; i += 2) { /* value pairs: key i in the low half of each lane, key i + 1 high */
             const uint16_t *v0 = vc + (key[i] - kc), *v1 = i + 1 < tn ? vc + (key[i + 1] - kc) : NULL;

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py                      # the Air-shaped benchmark model, 3 rounds
     python benchmarks/bench_memory.py --model small --rounds 1
+    python benchmarks/bench_memory.py --formats bf16,int4,int4:int8   # W:H: the LM heads in H
 
 Each load runs in a fresh process (`LLM(model, quantization=...)` with a 32 MiB KV cache, so the cache does not
 hide the weights), interleaved over rounds. Per format it prints the process's resident-memory growth across
@@ -39,7 +40,8 @@ def measure(model_dir: str, fmt: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     before = process_memory()
-    kwargs = {} if fmt == "bf16" else {"quantization": fmt}
+    weights, _, head = fmt.partition(":")
+    kwargs = {} if fmt == "bf16" else {"quantization": weights, "lm_head_quantization": head or None}
     llm = LLM(model_dir, dtype="bfloat16", device="cpu", threads=threads, max_model_len=1024,
               kv_cache_memory_bytes=32 << 20, **kwargs)
     gc.collect()
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), default="air")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="weight formats, bf16 first; W:H for weights in W with the LM heads in H")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "glm45-bench"))
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -67,10 +71,13 @@ def main() -> None:
     model_dir = Path(args.workdir) / MODELS[args.model]
     if not (model_dir / "config.json").is_file():
         sys.exit(f"no checkpoint at {model_dir}: run benchmarks/bench_peers.py once (it writes the models)")
-    runs: dict[str, list[dict]] = {fmt: [] for fmt in FORMATS}
+    formats = [f for f in args.formats.split(",") if f]
+    if formats[0] != "bf16":
+        sys.exit("--formats must begin with bf16 (the ratios' base)")
+    runs: dict[str, list[dict]] = {fmt: [] for fmt in formats}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     for _ in range(args.rounds):
-        for fmt in FORMATS:
+        for fmt in formats:
             out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker",
                                   str(model_dir), fmt], capture_output=True, text=True, env=env, check=True)
             runs[fmt].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -80,7 +87,7 @@ def main() -> None:
     print("| format | RSS growth MiB | ÷ bf16 | tensors held MiB | ÷ bf16 | target | peak during load MiB | "
           "weights MiB (engine) |")
     print("|---|---:|---:|---:|---:|---|---:|---:|")
-    for fmt in FORMATS:
+    for fmt in formats:
         m, base = medians[fmt], medians["bf16"]
 
         def spread(key, fmt=fmt, m=m):

@@ -8,8 +8,9 @@ Models are random-weight checkpoints of the GLM-4.5 architecture (`benchmarks/mo
 parameters; `air`, the Air-shaped 0.97B with its MTP layer, 0.63B without), written once under `--workdir`.
 llama.cpp gets the same weights as GGUF files made by its own converter (bf16) and quantizer (Q8_0, Q4_K_M),
 see `gguf_export.py`. Precisions pair up as bf16 ↔ llama.cpp BF16 ↔ transformers bf16, int8 ↔ Q8_0,
-int4 ↔ Q4_K_M; fp8 is glm45 alone (against its bf16). glm45's `quantization=` is optional: if `LLM` refuses
-it, the row reads "n/a".
+int4 ↔ Q4_K_M; fp8 is glm45 alone (against its bf16). `int4:int8` (int4 weights, int8 LM heads: the mix
+closest to Q4_K_M, which keeps its output matrix in Q6_K) meets Q4_K_M too, which then runs once for each.
+glm45's `quantization=` is optional: if `LLM` refuses it, the row reads "n/a".
 
 Every engine runs in its own process (this script with `--worker`), one process per engine, model, precision
 and round, loading the model once for its workloads (`peer_workers.py` says what each measures). Rounds are
@@ -49,8 +50,9 @@ from benchmarks.peer_workers import QUIET, wait_for_quiet  # noqa: E402
 from benchmarks.report import print_report  # noqa: E402
 
 MODELS = {"small": "small", "air": "air-0.6b"}
-PRECISIONS = ("bf16", "int8", "int4", "fp8")
-GGUF_OF = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}  # the llama.cpp file each precision meets
+PRECISIONS = ("bf16", "int8", "int4", "fp8", "int4:int8")  # W:H is weights in W, the LM heads in H
+DEFAULT_PRECISIONS = PRECISIONS[:4]
+GGUF_OF = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M", "int4:int8": "Q4_K_M"}  # the llama.cpp file each meets
 WORKLOAD_LABELS = {"decode": "decode bs=1", "batch": "{n} req × {out}", "prefill": "prefill {n}",
                    "mtp": "MTP chat bs=1"}
 MTP_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {
@@ -258,7 +260,8 @@ def workload_label(workload: str, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma list of: small, air (default: both; --quick: small)")
-    parser.add_argument("--precisions", help="comma list of: bf16, int8, int4, fp8 (default: all; --quick: bf16)")
+    parser.add_argument("--precisions", help="comma list of: bf16, int8, int4, fp8, int4:int8 (default: the first "
+                        "four; --quick: bf16)")
     parser.add_argument("--workloads", default="decode,batch,prefill,mtp",
                         help="comma list of: decode, batch, prefill, mtp (the bundled model, k=0 vs k=1)")
     parser.add_argument("--batch-precisions", default="bf16",
@@ -305,7 +308,7 @@ def main() -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     args.models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
-    args.precisions = [p for p in (args.precisions or ",".join(PRECISIONS)).split(",") if p]
+    args.precisions = [p for p in (args.precisions or ",".join(DEFAULT_PRECISIONS)).split(",") if p]
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.batch_precisions = [p for p in args.batch_precisions.split(",") if p]
     args.threads = sorted(int(t) for t in str(args.threads).split(","))
@@ -321,7 +324,7 @@ def run(args) -> None:
     started = time.time()
     have_llama, have_hf = check_optional(args)
     spec = make_spec(args)
-    quants = [GGUF_OF[p] for p in args.precisions if p in GGUF_OF and p != "bf16"]
+    quants = list(dict.fromkeys(GGUF_OF[p] for p in args.precisions if p in GGUF_OF and p != "bf16"))
     record: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "args": {
         k: v for k, v in vars(args).items() if not k.startswith("worker")}, "machine": machine_info(),
         "floors": [], "results": [], "parity": {}, "prepared": {}}

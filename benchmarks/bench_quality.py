@@ -2,7 +2,10 @@
 int8 / int4 / fp8 and llama.cpp's Q8_0 / Q4_K_M, each against its own engine's float32.
 
     python benchmarks/bench_quality.py MODEL --data held_out.jsonl
-    python benchmarks/bench_quality.py MODEL --data held_out.jsonl --no-llama-cpp --formats int4
+    python benchmarks/bench_quality.py MODEL --data held_out.jsonl --no-llama-cpp --formats int4,int4:int8
+
+A format `W:H` is weights in W with the LM heads in H (`--lm-head-quantization H`; `int4:int8` is the mix
+closest to Q4_K_M, which keeps its output matrix in Q6_K).
 
 The records are `glm45 eval`'s (texts, or conversations whose assistant spans are scored). At every scored position
 each model's full next-token distribution is compared with its reference's (glm45: the model loaded in float32;
@@ -107,7 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="an HF-layout folder with its tokenizer (bf16 or float32 weights)")
     parser.add_argument("--data", required=True, help="JSONL records, as glm45 eval reads them")
-    parser.add_argument("--formats", default=",".join(GLM45_FORMATS), help="glm45 formats to measure")
+    parser.add_argument("--formats", default=",".join(GLM45_FORMATS),
+                        help="glm45 formats to measure; W:H for weights in W with the LM heads in H")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
@@ -125,8 +129,12 @@ def main() -> None:
     formats = [f for f in args.formats.split(",") if f]
     load = dict(dtype="float32", progress=False, load_mtp=False)
     reference = Glm4MoeForCausalLM.from_pretrained(model_dir, **load)
-    glm45 = {f"glm45 {fmt}": Glm4MoeForCausalLM.from_pretrained(model_dir, quantization=fmt, **load)
-             for fmt in formats}
+    glm45 = {}
+    for spec in formats:
+        fmt, _, head = spec.partition(":")
+        name = f"glm45 {fmt}" + (f", LM head {head}" if head else "")
+        glm45[name] = Glm4MoeForCausalLM.from_pretrained(model_dir, quantization=fmt,
+                                                         lm_head_quantization=head or None, **load)
     llama = {}
     if not args.no_llama_cpp:
         try:

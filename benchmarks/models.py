@@ -90,14 +90,15 @@ def flops_per_token(config: ModelConfig, context: int = 0, with_head: bool = Tru
 # scale per output row (negligible); int8 is blocks of 32 with a 16-bit scale (Q8_0: 34 bytes per 32 weights);
 # int4 is glm45's layout: blocks of 32 with 8-bit codes of a scale and a minimum under an fp16 pair per 8 blocks,
 # 4.625 bits a weight (llama.cpp's rows are counted from their GGUF's own tensor types).
-BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 34 / 32, "int4": 148 / 256}
+BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 34 / 32, "int4": 148 / 256, "none": 2.0}
 
 
-def decode_bytes_per_token(config: ModelConfig, bytes_per_weight: float, context: int = 0) -> float:
+def decode_bytes_per_token(config: ModelConfig, bytes_per_weight: float, context: int = 0,
+                           head_bytes_per_weight: float | None = None) -> float:
     """Bytes one batch-1 decode step reads: every matrix of every layer at `bytes_per_weight` except the routed
-    experts not chosen (k of E per MoE layer), the LM head likewise, the routers and their correction biases in
-    float32, norms, biases and one embedding row in bf16, and the bf16 K/V of `context` earlier tokens. MTP
-    excluded."""
+    experts not chosen (k of E per MoE layer), the LM head likewise (or at `head_bytes_per_weight`), the routers
+    and their correction biases in float32, norms, biases and one embedding row in bf16, and the bf16 K/V of
+    `context` earlier tokens. MTP excluded."""
     h, hd = config.hidden_size, config.head_dim
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     attention = 2 * h * q + 2 * h * kv
@@ -105,8 +106,9 @@ def decode_bytes_per_token(config: ModelConfig, bytes_per_weight: float, context
     dense = 3 * h * config.intermediate_size
     experts = 3 * h * config.moe_intermediate_size * (config.num_experts_per_tok + config.n_shared_experts)
     matrices = (config.num_hidden_layers * attention + config.first_k_dense_replace * dense
-                + config.num_moe_layers * experts + config.vocab_size * h)
+                + config.num_moe_layers * experts)
+    head = config.vocab_size * h * (bytes_per_weight if head_bytes_per_weight is None else head_bytes_per_weight)
     routers = config.num_moe_layers * (h + 1) * config.n_routed_experts * 4
     kv_cache = config.num_hidden_layers * 2 * kv * 2 * context
     bf16_small = 2 * (config.num_hidden_layers * small + h + h)  # + the final norm and one embedding row
-    return matrices * bytes_per_weight + routers + bf16_small + kv_cache
+    return matrices * bytes_per_weight + head + routers + bf16_small + kv_cache

@@ -134,7 +134,8 @@ def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
                   kv_cache_memory_bytes=spec["kv_cache_bytes"], max_num_seqs=max(spec["num_requests"], 1),
                   num_speculative_tokens=spec.get("num_speculative_tokens", 0))
     if precision != "bf16":
-        kwargs["quantization"] = precision
+        kwargs["quantization"], _, head = precision.partition(":")  # W:H, the LM heads in H
+        kwargs["lm_head_quantization"] = head or None
     try:
         llm = LLM(model_dir, **kwargs)
     except (TypeError, ValueError) as e:

@@ -136,7 +136,8 @@ def decode_bytes(record: dict, model: str, precision: str, engine: str) -> float
     if engine.startswith("llama.cpp"):
         tensors = prepared["gguf_tensors"].get(engine.split()[-1])
         return None if tensors is None else gguf_decode_bytes(tensors, config, context)
-    return decode_bytes_per_token(config, BYTES_PER_WEIGHT[precision], context)
+    weights, _, head = precision.partition(":")  # W:H, the LM heads in H
+    return decode_bytes_per_token(config, BYTES_PER_WEIGHT[weights], context, BYTES_PER_WEIGHT.get(head))
 
 
 def floor_tok_s(record: dict, key: tuple, bandwidth: dict, gemm: dict) -> tuple[float, str] | None:

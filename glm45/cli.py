@@ -53,16 +53,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from glm45.model import Glm4MoeForCausalLM
+    from glm45.quant.modules import QuantLinear
     from glm45.quant.scheme import quantization_config
 
-    model = Glm4MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization=args.to)
-    model.config.quantization_config = quantization_config(args.to)
+    head = args.lm_head_quantization
+    model = Glm4MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization=args.to,
+                                               lm_head_quantization=head)
+    head_fmt = model.lm_head.packed.format if isinstance(model.lm_head, QuantLinear) else None  # as it was loaded
+    model.config.quantization_config = quantization_config(args.to, head_fmt)
     model.save_pretrained(args.out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (Path(args.model) / name).is_file():
             shutil.copy(Path(args.model) / name, Path(args.out) / name)
     size = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
-    print(f"saved {args.model} in {args.to} to {args.out} ({size / 2**20:.1f} MiB of weights)")
+    heads = f" (LM heads in {head})" if head not in (None, args.to) else ""
+    print(f"saved {args.model} in {args.to}{heads} to {args.out} ({size / 2**20:.1f} MiB of weights)")
     return 0
 
 
@@ -134,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = sub.add_parser("quantize", help="save a checkpoint with its weights quantized (fp8, int8, int4)")
     quantize.add_argument("model", help="a local folder in the Hugging Face layout (bf16 or FP8)")
     quantize.add_argument("--to", required=True, choices=["fp8", "int8", "int4"], help="the weight format")
+    quantize.add_argument("--lm-head-quantization", choices=["fp8", "int8", "int4", "none"], default=None,
+                          help="the LM heads' own format (none: the compute dtype); default: like the weights")
     quantize.add_argument("--out", required=True, help="the folder to write")
     quantize.add_argument("--dtype", default="auto", help="compute dtype of the unquantized parts (norms, biases)")
     quantize.set_defaults(func=cmd_quantize)

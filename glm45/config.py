@@ -242,6 +242,9 @@ class EngineConfig:
     enable_expert_parallel: bool = arg(False, "partition routed experts over those ranks instead of splitting each")
     quantization: str | None = arg(None, "keep weights quantized: fp8 | int8 | int4 (FP8 checkpoints are detected "
                                          "and kept in FP8 without this flag; none dequantizes them)")
+    lm_head_quantization: str | None = arg(None, "the LM heads' own format: fp8 | int8 | int4 | none (the compute "
+                                                 "dtype); default: as the checkpoint keeps them, else like the "
+                                                 "other weights (int4 weights with int8 heads: like Q4_K_M)")
     kv_cache_dtype: str = arg("auto", "auto (the model's dtype) | fp8 (e4m3, half the KV bytes)")
     threads: int | None = arg(None, "CPU threads for the model's kernels (default: OMP_NUM_THREADS, else torch's "
                                     "count of the cores)")
@@ -269,6 +272,12 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in (*QUANTIZATIONS, "none"):
             raise ValueError(f"quantization {self.quantization!r} is not supported; choose one of "
                              f"{', '.join(QUANTIZATIONS)}, none (or leave it unset)")
+        if self.lm_head_quantization is not None:
+            if self.lm_head_quantization not in (*QUANTIZATIONS, "none"):
+                raise ValueError(f"lm_head_quantization {self.lm_head_quantization!r} is not supported; choose one "
+                                 f"of {', '.join(QUANTIZATIONS)}, none (or leave it unset)")
+            if self.quantization == "none":
+                raise ValueError("lm_head_quantization applies to quantized weights, and quantization is none")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; choose one of "
                              f"{', '.join(KV_CACHE_DTYPES)}")

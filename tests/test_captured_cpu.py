@@ -57,8 +57,9 @@ class Session:
         return StepInputs(ids, positions, slots, slices)
 
 
-def runners(folder, dtype, quantization=None, kv_cache_dtype="auto"):
-    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype=dtype, progress=False, quantization=quantization)
+def runners(folder, dtype, quantization=None, kv_cache_dtype="auto", lm_head_quantization=None):
+    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype=dtype, progress=False, quantization=quantization,
+                                               lm_head_quantization=lm_head_quantization)
     layers = model.config.num_hidden_layers + (1 if model.mtp is not None else 0)
     eager = ModelRunner.create(model, 32, layers, BLOCK, kv_cache_dtype)
     captured = ModelRunner.create(model, 32, layers, BLOCK, kv_cache_dtype)
@@ -130,9 +131,13 @@ def test_captured_step_matches_eager(folders, kind, dtype):
     run_teacher_forced(eager, captured, strict=dtype == torch.float32)
 
 
-@pytest.mark.parametrize("quantization", ["fp8", "int8", "int4"])
-def test_captured_step_matches_eager_for_packed_weights(folders, quantization):
-    eager, captured = runners(folders["glm45_like"], torch.bfloat16, quantization)
+@pytest.mark.parametrize("quantization, lm_head", [("fp8", None), ("int8", None), ("int4", None), ("int4", "int8"),
+                                                   ("int8", "none")])
+def test_captured_step_matches_eager_for_packed_weights(folders, quantization, lm_head):
+    eager, captured = runners(folders["glm45_like"], torch.bfloat16, quantization, lm_head_quantization=lm_head)
+    head = eager.runner.model.lm_head
+    expected = quantization if lm_head is None else None if lm_head == "none" else lm_head
+    assert (head.packed.format if hasattr(head, "packed") else None) == expected
     run_teacher_forced(eager, captured, strict=False)
 
 

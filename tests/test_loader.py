@@ -249,6 +249,11 @@ def test_fp8_checkpoints_stay_fp8(tmp_path, air_folder, scheme):
         assert isinstance(packed_experts, torch.nn.Parameter)
         packed_experts = PackedWeight("fp8", packed_experts.detach(), torch.ones(packed_experts.shape[:2]))
     assert isinstance(model.lm_head.weight, torch.nn.Parameter)  # not quantized in FP8 releases: kept as shipped
+    # ...unless the heads are given a format: packed from the shipped bf16, the FP8 weights kept as stored
+    head8 = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, lm_head_quantization="int8")
+    assert head8.lm_head.packed.format == "int8"
+    assert torch.equal(head8.model.layers[0].self_attn.q_proj.packed.data, packed_q.data)
+    torch.testing.assert_close(head8.lm_head.packed.dequantize(), model.lm_head.weight, rtol=0, atol=2e-3)
     dense = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization="none")
     torch.testing.assert_close(dense.model.layers[0].self_attn.q_proj.weight, packed_q.dequantize())
     q_proj = packed_q.dequantize()

@@ -149,9 +149,10 @@ def test_fp8_checkpoint_is_detected_and_its_files_match_the_fp8_rule(tmp_path):
     assert int8.weights == weight_bytes(config, WEIGHT_FORMATS["int8"]) and int8.stored == plan.stored
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_quantized_checkpoint_files_match_the_plans_rule(tmp_path, fmt):
-    """`glm45 quantize` of a bf16 checkpoint packs the LM heads and eh_proj too: the plan counts them so."""
+@pytest.mark.parametrize("fmt, head", [("int8", None), ("int4", None), ("int4", "int8"), ("int8", "none")])
+def test_quantized_checkpoint_files_match_the_plans_rule(tmp_path, fmt, head):
+    """`glm45 quantize` of a bf16 checkpoint packs the LM heads and eh_proj too, the LM heads in their own format
+    when one is given: the plan counts them so, from the checkpoint's record and from the flag alike."""
     config = tiny_config("glm45_like")
     torch.manual_seed(0)
     model = Glm4MoeForCausalLM(config, with_mtp=True)
@@ -161,11 +162,20 @@ def test_quantized_checkpoint_files_match_the_plans_rule(tmp_path, fmt):
     save_file(tensors, str(tmp_path / "bf16" / "model.safetensors"))
     (tmp_path / "bf16" / "config.json").write_text(json.dumps(
         {**TINY_CONFIGS["glm45_like"], "model_type": "glm4_moe", "num_nextn_predict_layers": 1}))
-    assert main(["quantize", str(tmp_path / "bf16"), "--to", fmt, "--out", str(tmp_path / fmt),
+    heads = ["--lm-head-quantization", head] if head else []
+    assert main(["quantize", str(tmp_path / "bf16"), "--to", fmt, *heads, "--out", str(tmp_path / fmt),
                  "--dtype", "bfloat16"]) == 0
     plan = plan_model(str(tmp_path / fmt), num_speculative_tokens=1)
-    assert plan.quantization == fmt
-    assert plan.stored == weight_bytes(config, WEIGHT_FORMATS[fmt]) == plan.weights
+    head_format = {None: None, "none": "bf16"}.get(head, head)
+    assert plan.quantization == fmt and plan.lm_head_quantization == head_format
+    expected = weight_bytes(config, WEIGHT_FORMATS[fmt], head=WEIGHT_FORMATS[head_format] if head_format else None)
+    assert plan.stored == expected == plan.weights
+    at_load = plan_model(str(tmp_path / "bf16"), quantization=fmt, lm_head_quantization=head,
+                         num_speculative_tokens=1)
+    assert at_load.weights == expected
+    if head:
+        assert f"the LM heads in {head_format}" in describe(plan)
+        assert expected.embeddings != weight_bytes(config, WEIGHT_FORMATS[fmt]).embeddings
 
 
 def test_index_without_shards_gives_the_stored_total(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoints import build_reference, save_reference
+from tiny_checkpoints import build_reference, save_mtp_model, save_reference
 
 from glm45 import LLM, SamplingParams
 from glm45.cli import main as cli_main
@@ -217,3 +217,58 @@ def test_a_quantized_load_keeps_the_embedding_mapped_and_releases_the_files_page
     assert mapped_resident_kib(shard) < 0.05 * shard.stat().st_size / 1024
     plain = Glm4MoeForCausalLM.from_pretrained(folder, dtype="bfloat16", progress=False)
     assert torch.equal(table, plain.model.embed_tokens.weight)
+
+
+def test_lm_heads_take_a_format_of_their_own(folder, tmp_path):
+    """int4 weights with int8 LM heads (what Q4_K_M does with its Q6_K output matrix): the heads, the MTP layer's
+    included, are packed in int8 and everything else in int4, with the logits of the same model packed in place;
+    `none` keeps the heads unquantized."""
+    from glm45.quant.loading import quantize_model
+
+    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization="int4",
+                                               lm_head_quantization="int8")
+    assert model.lm_head.packed.format == "int8"
+    assert model.model.layers[0].self_attn.q_proj.packed.format == "int4"
+    assert model.model.layers[3].mlp.experts.weights()[0].format == "int4"
+    with_mtp = Glm4MoeForCausalLM.from_pretrained(save_mtp_model(tmp_path / "mtp"), progress=False,
+                                                  quantization="int4", lm_head_quantization="int8")
+    assert with_mtp.mtp.shared_head.head.packed.format == "int8"
+    assert with_mtp.mtp.eh_proj.packed.format == "int4"
+    reference = quantize_model(Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False), "int4",
+                               lm_head_quantization="int8")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), reference(IDS), rtol=0, atol=0)
+    plain = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False)
+    unpacked = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization="int8",
+                                                  lm_head_quantization="none")
+    assert not isinstance(unpacked.lm_head, QuantLinear)
+    assert torch.equal(unpacked.lm_head.weight, plain.lm_head.weight)
+    assert isinstance(unpacked.model.layers[0].self_attn.q_proj, QuantLinear)
+
+
+def test_glm45_quantize_records_the_heads_format(folder, tmp_path):
+    out = tmp_path / "int4-head8"
+    assert cli_main(["--log-level", "WARNING", "quantize", str(folder), "--to", "int4", "--lm-head-quantization",
+                     "int8", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "int4" and config["lm_head"] == "int8"
+    at_load = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization="int4",
+                                                 lm_head_quantization="int8")
+    saved = Glm4MoeForCausalLM.from_pretrained(out, dtype="float32", progress=False)
+    assert saved.lm_head.packed.format == "int8"
+    for (name, a), (_, b) in zip(at_load.state_dict().items(), saved.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with pytest.raises(ValueError, match="keeps its LM heads in int8; they cannot be served in int4"):
+        Glm4MoeForCausalLM.from_pretrained(out, progress=False, lm_head_quantization="int4")
+    dense_head = Glm4MoeForCausalLM.from_pretrained(out, dtype="float32", progress=False, lm_head_quantization="none")
+    torch.testing.assert_close(dense_head.lm_head.weight, saved.lm_head.packed.dequantize())
+    assert dense_head.model.layers[0].self_attn.q_proj.packed.format == "int4"
+
+
+def test_bad_lm_head_requests_are_clear_errors(folder):
+    with pytest.raises(ValueError, match="lm_head_quantization 'int2' is not supported"):
+        EngineConfig(quantization="int4", lm_head_quantization="int2")
+    with pytest.raises(ValueError, match="applies to quantized weights"):
+        EngineConfig(quantization="none", lm_head_quantization="int8")
+    with pytest.raises(ValueError, match="applies to quantized weights: give --quantization"):
+        Glm4MoeForCausalLM.from_pretrained(folder, progress=False, lm_head_quantization="int8")

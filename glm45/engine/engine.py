@@ -95,7 +95,7 @@ class LLMEngine:
             model = Glm4MoeForCausalLM.from_pretrained(
                 model_path, dtype=config.dtype, device=self.device, load_mtp=config.num_speculative_tokens > 0,
                 parallelize=self.workers.parallelize if self.workers else None, quantization=config.quantization,
-                share_mtp_copies=True)
+                lm_head_quantization=config.lm_head_quantization, share_mtp_copies=True)
         self.model = model.eval()
         self.model_config = model.config
         if tokenizer is None:

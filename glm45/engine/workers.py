@@ -78,7 +78,8 @@ def load_shard(config: EngineConfig, model_path: Path, group: ParallelGroup, dev
     """This rank's shard of the model, read shard by shard from the checkpoint."""
     return Glm4MoeForCausalLM.from_pretrained(
         model_path, dtype=config.dtype, device=device, load_mtp=config.num_speculative_tokens > 0,
-        progress=group.rank == 0, quantization=config.quantization, share_mtp_copies=True,
+        progress=group.rank == 0, quantization=config.quantization,
+        lm_head_quantization=config.lm_head_quantization, share_mtp_copies=True,
         parallelize=functools.partial(parallelize_model, group=group, expert_parallel=config.enable_expert_parallel))
 
 

@@ -144,17 +144,20 @@ class Glm4MoeForCausalLM(nn.Module):
         parallelize: Callable[[nn.Module], ShardPlan] | None = None,
         quantization: str | None = None,
         share_mtp_copies: bool = False,
+        lm_head_quantization: str | None = None,
     ) -> Glm4MoeForCausalLM:
         """Load an HF-layout folder (BF16/FP32/FP8/glm45-quantized, one file or sharded, per-expert or fused
         experts).
 
         `parallelize(meta_model)` (glm45.parallel) cuts the model to one rank's shard before loading; each
         parameter it cut is then read shard by shard. `quantization` (fp8, int8, int4, or none) keeps weights
-        packed in that format (default: the checkpoint's own; none dequantizes), see glm45.quant.scheme.
+        packed in that format (default: the checkpoint's own; none dequantizes), see glm45.quant.scheme;
+        `lm_head_quantization` gives the LM heads a format of their own (none: the compute dtype).
         `share_mtp_copies`: the MTP layer uses the main model's embedding and head when the checkpoint's copies
         are identical (serving; training keeps them apart), see glm45.model.loader."""
         return load_model(cls, path, dtype=dtype, device=device, load_mtp=load_mtp, progress=progress,
-                          parallelize=parallelize, quantization=quantization, share_mtp_copies=share_mtp_copies)
+                          parallelize=parallelize, quantization=quantization, share_mtp_copies=share_mtp_copies,
+                          lm_head_quantization=lm_head_quantization)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
         """Write an HF-layout folder (config, safetensors with per-expert names and the MTP layer)."""

@@ -46,7 +46,15 @@ from glm45.model.state_dict import (
 from glm45.quant.loading import install, pack, to_device
 from glm45.quant.packed import STORED_SUFFIXES as PACKED_SUFFIXES
 from glm45.quant.packed import PackedWeight
-from glm45.quant.scheme import check_packable, checkpoint_format, quantizes, served_format
+from glm45.quant.scheme import (
+    LM_HEAD,
+    check_packable,
+    checkpoint_format,
+    served_format,
+    served_head_format,
+    stored_head_format,
+    tensor_format,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,27 +86,32 @@ def load_model(
     parallelize: Callable[[torch.nn.Module], ShardPlan] | None = None,
     quantization: str | None = None,
     share_mtp_copies: bool = False,
+    lm_head_quantization: str | None = None,
 ):
     """Build a `model_class` (Glm4MoeForCausalLM) on the meta device and assign its tensors from the checkpoint.
 
     `parallelize(meta_model)` (tensor/expert parallelism) turns the model into this rank's shard and returns
     the `ShardSpec` of every parameter it cut; those parameters are read shard by shard. `quantization` (fp8,
-    int8, int4; default: the checkpoint's own format) keeps weights packed (glm45.quant.scheme says which).
+    int8, int4; default: the checkpoint's own format) keeps weights packed (glm45.quant.scheme says which), the LM
+    heads in `lm_head_quantization` (a format, or none for `dtype`; default: as the checkpoint keeps them, else
+    like the other weights).
     `share_mtp_copies`: the MTP layer's stored copies of the embedding and head, when identical to the main
     model's, are not loaded: the modules share the main model's parameters."""
     config = ModelConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype, config)
     device = torch.device(device)
     fmt = served_format(quantization, config)
+    head_fmt = served_head_format(lm_head_quantization, fmt, config)
     checkpoint = Checkpoint(path)
     with_mtp = load_mtp and config.num_nextn_predict_layers > 0 and has_mtp_tensors(checkpoint, config)
     with torch.device("meta"):
         model = model_class(config, with_mtp=with_mtp)
     plan: ShardPlan = parallelize(model) if parallelize is not None else {}
-    check_packable(model.state_dict(), fmt, device)
-    check_fits(model, dtype, device, path, fmt)
+    check_packable(model.state_dict(), fmt, device, head_fmt)
+    check_fits(model, dtype, device, path, fmt, head_fmt)
 
-    reader = _Reader(checkpoint, config, dtype, device, plan, fmt, share_mtp_copies)
+    reader = _Reader(checkpoint, config, dtype, device, plan, fmt, head_fmt, lm_head_quantization is not None,
+                     share_mtp_copies)
     bar = tqdm(model.state_dict().items(), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
     for internal, meta in bar:
         reader.read(internal, meta)
@@ -127,8 +140,10 @@ def load_model(
     if left:
         raise CheckpointError(f"cannot load {path}: tensors left unassigned: {some_names(left)}")
     model.eval()
-    logger.info("loaded %s (%s%s, %s%s)", path, dtype, f", weights in {fmt}" if fmt else "", device,
-                ", with MTP layer" if with_mtp else "")
+    weights = f", weights in {fmt}" if fmt else ""
+    if fmt is not None and head_fmt != fmt:
+        weights += f" (LM heads in {head_fmt or 'the compute dtype'})"
+    logger.info("loaded %s (%s%s, %s%s)", path, dtype, weights, device, ", with MTP layer" if with_mtp else "")
     return model
 
 
@@ -136,15 +151,19 @@ class _Reader:
     """Reads each model tensor from the checkpoint: plain, or packed in the served format."""
 
     def __init__(self, checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 plan: ShardPlan, fmt: str | None, share_mtp_copies: bool = False):
+                 plan: ShardPlan, fmt: str | None, head_fmt: str | None, head_requested: bool,
+                 share_mtp_copies: bool = False):
         self.checkpoint, self.config, self.dtype, self.device, self.plan, self.fmt = (
             checkpoint, config, dtype, device, plan, fmt)
+        self.head_fmt, self.head_requested = head_fmt, head_requested
         self.share_mtp_copies = share_mtp_copies
         self.shared: dict[str, str] = {}  # MTP parameter → the main model's parameter it is
         stored = checkpoint_format(config)
         self.stored = stored
+        self.stored_head = stored_head_format(config) or stored
         # A checkpoint served in its own packed format keeps what it stores (FP8 releases: bf16 embeddings and
-        # heads as shipped); one quantized at load follows glm45's policy for every weight.
+        # heads as shipped), unless the heads' format is asked for; one quantized at load follows glm45's policy
+        # for every weight.
         self.as_shipped = fmt is not None and (stored == fmt or (fmt == "fp8" and stored.startswith("fp8")))
         self.consumed: set[str] = set()
         self.missing: list[str] = []
@@ -158,10 +177,12 @@ class _Reader:
         ckpt_name = checkpoint_name(internal, self.config)
         stack = EXPERT_STACK.match(ckpt_name)
         shard = self.plan.get(internal)
-        if quantizes(internal, self.fmt) and self._read_packed(internal, ckpt_name, stack, shard, meta):
+        packed_in = tensor_format(internal, self.fmt, self.head_fmt)
+        if packed_in is not None and self._read_packed(internal, ckpt_name, stack, shard, meta, packed_in):
             return
         target_dtype = torch.float32 if FLOAT32_PARAMS.match(internal) else self.dtype
-        if self.stored in ("int8", "int4") and shard is None and (found := self._stored(ckpt_name, stack, meta)):
+        if self.stored in ("int8", "int4") and shard is None and (
+                found := self._stored(internal, ckpt_name, stack, meta)):
             packed, names = found  # glm45's own int8/int4, served dequantized ("none")
             self.consumed.update(names)
             self.state[internal] = packed.dequantize(target_dtype).to(self.device)
@@ -187,8 +208,8 @@ class _Reader:
         self.consumed.update(names)
         # An FP8 tensor that could not be taken as stored (a shard, or an expert stack whose gate and up rows
         # would share scale blocks) is kept dequantized: exact, at the cost of its memory.
-        if quantizes(internal, self.fmt) and not self.as_shipped:
-            self.packed[internal] = pack(tensor, self.fmt, self.device)
+        if packed_in is not None and (not self.as_shipped or (self.head_requested and LM_HEAD.search(internal))):
+            self.packed[internal] = pack(tensor, packed_in, self.device)
         else:
             # Plain loads keep zero-copy views of the memory map. A quantized load copies the small tensors it
             # keeps as they are (norms, routers, biases) and keeps the embedding tables as views: after the load
@@ -239,14 +260,16 @@ class _Reader:
                 return False
         return True
 
-    def _read_packed(self, internal: str, ckpt_name: str, stack, shard, meta: torch.Tensor) -> bool:
-        """Take a weight the checkpoint stores in the served format as it is; False to read it plainly."""
+    def _read_packed(self, internal: str, ckpt_name: str, stack, shard, meta: torch.Tensor, fmt: str) -> bool:
+        """Take a weight the checkpoint stores in its served format `fmt` as it is; False to read it plainly."""
         if shard is not None or not self.as_shipped:
             return False
-        found = self._stored(ckpt_name, stack, meta)
+        found = self._stored(internal, ckpt_name, stack, meta)
         if found is None:
             return False
         packed, names = found
+        if packed.format != fmt:  # an FP8 head asked for in int8 or int4: read dequantized, then packed
+            return False
         if list(packed.shape) != list(meta.shape):
             self.wrong_shape.append(f"{ckpt_name} is {list(packed.shape)}, expected {list(meta.shape)}")
             return True
@@ -254,10 +277,11 @@ class _Reader:
         self.consumed.update(names)
         return True
 
-    def _stored(self, ckpt_name: str, stack, meta: torch.Tensor):
+    def _stored(self, internal: str, ckpt_name: str, stack, meta: torch.Tensor):
         """(PackedWeight, names) of a weight the checkpoint stores packed, or None."""
         if ckpt_name in self.checkpoint:
-            return stored_packed(self.checkpoint, ckpt_name, self.stored)
+            stored = self.stored_head if LM_HEAD.search(internal) else self.stored
+            return stored_packed(self.checkpoint, ckpt_name, stored)
         if stack and self.stored.startswith("fp8"):
             return stack_stored_packed(self.checkpoint, stack["prefix"], stack["kind"], meta.shape[0], self.stored)
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from glm45.model.state_dict import FLOAT32_PARAMS
-from glm45.quant.scheme import quantizes
+from glm45.quant.scheme import tensor_format
 
 PACKED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}  # per weight element, scales aside
 
@@ -24,13 +24,14 @@ class ModelTooLarge(ValueError):
     """The model's weights need more memory than the device has."""
 
 
-def model_bytes(model: torch.nn.Module, dtype: torch.dtype, fmt: str | None = None) -> int:
+def model_bytes(model: torch.nn.Module, dtype: torch.dtype, fmt: str | None = None,
+                head_fmt: str | None = None) -> int:
     """Bytes of the (meta) model's parameters and buffers once loaded in `dtype` (routers and the like in fp32),
-    the weights that format `fmt` packs at its width."""
+    the weights packed in format `fmt` (the LM heads in `head_fmt`) at its width."""
     total = 0.0
     for name, tensor in model.state_dict().items():
-        if quantizes(name, fmt) and fmt in PACKED_BYTES:
-            size = PACKED_BYTES[fmt]
+        if (packed := tensor_format(name, fmt, head_fmt)) in PACKED_BYTES:
+            size = PACKED_BYTES[packed]
         elif not tensor.is_floating_point():
             size = tensor.element_size()
         else:
@@ -60,9 +61,9 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_fits(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, path: str | Path,
-               fmt: str | None = None) -> None:
+               fmt: str | None = None, head_fmt: str | None = None) -> None:
     """Raise `ModelTooLarge` when the (meta, possibly sharded) model cannot be loaded on `device`."""
-    needed = model_bytes(model, dtype, fmt)
+    needed = model_bytes(model, dtype, fmt, head_fmt)
     available = available_bytes(device)
     if available is not None and needed > available:
         name = str(dtype).removeprefix("torch.")

@@ -40,7 +40,7 @@ LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "routed_experts": 
 @dataclass(frozen=True)
 class _Tensor:
     part: str
-    kind: str  # linear (stored in the weight format) | head (see HEADS_PACKED_IN) | dense (bf16) | router (fp32)
+    kind: str  # linear (the weight format) | lm_head, head (HEADS_PACKED_IN) | dense (bf16) | router (fp32)
     name: str
     rows: int
     cols: int = 1
@@ -98,38 +98,44 @@ def _tensors(config: ModelConfig, tp: int) -> list[_Tensor]:
     out += [_Tensor("embeddings", "dense", "embed_tokens", vocab_rows, D),
             _Tensor("embeddings", "dense", "norm", D)]
     if not config.tie_word_embeddings:
-        out.append(_Tensor("embeddings", "head", "lm_head", vocab_rows, D))
+        out.append(_Tensor("embeddings", "lm_head", "lm_head", vocab_rows, D))
     if config.num_nextn_predict_layers:
         n = config.num_hidden_layers
         out += _block(config, tp, "mtp", config.is_moe_layer(n), f"model.layers.{n}")
         out += [_Tensor("mtp", "dense", "embed_tokens", vocab_rows, D),
-                _Tensor("mtp", "head", f"model.layers.{n}.shared_head.head", vocab_rows, D),
+                _Tensor("mtp", "lm_head", f"model.layers.{n}.shared_head.head", vocab_rows, D),
                 _Tensor("mtp", "head", f"model.layers.{n}.eh_proj", D, 2 * D),
                 _Tensor("mtp", "dense", "enorm, hnorm, shared_head.norm", D, 1, 3)]
     return out
 
 
-def weight_bytes(config: ModelConfig, fmt: WeightFormat, tp: int = 1) -> WeightBytes:
-    """The weights' bytes on one of `tp` ranks (tp=1: the whole model), computed from the shapes."""
+def weight_bytes(config: ModelConfig, fmt: WeightFormat, tp: int = 1, head: WeightFormat | None = None) -> WeightBytes:
+    """The weights' bytes on one of `tp` ranks (tp=1: the whole model), computed from the shapes; `head` is the LM
+    heads' format when they have one of their own (`--lm-head-quantization`)."""
     dense_bytes = fmt.bits // 8 if fmt.bits > 16 else 2  # unquantized tensors: bf16 (fp32 for an fp32 model)
     parts = dict.fromkeys(LABELS, 0)
     for t in _tensors(config, tp):
-        if _packed(t, fmt):
-            size = fmt.nbytes(t.rows, t.cols)
+        if (stored_in := _format_of(t, fmt, head)) is not None:
+            size = stored_in.nbytes(t.rows, t.cols)
         else:
             size = t.rows * t.cols * (4 if t.kind == "router" else dense_bytes)
         parts[t.part] += size * t.count
     return WeightBytes(**parts)
 
 
-def block_problems(config: ModelConfig, fmt: WeightFormat, tp: int) -> list[str]:
-    """The linear layers whose per-rank input dimension the format's blocks do not divide."""
+def block_problems(config: ModelConfig, fmt: WeightFormat, tp: int, head: WeightFormat | None = None) -> list[str]:
+    """The linear layers whose per-rank input dimension their format's blocks do not divide."""
     return [f"{t.name}: {problem}" for t in _tensors(config, tp)
-            if _packed(t, fmt) and (problem := fmt.block_problem(t.cols))]
+            if (stored_in := _format_of(t, fmt, head)) is not None and (problem := stored_in.block_problem(t.cols))]
 
 
-def _packed(t: _Tensor, fmt: WeightFormat) -> bool:
-    return t.kind == "linear" or (t.kind == "head" and fmt.name in HEADS_PACKED_IN)
+def _format_of(t: _Tensor, fmt: WeightFormat, head: WeightFormat | None) -> WeightFormat | None:
+    """The format tensor `t` is stored in; None: unquantized (bf16, or fp32 for a router)."""
+    if t.kind == "lm_head" and head is not None:
+        return head
+    if t.kind == "linear" or (t.kind in ("head", "lm_head") and fmt.name in HEADS_PACKED_IN):
+        return fmt
+    return None
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_bytes: int, tp: int = 1, mtp: bool = False) -> int:

@@ -31,7 +31,7 @@ from glm45.plan.formats import (
     WeightFormat,
 )
 from glm45.plan.sources import index_bytes, load_model_source, stored_bytes
-from glm45.quant.scheme import checkpoint_format
+from glm45.quant.scheme import checkpoint_format, served_head_format, stored_head_format
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class MemoryPlan:
     source: str
     config: ModelConfig
     quantization: str         # the weight format (a WEIGHT_FORMATS key)
+    lm_head_quantization: str | None  # the LM heads' own format (a WEIGHT_FORMATS key); None: as the weights' rule
     kv_cache_dtype: str
     kv_bytes: int             # per element
     max_model_len: int
@@ -109,6 +110,17 @@ def resolve_quantization(config: ModelConfig, quantization: str) -> str:
     return "fp8_block" if q == "fp8" and stored == "fp8_block" else q
 
 
+def resolve_head_quantization(config: ModelConfig, weight_format: str, requested: str | None) -> str | None:
+    """The LM heads' format for `--lm-head-quantization` (a WEIGHT_FORMATS key) when they have one of their own;
+    None: they follow the weights' rule (HEADS_PACKED_IN). ValueError as the engine would raise it."""
+    stored = stored_head_format(config)
+    if requested is None and stored in (None, (config.quantization_config or {}).get("quant_method")):
+        return None
+    quantized = WEIGHT_FORMATS[weight_format].quantized
+    engine_format = None if not quantized else "fp8" if weight_format.startswith("fp8") else weight_format
+    return served_head_format(requested, engine_format, config) or "bf16"
+
+
 def resolve_kv_cache_dtype(kv_cache_dtype: str, weight_format: str) -> tuple[str, int]:
     """(name, bytes per element): `auto` is the model's dtype (bf16; fp32 for an fp32 model)."""
     kv = (kv_cache_dtype or "auto").lower()
@@ -119,23 +131,24 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, weight_format: str) -> tuple[str
     return kv, KV_CACHE_DTYPES[kv]
 
 
-def _tp_sizes(config: ModelConfig, fmt: WeightFormat, tensor_parallel_size: int | None) -> tuple[int, ...]:
+def _tp_sizes(config: ModelConfig, fmt: WeightFormat, tensor_parallel_size: int | None,
+              head: WeightFormat | None) -> tuple[int, ...]:
     from glm45.parallel.tensor_parallel import allowed_sizes, unsplittable_fields
 
     if tensor_parallel_size is not None:
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be ≥ 1, got {tensor_parallel_size}")
-        problems = unsplittable_fields(config, tensor_parallel_size, False) or block_problems(config, fmt,
-                                                                                         tensor_parallel_size)
+        problems = unsplittable_fields(config, tensor_parallel_size, False) or block_problems(
+            config, fmt, tensor_parallel_size, head)
         if problems:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} does not evenly split "
                              f"{', '.join(problems)} of this model; allowed: {allowed_sizes(config, False)}")
         return (tensor_parallel_size,)
     sizes = tuple(n for n in allowed_sizes(config, False, limit=max(TP_SIZES))
-                  if n in TP_SIZES and not block_problems(config, fmt, n))
+                  if n in TP_SIZES and not block_problems(config, fmt, n, head))
     if not sizes:
         raise ValueError(f"no tensor-parallel size splits this model in {fmt.name}: "
-                         f"{'; '.join(block_problems(config, fmt, 1))}")
+                         f"{'; '.join(block_problems(config, fmt, 1, head))}")
     return sizes
 
 
@@ -143,7 +156,8 @@ def plan_memory(config: ModelConfig, *, quantization: str = "auto", kv_cache_dty
                 max_model_len: int | None = None, max_num_seqs: int = 1, num_speculative_tokens: int = 0,
                 max_num_batched_tokens: int = 2048, gpu_memory_utilization: float = 0.9,
                 gpus: list[GpuSpec] | None = None, tensor_parallel_size: int | None = None,
-                stored: WeightBytes | None = None, model: str = "", source: str = "") -> MemoryPlan:
+                stored: WeightBytes | None = None, model: str = "", source: str = "",
+                lm_head_quantization: str | None = None) -> MemoryPlan:
     """The memory accounting of `config` served with these settings (vLLM's names), per GPU kind.
 
     `stored`: the checkpoint's bytes by part (stored_bytes); when the checkpoint is served in its own
@@ -151,6 +165,8 @@ def plan_memory(config: ModelConfig, *, quantization: str = "auto", kv_cache_dty
     the files really hold. `tensor_parallel_size`: plan that size only, instead of the smallest that fits."""
     fmt_name = resolve_quantization(config, quantization)
     fmt = WEIGHT_FORMATS[fmt_name]
+    head_name = resolve_head_quantization(config, fmt_name, lm_head_quantization)
+    head = WEIGHT_FORMATS[head_name] if head_name else None
     kv_name, kv_bytes = resolve_kv_cache_dtype(kv_cache_dtype, fmt_name)
     max_model_len = config.max_position_embeddings if max_model_len is None else max_model_len
     k = num_speculative_tokens
@@ -167,10 +183,10 @@ def plan_memory(config: ModelConfig, *, quantization: str = "auto", kv_cache_dty
         raise ValueError(f"speculative_num_steps={k} needs the model's MTP layer, and {model or 'it'} has none")
     if not 0.0 < gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-    if (problems := block_problems(config, fmt, 1)):
+    if (problems := block_problems(config, fmt, 1, head)):
         raise ValueError(f"{fmt.name} cannot store this model: {'; '.join(problems)}")
 
-    computed = weight_bytes(config, fmt)
+    computed = weight_bytes(config, fmt, head=head)
     ratios = None
     if stored is not None and fmt_name == checkpoint_format(config):
         ratios = {p: getattr(stored, p) / getattr(computed, p) if getattr(computed, p) else 0.0 for p in LABELS}
@@ -180,19 +196,19 @@ def plan_memory(config: ModelConfig, *, quantization: str = "auto", kv_cache_dty
     kv_scales = 2 * kv_layers * 4 if kv_bytes == 1 else 0  # one fp32 scale per layer for K and for V
 
     def share(gpu: GpuSpec, tp: int) -> GpuFit:
-        w = weight_bytes(config, fmt, tp).scaled(ratios)
+        w = weight_bytes(config, fmt, tp, head).scaled(ratios)
         weights = w.total - (0 if k else w.mtp)
         kv = kv_tokens * kv_bytes_per_token(config, kv_bytes, tp, bool(k)) + kv_scales
         act = activation_bytes(config, tp, max_num_batched_tokens, max_num_seqs, k)
         reserve = max(int(RESERVE_FRACTION * gpu.memory_bytes), act)
         return GpuFit(gpu, tp, weights, kv, act, reserve, int(gpu_memory_utilization * gpu.memory_bytes))
 
-    sizes = _tp_sizes(config, fmt, tensor_parallel_size)
+    sizes = _tp_sizes(config, fmt, tensor_parallel_size, head)
     fits = []
     for gpu in gpus or list(GPUS.values()):
         tried = [share(gpu, tp) for tp in sizes]
         fits.append(next((f for f in tried if f.fits), replace(tried[-1], tensor_parallel_size=None)))
-    return MemoryPlan(model, source, config, fmt_name, kv_name, kv_bytes, max_model_len, max_num_seqs, k,
+    return MemoryPlan(model, source, config, fmt_name, head_name, kv_name, kv_bytes, max_model_len, max_num_seqs, k,
                       max_num_batched_tokens, gpu_memory_utilization, computed.scaled(ratios), stored,
                       kv_tokens, sizes, tuple(fits))
 
@@ -220,6 +236,8 @@ def describe(plan: MemoryPlan) -> str:
     c, k, fmt = plan.config, plan.num_speculative_tokens, WEIGHT_FORMATS[plan.quantization]
     high = "" if not fmt.quantized else "; the heads packed too, embeddings, norms and biases bf16, routers fp32" \
         if fmt.name in HEADS_PACKED_IN else "; embeddings, heads, norms and biases bf16, routers fp32"
+    if plan.lm_head_quantization:
+        high += f"; the LM heads in {plan.lm_head_quantization}"
     lines = [f"{plan.model or 'model'}: {plan.source}" if plan.source else plan.model or "model",
              f"  {c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), hidden {c.hidden_size}, "
              f"{c.num_attention_heads}/{c.num_key_value_heads} heads × {c.head_dim}, {c.n_routed_experts} experts "
@@ -265,6 +283,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a checkpoint folder, a config.json, or GLM-4.5, GLM-4.5-Air (-FP8 for the FP8 releases)")
     parser.add_argument("--quantization", default="auto", help=f"weight format: {', '.join(QUANTIZATIONS)} "
                         "(auto: as the checkpoint is stored)")
+    parser.add_argument("--lm-head-quantization", default=None,
+                        help="the LM heads' own format: fp8, int8, int4 or none (bf16); default: as the weights")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length; default: the model's")
     parser.add_argument("--max-num-seqs", type=int, default=1,
@@ -290,7 +310,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.gpu_memory <= 0:
             raise ValueError(f"--gpu-memory must be positive, got {args.gpu_memory}")
         gpus = [GpuSpec("GPU", int(args.gpu_memory * GiB))]
-    plan = plan_model(args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+    plan = plan_model(args.model, quantization=args.quantization, lm_head_quantization=args.lm_head_quantization,
+                      kv_cache_dtype=args.kv_cache_dtype,
                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                       num_speculative_tokens=args.speculative_num_steps,
                       max_num_batched_tokens=args.max_num_batched_tokens,

@@ -50,12 +50,15 @@ def install(model: nn.Module, packed: dict[str, PackedWeight], state: dict[str, 
         setattr(parent, attribute, quantized)
 
 
-def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
-    """Pack an already loaded model's weights in place (benchmarks and tests; loading packs tensor by tensor)."""
-    from glm45.quant.scheme import quantizes
+def quantize_model(model: nn.Module, fmt: str, lm_head_quantization: str | None = None) -> nn.Module:
+    """Pack an already loaded model's weights in place, the LM heads in `lm_head_quantization` (None: like the rest;
+    none: left as they are) (benchmarks and tests; loading packs tensor by tensor)."""
+    from glm45.quant.scheme import tensor_format
 
+    head_fmt = fmt if lm_head_quantization is None else None if lm_head_quantization == "none" else lm_head_quantization
     state = dict(model.state_dict())
-    packed = {name: pack(tensor, fmt, tensor.device) for name, tensor in state.items() if quantizes(name, fmt)}
+    packed = {name: pack(tensor, packed_in, tensor.device) for name, tensor in state.items()
+              if (packed_in := tensor_format(name, fmt, head_fmt)) is not None}
     for name in packed:
         del state[name]
     install(model, packed, state, model.dtype)

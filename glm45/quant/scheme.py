@@ -13,6 +13,11 @@ an Air-shaped model a third of its bytes). The embedding tables stay in the chec
 FP8 releases: a step reads one row per token, and on CPUs the table stays a view of the memory-mapped file, so only
 the rows of tokens in use become resident. Routers, their correction bias, norms and biases stay in higher
 precision, as in the official FP8 releases. An FP8 checkpoint keeps its bf16 heads as shipped.
+
+The LM heads (the main model's and the MTP layer's) can be given a format of their own (`--lm-head-quantization`,
+llama.cpp's `--output-tensor-type`): an int4 model with int8 heads is what Q4_K_M does with its Q6_K output
+matrix. A head's rounding error goes straight into the logits, and on a real GLM-4.5 checkpoint the heads are
+under 1% of the weights, so the extra bytes are cheap there; on a small model they can be a third of them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from glm45.quant.packed import SUPER_BLOCKS
 QUANTIZED_WEIGHT = re.compile(
     r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|eh_proj|lm_head|head)\.weight$"
     r"|\.mlp\.experts\.(gate_up_proj|down_proj)$")
+LM_HEAD = re.compile(r"(^|\.)(lm_head|shared_head\.head)\.weight$")
 GLM45_GROUP_SIZE = 32
 
 
@@ -72,39 +78,80 @@ def served_format(requested: str | None, config: ModelConfig) -> str | None:
     return requested
 
 
+def stored_head_format(config: ModelConfig) -> str | None:
+    """The format a checkpoint saved by `glm45 quantize` keeps its LM heads in (its quantization_config's
+    `"lm_head"`, "none" for the compute dtype, else its weights' format); None for any other checkpoint."""
+    qc = config.quantization_config or {}
+    return qc.get("lm_head", qc.get("quant_method")) if qc.get("format") == "glm45" else None
+
+
+def served_head_format(requested: str | None, fmt: str | None, config: ModelConfig) -> str | None:
+    """The packed format of the LM heads (None: the compute dtype) when the other weights are served in `fmt`;
+    `requested` is `--lm-head-quantization` (None: as the checkpoint keeps them, else like the other weights).
+    A ValueError when the request cannot be met."""
+    stored = stored_head_format(config)
+    if requested is None:
+        head = stored or fmt
+        return None if fmt is None or head == "none" else head
+    if requested not in (*QUANTIZATIONS, "none"):
+        raise ValueError(f"lm_head_quantization {requested!r} is not supported; choose one of "
+                         f"{', '.join(QUANTIZATIONS)}, none")
+    if fmt is None:
+        raise ValueError("lm_head_quantization applies to quantized weights: give --quantization too (or serve a "
+                         "quantized checkpoint)")
+    if stored in ("int8", "int4") and requested not in (stored, "none"):
+        raise ValueError(f"the checkpoint keeps its LM heads in {stored}; they cannot be served in {requested} "
+                         f"(use --lm-head-quantization {stored} or none, or quantize the original checkpoint)")
+    return None if requested == "none" else requested
+
+
+def tensor_format(internal_name: str, fmt: str | None, head_fmt: str | None) -> str | None:
+    """The format the model tensor `internal_name` is held packed in (None: not packed), the weights being served
+    in `fmt` and the LM heads in `head_fmt`."""
+    if fmt is None or QUANTIZED_WEIGHT.search(internal_name) is None:
+        return None
+    return head_fmt if LM_HEAD.search(internal_name) else fmt
+
+
 def quantizes(internal_name: str, fmt: str | None) -> bool:
-    """Whether the model tensor `internal_name` is held packed in format `fmt`."""
-    return fmt is not None and QUANTIZED_WEIGHT.search(internal_name) is not None
+    """Whether the model tensor `internal_name` is held packed when the weights (heads too) are in `fmt`."""
+    return tensor_format(internal_name, fmt, fmt) is not None
 
 
-def quantization_config(fmt: str) -> dict:
+def quantization_config(fmt: str, head_fmt: str | None = None) -> dict:
     """The `quantization_config` of a checkpoint `glm45 quantize` saves in `fmt` (glm45's own layout: per-row
-    FP8 scales or 32-wide int8/int4 blocks, fused expert stacks, heads packed too, embeddings as they were)."""
+    FP8 scales or 32-wide int8/int4 blocks, fused expert stacks, embeddings as they were), its LM heads packed in
+    `head_fmt` (None: the compute dtype)."""
     config = {"quant_method": fmt, "format": "glm45"}
     if fmt != "fp8":
         config["group_size"] = GLM45_GROUP_SIZE
     if fmt == "int4":
         config["super_block_groups"] = SUPER_BLOCKS  # 8-bit codes of each group's scale and minimum
+    if head_fmt != fmt:
+        config["lm_head"] = head_fmt or "none"
     return config
 
 
-def check_packable(tensors: dict, fmt: str | None, device) -> None:
-    """Before any weight is read: every tensor `fmt` packs must split into whole blocks, and the device must
-    run the format. `tensors` maps model names to (meta) tensors; a ValueError names what does not fit."""
+def check_packable(tensors: dict, fmt: str | None, device, head_fmt: str | None = None) -> None:
+    """Before any weight is read: every tensor held packed (weights in `fmt`, LM heads in `head_fmt`) must split
+    into whole blocks, and the device must run its format. `tensors` maps model names to (meta) tensors; a
+    ValueError names what does not fit."""
     if fmt is None:
         return
-    if fmt == "fp8" and device.type == "cuda":
+    formats = {name: f for name in tensors if (f := tensor_format(name, fmt, head_fmt)) is not None}
+    if "fp8" in formats.values() and device.type == "cuda":
         import torch
 
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
             raise ValueError(f"fp8 weights need a GPU with FP8 matrix units (compute capability 8.9 or newer); "
                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use int8, int4 or bf16")
-    if fmt not in ("int8", "int4"):
-        return
-    bad = [f"{name} {list(t.shape)}" for name, t in tensors.items()
-           if quantizes(name, fmt) and t.shape[-1] % GLM45_GROUP_SIZE]
+    bad = {name: f for name, f in formats.items()
+           if f in ("int8", "int4") and tensors[name].shape[-1] % GLM45_GROUP_SIZE}
     if bad:
-        raise ValueError(f"{fmt} packs blocks of {GLM45_GROUP_SIZE} inputs, and these tensors' input widths are not "
-                         f"multiples of {GLM45_GROUP_SIZE}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; "
+        packing = sorted(set(bad.values()))
+        bad = [f"{name} {list(tensors[name].shape)}" for name in bad]
+        raise ValueError(f"{' and '.join(packing)} pack{'s' if len(packing) == 1 else ''} blocks of {GLM45_GROUP_SIZE} "
+                         f"inputs, and these tensors' input widths are not multiples of {GLM45_GROUP_SIZE}: "
+                         f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; "
                          "use fp8 for this model")

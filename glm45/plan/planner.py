@@ -237,7 +237,7 @@ def describe(plan: MemoryPlan) -> str:
     high = "" if not fmt.quantized else "; the heads packed too, embeddings, norms and biases bf16, routers fp32" \
         if fmt.name in HEADS_PACKED_IN else "; embeddings, heads, norms and biases bf16, routers fp32"
     if plan.lm_head_quantization:
-        high += f"; the LM heads in {plan.lm_head_quantization}"
+        high += f"; the LM heads in {plan.lm_head_quantization} instead"
     lines = [f"{plan.model or 'model'}: {plan.source}" if plan.source else plan.model or "model",
              f"  {c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), hidden {c.hidden_size}, "
              f"{c.num_attention_heads}/{c.num_key_value_heads} heads × {c.head_dim}, {c.n_routed_experts} experts "

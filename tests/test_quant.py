@@ -272,3 +272,21 @@ def test_bad_lm_head_requests_are_clear_errors(folder):
         EngineConfig(quantization="none", lm_head_quantization="int8")
     with pytest.raises(ValueError, match="applies to quantized weights: give --quantization"):
         Glm4MoeForCausalLM.from_pretrained(folder, progress=False, lm_head_quantization="int8")
+
+
+def test_the_engine_serves_int4_weights_with_int8_heads():
+    settings = dict(max_model_len=512, kv_cache_memory_bytes=8 << 20, quantization="int4", num_speculative_tokens=1)
+    int4 = LLM(**settings).engine
+    mixed = LLM(**settings, lm_head_quantization="int8").engine
+    def head_bytes(engine):  # the main model's head and the MTP layer's, counted once when shared
+        heads = [engine.model.lm_head.packed, engine.model.mtp.shared_head.head.packed]
+        return sum({h.data.data_ptr(): h.nbytes for h in heads}.values())
+
+    assert mixed.model.lm_head.packed.format == mixed.model.mtp.shared_head.head.packed.format == "int8"
+    # the heads' int8 bytes replace their int4 bytes; nothing else changes
+    assert mixed.stats()["weight_bytes"] - int4.stats()["weight_bytes"] == head_bytes(mixed) - head_bytes(int4) > 0
+    prompt = "[gMASK]<sop><|user|>\nWhat is the weather in Paris?<|assistant|>"
+    mixed.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=16))
+    while mixed.has_unfinished_requests():
+        outputs = mixed.step()
+    assert outputs[0].finished and len(outputs[0].outputs[0].token_ids) > 0

@@ -14,6 +14,7 @@ from benchmarks.peer_workers import batch_lengths
 from glm45.config import ModelConfig
 
 ORDER = ("decode", "batch", "prefill", "mtp")
+PRECISION_ORDER = ("bf16", "int8", "int4", "fp8", "int4:int8")  # as bench_peers.PRECISIONS
 BUSY_THRESHOLD = 0.15  # as peer_workers.QUIET["threshold"]
 
 
@@ -172,7 +173,7 @@ def print_report(record: dict, args) -> None:
     def sort_key(key):
         threads, model, precision, workload, engine = key
         models = args.models + ["bundled"]
-        return (threads, models.index(model), ["bf16", "int8", "int4", "fp8"].index(precision),
+        return (threads, models.index(model), PRECISION_ORDER.index(precision),
                 ORDER.index(workload), 0 if engine.startswith("glm45") else 1 if engine.startswith("llama") else 2,
                 engine)
 
@@ -243,7 +244,7 @@ def ratio_text(key: tuple, medians: dict) -> str:
 def print_decode_bytes(record: dict, figures: dict, args) -> None:
     """The bytes behind each decode floor, and how llama.cpp's quantized files mix tensor types."""
     seen = sorted({(k[1], k[2], k[4]) for k in figures if k[3] == "decode"},
-                  key=lambda m: (args.models.index(m[0]), ["bf16", "int8", "int4", "fp8"].index(m[1]), m[2]))
+                  key=lambda m: (args.models.index(m[0]), PRECISION_ORDER.index(m[1]), m[2]))
     lines = []
     for model, precision, engine in seen:
         nbytes = decode_bytes(record, model, precision, engine)

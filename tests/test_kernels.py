@@ -277,3 +277,28 @@ def test_decode_attention_op_of_a_bf16_model_matches_softmax_attention(isa, head
     for r in range(rows):
         expected = softmax_attention_row(qkv[r], k_cache.float(), v_cache.float(), tables[r], lengths[r], heads)
         torch.testing.assert_close(out[r].double(), expected, rtol=2e-2, atol=4e-3)
+
+
+def test_activation_quantization_op_matches_round_half_even(isa):
+    """The step's OP_QUANT: each row's blocks of 32 as int8 codes round(x · 127 / max|x|) (to nearest even, as
+    torch.round), the block's scale max|x| / 127 and scale × Σ codes, bit for bit; an all-zero block gives zeros."""
+    from glm45.engine import cpu_program as ops
+
+    torch.manual_seed(0)
+    rows, width = 3, 128
+    x = torch.randn(rows, width) * torch.tensor([0.01, 1.0, 300.0])[:, None]
+    x[1, 32:64] = 0.0
+    x[2, 64:96] = torch.arange(32) - 15.5  # exact halves after scaling: ties go to even
+    xq = torch.zeros(rows, width, dtype=torch.int8)
+    xd, xs = torch.zeros(rows, width // 32), torch.zeros(rows, width // 32)
+    program = ops.Program()
+    program.add(ops.OP_QUANT, (x, xq, xd, xs), (rows, width, width))
+    program.finish()
+    program.run(False, 2)
+    blocks = x.view(rows, -1, 32)
+    d = blocks.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    codes = torch.round(blocks * inv[..., None])
+    assert torch.equal(xq.view(rows, -1, 32), codes.to(torch.int8))
+    assert torch.equal(xd, d)
+    assert torch.equal(xs, d * codes.sum(-1))

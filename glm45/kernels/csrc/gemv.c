@@ -422,6 +422,43 @@ static void rows_bf16_dp(const Weight *w, int64_t e, int64_t n0, int64_t n1, con
     free(xb);
 }
 
+/* fp8 rows (one fp32 scale each) against one activation row of a bf16 model, with bf16 dot products: an e4m3 byte,
+ * sign-extended to 16 bits and shifted left by 4, has its sign in bit 15 and exponent and mantissa in bits 10..4,
+ * which read as a bf16 are the fp8 value × 2^-120; adding 120 to the exponent of every byte whose exponent is not
+ * zero makes it the fp8 value itself. Subnormal fp8 values (below 2^-6 of a row's unit) become bf16 subnormals,
+ * which the dot product reads as zero. Three operations and one dot product per 32 weights, where widening to
+ * fp32 takes about twelve: the fp8 GEMV is then bound by memory instead of arithmetic. */
+#define FP8_BF16_MAX_K 16384
+static inline __m512bh fp8_as_bf16(const uint8_t *p) {
+    const __m512i v = _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)), 4);
+    const __m512i bits = _mm512_and_si512(v, _mm512_set1_epi16((short)0x87f0));
+    const __mmask32 normal = _mm512_test_epi16_mask(bits, _mm512_set1_epi16(0x0780));
+    return (__m512bh)_mm512_mask_add_epi16(bits, normal, bits, _mm512_set1_epi16(120 << 7));
+}
+
+static void rows_fp8_dp(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, float *y,
+                        int64_t ldy, int round) {
+    const int64_t K = w->K;
+    uint16_t xb[FP8_BF16_MAX_K];
+    const float *x = a->x + m0 * a->ldx;
+    for (int64_t k = 0; k < K; k += 16)
+        _mm256_storeu_si256((__m256i *)(xb + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + k)));
+    const uint8_t *base = (const uint8_t *)w->data + e * w->N * K;
+    const float *scale = (const float *)w->scale + e * w->N;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = base + n * K;
+        prefetch_ahead(row, K);
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            acc0 = _mm512_dpbf16_ps(acc0, fp8_as_bf16(row + k), (__m512bh)_mm512_loadu_si512(xb + k));
+            acc1 = _mm512_dpbf16_ps(acc1, fp8_as_bf16(row + k + 32), (__m512bh)_mm512_loadu_si512(xb + k + 32));
+        }
+        if (k < K) acc0 = _mm512_dpbf16_ps(acc0, fp8_as_bf16(row + k), (__m512bh)_mm512_loadu_si512(xb + k));
+        y[m0 * ldy + n] = finish(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * scale[n], w, n, round);
+    }
+}
+
 /* expert_pairs for bf16 weights and at least DP_MIN_ROWS input rows: each expert's pairs go 4 at a time through
  * dp_rows. Work units are (expert, chunk of DP_CHUNK weight rows, group of ≤ 4 pairs), chunk-major within an
  * expert so a chunk's groups follow each other while it is in cache. Every thread converts the (few) input rows to
@@ -503,6 +540,10 @@ void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const 
 #if defined(__AVX512BF16__)
     if (w->fmt == FMT_BF16 && round && mc >= DP_MIN_ROWS) {
         rows_bf16_dp(w, expert, n0, n1, a, m0, mc, y, ldy, round);
+        return;
+    }
+    if (w->fmt == FMT_FP8 && round && mc == 1 && w->fp8_block == 0 && w->K % 32 == 0 && w->K <= FP8_BF16_MAX_K) {
+        rows_fp8_dp(w, expert, n0, n1, a, m0, y, ldy, round);
         return;
     }
 #endif

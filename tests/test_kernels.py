@@ -110,12 +110,13 @@ def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k):
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int4/block", "fp8"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
 @pytest.mark.parametrize("k", [256, 352])  # int4: whole super-blocks of 8 blocks, and a last one of 3
-def test_packed_kernels_match_the_dequantized_reference(isa, fmt, rows, k):
+@pytest.mark.parametrize("n", [130, 131])  # one activation row takes int4 weight rows in pairs: an odd last one
+def test_packed_kernels_match_the_dequantized_reference(isa, fmt, rows, k, n):
     torch.manual_seed(7)
-    w = torch.randn(130, k) * 0.05
+    w = torch.randn(n, k) * 0.05
     packed = pack(w, fmt)
     x = torch.randn(rows, k)
-    bias = torch.randn(130)
+    bias = torch.randn(n)
     expected = reference(x, dequantize(packed), bias)
     got = cpu.linear(x, packed, bias)
     # int8/int4 quantize the activation row to int8 per block of 32 (≈ 0.4% of its range) for integer dots

@@ -25,7 +25,8 @@ static inline float finish(float sum, const Weight *w, int64_t n, int round) {
 /* ---------------------------------------------------------------- f32, bf16, fp8: widen and FMA */
 /* One or two activation rows stream the weights from memory: the hardware prefetcher alone left a bf16 head GEMV
  * (151,552 × 1,024, 2 threads) at 34–36 GB/s; prefetching 4 KB ahead ran it at 46–48 (2 KB: 39–44), the int8 one
- * 3.8 → 3.5 ms and the fp8 one 3.6 → 3.1 ms. int4, bound by its arithmetic, gained nothing and goes without. */
+ * 3.8 → 3.5 ms and the fp8 one 3.6 → 3.1 ms. int4 one row at a time, bound by its arithmetic, gained nothing;
+ * int4 rows in pairs need it (rows_q4_one). */
 #define PREFETCH_BYTES 4096
 
 /* The cache lines PREFETCH_BYTES past a weight row of `bytes` bytes (rows lie one after another). */
@@ -260,7 +261,8 @@ static inline __m256 q4_dot(const uint8_t *row, const int8_t *xq, int64_t b, __m
  * cycles besides its blocks (its scales decoded and multiplied, its reduction), as much as 12 blocks' dot products
  * at K = 512, so the pair shares the activation loads, the loop and one transposing reduction. An odd last row is
  * paired with itself. (2 threads: 16,384 × 512 195 → 147 µs, 65,536 × 128 593 → 405 µs; equal at K = 2,048, and at
- * K = 8,192 up to 10% slower, so longer rows keep rows_q4.) */
+ * K = 8,192 up to 10% slower, so longer rows keep rows_q4; the Air-shaped head, 151,552 × 1,024 streamed from
+ * memory, 2.64 → 2.19 ms with the prefetch.) */
 #define Q4_ONE_MAX_BLOCKS 64
 static void rows_q4_one(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, float *y,
                         int64_t ldy, int round) {
@@ -285,6 +287,7 @@ static void rows_q4_one(const Weight *w, int64_t e, int64_t n0, int64_t n1, cons
             for (; b < nb; b++) sx[j][b] = ds[b] * xd[b], mins[j] += ms[b] * xs[b];
         }
         const uint8_t *r0 = base + rows[0] * (K / 2), *r1 = base + rows[1] * (K / 2);
+        prefetch_ahead(r0, K); /* the pair's interleaved reads defeat the hardware prefetcher: 2.6 → 4.4 ms without */
         __m256 a0 = minacc[0], a1 = _mm256_setzero_ps(), c0 = minacc[1], c1 = _mm256_setzero_ps();
         int64_t b = 0;
         for (; b + 2 <= nb; b += 2) {

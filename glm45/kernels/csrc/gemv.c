@@ -44,8 +44,7 @@ static inline void prefetch_ahead(const void *row, int64_t bytes) {
         int64_t k = 0;                                                                                         \
         if (mc <= 2) {                                                                                         \
             for (; k + 4 * VL <= K; k += 4 * VL) {                                                             \
-                for (int pf = 0; pf < (int)(4 * VL * sizeof(TYPE)); pf += 64)                                  \
-                    _mm_prefetch((const char *)(row + k) + PREFETCH_BYTES + pf, _MM_HINT_T0);                  \
+                prefetch_ahead(row + k, 4 * VL * sizeof(TYPE));                                                \
                 vf w0 = LOAD(row + k), w1 = LOAD(row + k + VL), w2 = LOAD(row + k + 2 * VL),                   \
                    w3 = LOAD(row + k + 3 * VL);                                                                \
                 for (int m = 0; m < mc; m++) {                                                                 \
@@ -246,6 +245,20 @@ static inline void q4_decode_span(const Weight *w, int64_t r, int64_t s0, int64_
  * per block; this way both run at the speed the per-block layout had, 1.6 ms for a 75,776 × 1,024 matrix.) */
 #define Q4_SPAN 256
 
+/* Blocks [s0, s1) of an int4 row, their scales ds and minimums ms decoded (q4_decode_span), against one activation
+ * row's block scales xd and sums xs: sx[b - s0] = d_b · xd_b for the dot products, and the minimum term Σ m_b · xs_b
+ * added to *minacc (8 blocks a vector) and *mins (the rest). */
+static inline void q4_span_scales(const float *ds, const float *ms, int64_t s0, int64_t s1, const float *xd,
+                                  const float *xs, float *sx, __m256 *minacc, float *mins) {
+    const int64_t whole = s0 + (s1 - s0) / 8 * 8;
+    int64_t b = s0;
+    for (; b < whole; b += 8) {
+        _mm256_storeu_ps(sx + b - s0, _mm256_mul_ps(_mm256_loadu_ps(ds + b - s0), _mm256_loadu_ps(xd + b)));
+        *minacc = _mm256_fmadd_ps(_mm256_loadu_ps(ms + b - s0), _mm256_loadu_ps(xs + b), *minacc);
+    }
+    for (; b < s1; b++) sx[b - s0] = ds[b - s0] * xd[b], *mins += ms[b - s0] * xs[b];
+}
+
 /* Block b's integer dot product of int4 row `row` with the block's int8 activations `x`, as 8 float partial sums. */
 static inline __m256 q4_dot_x(const uint8_t *row, int64_t b, __m256i x, __m256i low) {
     __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
@@ -266,25 +279,19 @@ static inline __m256 q4_dot(const uint8_t *row, const int8_t *xq, int64_t b, __m
 #define Q4_ONE_MAX_BLOCKS 64
 static void rows_q4_one(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, float *y,
                         int64_t ldy, int round) {
-    const int64_t K = w->K, nb = K / QBLOCK, xnb = a->K / QBLOCK, whole = nb / 8 * 8;
+    const int64_t K = w->K, nb = K / QBLOCK, xnb = a->K / QBLOCK;
     const uint8_t *base = (const uint8_t *)w->data + e * w->N * (K / 2);
     const int8_t *xq = a->xq + m0 * a->K;
     const float *xd = a->xd + m0 * xnb, *xs = a->xs + m0 * xnb;
     const __m256i low = _mm256_set1_epi8(0x0f);
-    float ds[Q4_SPAN], ms[Q4_SPAN], sx[2][Q4_SPAN], mins[2];
+    float ds[Q4_SPAN], ms[Q4_SPAN], sx[2][Q4_SPAN];
     for (int64_t n = n0; n < n1; n += 2) {
         const int64_t rows[2] = {n, n + 1 < n1 ? n + 1 : n};
-        __m256 minacc[2];
+        __m256 minacc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        float mins[2] = {0.0f, 0.0f};
         for (int j = 0; j < 2; j++) {
             q4_decode_span(w, e * w->N + rows[j], 0, nb, ds, ms);
-            minacc[j] = _mm256_setzero_ps();
-            mins[j] = 0.0f;
-            int64_t b = 0;
-            for (; b < whole; b += 8) {
-                _mm256_storeu_ps(sx[j] + b, _mm256_mul_ps(_mm256_loadu_ps(ds + b), _mm256_loadu_ps(xd + b)));
-                minacc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(ms + b), _mm256_loadu_ps(xs + b), minacc[j]);
-            }
-            for (; b < nb; b++) sx[j][b] = ds[b] * xd[b], mins[j] += ms[b] * xs[b];
+            q4_span_scales(ds, ms, 0, nb, xd, xs, sx[j], &minacc[j], &mins[j]);
         }
         const uint8_t *r0 = base + rows[0] * (K / 2), *r1 = base + rows[1] * (K / 2);
         prefetch_ahead(r0, K); /* the pair's interleaved reads defeat the hardware prefetcher: 2.6 → 4.4 ms without */
@@ -325,18 +332,11 @@ static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
         float mins[4] = {0, 0, 0, 0};
         for (int m = 0; m < 4; m++) acc[m] = minacc[m] = _mm256_setzero_ps();
         for (int64_t s0 = 0; s0 < nb; s0 += Q4_SPAN) {
-            const int64_t s1 = s0 + Q4_SPAN < nb ? s0 + Q4_SPAN : nb, whole = s0 + (s1 - s0) / 8 * 8;
+            const int64_t s1 = s0 + Q4_SPAN < nb ? s0 + Q4_SPAN : nb;
             q4_decode_span(w, r, s0, s1, ds, ms);
-            for (int m = 0; m < mc; m++) {
-                const float *xd = a->xd + (m0 + m) * xnb, *xs = a->xs + (m0 + m) * xnb;
-                int64_t b = s0;
-                for (; b < whole; b += 8) {
-                    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(ds + b - s0), _mm256_loadu_ps(xd + b));
-                    _mm256_storeu_ps(sx[m] + b - s0, scaled);
-                    minacc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(ms + b - s0), _mm256_loadu_ps(xs + b), minacc[m]);
-                }
-                for (; b < s1; b++) sx[m][b - s0] = ds[b - s0] * xd[b], mins[m] += ms[b - s0] * xs[b];
-            }
+            for (int m = 0; m < mc; m++)
+                q4_span_scales(ds, ms, s0, s1, a->xd + (m0 + m) * xnb, a->xs + (m0 + m) * xnb, sx[m], &minacc[m],
+                               &mins[m]);
             if (mc == 1) { /* one activation row: 4 accumulators, so that the adds do not wait on each other */
                 const int8_t *xq = a->xq + m0 * a->K;
                 __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();

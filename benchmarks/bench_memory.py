@@ -40,8 +40,10 @@ def measure(model_dir: str, fmt: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     before = process_memory()
-    weights, _, head = fmt.partition(":")
-    kwargs = {} if fmt == "bf16" else {"quantization": weights, "lm_head_quantization": head or None}
+    from benchmarks.models import split_precision
+
+    weights, head = split_precision(fmt)
+    kwargs = {} if fmt == "bf16" else {"quantization": weights, "lm_head_quantization": head}
     llm = LLM(model_dir, dtype="bfloat16", device="cpu", threads=threads, max_model_len=1024,
               kv_cache_memory_bytes=32 << 20, **kwargs)
     gc.collect()

@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="also write the report here (JSON)")
     args = parser.parse_args()
 
+    from benchmarks.models import split_precision
     from glm45.evaluation import read_records
     from glm45.model import Glm4MoeForCausalLM
     from glm45.tokenizer import Tokenizer
@@ -131,10 +132,10 @@ def main() -> None:
     reference = Glm4MoeForCausalLM.from_pretrained(model_dir, **load)
     glm45 = {}
     for spec in formats:
-        fmt, _, head = spec.partition(":")
+        fmt, head = split_precision(spec)
         name = f"glm45 {fmt}" + (f", LM head {head}" if head else "")
-        glm45[name] = Glm4MoeForCausalLM.from_pretrained(model_dir, quantization=fmt,
-                                                         lm_head_quantization=head or None, **load)
+        glm45[name] = Glm4MoeForCausalLM.from_pretrained(model_dir, quantization=fmt, lm_head_quantization=head,
+                                                         **load)
     llama = {}
     if not args.no_llama_cpp:
         try:

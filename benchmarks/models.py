@@ -93,6 +93,12 @@ def flops_per_token(config: ModelConfig, context: int = 0, with_head: bool = Tru
 BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "int8": 34 / 32, "int4": 148 / 256, "none": 2.0}
 
 
+def split_precision(precision: str) -> tuple[str, str | None]:
+    """A benchmark precision `W` or `W:H` (weights in W, the LM heads in H: `--lm-head-quantization H`)."""
+    weights, _, head = precision.partition(":")
+    return weights, head or None
+
+
 def decode_bytes_per_token(config: ModelConfig, bytes_per_weight: float, context: int = 0,
                            head_bytes_per_weight: float | None = None) -> float:
     """Bytes one batch-1 decode step reads: every matrix of every layer at `bytes_per_weight` except the routed

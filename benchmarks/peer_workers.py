@@ -127,6 +127,7 @@ def prefill_prompts(model_dir: str, spec: dict) -> list[list[int]]:
 def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
     import torch
 
+    from benchmarks.models import split_precision
     from glm45 import LLM, SamplingParams
 
     torch.set_num_threads(threads)
@@ -134,8 +135,7 @@ def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
                   kv_cache_memory_bytes=spec["kv_cache_bytes"], max_num_seqs=max(spec["num_requests"], 1),
                   num_speculative_tokens=spec.get("num_speculative_tokens", 0))
     if precision != "bf16":
-        kwargs["quantization"], _, head = precision.partition(":")  # W:H, the LM heads in H
-        kwargs["lm_head_quantization"] = head or None
+        kwargs["quantization"], kwargs["lm_head_quantization"] = split_precision(precision)
     try:
         llm = LLM(model_dir, **kwargs)
     except (TypeError, ValueError) as e:

@@ -9,7 +9,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.models import BYTES_PER_WEIGHT, decode_bytes_per_token
+from benchmarks.models import BYTES_PER_WEIGHT, decode_bytes_per_token, split_precision
 from benchmarks.peer_workers import batch_lengths
 from glm45.config import ModelConfig
 
@@ -137,7 +137,7 @@ def decode_bytes(record: dict, model: str, precision: str, engine: str) -> float
     if engine.startswith("llama.cpp"):
         tensors = prepared["gguf_tensors"].get(engine.split()[-1])
         return None if tensors is None else gguf_decode_bytes(tensors, config, context)
-    weights, _, head = precision.partition(":")  # W:H, the LM heads in H
+    weights, head = split_precision(precision)
     return decode_bytes_per_token(config, BYTES_PER_WEIGHT[weights], context, BYTES_PER_WEIGHT.get(head))
 
 

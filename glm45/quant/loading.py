@@ -1,9 +1,9 @@
 """Loading weights into a packed format, tensor by tensor, and putting the packed tensors into a model.
 
-The loader (`glm45.model.loader`) packs every tensor that `scheme.quantizes`: a weight the checkpoint already
-stores in the served format (FP8 with its scale, or glm45's own int8/int4; `Checkpoint.packed`) is taken as
-it is; any other is read in the compute dtype — one tensor, or one expert stack, at a time — and quantized
-here (`pack`). So a
+The loader (`glm45.model.loader`) packs every tensor that `scheme.tensor_format` gives a format: a weight the
+checkpoint already stores in the served format (FP8 with its scale, or glm45's own int8/int4; `Checkpoint.packed`)
+is taken as it is; any other is read in the compute dtype — one tensor, or one expert stack, at a time — and
+quantized here (`pack`). So a
 bf16 copy of the whole model never exists, and resident memory after loading is the packed size.
 `install` then replaces the model's linear layers by QuantLinear or
 registers packed buffers on the expert stacks.
@@ -53,9 +53,9 @@ def install(model: nn.Module, packed: dict[str, PackedWeight], state: dict[str, 
 def quantize_model(model: nn.Module, fmt: str, lm_head_quantization: str | None = None) -> nn.Module:
     """Pack an already loaded model's weights in place, the LM heads in `lm_head_quantization` (None: like the rest;
     none: left as they are) (benchmarks and tests; loading packs tensor by tensor)."""
-    from glm45.quant.scheme import tensor_format
+    from glm45.quant.scheme import head_format, tensor_format
 
-    head_fmt = fmt if lm_head_quantization is None else None if lm_head_quantization == "none" else lm_head_quantization
+    head_fmt = head_format(lm_head_quantization, fmt)
     state = dict(model.state_dict())
     packed = {name: pack(tensor, packed_in, tensor.device) for name, tensor in state.items()
               if (packed_in := tensor_format(name, fmt, head_fmt)) is not None}

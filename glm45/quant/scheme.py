@@ -91,8 +91,7 @@ def served_head_format(requested: str | None, fmt: str | None, config: ModelConf
     A ValueError when the request cannot be met."""
     stored = stored_head_format(config)
     if requested is None:
-        head = stored or fmt
-        return None if fmt is None or head == "none" else head
+        return None if fmt is None else head_format(stored, fmt)
     if requested not in (*QUANTIZATIONS, "none"):
         raise ValueError(f"lm_head_quantization {requested!r} is not supported; choose one of "
                          f"{', '.join(QUANTIZATIONS)}, none")
@@ -102,7 +101,14 @@ def served_head_format(requested: str | None, fmt: str | None, config: ModelConf
     if stored in ("int8", "int4") and requested not in (stored, "none"):
         raise ValueError(f"the checkpoint keeps its LM heads in {stored}; they cannot be served in {requested} "
                          f"(use --lm-head-quantization {stored} or none, or quantize the original checkpoint)")
-    return None if requested == "none" else requested
+    return head_format(requested, fmt)
+
+
+def head_format(requested: str | None, fmt: str | None) -> str | None:
+    """The LM heads' packed format for an `--lm-head-quantization` value: None follows the weights' `fmt`, "none"
+    keeps them unpacked (None)."""
+    head = fmt if requested is None else requested
+    return None if head == "none" else head
 
 
 def tensor_format(internal_name: str, fmt: str | None, head_fmt: str | None) -> str | None:
@@ -111,11 +117,6 @@ def tensor_format(internal_name: str, fmt: str | None, head_fmt: str | None) -> 
     if fmt is None or QUANTIZED_WEIGHT.search(internal_name) is None:
         return None
     return head_fmt if LM_HEAD.search(internal_name) else fmt
-
-
-def quantizes(internal_name: str, fmt: str | None) -> bool:
-    """Whether the model tensor `internal_name` is held packed when the weights (heads too) are in `fmt`."""
-    return tensor_format(internal_name, fmt, fmt) is not None
 
 
 def quantization_config(fmt: str, head_fmt: str | None = None) -> dict:

@@ -4,13 +4,15 @@
  * with up to 4 activation rows at a time (more rows loop over groups of 4 while the row is in cache; short f32/bf16
  * rows go four at a time, see FLOAT_ROWS4):
  *   f32, bf16   widened in registers (a bf16 is the top half of an fp32), fp32 FMA;
- *   fp8 (e4m3)  widened through fp16 (see fp8_to_f32), fp32 FMA, one scale per row or per 128×128 block;
+ *   fp8 (e4m3)  widened through fp16 (see fp8_to_f32), fp32 FMA, one scale per row or per 128×128 block; one
+ *               activation row of a bf16 model against per-row scales: made bf16 and bf16 dots (rows_fp8_dp);
  *   int8 (q8)   blocks of 32 with an fp16 scale; the activation row is quantized to int8 per block of 32 and
  *               the dot products are integer (maddubs, or VNNI's dpbusd): llama.cpp's route for Q8_0;
  *   int4 (q4)   blocks of 32 with a scale and minimum (w = d·q + m, q in 0..15), packed two per byte
  *               (byte j: element j in the low nibble, element j + 16 in the high one); d and m are 8-bit codes
  *               times their super-block's fp16 pair (or fp16 per block, see q4_block); integer dots as int8,
- *               plus m · Σx from the quantized activation's block sums.
+ *               plus m · Σx from the quantized activation's block sums; one activation row takes short rows in
+ *               pairs (rows_q4_one).
  * f32/bf16/fp8 use the widest vectors the build has (AVX-512 or AVX2); int8/int4 work on 256-bit blocks of 32.
  */
 #include <stdlib.h>

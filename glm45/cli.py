@@ -18,6 +18,8 @@ import argparse
 import logging
 import sys
 
+logger = logging.getLogger(__name__)
+
 
 def init_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -57,10 +59,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from glm45.quant.scheme import quantization_config
 
     head = args.lm_head_quantization
-    model = Glm4MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization=args.to,
-                                               lm_head_quantization=head)
+    if args.calibration is None:
+        model = Glm4MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization=args.to,
+                                                   lm_head_quantization=head)
+    else:
+        model = calibrated_model(args)
     head_fmt = model.lm_head.packed.format if isinstance(model.lm_head, QuantLinear) else None  # as it was loaded
-    model.config.quantization_config = quantization_config(args.to, head_fmt)
+    model.config.quantization_config = quantization_config(args.to, head_fmt,
+                                                           "gptq" if args.calibration else None)
     model.save_pretrained(args.out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (Path(args.model) / name).is_file():
@@ -69,6 +75,41 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     heads = f" (LM heads in {head})" if head not in (None, args.to) else ""
     print(f"saved {args.model} in {args.to}{heads} to {args.out} ({size / 2**20:.1f} MiB of weights)")
     return 0
+
+
+def calibrated_model(args: argparse.Namespace):
+    """The model of `args.model` with its weights packed in `args.to` by GPTQ on the calibration records; every
+    request is checked before the model is loaded."""
+    import torch
+
+    from glm45.config import ModelConfig
+    from glm45.evaluation import read_records
+    from glm45.model import Glm4MoeForCausalLM
+    from glm45.quant.gptq import collect_hessians
+    from glm45.quant.loading import quantize_model
+    from glm45.quant.scheme import check_packable, checkpoint_format, head_format
+    from glm45.tokenizer import Tokenizer
+
+    if args.to not in ("int8", "int4"):
+        raise ValueError(f"--calibration chooses int8 or int4 codes; {args.to} rounds to nearest without it")
+    if args.calibration_records < 1:
+        raise ValueError(f"--calibration-records must be at least 1, got {args.calibration_records}")
+    config = ModelConfig.from_pretrained(args.model)
+    if checkpoint_format(config) in ("int8", "int4"):
+        raise ValueError(f"{args.model} is already quantized ({checkpoint_format(config)}); calibrate from the "
+                         "checkpoint it was made from")
+    with torch.device("meta"):
+        check_packable(Glm4MoeForCausalLM(config).state_dict(), args.to, torch.device("cpu"),
+                       head_format(args.lm_head_quantization, args.to))
+    records = read_records(args.calibration, Tokenizer.from_pretrained(args.model),
+                           max_len=args.calibration_max_len)[:args.calibration_records]
+    if not records:
+        raise ValueError(f"{args.calibration} has no records")
+    model = Glm4MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization="none")
+    hessians = collect_hessians(model, records)
+    logger.info("GPTQ: Hessians of %d weights from %d records (%d tokens)", len(hessians), len(records),
+                sum(len(r.input_ids) for r in records))
+    return quantize_model(model, args.to, args.lm_head_quantization, hessians)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -143,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the LM heads' own format (none: the compute dtype); default: like the weights")
     quantize.add_argument("--out", required=True, help="the folder to write")
     quantize.add_argument("--dtype", default="auto", help="compute dtype of the unquantized parts (norms, biases)")
+    quantize.add_argument("--calibration", default=None, metavar="DATA.jsonl",
+                          help="choose the int8/int4 codes by GPTQ on these records (texts or conversations, as "
+                               "glm45 eval reads them); the whole model is loaded for it")
+    quantize.add_argument("--calibration-records", type=int, default=256, help="records of --calibration used")
+    quantize.add_argument("--calibration-max-len", type=int, default=2048, help="tokens kept of each record")
     quantize.set_defaults(func=cmd_quantize)
 
     export = sub.add_parser("export", help="write a checkpoint for llama.cpp / Ollama (GGUF)")

@@ -119,11 +119,13 @@ def tensor_format(internal_name: str, fmt: str | None, head_fmt: str | None) -> 
     return head_fmt if LM_HEAD.search(internal_name) else fmt
 
 
-def quantization_config(fmt: str, head_fmt: str | None = None) -> dict:
+def quantization_config(fmt: str, head_fmt: str | None = None, calibration: str | None = None) -> dict:
     """The `quantization_config` of a checkpoint `glm45 quantize` saves in `fmt` (glm45's own layout: per-row
     FP8 scales or 32-wide int8/int4 blocks, fused expert stacks, embeddings as they were), its LM heads packed in
-    `head_fmt` (None: the compute dtype)."""
+    `head_fmt` (None: the compute dtype), its codes chosen by `calibration` (gptq; None: rounded to nearest)."""
     config = {"quant_method": fmt, "format": "glm45"}
+    if calibration:
+        config["calibration"] = calibration
     if fmt != "fp8":
         config["group_size"] = GLM45_GROUP_SIZE
     if fmt == "int4":

@@ -3,6 +3,7 @@ int8 / int4 / fp8 and llama.cpp's Q8_0 / Q4_K_M, each against its own engine's f
 
     python benchmarks/bench_quality.py MODEL --data held_out.jsonl
     python benchmarks/bench_quality.py MODEL --data held_out.jsonl --no-llama-cpp --formats int4,int4:int8
+    python benchmarks/bench_quality.py MODEL --data held_out.jsonl --checkpoints "int4 gptq=DIR"  # glm45 quantize
 
 A format `W:H` is weights in W with the LM heads in H (`--lm-head-quantization H`; `int4:int8` is the mix
 closest to Q4_K_M, which keeps its output matrix in Q6_K).
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="JSONL records, as glm45 eval reads them")
     parser.add_argument("--formats", default=",".join(GLM45_FORMATS),
                         help="glm45 formats to measure; W:H for weights in W with the LM heads in H")
+    parser.add_argument("--checkpoints", default="",
+                        help="also measure saved checkpoints of the same model (glm45 quantize), as NAME=PATH,...")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
@@ -136,6 +139,11 @@ def main() -> None:
         name = f"glm45 {fmt}" + (f", LM head {head}" if head else "")
         glm45[name] = Glm4MoeForCausalLM.from_pretrained(model_dir, quantization=fmt, lm_head_quantization=head,
                                                          **load)
+    for entry in filter(None, args.checkpoints.split(",")):
+        name, sep, path = entry.partition("=")
+        if not sep or not Path(path).is_dir():
+            sys.exit(f"--checkpoints takes NAME=PATH with PATH a checkpoint folder, got {entry!r}")
+        glm45[f"glm45 {name}"] = Glm4MoeForCausalLM.from_pretrained(path, **load)
     llama = {}
     if not args.no_llama_cpp:
         try:

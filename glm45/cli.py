@@ -85,7 +85,7 @@ def calibrated_model(args: argparse.Namespace):
     from glm45.config import ModelConfig
     from glm45.evaluation import read_records
     from glm45.model import Glm4MoeForCausalLM
-    from glm45.quant.gptq import collect_hessians
+    from glm45.quant.calibration import collect_hessians
     from glm45.quant.loading import quantize_model
     from glm45.quant.scheme import check_packable, checkpoint_format, head_format
     from glm45.tokenizer import Tokenizer

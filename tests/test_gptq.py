@@ -13,7 +13,8 @@ from glm45.cli import main as cli_main
 from glm45.config import bundled_model_path
 from glm45.evaluation import read_records
 from glm45.model import Glm4MoeForCausalLM
-from glm45.quant.gptq import collect_hessians, quantize_calibrated
+from glm45.quant.calibration import collect_hessians
+from glm45.quant.gptq import quantize_calibrated
 from glm45.quant.packed import dequantize, quantize
 from glm45.tokenizer import Tokenizer
 

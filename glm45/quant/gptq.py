@@ -10,14 +10,8 @@ damped by 1% of its mean diagonal (more if it is still not positive definite), a
 used is rounded to nearest without moving anything.
 
 The block scales and minimums are round-to-nearest's (`packed.quantize`); only the codes change, so a calibrated
-checkpoint loads and runs like any other. `collect_hessians` gathers H from one float forward per record: for every
-weight that is quantized, the inputs of its layer; for a routed expert, the tokens routed to it and the SwiGLU
-product they give its down projection; for the MTP layer, its forward over the same text. A weight no token
-reached (an expert nothing was routed to) keeps round-to-nearest's codes.
-
-Calibration holds the whole model in memory in its compute dtype, with one K×K float32 Hessian per quantized weight
-(per expert for the stacks): meant for models up to a few billion parameters, not GLM-4.5 itself, which would need
-layer-by-layer calibration.
+checkpoint loads and runs like any other. The Hessians come from `calibration.collect_hessians`; a weight no
+calibration token reached (an expert nothing was routed to) keeps round-to-nearest's codes.
 """
 
 from __future__ import annotations
@@ -25,65 +19,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from glm45.quant.packed import QBLOCK, PackedWeight, _expand_codes, quantize
-from glm45.quant.scheme import QUANTIZED_WEIGHT
 
 DAMPING = (0.01, 0.1, 1.0)  # × mean diagonal, tried in turn until H + damping is positive definite
 COLUMN_BLOCK = 128
 FACTOR_BYTES = 256 << 20  # float64 Hessians factored at a time (a slice of an expert stack)
-
-
-def collect_hessians(model, records) -> dict[str, torch.Tensor]:
-    """{weight name: H = Σ x xᵀ over the inputs that reach it} ([K, K], or [E, K, K] for an expert stack) from one
-    forward of the model (and its MTP layer) per record of token ids."""
-    from glm45.model.moe import Experts
-    from glm45.train.losses import mtp_hidden
-
-    sums: dict[str, torch.Tensor] = {}
-
-    def add(name: str, x: torch.Tensor, expert: int | None = None, experts: int = 0) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        if expert is None:
-            sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
-        else:
-            if name not in sums:
-                sums[name] = torch.zeros(experts, x.shape[-1], x.shape[-1], device=x.device)
-            sums[name][expert].addmm_(x.T, x)
-
-    def expert_inputs(prefix: str, module: Experts, args) -> None:
-        x, _, ids = args
-        gate_up_proj, _ = module.weights()
-        for expert in range(module.num_experts):
-            rows = (ids == expert).any(-1)
-            if not rows.any():
-                continue
-            routed = x[rows]
-            gate, up = (routed @ gate_up_proj[expert].T).chunk(2, dim=-1)
-            add(f"{prefix}.gate_up_proj", routed, expert, module.num_experts)
-            add(f"{prefix}.down_proj", F.silu(gate) * up, expert, module.num_experts)
-
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and QUANTIZED_WEIGHT.search(f"{name}.weight"):
-            hooks.append(module.register_forward_pre_hook(lambda m, args, key=f"{name}.weight": add(key, args[0])))
-        elif isinstance(module, Experts):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, prefix=name: expert_inputs(prefix, m, args)))
-    try:
-        with torch.no_grad():
-            for record in records:
-                ids = torch.tensor([record.input_ids], device=model.device)
-                hidden = model.hidden_states(ids)
-                model.compute_logits(hidden)
-                if model.mtp is not None and ids.shape[1] >= 2:
-                    model.compute_mtp_logits(mtp_hidden(model, hidden, ids))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sums
 
 
 def _inverse_factors(hessians: torch.Tensor) -> torch.Tensor:

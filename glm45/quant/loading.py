@@ -54,7 +54,7 @@ def quantize_model(model: nn.Module, fmt: str, lm_head_quantization: str | None 
                    hessians: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Pack an already loaded model's weights in place, the LM heads in `lm_head_quantization` (None: like the rest;
     none: left as they are) (`glm45 quantize --calibration`, benchmarks and tests; loading packs tensor by tensor).
-    With `hessians` (`gptq.collect_hessians`), int8/int4 weights take GPTQ's codes where they have one."""
+    With `hessians` (`calibration.collect_hessians`), int8/int4 weights take GPTQ's codes where they have one."""
     from glm45.quant.gptq import quantize_calibrated
     from glm45.quant.scheme import head_format, tensor_format
 

@@ -129,7 +129,7 @@ def load_model(
     if problems:
         raise CheckpointError(f"cannot load {path}: " + "; ".join(problems))
 
-    install(model, reader.packed, reader.state, dtype)
+    install(model, reader.packed, reader.state)
     model.load_state_dict(reader.state, strict=False, assign=True)
     for internal, main in reader.shared.items():  # the main model's module in both places
         owner, leaf = internal.removesuffix(".weight").rsplit(".", 1)

@@ -32,8 +32,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), leaf
 
 
-def install(model: nn.Module, packed: dict[str, PackedWeight], state: dict[str, torch.Tensor],
-            dtype: torch.dtype) -> None:
+def install(model: nn.Module, packed: dict[str, PackedWeight], state: dict[str, torch.Tensor]) -> None:
     """Swap the modules whose weights are in `packed` (internal names) for quantized ones, taking their biases
     out of `state`; the rest of `state` is then assigned by the caller."""
     for name, weight in packed.items():
@@ -70,5 +69,5 @@ def quantize_model(model: nn.Module, fmt: str, lm_head_quantization: str | None 
             quantize_calibrated(tensor, packed_in, hessian)
     for name in packed:
         del state[name]
-    install(model, packed, state, model.dtype)
+    install(model, packed, state)
     return model

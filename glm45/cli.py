@@ -85,8 +85,7 @@ def calibrated_model(args: argparse.Namespace):
     from glm45.config import ModelConfig
     from glm45.evaluation import read_records
     from glm45.model import Glm4MoeForCausalLM
-    from glm45.quant.calibration import collect_hessians
-    from glm45.quant.loading import quantize_model
+    from glm45.quant.calibration import calibrate
     from glm45.quant.scheme import check_packable, checkpoint_format, head_format
     from glm45.tokenizer import Tokenizer
 
@@ -105,11 +104,9 @@ def calibrated_model(args: argparse.Namespace):
                            max_len=args.calibration_max_len)[:args.calibration_records]
     if not records:
         raise ValueError(f"{args.calibration} has no records")
-    model = Glm4MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, quantization="none")
-    hessians = collect_hessians(model, records)
-    logger.info("GPTQ: Hessians of %d weights from %d records (%d tokens)", len(hessians), len(records),
+    logger.info("GPTQ on %d records (%d tokens), one layer at a time", len(records),
                 sum(len(r.input_ids) for r in records))
-    return quantize_model(model, args.to, args.lm_head_quantization, hessians)
+    return calibrate(args.model, args.to, args.lm_head_quantization, records, args.dtype)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -186,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--dtype", default="auto", help="compute dtype of the unquantized parts (norms, biases)")
     quantize.add_argument("--calibration", default=None, metavar="DATA.jsonl",
                           help="choose the int8/int4 codes by GPTQ on these records (texts or conversations, as "
-                               "glm45 eval reads them); the whole model is loaded for it")
+                               "glm45 eval reads them), one layer at a time")
     quantize.add_argument("--calibration-records", type=int, default=256, help="records of --calibration used")
     quantize.add_argument("--calibration-max-len", type=int, default=2048, help="tokens kept of each record")
     quantize.set_defaults(func=cmd_quantize)

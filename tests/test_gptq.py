@@ -13,10 +13,11 @@ from glm45.cli import main as cli_main
 from glm45.config import bundled_model_path
 from glm45.evaluation import read_records
 from glm45.model import Glm4MoeForCausalLM
-from glm45.quant.calibration import collect_hessians
+from glm45.quant.calibration import part_hessians, recording
 from glm45.quant.gptq import quantize_calibrated
 from glm45.quant.packed import dequantize, quantize
 from glm45.tokenizer import Tokenizer
+from glm45.train.losses import mtp_hidden
 
 
 def correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:
@@ -65,22 +66,25 @@ def test_an_expert_stack_is_calibrated_expert_by_expert():
     assert not torch.equal(stack.data[0], quantize(w[0], "int4").data)
 
 
-def test_hessians_sum_the_inputs_each_weight_sees(tmp_path):
-    model = Glm4MoeForCausalLM.from_pretrained(save_mtp_model(tmp_path / "m"), dtype="float32", progress=False)
+def test_hessians_layer_by_layer_are_those_of_one_float_forward(tmp_path):
+    folder = save_mtp_model(tmp_path / "m")
     records = [type("Record", (), {"input_ids": ids})() for ids in ([5, 9, 11, 2, 7], [1, 3, 3, 8])]
-    hessians = collect_hessians(model, records)
-
+    reference = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False)
     seen = {}
-    experts = model.model.layers[1].mlp.experts
+    experts = reference.model.layers[1].mlp.experts
 
     def grab(name):
         return lambda m, args: seen.setdefault(name, []).append(args)
 
-    hooks = [model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(grab("q")),
-             model.lm_head.register_forward_pre_hook(grab("head")), experts.register_forward_pre_hook(grab("experts"))]
-    with torch.no_grad():
+    hooks = [reference.model.layers[0].self_attn.q_proj.register_forward_pre_hook(grab("q")),
+             reference.lm_head.register_forward_pre_hook(grab("head")),
+             experts.register_forward_pre_hook(grab("experts"))]
+    with recording(reference, "") as expected, torch.no_grad():
         for record in records:
-            model.compute_logits(model.hidden_states(torch.tensor([record.input_ids])))
+            ids = torch.tensor([record.input_ids])
+            hidden = reference.hidden_states(ids)
+            reference.compute_logits(hidden)
+            reference.compute_mtp_logits(mtp_hidden(reference, hidden, ids))
     for hook in hooks:
         hook.remove()
 
@@ -88,16 +92,26 @@ def test_hessians_sum_the_inputs_each_weight_sees(tmp_path):
         x = torch.cat([a[0].reshape(-1, a[0].shape[-1]) for a in inputs])
         return x.T @ x
 
-    torch.testing.assert_close(hessians["model.layers.0.self_attn.q_proj.weight"], gram(seen["q"]))
-    torch.testing.assert_close(hessians["lm_head.weight"], gram(seen["head"]))
-    routed = hessians["model.layers.1.mlp.experts.gate_up_proj"]
+    torch.testing.assert_close(expected["model.layers.0.self_attn.q_proj.weight"], gram(seen["q"]))
+    torch.testing.assert_close(expected["lm_head.weight"], gram(seen["head"]))
     for e in range(experts.num_experts):
         x = torch.cat([a[0][(a[2] == e).any(-1)] for a in seen["experts"]])
-        torch.testing.assert_close(routed[e], x.T @ x)
-    quantized = {n for n in model.state_dict() if n.endswith(("_proj.weight", "lm_head.weight", "head.weight"))
+        torch.testing.assert_close(expected["model.layers.1.mlp.experts.gate_up_proj"][e], x.T @ x)
+    quantized = {n for n in reference.state_dict() if n.endswith(("_proj.weight", "head.weight"))
                  or n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
-    assert set(hessians) == quantized  # every quantized weight, the MTP layer's included
-    assert any(n.startswith("mtp.") for n in hessians)
+    assert set(expected) == quantized and any(n.startswith("mtp.") for n in expected)
+
+    # One part at a time, from the checkpoint, beside a packed model: the same Hessians, and the tensors as stored.
+    packed = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization="int4")
+    parts = list(part_hessians(packed, folder, records))
+    hessians = {name: h for _, sums in parts for name, h in sums.items()}
+    assert set(hessians) == set(expected)
+    for name, h in expected.items():
+        torch.testing.assert_close(hessians[name], h, rtol=1e-5, atol=1e-4)
+    state = reference.state_dict()
+    for tensors, _ in parts:
+        for name, t in tensors.items():
+            assert torch.equal(t, state[name]), name
 
 
 @pytest.fixture(scope="module")

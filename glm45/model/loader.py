@@ -147,6 +147,23 @@ def load_model(
     return model
 
 
+class FloatReader:
+    """A checkpoint's tensors by model name, unpacked in `dtype`, a few at a time (GPTQ calibration reads one layer
+    at a time). An MTP copy the checkpoint leaves to the main model's tensor is not in what `read` returns."""
+
+    def __init__(self, path: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        self._reader = _Reader(Checkpoint(path), config, dtype, device, {}, None, None, False)
+
+    def read(self, metas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        reader = self._reader
+        for internal, meta in metas.items():
+            reader.read(internal, meta)
+        if reader.missing or reader.wrong_shape:
+            raise CheckpointError(f"cannot read {some_names(reader.missing + reader.wrong_shape)}")
+        tensors, reader.state = reader.state, {}
+        return tensors
+
+
 class _Reader:
     """Reads each model tensor from the checkpoint: plain, or packed in the served format."""
 

@@ -24,11 +24,18 @@ from glm45.quant.packed import QBLOCK, PackedWeight, _expand_codes, quantize
 
 DAMPING = (0.01, 0.1, 1.0)  # × mean diagonal, tried in turn until H + damping is positive definite
 COLUMN_BLOCK = 128
-FACTOR_BYTES = 256 << 20  # float64 Hessians factored at a time (a slice of an expert stack)
+FACTOR_BYTES = 256 << 20  # float64 Hessians factored at a time
+SLICE_BYTES = 1 << 30  # float32 weights and factors of the experts whose columns are rounded together
 
 
 def _inverse_factors(hessians: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factors of the damped inverse Hessians, [B, K, K] float64 → float32."""
+    """Upper Cholesky factors of the damped inverse Hessians [B, K, K], float32, factored in float64 a few at a
+    time."""
+    step = max(1, FACTOR_BYTES // (8 * hessians.shape[-1] ** 2))
+    return torch.cat([_inverse_factors_f64(hessians[i:i + step]) for i in range(0, hessians.shape[0], step)])
+
+
+def _inverse_factors_f64(hessians: torch.Tensor) -> torch.Tensor:
     h = hessians.double().clone()
     diagonal = h.diagonal(dim1=-2, dim2=-1)
     diagonal[diagonal == 0] = 1.0  # an unused input: rounded to nearest, moving nothing onto other columns
@@ -93,10 +100,11 @@ def quantize_calibrated(w: torch.Tensor, fmt: str, hessian: torch.Tensor | None)
     w3, h3 = (w, hessian) if stacked else (w[None], hessian[None])
     scale, offset, low, high = _grid(base)
     scale, offset = (scale, offset) if stacked else (scale[None], offset[None])
-    codes = _packed_codes(fmt, torch.zeros(w3.shape, device=w.device))
-    used = h3.flatten(1).any(-1)
-    per_slice = max(1, FACTOR_BYTES // (8 * h3.shape[-1] ** 2))
     base_codes = base.data if stacked else base.data[None]
+    codes = torch.empty_like(base_codes)
+    used = h3.flatten(1).any(-1)
+    n, k = w3.shape[-2:]
+    per_slice = max(1, SLICE_BYTES // (4 * (n * k + k * k)))
     for first in range(0, w3.shape[0], per_slice):
         part = slice(first, first + per_slice)
         q = _round_columns(w3[part], _inverse_factors(h3[part]), scale[part], offset[part], low, high)

@@ -49,24 +49,15 @@ def install(model: nn.Module, packed: dict[str, PackedWeight], state: dict[str, 
         setattr(parent, attribute, quantized)
 
 
-def quantize_model(model: nn.Module, fmt: str, lm_head_quantization: str | None = None,
-                   hessians: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, fmt: str, lm_head_quantization: str | None = None) -> nn.Module:
     """Pack an already loaded model's weights in place, the LM heads in `lm_head_quantization` (None: like the rest;
-    none: left as they are) (`glm45 quantize --calibration`, benchmarks and tests; loading packs tensor by tensor).
-    With `hessians` (`calibration.collect_hessians`), int8/int4 weights take GPTQ's codes where they have one."""
-    from glm45.quant.gptq import quantize_calibrated
+    none: left as they are) (benchmarks and tests; loading packs tensor by tensor)."""
     from glm45.quant.scheme import head_format, tensor_format
 
     head_fmt = head_format(lm_head_quantization, fmt)
     state = dict(model.state_dict())
-    packed = {}
-    for name, tensor in state.items():
-        packed_in = tensor_format(name, fmt, head_fmt)
-        if packed_in is None:
-            continue
-        hessian = (hessians or {}).get(name) if packed_in in ("int8", "int4") else None
-        packed[name] = pack(tensor, packed_in, tensor.device) if hessian is None else \
-            quantize_calibrated(tensor, packed_in, hessian)
+    packed = {name: pack(tensor, packed_in, tensor.device) for name, tensor in state.items()
+              if (packed_in := tensor_format(name, fmt, head_fmt)) is not None}
     for name in packed:
         del state[name]
     install(model, packed, state)

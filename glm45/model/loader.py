@@ -163,6 +163,10 @@ class FloatReader:
         tensors, reader.state = reader.state, {}
         return tensors
 
+    def release_pages(self) -> None:
+        """Drop the pages of the tensors read so far from this process (once they are no longer used)."""
+        self._reader.checkpoint.release_pages()
+
 
 class _Reader:
     """Reads each model tensor from the checkpoint: plain, or packed in the served format."""

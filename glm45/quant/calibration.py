@@ -26,6 +26,8 @@ from glm45.model.loader import MTP_COPIES, FloatReader
 from glm45.model.moe import Experts
 from glm45.quant.gptq import quantize_calibrated
 from glm45.quant.loading import install
+from glm45.quant.modules import expert_weight
+from glm45.quant.packed import PackedWeight
 from glm45.quant.scheme import QUANTIZED_WEIGHT, head_format, tensor_format
 
 LOGIT_ROWS = 256  # hidden rows through a head at a time: at GLM-4.5's vocabulary, 155 MB of float32 logits
@@ -95,6 +97,7 @@ class _Unpacked:
 
     def release(self, prefix: str) -> None:
         self.shell.get_submodule(prefix).to("meta")
+        self.reader.release_pages()
 
 
 @torch.no_grad()
@@ -142,9 +145,16 @@ def calibrate(path: str | Path, fmt: str, lm_head_quantization: str | None, reco
                                                lm_head_quantization=lm_head_quantization)
     head_fmt = head_format(lm_head_quantization, fmt)
     for tensors, hessians in part_hessians(model, path, records):
-        packed = {name: quantize_calibrated(tensors[name], packed_in, hessians.get(name)) for name in tensors
-                  if (packed_in := tensor_format(name, fmt, head_fmt)) in ("int8", "int4")}
+        packed = {name: quantize_calibrated(tensors[name], packed_in, hessians.get(name), _held(model, name, packed_in))
+                  for name in tensors if (packed_in := tensor_format(name, fmt, head_fmt)) in ("int8", "int4")}
         biases = {name: t for name, t in tensors.items()
                   if name.endswith(".bias") and name.removesuffix(".bias") + ".weight" in packed}
         install(model, packed, biases)
     return model
+
+
+def _held(model: nn.Module, name: str, fmt: str) -> PackedWeight | None:
+    """The weight `name` as the model holds it (loaded rounded to nearest), if it is packed in `fmt`."""
+    owner, _, leaf = name.rpartition(".")
+    held = expert_weight(model.get_submodule(owner), leaf)
+    return held if isinstance(held, PackedWeight) and held.format == fmt else None

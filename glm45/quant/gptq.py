@@ -26,6 +26,7 @@ DAMPING = (0.01, 0.1, 1.0)  # × mean diagonal, tried in turn until H + damping 
 COLUMN_BLOCK = 128
 FACTOR_BYTES = 256 << 20  # float64 Hessians factored at a time
 SLICE_BYTES = 1 << 30  # float32 weights and factors of the experts whose columns are rounded together
+ROW_BYTES = 128 << 20  # float32 weights of the rows rounded together
 
 
 def _inverse_factors(hessians: torch.Tensor) -> torch.Tensor:
@@ -90,10 +91,12 @@ def _round_columns(w: torch.Tensor, factors: torch.Tensor, scale: torch.Tensor, 
     return codes
 
 
-def quantize_calibrated(w: torch.Tensor, fmt: str, hessian: torch.Tensor | None) -> PackedWeight:
+def quantize_calibrated(w: torch.Tensor, fmt: str, hessian: torch.Tensor | None,
+                        base: PackedWeight | None = None) -> PackedWeight:
     """`w` ([N, K], or an expert stack [E, N, K]) packed in int8 or int4 with GPTQ's codes for `hessian` ([K, K] or
-    [E, K, K]); round-to-nearest's where there is no Hessian, or for an expert whose Hessian is zero."""
-    base = quantize(w, fmt)
+    [E, K, K]); round-to-nearest's where there is no Hessian, or for an expert whose Hessian is zero. `base`: `w`
+    already rounded to nearest in `fmt`, if at hand."""
+    base = base if base is not None else quantize(w, fmt)
     if hessian is None:
         return base
     stacked = w.dim() == 3
@@ -105,8 +108,12 @@ def quantize_calibrated(w: torch.Tensor, fmt: str, hessian: torch.Tensor | None)
     used = h3.flatten(1).any(-1)
     n, k = w3.shape[-2:]
     per_slice = max(1, SLICE_BYTES // (4 * (n * k + k * k)))
+    rows = max(1, ROW_BYTES // (4 * k))  # rows are rounded independently: a large head goes a slice at a time
     for first in range(0, w3.shape[0], per_slice):
         part = slice(first, first + per_slice)
-        q = _round_columns(w3[part], _inverse_factors(h3[part]), scale[part], offset[part], low, high)
-        codes[part] = torch.where(used[part, None, None], _packed_codes(fmt, q), base_codes[part])
+        factors = _inverse_factors(h3[part])
+        for start in range(0, n, rows):
+            r = slice(start, start + rows)
+            q = _round_columns(w3[part, r], factors, scale[part, r], offset[part, r], low, high)
+            codes[part, r] = torch.where(used[part, None, None], _packed_codes(fmt, q), base_codes[part, r])
     return dataclasses.replace(base, data=codes if stacked else codes[0])

@@ -13,6 +13,7 @@ from tiny_checkpoints import AIR_LIKE, build_reference, save_reference
 from glm45.config import ModelConfig
 from glm45.model import Glm4MoeForCausalLM
 from glm45.model.checkpoint import Checkpoint, CheckpointError, dequantize_fp8
+from glm45.quant.calibration import calibrate
 from glm45.quant.packed import PackedWeight
 
 IDS = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -256,6 +257,11 @@ def test_fp8_checkpoints_stay_fp8(tmp_path, air_folder, scheme):
     torch.testing.assert_close(head8.lm_head.packed.dequantize(), model.lm_head.weight, rtol=0, atol=2e-3)
     dense = Glm4MoeForCausalLM.from_pretrained(folder, dtype="float32", progress=False, quantization="none")
     torch.testing.assert_close(dense.model.layers[0].self_attn.q_proj.weight, packed_q.dequantize())
+    # GPTQ calibration reads the FP8 weights dequantized, a layer at a time.
+    calibrated = calibrate(folder, "int4", None, [type("Record", (), {"input_ids": [5, 9, 11, 2, 7, 3]})()],
+                           dtype="float32")
+    assert calibrated.model.layers[0].self_attn.q_proj.packed.format == "int4"
+    assert torch.isfinite(calibrated(torch.tensor([[5, 9, 11]]))).all()
     q_proj = packed_q.dequantize()
     expert = packed_experts.dequantize()[3, :32]
     for got, name in [(q_proj, "model.layers.0.self_attn.q_proj.weight"),

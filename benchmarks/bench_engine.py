@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.floors import read_bandwidth  # noqa: E402
 from benchmarks.models import active_weight_bytes, build_random_checkpoint, flops_per_token  # noqa: E402
 from glm45 import LLM, SamplingParams  # noqa: E402
 from glm45.config import ModelConfig  # noqa: E402
@@ -31,18 +32,6 @@ from glm45.kernels import cpu  # noqa: E402
 
 
 # ---------------------------------------------------------------------- machine floors
-def measure_read_bandwidth(threads: int) -> float:
-    """Bytes/s of streaming reads of a buffer much larger than the caches, best of a few runs."""
-    torch.set_num_threads(threads)
-    buffer = torch.ones(128 * 2**20)  # 512 MiB of fp32
-    best = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        buffer.sum()
-        best = max(best, buffer.nbytes / (time.perf_counter() - start))
-    return best
-
-
 def measure_matmul_rate(dtype: torch.dtype) -> float:
     """FLOP/s of the best path glm45 has for a [256, 1024] × [1024, 4096] product with `dtype` weights."""
     x = torch.randn(256, 1024).to(dtype)
@@ -233,7 +222,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "glm45-bench"))
     args = parser.parse_args()
 
-    bandwidth = measure_read_bandwidth(args.threads)
+    bandwidth = read_bandwidth(args.threads)
     torch.set_num_threads(args.threads)
     matmul_rate = measure_matmul_rate(getattr(torch, args.dtype))
     print(f"machine: read bandwidth {bandwidth / 1e9:.1f} GB/s, best {args.dtype} matmul "

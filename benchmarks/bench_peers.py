@@ -17,7 +17,7 @@ and round, loading the model once for its workloads (`peer_workers.py` says what
 interleaved — round r runs glm45, llama.cpp, transformers for each model and precision before round r+1 — so
 noise from a shared machine falls on all engines alike; the table gives the median and the range over rounds.
 
-Floors: plain read bandwidth with the given threads (a 512 MiB tensor sum, best of five, best over rounds);
+Floors: read bandwidth with the given threads (`floors.read_bandwidth`: 512 MiB, best of five, best over rounds);
 a batch-1 decode step must read its weights once (`models.decode_bytes_per_token`: every matrix but the
 unchosen routed experts, the LM head included, at the precision's bytes per weight with scales), so
 bandwidth / bytes is the floor in tokens per second. For bf16 prefill and batches, the floor is the
@@ -113,14 +113,9 @@ def worker_main(kind: str, threads: int, options: dict) -> None:
 def measure_floors(threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(threads)
-    buffer = torch.ones(128 * 2**20)  # 512 MiB of fp32, far beyond the caches
-    bandwidth = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        buffer.sum()
-        bandwidth = max(bandwidth, buffer.nbytes / (time.perf_counter() - start))
-    del buffer
+    from benchmarks.floors import read_bandwidth
+
+    bandwidth = read_bandwidth(threads)
     gemm = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)

@@ -8,7 +8,7 @@ routed expert, the tokens routed to it and the SwiGLU product they give its down
 expert weight); for the MTP layer, its forward over the same text. The hidden states go from part to part through
 the unpacked weights, so every Hessian is what one float forward of the whole model would give. At any time the
 process holds the packed model, one part unpacked in the compute dtype with its K×K float32 Hessians (per expert for
-the stacks: for GLM-4.5-Air's 128 experts, about 10 GiB), and the calibration records' hidden states.
+the stacks: for GLM-4.5-Air's 128 experts, about 9 GiB), and the calibration records' hidden states.
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ class _Unpacked:
             self.shell = Glm4MoeForCausalLM(model.config, with_mtp=model.mtp is not None)
         self.metas = self.shell.state_dict()
         self.reader = FloatReader(path, model.config, model.dtype, model.device)
-        self.model = model
 
     def load(self, prefix: str, shared: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """(the part as a module holding the checkpoint's tensors, the tensors read); an MTP copy the checkpoint

@@ -10,7 +10,7 @@ damped by 1% of its mean diagonal (more if it is still not positive definite), a
 used is rounded to nearest without moving anything.
 
 The block scales and minimums are round-to-nearest's (`packed.quantize`); only the codes change, so a calibrated
-checkpoint loads and runs like any other. The Hessians come from `calibration.collect_hessians`; a weight no
+checkpoint loads and runs like any other. The Hessians come from `calibration.part_hessians`; a weight no
 calibration token reached (an expert nothing was routed to) keeps round-to-nearest's codes.
 """
 

@@ -79,14 +79,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def calibrated_model(args: argparse.Namespace):
     """The model of `args.model` with its weights packed in `args.to` by GPTQ on the calibration records; every
-    request is checked before the model is loaded."""
-    import torch
-
+    request is checked before the model is loaded (the loader checks the blocks)."""
     from glm45.config import ModelConfig
     from glm45.evaluation import read_records
-    from glm45.model import Glm4MoeForCausalLM
     from glm45.quant.calibration import calibrate
-    from glm45.quant.scheme import check_packable, checkpoint_format, head_format
+    from glm45.quant.scheme import checkpoint_format
     from glm45.tokenizer import Tokenizer
 
     if args.to not in ("int8", "int4"):
@@ -97,9 +94,6 @@ def calibrated_model(args: argparse.Namespace):
     if checkpoint_format(config) in ("int8", "int4"):
         raise ValueError(f"{args.model} is already quantized ({checkpoint_format(config)}); calibrate from the "
                          "checkpoint it was made from")
-    with torch.device("meta"):
-        check_packable(Glm4MoeForCausalLM(config).state_dict(), args.to, torch.device("cpu"),
-                       head_format(args.lm_head_quantization, args.to))
     records = read_records(args.calibration, Tokenizer.from_pretrained(args.model),
                            max_len=args.calibration_max_len)[:args.calibration_records]
     if not records:

@@ -30,7 +30,15 @@ from glm45.quant.modules import expert_weight
 from glm45.quant.packed import PackedWeight
 from glm45.quant.scheme import QUANTIZED_WEIGHT, head_format, tensor_format
 
-LOGIT_ROWS = 256  # hidden rows through a head at a time: at GLM-4.5's vocabulary, 155 MB of float32 logits
+
+def gram(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Σ x xᵀ over the rows of every tensor in `rows` (float32): a head's Hessian from its inputs, without running
+    the head."""
+    total = None
+    for x in rows:
+        x = x.reshape(-1, x.shape[-1]).float()
+        total = x.T @ x if total is None else total.addmm_(x.T, x)
+    return total
 
 
 @contextmanager
@@ -116,23 +124,16 @@ def part_hessians(model: Glm4MoeForCausalLM, path: str | Path, records) -> Itera
         parts.release(prefix)
         yield tensors, sums
     normed = [model.model.norm(x) for x in hidden]
-    head, main_head = parts.load("lm_head", {})
-    with recording(head, "lm_head") as sums:
-        for x in normed:
-            for rows in x[0].split(LOGIT_ROWS):  # the head's inputs, without a [T, vocab] tensor
-                head(rows)
-    yield main_head, sums
+    _, main_head = parts.load("lm_head", {})
+    yield main_head, {"lm_head.weight": gram(normed)}
     parts.release("lm_head")
     if model.mtp is None:
         return
     mtp, tensors = parts.load("mtp", {**main_head, "model.embed_tokens.weight": model.model.embed_tokens.weight})
     with recording(mtp, "mtp") as sums:
-        for t, x in zip(ids, normed, strict=True):
-            if t.shape[1] < 2:
-                continue
-            rope = model.rope(torch.arange(t.shape[1] - 1, device=device), dtype)
-            for rows in mtp(t[:, 1:], x[:, :-1], rope, None)[0].split(LOGIT_ROWS):
-                mtp.shared_head.head(rows)
+        drafted = [mtp(t[:, 1:], x[:, :-1], model.rope(torch.arange(t.shape[1] - 1, device=device), dtype), None)
+                   for t, x in zip(ids, normed, strict=True) if t.shape[1] >= 2]
+    sums["mtp.shared_head.head.weight"] = gram(drafted)
     parts.release("mtp")
     yield tensors, sums
 

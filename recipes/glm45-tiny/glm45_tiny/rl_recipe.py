@@ -12,10 +12,10 @@ The prompts (`prompt_rows`) mix four kinds: the training split's own tasks as SF
 task has them; chat), tool tasks with tools named by `RL_VERBS`/`RL_NOUNS` (English words that are neither training
 words nor the evaluation's held-out words — the held-out tools stay unseen), tool requests asked with no tools
 declared (English-word tool tasks, and the training split's weather, calculator and conversion tasks), where the
-right answer has no call (each followed by the same request with its tools
-declared, so that the model learns to decline by the tool list, not by the request: without the twins, 360 steps
-taught it to answer some calculator requests with a greeting even with the calculator declared), and the answer
-after a tool's result, which must mention the result's values. Cities are the training split's.
+right answer has no call (each followed by the same request with its tools declared, so that the model learns to
+decline by the tool list, not by the request: without the twins, 360 steps taught it to answer some calculator
+requests with a greeting even with the calculator declared), and the answer after a tool's result, which must
+mention the result's values. Cities are the training split's.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ RL_NOUNS = ["customer", "employee", "vehicle", "garden", "bridge", "library", "f
 # answers from a tool's result (the turn after `<|observation|>`, so that RL keeps that skill too).
 MIX = {"train": 0.25, "english_tools": 0.30, "no_tools": 0.35, "answers": 0.10}
 # The requests asked with no tools declared: a quarter of them English-word tool tasks, the rest the training split's
-# own tasks of these tools (the SFT model called get_weather most readily: most of its calls without tools were
-# weather requests).
+# own tasks of these tools (after a first RL recipe that drew them from every training-split tool task, the calls
+# left without tools were mostly weather requests).
 NO_TOOLS_ENGLISH_SHARE = 0.25
 NO_TOOLS_KINDS = {"get_weather", "calculator", "convert_units"}
 

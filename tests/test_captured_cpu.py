@@ -202,3 +202,69 @@ def test_many_bf16_rows_match_eager_head_and_draft_included(folders):
     agreement.add(eager.runner.draft(eager.inputs(rows), logit_rows, logit_rows),
                   captured.runner.draft(captured.inputs(rows), logit_rows, logit_rows))
     agreement.check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_program_greedy_draft_step_equals_verifying_then_drafting(folders, dtype):
+    """The one-program greedy MTP step (rows [x_n, d] per sequence → the target's argmax t at each row → the MTP
+    layer over the pairs (h_r, t_r) → its argmax) against the captured programs run one after another (which the
+    tests above hold to the eager path): the same argmaxes at every row, bit for bit, over steps that accept and
+    steps that reject their drafts."""
+    _, one = runners(folders["mtp"], dtype)
+    _, ref = runners(folders["mtp"], dtype)
+    prompts = {0: list(range(3, 10)), 1: list(range(40, 45))}
+    last = {}
+    for session in (one, ref):
+        for seq, prompt in prompts.items():
+            rows = [(seq, t, p) for p, t in enumerate(prompt)]
+            session.runner.forward(session.inputs(rows), [])
+            pairs = [(seq, t, p) for p, t in enumerate(prompt[1:])]  # (h_p, x_{p+1}) at position p
+            session.runner.draft(session.inputs(pairs), list(range(len(pairs))), [])
+    for seq, prompt in prompts.items():
+        last[seq] = (prompt[-1], len(prompt) - 1, (prompt[-1] * 7) % 300)  # pending token, its position, a draft
+    accepted = rejected = 0
+    for _ in range(10):
+        rows = [r for seq, (token, n, d) in last.items() for r in ((seq, token, n), (seq, d, n + 1))]
+        targets, drafts = one.runner.greedy_draft_step(one.inputs(rows))
+        logits = ref.runner.forward(ref.inputs(rows), list(range(len(rows))))
+        expected_targets = logits.argmax(-1).tolist()
+        pairs = [(seq, t, position) for (seq, _, position), t in zip(rows, expected_targets, strict=True)]
+        draft_logits = ref.runner.draft(ref.inputs(pairs), list(range(len(rows))), list(range(len(rows))))
+        assert targets == expected_targets
+        assert drafts == draft_logits.argmax(-1).tolist()
+        for b, (seq, (_, n, d)) in enumerate(list(last.items())):
+            if targets[2 * b] == d:
+                accepted += 1
+                last[seq] = (targets[2 * b + 1], n + 2, drafts[2 * b + 1])
+            else:
+                rejected += 1
+                last[seq] = (targets[2 * b], n + 1, drafts[2 * b])
+    assert accepted and rejected, (accepted, rejected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkeypatch):
+    """Greedy MTP (k=1) on the bundled model: the one-program step gives the same text, and accepts the same drafts,
+    as verification followed by separate drafting (the step turned off)."""
+    from glm45.engine.executor import Executor
+
+    prompts = ["[gMASK]<sop><|user|>\nWhat is the weather in Oslo?<|assistant|>",
+               "[gMASK]<sop><|user|>\nConvert 3 km to miles./nothink<|assistant|>\n<think></think>",
+               "[gMASK]<sop><|user|>\nTell me about Lisbon.<|assistant|>"]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    results = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Executor, "_greedy_drafts_apply", lambda self, batch: False)
+        llm = LLM(num_speculative_tokens=1, dtype=dtype)
+        runner = llm.engine.runner
+        calls = []
+        monkeypatch.setattr(runner, "greedy_draft_step",
+                            lambda inputs, calls=calls, original=runner.greedy_draft_step:
+                            calls.append(1) or original(inputs))
+        texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        texts += [llm.generate(p, params, use_tqdm=False)[0].outputs[0].text for p in prompts]  # batch of one
+        stats = llm.engine.executor.stats
+        results[fused] = (texts, stats.proposed, stats.accepted)
+        assert bool(calls) == fused
+    assert results[True] == results[False]

@@ -79,6 +79,8 @@ class StepBuffers:
         self.context = torch.ones(rows, dtype=torch.int32)
         self.source_rows = torch.zeros(rows, dtype=torch.int64)
         self.logit_rows = torch.zeros(rows, dtype=torch.int64)
+        self.next_tokens = torch.zeros(rows, dtype=torch.int64)   # the greedy draft step's argmaxes (targets, drafts)
+        self.draft_tokens = torch.zeros(rows, dtype=torch.int64)
         self.x, self.h, self.delta = (torch.zeros(rows, D, **f32) for _ in range(3))
         self.qkv = torch.zeros(rows, (c.num_attention_heads + 2 * c.num_key_value_heads) * hd, **f32)
         self.attn = torch.zeros(rows, c.num_attention_heads * hd, **f32)
@@ -231,10 +233,11 @@ class _Builder:
         self.program.add(ops.OP_COMBINE, (b.expert_out, b.weights, b.shared_out, b.delta),
                          (R, K, c.hidden_size, b.delta.shape[1]))
 
-    def embed(self, embedding, out: torch.Tensor) -> None:
+    def embed(self, embedding, out: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
         weight = getattr(embedding, "packed", None)
         weight = weight if weight is not None else embedding.weight
-        self.program.add(ops.OP_EMBED, (describe(self.program, weight), self.b.tokens, out), (self.rows, out.shape[1]))
+        tokens = self.b.tokens if tokens is None else tokens
+        self.program.add(ops.OP_EMBED, (describe(self.program, weight), tokens, out), (self.rows, out.shape[1]))
 
     def head(self, source: torch.Tensor, head_module, logits: torch.Tensor) -> None:
         b = self.b
@@ -243,42 +246,84 @@ class _Builder:
         self.linear(b.head_in, self.rows, [(head_module, logits, logits.shape[1])])
 
 
-def build_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
-    builder = _Builder(model, kv_cache, block_size, buffers, rows)
-    b = buffers
+def emit_trunk(builder: _Builder) -> None:
+    """The target model: tokens → final hidden states (`buffers.hidden`)."""
+    model, b = builder.model, builder.b
     builder.embed(model.model.embed_tokens, b.x)
     delta = None
     for index, layer in enumerate(model.model.layers):
         builder.block(layer, index, delta)
         delta = b.delta
     builder.norm(b.x, model.model.norm.weight, b.hidden, delta)
-    builder.program.finish()
-    return builder.program
 
 
-def build_mtp_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
-    """x = eh_proj([enorm(embed(token)), hnorm(h)]) → the MTP block → h' = shared_head.norm(x). The rows of h
-    are gathered from `buffers.hidden` (the target's last hidden states) by `buffers.source_rows`."""
-    builder = _Builder(model, kv_cache, block_size, buffers, rows)
-    b, mtp, D = buffers, model.mtp, model.config.hidden_size
-    builder.embed(mtp.embed_tokens, b.x)
+def emit_mtp_trunk(builder: _Builder, tokens: torch.Tensor) -> None:
+    """x = eh_proj([enorm(embed(token)), hnorm(h)]) → the MTP block → h' = shared_head.norm(x), the tokens read from
+    `tokens`; the rows of h are gathered from `buffers.hidden` (the target's last hidden states) by
+    `buffers.source_rows`."""
+    model, b, rows = builder.model, builder.b, builder.rows
+    mtp, D = model.mtp, model.config.hidden_size
+    builder.embed(mtp.embed_tokens, b.x, tokens)
     builder.program.add(ops.OP_GATHER, (b.hidden, b.source_rows, b.source), (rows, D, D, D))
     builder.norm(b.x, mtp.enorm.weight, b.concat)
     builder.norm(b.source, mtp.hnorm.weight, b.concat[:, D:])
     builder.linear(b.concat, rows, [(mtp.eh_proj, b.x, D)])
     builder.block(mtp, model.config.num_hidden_layers, None)
     builder.norm(b.x, mtp.shared_head.norm.weight, b.draft_hidden, b.delta)
+
+
+def emit_head(builder: _Builder, draft: bool) -> None:
+    """Logits of the rows `buffers.logit_rows` of the final (or, for `draft`, the MTP layer's) hidden states."""
+    model, b = builder.model, builder.b
+    slots, builder.lora_slots = builder.lora_slots, b.lora_head_slots
+    if draft:
+        builder.head(b.draft_hidden, model.mtp.shared_head.head, b.draft_logits)
+    else:
+        builder.head(b.hidden, model.lm_head, b.logits)
+    builder.lora_slots = slots
+
+
+def build_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
+    builder = _Builder(model, kv_cache, block_size, buffers, rows)
+    emit_trunk(builder)
+    builder.program.finish()
+    return builder.program
+
+
+def build_mtp_trunk(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
+    builder = _Builder(model, kv_cache, block_size, buffers, rows)
+    emit_mtp_trunk(builder, buffers.tokens)
     builder.program.finish()
     return builder.program
 
 
 def build_head(model, buffers: StepBuffers, rows: int, draft: bool) -> Program:
     builder = _Builder(model, None, 0, buffers, rows)
-    builder.lora_slots = buffers.lora_head_slots
-    if draft:
-        builder.head(buffers.draft_hidden, model.mtp.shared_head.head, buffers.draft_logits)
-    else:
-        builder.head(buffers.hidden, model.lm_head, buffers.logits)
+    emit_head(builder, draft)
+    builder.program.finish()
+    return builder.program
+
+
+def build_greedy_draft_step(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
+    """Verification and the next draft of greedy MTP with one draft token, in one program (logit and source rows:
+    every row). Rows come in pairs [x_n, d] per sequence, at positions n and n + 1:
+
+        target over the rows → logits → t = argmax per row (`buffers.next_tokens`)
+        MTP over the pairs (h_r, t_r), at the rows' positions → draft logits → argmax per row (`draft_tokens`)
+
+    The caller accepts d when t at x_n's row equals it. Either way the pairs it needs were computed: accepted, both
+    (h_n, d = t_n) and (h_d, t_d), whose draft is the next one; rejected, (h_n, t_n), whose draft is the next one.
+    These are the pairs `Executor.propose_drafts` would run. A rejected draft's pair writes MTP K/V at position n + 1,
+    which the next step writes again before any row reads it."""
+    b = buffers
+    builder = _Builder(model, kv_cache, block_size, buffers, rows)
+    vocab = model.config.vocab_size
+    emit_trunk(builder)
+    emit_head(builder, draft=False)
+    builder.program.add(ops.OP_ARGMAX, (b.logits, b.next_tokens), (rows, vocab, b.logits.shape[1]))
+    emit_mtp_trunk(builder, b.next_tokens)
+    emit_head(builder, draft=True)
+    builder.program.add(ops.OP_ARGMAX, (b.draft_logits, b.draft_tokens), (rows, vocab, b.draft_logits.shape[1]))
     builder.program.finish()
     return builder.program
 
@@ -297,10 +342,12 @@ class CapturedDecode:
         self.buffers = StepBuffers(model, self.sizes[-1], max_blocks, self.threads)
         self.trunks = {n: build_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
         self.heads = {n: build_head(model, self.buffers, n, draft=False) for n in self.sizes}
-        self.mtp_trunks, self.mtp_heads = {}, {}
+        self.mtp_trunks, self.mtp_heads, self.greedy_draft_steps = {}, {}, {}
         if model.mtp is not None:
             self.mtp_trunks = {n: build_mtp_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
             self.mtp_heads = {n: build_head(model, self.buffers, n, draft=True) for n in self.sizes}
+            self.greedy_draft_steps = {n: build_greedy_draft_step(model, kv_cache, block_size, self.buffers, n)
+                                       for n in self.sizes}
         self._np = {name: getattr(self.buffers, name).numpy() for name in
                     ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
                      "lora_head_slots")}
@@ -355,6 +402,18 @@ class CapturedDecode:
         if not logit_rows:
             return None, hidden
         return self._head(logit_rows, draft=False), hidden
+
+    def greedy_draft_step(self, inputs) -> tuple[list[int], list[int], torch.Tensor]:
+        """`build_greedy_draft_step` over `inputs` (rows [x_n, d] per sequence): (the target's argmax at each row, the
+        MTP layer's argmax at each row, the final hidden states [rows, D])."""
+        n = len(inputs.token_ids)
+        size = self.size_for(n)
+        self._fill(inputs, size)
+        self._adapter_slots(None, n, size, [])
+        self._np["logit_rows"][:size] = self._np["source_rows"][:size] = np.arange(size)
+        self.greedy_draft_steps[size].run(self.rounding, self.threads)
+        b = self.buffers
+        return b.next_tokens[:n].tolist(), b.draft_tokens[:n].tolist(), b.hidden[:n]
 
     def draft(self, inputs, hidden: torch.Tensor, hidden_rows: list[int] | None,
               logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -63,16 +63,21 @@ class Executor:
         self.sampler = Sampler()
         self.stats = AcceptanceStats(max(self.k, 1))
         self._computed: list[_Computed] = []
+        self._drafted: list[tuple[Sequence, int, int]] = []  # (seq, positions with MTP K/V, its next draft)
 
     def reset(self) -> None:
         """Forget the last step (it failed): nothing to draft from."""
         self._computed = []
+        self._drafted = []
 
     def _slots(self, seq: Sequence, start: int, count: int) -> list[int]:
         return [self.block_manager.slot(seq, p) for p in range(start, start + count)]
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> StepResult:
+        self._drafted = []
+        if self._greedy_drafts_apply(batch):
+            return self._execute_greedy_drafts(batch)
         names = {item.seq.seq_id: self._choose_name(item) for item in batch if item.name_choices is not None}
         ids, positions, slots, slices, adapters = [], [], [], [], []
         plan = []  # (seq, start, num_tokens, drafts, q_start, name): `name` the chosen name's tokens, or []
@@ -109,6 +114,44 @@ class Executor:
             results[seq.seq_id] = SeqResult(tokens, logprobs, start + num_valid, len(drafts),
                                             prompt_logprobs.get(seq.seq_id, []))
             self._computed.append(_Computed(seq, start, num_valid, q_start))
+        return StepResult(results)
+
+    def _greedy_drafts_apply(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether the step is greedy MTP with one draft for every sequence, nothing else asked of its logits (no
+        penalty, bias, constraint, log-probabilities or adapter), on a runner with the one-program draft step."""
+        if self.k != 1 or not getattr(self.runner, "runs_greedy_draft_step", None) \
+                or not self.runner.runs_greedy_draft_step(2 * len(batch)):
+            return False
+        for item in batch:
+            seq, params = item.seq, item.seq.params
+            if (item.num_tokens != 1 or seq.num_computed_tokens + 1 != len(seq) or len(seq.draft_token_ids) != 1
+                    or item.name_choices is not None or not params.greedy or params.uses_penalties
+                    or params.logprobs is not None or params.prompt_logprobs is not None or needs_processing(seq)
+                    or seq.lora_slot >= 0):
+                return False
+        return True
+
+    def _execute_greedy_drafts(self, batch: list[ScheduledSeq]) -> StepResult:
+        """The step of `_greedy_drafts_apply` in one program (`ModelRunner.greedy_draft_step`): the same tokens, and
+        the same next drafts, as verification followed by `propose_drafts`."""
+        ids, positions, slots, slices = [], [], [], []
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
+            ids += [seq.token_ids[start], seq.draft_token_ids[0]]
+            positions += [start, start + 1]
+            slots += self._slots(seq, start, 2)
+        targets, drafts = self.runner.greedy_draft_step(StepInputs(ids, positions, slots, slices))
+        results = {}
+        for b, item in enumerate(batch):
+            seq, start, row = item.seq, item.seq.num_computed_tokens, 2 * b
+            tokens = targets[row:row + 2] if targets[row] == seq.draft_token_ids[0] else targets[row:row + 1]
+            self.stats.record(1, len(tokens))
+            # K/V (target's and MTP's) is valid for the pending token and an accepted draft; the next draft comes
+            # from the last valid pair.
+            results[seq.seq_id] = SeqResult(tokens, [None] * len(tokens), start + len(tokens), 1, [])
+            self._drafted.append((seq, start + len(tokens), drafts[row + len(tokens) - 1]))
+        self._computed = []
         return StepResult(results)
 
     def _prompt_logprobs(self, plan: list) -> dict[int, list[dict[int, float]]]:
@@ -185,7 +228,12 @@ class Executor:
         """MTP over the pairs (h_t, x_{t+1}) the last step computed (their MTP K/V), then k draft tokens for each
         sequence that decodes next: [(seq, drafts, draft distributions or None for greedy)]."""
         items = [c for c in self._computed if not c.seq.is_finished] if self.k else []
-        self._computed = []
+        drafted = [(seq, valid, draft) for seq, valid, draft in self._drafted if not seq.is_finished]
+        self._computed, self._drafted = [], []
+        for seq, valid, _ in drafted:  # the one-program step ran the MTP layer already
+            self.block_manager.register_computed_blocks(seq, valid)
+        if drafted:
+            return [(seq, [draft], None) for seq, _, draft in drafted]
         if not items:
             return []
         ids, positions, slots, slices, rows = [], [], [], [], []

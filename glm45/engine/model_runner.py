@@ -124,7 +124,8 @@ class ModelRunner:
         self.scratch_block = kv_cache.shape[2] - 1
         self.device = model.device
         self.hidden: torch.Tensor | None = None        # the last target forward's final hidden states [N, D]
-        self.draft_hidden: torch.Tensor | None = None  # the last MTP step's normalised h' at its logit rows
+        self._draft_hidden: torch.Tensor | None = None  # the last MTP step's normalised h' at its logit rows
+        self._draft_pick = None                         # or (h', rows) of a captured step, picked when asked for
         self.captured = None                           # the captured decode step, when enabled
         self.adapters = None                           # LoRA adapters served per request (engine/lora.py)
         if self.device.type == "cuda":  # the grouped-GEMM MoE: no host syncs, launches independent of routing
@@ -211,6 +212,19 @@ class ModelRunner:
         """Float32 logits of the last target forward at more `rows` (prompt log-probabilities, a block at a time)."""
         return self.model.compute_logits(self.hidden[self._tensor(rows)]).float()
 
+    def runs_greedy_draft_step(self, rows: int) -> bool:
+        """Whether `greedy_draft_step` runs `rows` rows (the captured CPU step, with an MTP layer)."""
+        return self._captured_rows(rows) and bool(getattr(self.captured, "greedy_draft_steps", None))
+
+    @torch.inference_mode()
+    def greedy_draft_step(self, inputs: StepInputs) -> tuple[list[int], list[int]]:
+        """Greedy verification of one draft per sequence and the next draft, in one captured program (rows [x_n, d]
+        per sequence; see captured_cpu.build_greedy_draft_step): (the target's argmax at each row, the MTP layer's
+        argmax at each row)."""
+        targets, drafts, self.hidden = self.captured.greedy_draft_step(inputs)
+        self._draft_hidden = self._draft_pick = None
+        return targets, drafts
+
     @torch.inference_mode()
     def draft(self, inputs: StepInputs, hidden_rows: list[int] | None, logit_rows: list[int]) -> torch.Tensor | None:
         """One MTP step over `inputs` (its K/V written to the MTP layer's cache) → float32 logits at `logit_rows`.
@@ -222,14 +236,24 @@ class ModelRunner:
                 logits, h = self.captured.draft(inputs, self.draft_hidden, None, logit_rows)
             else:
                 logits, h = self.captured.draft(inputs, self.hidden, hidden_rows, logit_rows)
-            self.draft_hidden = h[self._tensor(logit_rows)] if logit_rows else None
+            # Only a further draft step reads h' (never with one draft token): picked then, from the step's buffer.
+            self._draft_hidden, self._draft_pick = None, ((h, logit_rows) if logit_rows else None)
             return logits
         source = self.draft_hidden if hidden_rows is None else self.hidden[self._tensor(hidden_rows)]
         source = source.to(self.model.dtype)
         h = self.model.mtp_hidden_states(self._tensor(inputs.token_ids), source, self._tensor(inputs.positions),
                                          self._context(inputs))
+        self._draft_pick = None
         if not logit_rows:
-            self.draft_hidden = None
+            self._draft_hidden = None
             return None
-        self.draft_hidden = h[self._tensor(logit_rows)]
-        return self.model.compute_mtp_logits(self.draft_hidden).float()
+        self._draft_hidden = h[self._tensor(logit_rows)]
+        return self.model.compute_mtp_logits(self._draft_hidden).float()
+
+    @property
+    def draft_hidden(self) -> torch.Tensor | None:
+        """The last MTP step's normalised h' at its logit rows (valid until the next forward)."""
+        if self._draft_pick is not None:
+            h, rows = self._draft_pick
+            self._draft_hidden, self._draft_pick = h[self._tensor(rows)], None
+        return self._draft_hidden

@@ -16,23 +16,23 @@ from __future__ import annotations
 
 import torch
 
-from glm45.engine.sampler import column, distributions, draw_rows, penalise, uniforms
+from glm45.engine.sampler import argmax_rows, column, distributions, draw_rows, penalise, uniforms
 
 
 def choose_drafts(logits: torch.Tensor, seqs: list) -> tuple[list[int], list[torch.Tensor | None]]:
     """One draft token per row of the MTP logits: argmax for greedy requests, else a draw from q, which is
     returned with it (the verification needs it)."""
-    tokens = logits.argmax(-1)
+    tokens = argmax_rows(logits)
     q: list[torch.Tensor | None] = [None] * len(seqs)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
         index = column(sampled, torch.long, logits.device)
         probs = distributions(logits.index_select(0, index), [seqs[i].params for i in sampled])
         u = uniforms([seqs[i].generator for i in sampled], 1, logits.device)[:, 0]
-        tokens = tokens.index_copy(0, index, draw_rows(probs, u))
-        for j, i in enumerate(sampled):
+        for j, (i, token) in enumerate(zip(sampled, draw_rows(probs, u).tolist(), strict=True)):
+            tokens[i] = token
             q[i] = probs[j]
-    return tokens.tolist(), q
+    return tokens, q
 
 
 def verify(chunks: list[torch.Tensor], seqs: list) -> list[list[int]]:
@@ -50,9 +50,9 @@ def verify(chunks: list[torch.Tensor], seqs: list) -> list[list[int]]:
             params.append(seq.params)
             prompts.append(prompt)
             outputs.append(seq.output_token_ids + drafts[:i] if seq.params.uses_penalties else [])
-    logits = penalise(torch.cat(chunks), params, prompts, outputs)
+    logits = penalise(chunks[0] if len(chunks) == 1 else torch.cat(chunks), params, prompts, outputs)
     device = logits.device
-    targets = logits.argmax(-1)
+    targets = argmax_rows(logits)
     sampled = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
     accept = drawn = None
     if sampled:
@@ -69,7 +69,6 @@ def verify(chunks: list[torch.Tensor], seqs: list) -> list[list[int]]:
         has_mass = residual.sum(-1, keepdim=True) > 0
         drawn = draw_rows(torch.where(has_mass, residual, p), u[:, 1])
         accept, drawn = accept.tolist(), drawn.tolist()
-    targets = targets.tolist()
     results, at = [], 0
     for seq, (start, k) in zip(seqs, spans, strict=True):
         drafts, emitted = seq.draft_token_ids, []

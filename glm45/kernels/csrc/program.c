@@ -35,6 +35,8 @@ enum {
                         | n: R, K, rank, ld_x, none, count, ld_delta, (N, ld_out) × 3
                         out_j[r] += Bt_j[slots[r]]ᵀ · (A_j[slots[r]] · x[r]), rounded like the eager path's bf16
                         add; rows whose slot is `none` (base rows) are skipped */
+    OP_ARGMAX = 13,  /* p: logits(f32), out(i64 [R]) | n: R, V, ld  (each row's first maximum; a NaN counts as the
+                        maximum, as in torch and numpy) */
 };
 enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
 
@@ -625,6 +627,41 @@ static void op_lora(const Op *op, int ith, int nth, int round) {
     }
 }
 
+static int64_t argmax_row(const float *x, int64_t V) {
+    /* Eight independent lanes (vectorised) find the maximum and whether any value is NaN; a second pass finds
+     * the first index holding it. */
+    float lane[8];
+    int nan[8] = {0};
+    for (int j = 0; j < 8; j++) lane[j] = x[0];
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8)
+        for (int j = 0; j < 8; j++) {
+            const float v = x[i + j];
+            lane[j] = v > lane[j] ? v : lane[j];
+            nan[j] |= v != v;
+        }
+    float m = lane[0];
+    int any_nan = 0;
+    for (int j = 0; j < 8; j++) {
+        m = lane[j] > m ? lane[j] : m;
+        any_nan |= nan[j];
+    }
+    for (; i < V; i++) {
+        m = x[i] > m ? x[i] : m;
+        any_nan |= x[i] != x[i];
+    }
+    for (int64_t k = 0; k < V; k++)
+        if (any_nan ? x[k] != x[k] : x[k] == m) return k;
+    return 0;
+}
+
+static void op_argmax(const Op *op, int ith, int nth) {
+    int64_t r0, r1;
+    split_range(op->n[0], ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++)
+        ((int64_t *)op->p[1])[r] = argmax_row((const float *)op->p[0] + r * op->n[2], op->n[1]);
+}
+
 static void run_op(const Op *op, int ith, int nth, int round) {
     int64_t r0, r1;
     switch (op->kind) {
@@ -650,6 +687,7 @@ static void run_op(const Op *op, int ith, int nth, int round) {
     case OP_GROUPED: op_grouped(op, ith, nth, round); break;
     case OP_COMBINE: op_combine(op, ith, nth, round); break;
     case OP_LORA: op_lora(op, ith, nth, round); break;
+    case OP_ARGMAX: op_argmax(op, ith, nth); break;
     case OP_GATHER:
         split_range(op->n[0], ith, nth, 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++)

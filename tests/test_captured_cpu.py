@@ -245,13 +245,22 @@ def test_one_program_greedy_draft_step_equals_verifying_then_drafting(folders, d
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkeypatch):
     """Greedy MTP (k=1) on the bundled model: the one-program step gives the same text, and accepts the same drafts,
-    as verification followed by separate drafting (the step turned off)."""
+    as verification followed by separate drafting (the step turned off); also for requests under the server's
+    tool-call constraint, which leaves text outside calls free and chooses a call's name whole."""
+    from glm45.chat import plan_chat
     from glm45.engine.executor import Executor
 
     prompts = ["[gMASK]<sop><|user|>\nWhat is the weather in Oslo?<|assistant|>",
                "[gMASK]<sop><|user|>\nConvert 3 km to miles./nothink<|assistant|>\n<think></think>",
                "[gMASK]<sop><|user|>\nTell me about Lisbon.<|assistant|>"]
-    params = SamplingParams(temperature=0, max_tokens=64)
+    tools = [{"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+        for name in ("get_weather", "get_time")]
+    plans = [plan_chat([{"role": "user", "content": question}], tools, "auto")
+             for question in ("What's the weather in Oslo?", "Hello! Who are you?")]
+    prompts += [plan.prompt for plan in plans]
+    params = [SamplingParams(temperature=0, max_tokens=64)] * 3 + [
+        SamplingParams(temperature=0, max_tokens=64, structured_outputs=plan.structured_outputs()) for plan in plans]
     results = {}
     for fused in (True, False):
         if not fused:
@@ -263,7 +272,8 @@ def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkey
                             lambda inputs, calls=calls, original=runner.greedy_draft_step:
                             calls.append(1) or original(inputs))
         texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
-        texts += [llm.generate(p, params, use_tqdm=False)[0].outputs[0].text for p in prompts]  # batch of one
+        texts += [llm.generate(p, q, use_tqdm=False)[0].outputs[0].text
+                  for p, q in zip(prompts, params, strict=True)]  # batches of one
         stats = llm.engine.executor.stats
         results[fused] = (texts, stats.proposed, stats.accepted)
         assert bool(calls) == fused

@@ -33,6 +33,7 @@ from glm45.engine.sampler import Sampler, rows_top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence
 from glm45.engine.speculative import AcceptanceStats, choose_drafts, verify
+from glm45.grammar import masks
 
 PROMPT_LOGPROBS_BYTES = 64 << 20  # float32 logits of prompt rows reduced at a time (~110 rows of GLM-4.5's vocab)
 
@@ -64,6 +65,7 @@ class Executor:
         self.stats = AcceptanceStats(max(self.k, 1))
         self._computed: list[_Computed] = []
         self._drafted: list[tuple[Sequence, int, int]] = []  # (seq, positions with MTP K/V, its next draft)
+        self._bitmask: torch.Tensor | None = None  # scratch for asking a constraint whether it restricts
 
     def reset(self) -> None:
         """Forget the last step (it failed): nothing to draft from."""
@@ -118,7 +120,8 @@ class Executor:
 
     def _greedy_drafts_apply(self, batch: list[ScheduledSeq]) -> bool:
         """Whether the step is greedy MTP with one draft for every sequence, nothing else asked of its logits (no
-        penalty, bias, constraint, log-probabilities or adapter), on a runner with the one-program draft step."""
+        penalty, bias, log-probabilities or adapter; a constraint only where it leaves the next token free, as a
+        tool-call constraint does outside calls), on a runner with the one-program draft step."""
         if self.k != 1 or not getattr(self.runner, "runs_greedy_draft_step", None) \
                 or not self.runner.runs_greedy_draft_step(2 * len(batch)):
             return False
@@ -126,10 +129,18 @@ class Executor:
             seq, params = item.seq, item.seq.params
             if (item.num_tokens != 1 or seq.num_computed_tokens + 1 != len(seq) or len(seq.draft_token_ids) != 1
                     or item.name_choices is not None or not params.greedy or params.uses_penalties
-                    or params.logprobs is not None or params.prompt_logprobs is not None or needs_processing(seq)
-                    or seq.lora_slot >= 0):
+                    or params.logprobs is not None or params.prompt_logprobs is not None or params.logit_bias
+                    or seq.lora_slot >= 0 or not self._free(seq.constraint)):
                 return False
         return True
+
+    def _free(self, state) -> bool:
+        """Whether a constraint state leaves the next token unrestricted (None: no constraint)."""
+        if state is None:
+            return True
+        if self._bitmask is None:
+            self._bitmask = masks.allocate(1, self.runner.model.config.vocab_size)
+        return state.restrict(self._bitmask, 0) is None and state.name_choices() is None
 
     def _execute_greedy_drafts(self, batch: list[ScheduledSeq]) -> StepResult:
         """The step of `_greedy_drafts_apply` in one program (`ModelRunner.greedy_draft_step`): the same tokens, and
@@ -146,6 +157,8 @@ class Executor:
         for b, item in enumerate(batch):
             seq, start, row = item.seq, item.seq.num_computed_tokens, 2 * b
             tokens = targets[row:row + 2] if targets[row] == seq.draft_token_ids[0] else targets[row:row + 1]
+            if len(tokens) == 2 and not self._free(follow(seq.constraint, seq, tokens[0])):
+                tokens = tokens[:1]  # the constraint restricts the token after the draft: the next step picks it
             self.stats.record(1, len(tokens))
             # K/V (target's and MTP's) is valid for the pending token and an accepted draft; the next draft comes
             # from the last valid pair.

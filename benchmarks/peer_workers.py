@@ -28,7 +28,7 @@ from pathlib import Path
 
 CHECK_PROMPT_LEN, CHECK_TOKENS, CHECK_TOP = 16, 32, 20
 REPEATS = 3  # decode and prefill: best of this many in a process (a shared machine's other work comes and goes)
-MTP_PASSES = 12  # the MTP chats: best of this many passes (one is ~50 ms of decoding, shorter than a busy spell)
+MTP_PASSES = 24  # the MTP chats: best of this many passes (one is ~50 ms of decoding, shorter than a busy spell)
 
 
 class Unavailable(Exception):

@@ -138,6 +138,27 @@ def test_speculative_prefix_cache_shares_a_block_when_the_token_after_it_matches
     assert partial_drafts == expected_drafts
 
 
+def test_speculative_request_that_ends_early_leaves_its_blocks_to_the_prefix_cache(mtp_checkpoint):
+    """With MTP a block is shared only once the MTP layer ran over it: a request that ends in its prefill step
+    (max_tokens=1) or on a draft step still gets it, so the same prompt again is a hit, with the same output and
+    the same drafts as an engine without a prefix cache; every block is returned."""
+    prompt = random_prompt(70, 7)
+    one = SamplingParams(temperature=0, max_tokens=1)
+    three = SamplingParams(temperature=0, max_tokens=3)
+    engine = make_engine(mtp_checkpoint, num_speculative_tokens=1)
+    cold = make_engine(mtp_checkpoint, num_speculative_tokens=1, enable_prefix_caching=False)
+    first = run_to_completion(engine, {0: [("a", prompt, one)]})["a"]
+    again = run_to_completion(engine, {0: [("b", prompt, one)]})["b"]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 64
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    longer = prompt + random_prompt(20, 8)
+    run_to_completion(engine, {0: [("c", longer, three)]})
+    hit = run_to_completion(engine, {0: [("d", longer, three)]})["d"]
+    assert hit.num_cached_tokens == 80
+    assert hit.outputs[0].token_ids == run_to_completion(cold, {0: [("d", longer, three)]})["d"].outputs[0].token_ids
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_speculative_greedy_equals_plain_decoding(mtp_checkpoint, k):
     prompts = [random_prompt(n, seed) for seed, n in enumerate((4, 19, 33, 50))]

@@ -347,14 +347,16 @@ class LLMEngine:
         result = self.executor.execute(batch)
         seqs = self.scheduler.update(batch, result)
         outputs, stopped = self.output_processor.process(seqs)
-        for seq in stopped:
+        # Drafting comes before the finished sequences' blocks are freed: it writes their MTP K/V too (prefix cache).
+        drafts = self.executor.propose_drafts() if self.num_speculative_tokens else []
+        for seq in dict.fromkeys([*stopped, *(seq for seq in seqs if seq.is_finished)]):
             self.scheduler.finish(seq)
         self.num_generation_tokens += sum(len(seq) for seq in seqs) - before
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
         if self.num_speculative_tokens:
-            self.scheduler.set_drafts(self.executor.propose_drafts())
+            self.scheduler.set_drafts(drafts)
         return outputs
 
     # ------------------------------------------------------------------ statistics

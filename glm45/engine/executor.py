@@ -240,13 +240,22 @@ class Executor:
     def propose_drafts(self) -> list[tuple[Sequence, list[int], torch.Tensor | None]]:
         """MTP over the pairs (h_t, x_{t+1}) the last step computed (their MTP K/V), then k draft tokens for each
         sequence that decodes next: [(seq, drafts, draft distributions or None for greedy)]."""
-        items = [c for c in self._computed if not c.seq.is_finished] if self.k else []
-        drafted = [(seq, valid, draft) for seq, valid, draft in self._drafted if not seq.is_finished]
+        # A sequence that finished in the step (its blocks not yet freed) still gets its MTP K/V when the prefix cache
+        # is on: without it, its blocks could not be shared, and the same prompt again would be computed whole.
+        keep = self.block_manager.enable_prefix_caching
+        items = [c for c in self._computed if keep or not c.seq.is_finished] if self.k else []
+        drafted = [(seq, valid, draft) for seq, valid, draft in self._drafted if keep or not seq.is_finished]
         self._computed, self._drafted = [], []
         for seq, valid, _ in drafted:  # the one-program step ran the MTP layer already
             self.block_manager.register_computed_blocks(seq, valid)
         if drafted:
-            return [(seq, [draft], None) for seq, _, draft in drafted]
+            return [(seq, [draft], None) for seq, _, draft in drafted if not seq.is_finished]
+        if not items:
+            return []
+        # A sequence that finished partway through its tokens has pairs only up to its last token.
+        items = [c if not c.seq.is_finished else _Computed(c.seq, c.start, min(c.num_valid, len(c.seq) - 1 - c.start),
+                                                           c.q_start) for c in items]
+        items = [c for c in items if c.num_valid > 0]
         if not items:
             return []
         ids, positions, slots, slices, rows = [], [], [], [], []
@@ -257,7 +266,7 @@ class Executor:
             slots += self._slots(c.seq, c.start, c.num_valid)
             rows += range(c.q_start, c.q_start + c.num_valid)
         # Every pair gets its MTP K/V; logits only at the last pair of sequences that decode next step.
-        decoding = [i for i, c in enumerate(items) if not c.seq.in_prefill]
+        decoding = [i for i, c in enumerate(items) if not c.seq.in_prefill and not c.seq.is_finished]
         last_rows = [slices[i].q_start + slices[i].q_len - 1 for i in decoding]
         logits = self.runner.draft(StepInputs(ids, positions, slots, slices), rows, last_rows)
         for c in items:  # their blocks' MTP K/V is complete up to here: the prefix cache may share them now

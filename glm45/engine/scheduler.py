@@ -177,7 +177,8 @@ class Scheduler:
         return choices
 
     def update(self, batch: list[ScheduledSeq], result: StepResult) -> list[Sequence]:
-        """Apply a step's result to its sequences; returns them (finished ones are already freed)."""
+        """Apply a step's result to its sequences; returns them. The caller frees the finished ones (`finish`) once
+        the step is done with them (MTP drafting writes their K/V for the prefix cache first)."""
         for item in batch:
             seq, done = item.seq, result.seqs[item.seq.seq_id]
             seq.num_computed_tokens = done.num_computed_tokens
@@ -193,8 +194,6 @@ class Scheduler:
                 if seq.is_finished:
                     break
             self.block_manager.register_computed_blocks(seq)
-            if seq.is_finished:
-                self.finish(seq)
         return [item.seq for item in batch]
 
     def set_drafts(self, drafts: list[tuple[Sequence, list[int], torch.Tensor | None]]) -> None:

@@ -1,6 +1,6 @@
 """The captured CPU step's program: the ops of `csrc/program.c` (their kinds and the C `Op` struct), a list of them
 that keeps alive every tensor it points at and runs in one call, and the weight descriptors its matrix ops take.
-`captured_cpu.py` builds such programs for a model's decode step."""
+`cpu_step_programs.py` builds such programs for a model's decode step."""
 
 from __future__ import annotations
 

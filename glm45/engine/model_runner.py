@@ -219,7 +219,7 @@ class ModelRunner:
     @torch.inference_mode()
     def greedy_draft_step(self, inputs: StepInputs) -> tuple[list[int], list[int]]:
         """Greedy verification of one draft per sequence and the next draft, in one captured program (rows [x_n, d]
-        per sequence; see captured_cpu.build_greedy_draft_step): (the target's argmax at each row, the MTP layer's
+        per sequence; see cpu_step_programs.build_greedy_draft_step): (the target's argmax at each row, the MTP layer's
         argmax at each row)."""
         targets, drafts, self.hidden = self.captured.greedy_draft_step(inputs)
         self._draft_hidden = self._draft_pick = None

@@ -1,5 +1,5 @@
-/* The captured decode step: a list of ops (built once per batch size by glm45/engine/captured_cpu.py) run in one
- * OpenMP region, each op split over the threads, with a barrier between ops. Compared with one torch call per
+/* The captured decode step: a list of ops (built once per batch size by glm45/engine/cpu_step_programs.py) run in
+ * one OpenMP region, each op split over the threads, with a barrier between ops. Compared with one torch call per
  * small op, a step then costs its bytes: no Python, no dispatcher, no fork/join per op.
  *
  * Rows: a step has R rows (tokens); row r has a token, a position, a KV slot, a block-table row and a context

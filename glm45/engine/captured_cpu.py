@@ -93,6 +93,7 @@ class CapturedDecode:
         self._np = {name: getattr(self.buffers, name).numpy() for name in
                     ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
                      "lora_head_slots")}
+        self._identity = np.arange(self.sizes[-1])  # every row's own index: the greedy draft step's logit rows
         self.adapted_layers = sum(isinstance(m, MultiLoRALinear) for m in model.modules())
         logger.info("captured the CPU decode step for %s rows in %.2f s (%d threads)", self.sizes,
                     time.perf_counter() - start, self.threads)
@@ -152,7 +153,7 @@ class CapturedDecode:
         size = self.size_for(n)
         self._fill(inputs, size)
         self._adapter_slots(None, n, size, [])
-        self._np["logit_rows"][:size] = self._np["source_rows"][:size] = np.arange(size)
+        self._np["logit_rows"][:size] = self._np["source_rows"][:size] = self._identity[:size]
         self.greedy_draft_steps[size].run(self.rounding, self.threads)
         b = self.buffers
         return b.next_tokens[:n].tolist(), b.draft_tokens[:n].tolist(), b.hidden[:n]

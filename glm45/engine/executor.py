@@ -250,8 +250,6 @@ class Executor:
             self.block_manager.register_computed_blocks(seq, valid)
         if drafted:
             return [(seq, [draft], None) for seq, _, draft in drafted if not seq.is_finished]
-        if not items:
-            return []
         # A sequence that finished partway through its tokens has pairs only up to its last token.
         items = [c if not c.seq.is_finished else _Computed(c.seq, c.start, min(c.num_valid, len(c.seq) - 1 - c.start),
                                                            c.q_start) for c in items]

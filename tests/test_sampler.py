@@ -1,6 +1,7 @@
 """Logit processing: penalties, temperature, top-k, top-p, min-p — each against its definition; the batched
-path (what the engine runs) against the row-at-a-time definitions, batch invariance of seeded rows, no host
-syncs before the tokens are read, and MTP's batched rejection sampling keeping the target distribution."""
+path (what the engine runs) against the row-at-a-time definitions, the host kernel (CPUs) against the tensor path,
+batch invariance of seeded rows, no host syncs before the tokens are read, and MTP's batched rejection sampling
+keeping the target distribution."""
 
 import pytest
 import torch
@@ -144,6 +145,7 @@ def test_sampling_has_no_host_sync_before_the_tokens_are_read(monkeypatch):
     grow with the rows (parameters are read on the host, never from the device); only reading the tokens waits.
     (On CPUs the host checks whether a top-p nucleus fits the largest TOPK_LIMIT logits; that path is below.)"""
     monkeypatch.setattr(sampler, "WAITS_FOR_CHECKS", ())
+    monkeypatch.setattr(sampler, "HOST_KERNEL", False)
     launches = []
     for repeats in (1, 4):
         params = PARAMS * repeats
@@ -186,3 +188,49 @@ def test_greedy_verification_accepts_while_drafts_match():
     greedy = sequences([SamplingParams(temperature=0)] * 2)
     greedy[0].draft_token_ids, greedy[1].draft_token_ids = [2, 4], [2, 3]
     assert verify([logits, logits], greedy) == [[2, 4, 1], [2, 4]]
+
+
+def host_kernel_and_tensor_path(monkeypatch, run):
+    """`run()` with the host kernel, then with the tensor path."""
+    if not sampler.on_host(torch.zeros(1)):
+        pytest.skip("the CPU kernels are not built here (no C compiler or no AVX2)")
+    got = run()
+    monkeypatch.setattr(sampler, "HOST_KERNEL", False)
+    expected = run()
+    monkeypatch.setattr(sampler, "HOST_KERNEL", True)
+    return got, expected
+
+
+@pytest.mark.parametrize("vocab, scale", [(300, 3.0), (5000, 3.0), (5000, 0.01), (151552, 4.0)])
+def test_host_kernel_distributions_and_draws_equal_the_tensor_path(monkeypatch, vocab, scale):
+    """Same distributions (to float rounding, with the same support) and, for the same uniforms, the same tokens:
+    every sampled row of PARAMS, masked tokens (−inf) included, 64 draws a row."""
+    params = [p for p in PARAMS if not p.greedy and not p.uses_penalties]
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(len(params), vocab, generator=generator) * scale
+    logits[::2, torch.randperm(vocab, generator=generator)[: vocab // 3]] = float("-inf")
+    got, expected = host_kernel_and_tensor_path(monkeypatch, lambda: distributions(logits, params))
+    assert torch.equal(got > 0, expected > 0)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(got.sum(-1), torch.ones(len(params)), atol=1e-5)
+    draws = 64
+    rows = logits.repeat_interleave(draws, 0)
+    row_params = [p for p in params for _ in range(draws)]
+
+    def tokens():
+        return choose(rows, row_params, [torch.Generator().manual_seed(i) for i in range(len(row_params))])
+
+    got_tokens, expected_tokens = host_kernel_and_tensor_path(monkeypatch, tokens)
+    assert torch.equal(got_tokens, expected_tokens)
+    assert bool((expected.repeat_interleave(draws, 0).gather(1, got_tokens[:, None]) > 0).all())
+    weights = expected.abs() + 0.5 * (expected > 0)  # a plain draw from given weights, in column order
+    u = torch.rand(len(params), generator=generator)
+    assert torch.equal(*host_kernel_and_tensor_path(monkeypatch, lambda: draw_rows(weights, u)))
+
+
+def test_host_kernel_draw_never_takes_a_zero_weight(monkeypatch):
+    edge = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+    for u in (torch.tensor([1.0 - 2**-24, 1.0 - 2**-24]), torch.tensor([0.0, 0.0])):
+        got, expected = host_kernel_and_tensor_path(monkeypatch, lambda u=u: draw_rows(edge, u))
+        assert torch.equal(got, expected)
+    assert draw_rows(edge, torch.tensor([1.0 - 2**-24, 0.5])).tolist() == [1, 3]

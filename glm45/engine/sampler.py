@@ -11,6 +11,10 @@ that covers every truncating row, one sort of the vocabulary otherwise; the cut 
 row's result does not depend on its neighbours, and a truncating row draws among its kept tokens only.
 Log-probabilities are reported from the raw model distribution (in float32), many rows at a time.
 
+On CPUs the sampled rows' distributions and draws go through `csrc/sample.c` instead (the same rules in a few
+passes over each row; a decode step of one sequence spent ~350 µs in the tensor operations, ~10 µs there); the
+tensor path stays the reference the tests hold it to, and the path for GPUs.
+
 `apply_penalties` and `probabilities` are the row-at-a-time definitions the batched path is tested against.
 """
 
@@ -19,12 +23,26 @@ from __future__ import annotations
 import torch
 
 from glm45.engine.sampling_params import SamplingParams
+from glm45.kernels import cpu
 
 TOPK_LIMIT = 1024  # the largest logits looked at before sorting the whole vocabulary
 WAITS_FOR_CHECKS = ("cpu",)  # devices where the host may read a check (whether a nucleus fits) mid-sampling
+HOST_KERNEL = True  # CPU logits sampled by csrc/sample.c (False: the tensor path, which tests compare it with)
 
 
 # ---------------------------------------------------------------------- batched path
+def on_host(t: torch.Tensor) -> bool:
+    """Whether rows of `t` are sampled by the host kernel."""
+    return HOST_KERNEL and t.device.type == "cpu" and cpu.available()
+
+
+def host_row(params: SamplingParams, vocab: int, u: float = 0.0) -> tuple[float, int, float, float, float]:
+    """A sampled row's parameters as the host kernel takes them: 1 / temperature (the factor `_scaled` multiplies
+    by), top-k (0: none), top-p (2: none), min-p, and its uniform."""
+    return (1.0 / max(params.temperature, 1e-5), params.top_k if 0 < params.top_k < vocab else 0,
+            params.top_p if params.top_p < 1.0 else 2.0, params.min_p, u)
+
+
 def uniforms(generators: list[torch.Generator | None], count: int, device: torch.device) -> torch.Tensor:
     """[rows, count] uniforms in [0, 1), each row from its own stream (made on the host, copied without waiting)."""
     host = torch.stack([torch.rand(count, generator=g) for g in generators])
@@ -142,6 +160,9 @@ def _split(params: list[SamplingParams], vocab: int) -> tuple[list[int], list[in
 def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Penalised logits [rows, V] → float32 distributions over the vocabulary (temperature, top-k, top-p,
     min-p): what MTP's rejection sampling compares."""
+    if on_host(logits):
+        vocab = logits.shape[-1]
+        return cpu.sample(logits, [host_row(p, vocab) for p in params], tokens=False, probs=True)[1]
     scaled = _scaled(logits, params)
     cut, plain = _split(params, scaled.shape[-1])
     if not cut:
@@ -158,6 +179,8 @@ def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One column per row of (unnormalised) probabilities: the first whose cumulative mass exceeds u · total."""
+    if on_host(probs):
+        return torch.tensor(cpu.draw(probs, u.tolist()), dtype=torch.long)
     cdf = probs.float().cumsum(-1)
     total = cdf[:, -1:]
     # strictly below the total even where u · total rounds up to it, so the column found has mass of its own
@@ -203,11 +226,19 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
 def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
     """[rows] tokens on the device from penalised logits: argmax for greedy rows, a draw for the others (truncating
     rows draw among their nucleus only, the others over the vocabulary)."""
-    tokens = logits.argmax(-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
+    device, vocab = logits.device, logits.shape[-1]
+    if sampled and on_host(logits):  # one uniform per sampled row from its stream, as below
+        u = [float(torch.rand(1, generator=generators[i])) for i in sampled]
+        rows = logits if len(sampled) == len(params) else logits.index_select(0, column(sampled, torch.long, device))
+        drawn = cpu.sample(rows, [host_row(params[i], vocab, u_i) for i, u_i in zip(sampled, u, strict=True)])[0]
+        chosen = argmax_rows(logits) if len(sampled) < len(params) else drawn
+        for i, token in zip(sampled, drawn, strict=True):
+            chosen[i] = token
+        return torch.tensor(chosen)
+    tokens = logits.argmax(-1)
     if not sampled:
         return tokens
-    device, vocab = logits.device, logits.shape[-1]
     u = uniforms([generators[i] for i in sampled], 1, device)[:, 0]  # one per sampled row, in their order
     cut, plain = _split([params[i] for i in sampled], vocab)
     for group, truncated in ((cut, True), (plain, False)):

@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -51,6 +52,13 @@ ISA_FLAGS = {
 AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
 FORMATS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3, "fp8": 4}
 QBLOCK = 32
+
+
+class SampleRow(ctypes.Structure):
+    """The C `SampleRow` (csrc/sample.c): one sampled row's parameters and uniform."""
+
+    _fields_ = [("inv_temperature", ctypes.c_float), ("top_p", ctypes.c_float), ("min_p", ctypes.c_float),
+                ("u", ctypes.c_float), ("top_k", ctypes.c_int64)]
 
 
 class Weight(ctypes.Structure):
@@ -137,6 +145,8 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_attention_scratch.argtypes = [i64, i64]
     lib.glm45_attention_scratch.restype = i64
     lib.glm45_causal_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+    lib.glm45_sample.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
+    lib.glm45_draw.argtypes = [p, i64, i64, i64, p, p]
     lib.glm45_isa.restype = ctypes.c_char_p
     logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
     return lib
@@ -282,3 +292,50 @@ def causal_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                         out.data_ptr(), tq, slots.numel(), heads, kv_heads, dim, scale,
                                         torch.get_num_threads())
     return None if status else out
+
+
+# ---------------------------------------------------------------------- sampling on the host
+_scratch = threading.local()
+
+
+def _sample_scratch(vocab: int) -> torch.Tensor:
+    """Per thread, reused: the kernels' V floats + V int32 (allocating them per call would fault in fresh pages)."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < 2 * vocab:
+        buffer = _scratch.buffer = torch.empty(2 * vocab, dtype=torch.float32)
+    return buffer
+
+
+def _rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    t = t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous()
+    return t, t.stride(0) if t.dim() == 2 and t.shape[0] > 1 else t.shape[-1]
+
+
+def sample(logits: torch.Tensor, rows: list[tuple[float, int, float, float, float]], tokens: bool = True,
+           probs: bool = False) -> tuple[list[int] | None, torch.Tensor | None]:
+    """Rows of CPU logits [R, V] and, per row, (1 / temperature, top_k (0: none), top_p, min_p, uniform) → each row's
+    drawn token and/or its distribution [R, V] (csrc/sample.c; the rules of glm45/engine/sampler.py's batched
+    path). None when the kernels are not built here."""
+    lib = library()
+    if lib is None:
+        return None, None
+    x, ld = _rows_of(logits)
+    count, vocab = x.shape
+    table = (SampleRow * count)(*(SampleRow(inv, top_p, min_p, u, top_k) for inv, top_k, top_p, min_p, u in rows))
+    out = torch.empty(count, dtype=torch.int64) if tokens else None
+    dist = torch.empty(count, vocab, dtype=torch.float32) if probs else None
+    lib.glm45_sample(x.data_ptr(), ld, count, vocab, table, _ptr(out), _ptr(dist), vocab,
+                     _sample_scratch(vocab).data_ptr())
+    return (out.tolist() if tokens else None), dist
+
+
+def draw(weights: torch.Tensor, u: list[float]) -> list[int] | None:
+    """Rows of non-negative CPU weights [R, V] → per row the first column whose cumulative weight exceeds u · the
+    row's total (`sampler.draw_rows`' rule); None when the kernels are not built here."""
+    lib = library()
+    if lib is None:
+        return None
+    x, ld = _rows_of(weights)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.glm45_draw(x.data_ptr(), ld, x.shape[0], x.shape[1], (ctypes.c_float * len(u))(*u), out.data_ptr())
+    return out.tolist()

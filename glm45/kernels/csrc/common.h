@@ -193,6 +193,17 @@ static inline vf vexp_nonpositive(vf x) {
     return vmul(p, vpow2i(n));
 }
 
+/* v where s ≥ limit, else 0 */
+#ifdef __AVX512F__
+static inline vf vkeep_above(vf v, vf s, float limit) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, vset1(limit), _CMP_GE_OQ), v);
+}
+#else
+static inline vf vkeep_above(vf v, vf s, float limit) {
+    return _mm256_and_ps(_mm256_cmp_ps(s, vset1(limit), _CMP_GE_OQ), v);
+}
+#endif
+
 /* The four horizontal sums of v0..v3 at once (a transposing add tree): out[i] = Σ lanes of vi. */
 static inline void hsum4_256(__m256 v0, __m256 v1, __m256 v2, __m256 v3, float out[4]) {
     __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));

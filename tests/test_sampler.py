@@ -234,3 +234,28 @@ def test_host_kernel_draw_never_takes_a_zero_weight(monkeypatch):
         got, expected = host_kernel_and_tensor_path(monkeypatch, lambda u=u: draw_rows(edge, u))
         assert torch.equal(got, expected)
     assert draw_rows(edge, torch.tensor([1.0 - 2**-24, 0.5])).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_bundled_model_seeded_sampling_is_the_same_on_the_host_kernel(monkeypatch, k):
+    """Seeded sampled requests (plain, top-p, top-k with min-p, penalties) on the bundled model, with MTP's
+    rejection sampling for k > 0: the host kernel gives the tensor path's tokens and accepts the same drafts."""
+    from glm45 import LLM
+
+    prompts = ["[gMASK]<sop><|user|>\nWhat is the weather in Oslo?<|assistant|>",
+               "[gMASK]<sop><|user|>\nConvert 3 km to miles./nothink<|assistant|>\n<think></think>",
+               "[gMASK]<sop><|user|>\nTell me about Lisbon.<|assistant|>"]
+    params = [SamplingParams(temperature=1.0, max_tokens=40, seed=1),
+              SamplingParams(temperature=0.6, top_p=0.95, max_tokens=40, seed=2),
+              SamplingParams(temperature=0.8, top_k=20, min_p=0.05, presence_penalty=0.5, max_tokens=40, seed=3)]
+
+    def generate():
+        llm = LLM(num_speculative_tokens=k, dtype="bfloat16")
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats = llm.engine.executor.stats
+        return tokens, (stats.proposed, stats.accepted) if k else None
+
+    got, expected = host_kernel_and_tensor_path(monkeypatch, generate)
+    assert got == expected
+    assert all(len(t) > 10 for t in got[0])
+    assert k == 0 or 0 < sum(got[1][1]) < sum(got[1][0])  # drafts both accepted and rejected

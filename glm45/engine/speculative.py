@@ -14,9 +14,11 @@ distribution at each of the k+1 positions.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from glm45.engine.sampler import argmax_rows, column, distributions, draw_rows, penalise, uniforms
+from glm45.engine.sampler import argmax_rows, column, distributions, draw_rows, on_host, penalise, uniforms
+from glm45.kernels import cpu
 
 
 def choose_drafts(logits: torch.Tensor, seqs: list) -> tuple[list[int], list[torch.Tensor | None]]:
@@ -27,9 +29,13 @@ def choose_drafts(logits: torch.Tensor, seqs: list) -> tuple[list[int], list[tor
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
         index = column(sampled, torch.long, logits.device)
-        probs = distributions(logits.index_select(0, index), [seqs[i].params for i in sampled])
-        u = uniforms([seqs[i].generator for i in sampled], 1, logits.device)[:, 0]
-        for j, (i, token) in enumerate(zip(sampled, draw_rows(probs, u).tolist(), strict=True)):
+        probs = distributions(logits if len(sampled) == len(seqs) else logits.index_select(0, index),
+                              [seqs[i].params for i in sampled])
+        if on_host(probs):  # the same uniforms and draw, without the tensor round trips
+            drawn = cpu.draw(probs, [float(torch.rand(1, generator=seqs[i].generator)) for i in sampled])
+        else:
+            drawn = draw_rows(probs, uniforms([seqs[i].generator for i in sampled], 1, logits.device)[:, 0]).tolist()
+        for j, (i, token) in enumerate(zip(sampled, drawn, strict=True)):
             tokens[i] = token
             q[i] = probs[j]
     return tokens, q
@@ -58,17 +64,7 @@ def verify(chunks: list[torch.Tensor], seqs: list) -> list[list[int]]:
     if sampled:
         rows = [spans[b][0] + i for b in sampled for i in range(spans[b][1] + 1)]
         p = distributions(logits.index_select(0, column(rows, torch.long, device)), [params[r] for r in rows])
-        zero = p.new_zeros(1, p.shape[-1])
-        q = torch.cat([t for b in sampled for t in (seqs[b].draft_probs.to(p.dtype), zero)])
-        d = column([t for b in sampled for t in (*seqs[b].draft_token_ids, 0)], torch.long, device)[:, None]
-        u = torch.cat([uniforms([seqs[b].generator], 2 * (spans[b][1] + 1), device).view(-1, 2) for b in sampled])
-        # accept d_i with probability min(1, p(d_i) / q(d_i)); else draw from norm(max(0, p − q)); the last row of
-        # each sequence has q = 0, so its draw is the bonus token from p
-        accept = (u[:, 0:1] * q.gather(1, d) <= p.gather(1, d))[:, 0]
-        residual = (p - q).clamp_(min=0.0)
-        has_mass = residual.sum(-1, keepdim=True) > 0
-        drawn = draw_rows(torch.where(has_mass, residual, p), u[:, 1])
-        accept, drawn = accept.tolist(), drawn.tolist()
+        accept, drawn = (_reject_on_host if on_host(p) else _reject)(p, [seqs[b] for b in sampled])
     results, at = [], 0
     for seq, (start, k) in zip(seqs, spans, strict=True):
         drafts, emitted = seq.draft_token_ids, []
@@ -87,6 +83,52 @@ def verify(chunks: list[torch.Tensor], seqs: list) -> list[list[int]]:
             at += k + 1
         results.append(emitted)
     return results
+
+
+def _reject(p: torch.Tensor, seqs: list) -> tuple[list[bool], list[int]]:
+    """Rejection sampling as batched tensor operations. p: the target distributions at each sequence's k + 1 rows,
+    one sequence after another → per row whether its draft is accepted and the token drawn there."""
+    zero = p.new_zeros(1, p.shape[-1])
+    q = torch.cat([t for seq in seqs for t in (seq.draft_probs.to(p.dtype), zero)])
+    d = column([t for seq in seqs for t in (*seq.draft_token_ids, 0)], torch.long, p.device)[:, None]
+    u = torch.cat([uniforms([seq.generator], 2 * (len(seq.draft_token_ids) + 1), p.device).view(-1, 2)
+                   for seq in seqs])
+    # accept d_i with probability min(1, p(d_i) / q(d_i)); else draw from norm(max(0, p − q)); the last row of
+    # each sequence has q = 0, so its draw is the bonus token from p
+    accept = (u[:, 0:1] * q.gather(1, d) <= p.gather(1, d))[:, 0]
+    residual = (p - q).clamp_(min=0.0)
+    has_mass = residual.sum(-1, keepdim=True) > 0
+    drawn = draw_rows(torch.where(has_mass, residual, p), u[:, 1])
+    return accept.tolist(), drawn.tolist()
+
+
+def _reject_on_host(p: torch.Tensor, seqs: list) -> tuple[list[bool], list[int]]:
+    """`_reject` row by row on CPU arrays, with the same uniforms and float32 arithmetic, so the same tokens; rows
+    after a sequence's first rejection are not drawn (their tokens are never read)."""
+    p = p.numpy()
+    accept, drawn, at = [], [], 0
+    for seq in seqs:
+        k = len(seq.draft_token_ids)
+        u = torch.rand(2 * (k + 1), generator=seq.generator).numpy()
+        q = seq.draft_probs.float().numpy()
+        for i in range(k + 1):
+            row = p[at + i]
+            if i < k:
+                d = seq.draft_token_ids[i]
+                accept.append(bool(u[2 * i] * q[i, d] <= row[d]))
+                if accept[-1]:
+                    drawn.append(-1)
+                    continue
+                residual = np.maximum(row - q[i], 0.0)
+                row = residual if residual.sum() > 0 else row
+            else:
+                accept.append(True)
+            drawn.append(cpu.draw(torch.from_numpy(row)[None], [float(u[2 * i + 1])])[0])
+            drawn.extend([-1] * (k - i))
+            accept.extend([False] * (k - i))
+            break
+        at += k + 1
+    return accept, drawn
 
 
 class AcceptanceStats:

@@ -225,7 +225,7 @@ def test_one_program_greedy_draft_step_equals_verifying_then_drafting(folders, d
     accepted = rejected = 0
     for _ in range(10):
         rows = [r for seq, (token, n, d) in last.items() for r in ((seq, token, n), (seq, d, n + 1))]
-        targets, drafts = one.runner.greedy_draft_step(one.inputs(rows))
+        targets, accepted_now, drafts, _ = one.runner.draft_step(one.inputs(rows), {})
         logits = ref.runner.forward(ref.inputs(rows), list(range(len(rows))))
         expected_targets = logits.argmax(-1).tolist()
         pairs = [(seq, t, position) for (seq, _, position), t in zip(rows, expected_targets, strict=True)]
@@ -233,6 +233,7 @@ def test_one_program_greedy_draft_step_equals_verifying_then_drafting(folders, d
         assert targets == expected_targets
         assert drafts == draft_logits.argmax(-1).tolist()
         for b, (seq, (_, n, d)) in enumerate(list(last.items())):
+            assert accepted_now[b] == (targets[2 * b] == d)
             if targets[2 * b] == d:
                 accepted += 1
                 last[seq] = (targets[2 * b + 1], n + 2, drafts[2 * b + 1])
@@ -244,9 +245,10 @@ def test_one_program_greedy_draft_step_equals_verifying_then_drafting(folders, d
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkeypatch):
-    """Greedy MTP (k=1) on the bundled model: the one-program step gives the same text, and accepts the same drafts,
-    as verification followed by separate drafting (the step turned off); also for requests under the server's
-    tool-call constraint, which leaves text outside calls free and chooses a call's name whole."""
+    """MTP (k=1) on the bundled model: the one-program step gives the same text, and accepts the same drafts, as
+    verification followed by separate drafting (the step turned off): greedy requests, greedy ones under the
+    server's tool-call constraint (which leaves text outside calls free and chooses a call's name whole), and seeded
+    sampled ones (rejection sampling with the same uniforms), batched and one by one."""
     from glm45.chat import plan_chat
     from glm45.engine.executor import Executor
 
@@ -258,23 +260,34 @@ def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkey
         for name in ("get_weather", "get_time")]
     plans = [plan_chat([{"role": "user", "content": question}], tools, "auto")
              for question in ("What's the weather in Oslo?", "Hello! Who are you?")]
-    prompts += [plan.prompt for plan in plans]
     params = [SamplingParams(temperature=0, max_tokens=64)] * 3 + [
         SamplingParams(temperature=0, max_tokens=64, structured_outputs=plan.structured_outputs()) for plan in plans]
+    params += [SamplingParams(temperature=1.0, max_tokens=64, seed=1),
+               SamplingParams(temperature=0.6, top_p=0.95, max_tokens=64, seed=2),
+               SamplingParams(temperature=0.8, top_k=20, min_p=0.05, max_tokens=64, seed=3),
+               SamplingParams(temperature=2.0, max_tokens=64, seed=4)]  # hot enough to reject drafts
+    prompts += [plan.prompt for plan in plans] + prompts[:3] + prompts[:1]
     results = {}
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(Executor, "_greedy_drafts_apply", lambda self, batch: False)
+            monkeypatch.setattr(Executor, "_draft_step_applies", lambda self, batch: False)
         llm = LLM(num_speculative_tokens=1, dtype=dtype)
         runner = llm.engine.runner
-        calls = []
-        monkeypatch.setattr(runner, "greedy_draft_step",
-                            lambda inputs, calls=calls, original=runner.greedy_draft_step:
-                            calls.append(1) or original(inputs))
+        calls = []  # per call of the one-program step: whether each sampled sequence's draft was accepted
+
+        def step(inputs, sampled, calls=calls, original=runner.draft_step):
+            out = original(inputs, sampled)
+            calls.append([out[1][b] for b in sampled])
+            return out
+
+        monkeypatch.setattr(runner, "draft_step", step)
         texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
         texts += [llm.generate(p, q, use_tqdm=False)[0].outputs[0].text
                   for p, q in zip(prompts, params, strict=True)]  # batches of one
         stats = llm.engine.executor.stats
         results[fused] = (texts, stats.proposed, stats.accepted)
         assert bool(calls) == fused
+        sampled_verdicts = [a for call in calls for a in call]
+        # greedy-only steps, and steps with sampled sequences whose drafts were accepted and rejected
+        assert not fused or ([] in calls and True in sampled_verdicts and False in sampled_verdicts)
     assert results[True] == results[False]

@@ -13,7 +13,7 @@ decode batch, MTP verification (k+1 rows per sequence) and short prefill chunks 
 the captured size: padding rows write K/V to a scratch block past the cache's blocks and are ignored. Two
 programs per size: the trunk (embedding → layers → final norm, keeping the hidden states) and the head
 (gathering the rows whose logits are needed → LM head), likewise for the MTP layer, and with an MTP layer a
-third: greedy MTP's whole step (`cpu_step_programs.build_greedy_draft_step`). The arithmetic is the
+third: MTP's whole step with one draft token (`cpu_step_programs.build_draft_step`). The arithmetic is the
 eager path's (same kernels for the matrices; bf16 rounding at the same places for bf16 models), so greedy
 tokens agree with it (tests/test_captured_cpu.py).
 """
@@ -30,7 +30,7 @@ from glm45.engine import cpu_program as ops
 from glm45.engine.attention import fill_rows
 from glm45.engine.cpu_step_programs import (
     StepBuffers,
-    build_greedy_draft_step,
+    build_draft_step,
     build_head,
     build_mtp_trunk,
     build_trunk,
@@ -84,16 +84,17 @@ class CapturedDecode:
         self.buffers = StepBuffers(model, self.sizes[-1], max_blocks, self.threads)
         self.trunks = {n: build_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
         self.heads = {n: build_head(model, self.buffers, n, draft=False) for n in self.sizes}
-        self.mtp_trunks, self.mtp_heads, self.greedy_draft_steps = {}, {}, {}
+        self.mtp_trunks, self.mtp_heads, self.draft_steps = {}, {}, {}
         if model.mtp is not None:
             self.mtp_trunks = {n: build_mtp_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
             self.mtp_heads = {n: build_head(model, self.buffers, n, draft=True) for n in self.sizes}
-            self.greedy_draft_steps = {n: build_greedy_draft_step(model, kv_cache, block_size, self.buffers, n)
-                                       for n in self.sizes}
+            self.draft_steps = {n: build_draft_step(model, kv_cache, block_size, self.buffers, n)
+                                for n in self.sizes if n >= 2}
         self._np = {name: getattr(self.buffers, name).numpy() for name in
                     ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
                      "lora_head_slots")}
-        self._identity = np.arange(self.sizes[-1])  # every row's own index: the greedy draft step's logit rows
+        self._uniforms = self.buffers.uniforms.numpy()
+        self._identity = np.arange(self.sizes[-1])  # every row's own index: the draft step's logit rows
         self.adapted_layers = sum(isinstance(m, MultiLoRALinear) for m in model.modules())
         logger.info("captured the CPU decode step for %s rows in %.2f s (%d threads)", self.sizes,
                     time.perf_counter() - start, self.threads)
@@ -146,17 +147,27 @@ class CapturedDecode:
             return None, hidden
         return self._head(logit_rows, draft=False), hidden
 
-    def greedy_draft_step(self, inputs) -> tuple[list[int], list[int], torch.Tensor]:
-        """`build_greedy_draft_step` over `inputs` (rows [x_n, d] per sequence): (the target's argmax at each row, the
-        MTP layer's argmax at each row, the final hidden states [rows, D])."""
+    def draft_step(self, inputs, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]]
+                   ) -> tuple[list[int], list[bool], list[int], torch.Tensor, torch.Tensor]:
+        """`build_draft_step` over `inputs` (rows [x_n, d] per sequence). `sampled`: {sequence index: (its
+        `cpu.SampleRow` fields, its 5 uniforms, the distribution its draft was drawn from [V])}; the others are
+        greedy. → (each row's token, whether each sequence's draft was accepted, each row's next draft (sampled
+        sequences: at the row the next step extends), the sampled sequences' next draft distributions [sequences, V]
+        (a buffer valid until the next step), the final hidden states [rows, D])."""
         n = len(inputs.token_ids)
         size = self.size_for(n)
         self._fill(inputs, size)
         self._adapter_slots(None, n, size, [])
         self._np["logit_rows"][:size] = self._np["source_rows"][:size] = self._identity[:size]
-        self.greedy_draft_steps[size].run(self.rounding, self.threads)
         b = self.buffers
-        return b.next_tokens[:n].tolist(), b.draft_tokens[:n].tolist(), b.hidden[:n]
+        b.sample_params.zero_()
+        for s, (row, uniforms, q) in sampled.items():
+            b.sample_rows[s] = cpu.SampleRow(*row)
+            self._uniforms[s] = uniforms
+            b.q_in[s].copy_(q)
+        self.draft_steps[size].run(self.rounding, self.threads)
+        return (b.next_tokens[:n].tolist(), [bool(a) for a in b.accepted[: n // 2].tolist()],
+                b.draft_tokens[:n].tolist(), b.q_out[: n // 2], b.hidden[:n])
 
     def draft(self, inputs, hidden: torch.Tensor, hidden_rows: list[int] | None,
               logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -1,9 +1,11 @@
 """The programs of the captured CPU decode step: the buffers they share (`StepBuffers`), the ops of a decoder block,
 the MoE, the embedding and the heads (`_Builder`), and the programs a step runs, one per row count: the trunk, the
-head, the MTP layer's trunk and head, and greedy MTP's whole step (`build_greedy_draft_step`). `captured_cpu.py`
+head, the MTP layer's trunk and head, and MTP's whole step with one draft token (`build_draft_step`). `captured_cpu.py`
 builds them for a model and runs them."""
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -29,8 +31,19 @@ class StepBuffers:
         self.context = torch.ones(rows, dtype=torch.int32)
         self.source_rows = torch.zeros(rows, dtype=torch.int64)
         self.logit_rows = torch.zeros(rows, dtype=torch.int64)
-        self.next_tokens = torch.zeros(rows, dtype=torch.int64)   # the greedy draft step's argmaxes (targets, drafts)
+        self.next_tokens = torch.zeros(rows, dtype=torch.int64)   # the draft step's tokens (targets, drafts)
         self.draft_tokens = torch.zeros(rows, dtype=torch.int64)
+        # The draft step's sampling (one entry per sequence, rows [x_n, d]): each one's parameters (`SampleRow`; 0
+        # inverse temperature: greedy), uniforms, whether its draft was accepted, the draft distributions it verifies
+        # against and the next ones; the rows' target distributions, and per-thread sampling scratch.
+        seqs, vocab = rows // 2 + 1, c.vocab_size if model.mtp is not None else 0
+        self.sample_params = torch.zeros(seqs * ctypes.sizeof(cpu.SampleRow), dtype=torch.uint8)
+        self.sample_rows = (cpu.SampleRow * seqs).from_address(self.sample_params.data_ptr())
+        self.uniforms = torch.zeros(seqs, 5, **f32)
+        self.accepted = torch.zeros(seqs, dtype=torch.int64)
+        self.q_in, self.q_out = torch.empty(seqs, vocab, **f32), torch.empty(seqs, vocab, **f32)
+        self.verify_probs = torch.empty(rows if vocab else 0, vocab, **f32)
+        self.sample_scratch = torch.empty(threads, 2 * vocab, **f32)
         self.x, self.h, self.delta = (torch.zeros(rows, D, **f32) for _ in range(3))
         self.qkv = torch.zeros(rows, (c.num_attention_heads + 2 * c.num_key_value_heads) * hd, **f32)
         self.attn = torch.zeros(rows, c.num_attention_heads * hd, **f32)
@@ -254,25 +267,33 @@ def build_head(model, buffers: StepBuffers, rows: int, draft: bool) -> Program:
     return builder.program
 
 
-def build_greedy_draft_step(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
-    """Verification and the next draft of greedy MTP with one draft token, in one program (logit and source rows:
-    every row). Rows come in pairs [x_n, d] per sequence, at positions n and n + 1:
+def build_draft_step(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
+    """Verification and the next draft of MTP with one draft token, in one program (logit and source rows: every
+    row). Rows come in pairs [x_n, d] per sequence, at positions n and n + 1:
 
-        target over the rows → logits → t = argmax per row (`buffers.next_tokens`)
-        MTP over the pairs (h_r, t_r), at the rows' positions → draft logits → argmax per row (`draft_tokens`)
+        target over the rows → logits → verification (`OP_VERIFY`): each row's token t (`buffers.next_tokens`) and
+            whether d was accepted (`accepted`); greedy t is the argmax, sampled t the rejection sampler's
+        MTP over the pairs (h_r, t_r), at the rows' positions → draft logits → the next drafts (`OP_DRAFT`,
+            `draft_tokens`): greedy, every row's argmax; sampled, at the row of the pair the next step extends, a
+            draw from the draft distribution (`q_out`)
 
-    The caller accepts d when t at x_n's row equals it. Either way the pairs it needs were computed: accepted, both
-    (h_n, d = t_n) and (h_d, t_d), whose draft is the next one; rejected, (h_n, t_n), whose draft is the next one.
-    These are the pairs `Executor.propose_drafts` would run. A rejected draft's pair writes MTP K/V at position n + 1,
-    which the next step writes again before any row reads it."""
+    Either way the pairs the next step needs were computed: accepted, both (h_n, d = t_n) and (h_d, t_d), whose
+    draft is the next one; rejected, (h_n, t_n), whose draft is the next one. These are the pairs
+    `Executor.propose_drafts` would run. A rejected draft's pair writes MTP K/V at position n + 1, which the next
+    step writes again before any row reads it."""
     b = buffers
     builder = _Builder(model, kv_cache, block_size, buffers, rows)
     vocab = model.config.vocab_size
     emit_trunk(builder)
     emit_head(builder, draft=False)
-    builder.program.add(ops.OP_ARGMAX, (b.logits, b.next_tokens), (rows, vocab, b.logits.shape[1]))
+    builder.program.add(ops.OP_VERIFY, (b.logits, b.tokens, b.q_in, b.sample_params, b.uniforms, b.next_tokens,
+                                        b.accepted, b.verify_probs, b.sample_scratch),
+                        (rows, vocab, b.logits.shape[1], b.q_in.shape[1], b.verify_probs.shape[1],
+                         b.sample_scratch.shape[1]))
     emit_mtp_trunk(builder, b.next_tokens)
     emit_head(builder, draft=True)
-    builder.program.add(ops.OP_ARGMAX, (b.draft_logits, b.draft_tokens), (rows, vocab, b.draft_logits.shape[1]))
+    builder.program.add(ops.OP_DRAFT, (b.draft_logits, b.sample_params, b.uniforms, b.accepted, b.draft_tokens,
+                                       b.q_out, b.sample_scratch),
+                        (rows, vocab, b.draft_logits.shape[1], b.q_out.shape[1], b.sample_scratch.shape[1]))
     builder.program.finish()
     return builder.program

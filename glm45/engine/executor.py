@@ -29,7 +29,7 @@ from glm45.engine.block_manager import BlockManager
 from glm45.engine.logits import follow, needs_processing, process_chain, process_rows, state_after
 from glm45.engine.model_runner import ModelRunner
 from glm45.engine.name_choice import choose_name, name_logprobs, until_name_start
-from glm45.engine.sampler import Sampler, rows_top_logprobs
+from glm45.engine.sampler import Sampler, host_row, rows_top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence
 from glm45.engine.speculative import AcceptanceStats, choose_drafts, verify
@@ -64,7 +64,8 @@ class Executor:
         self.sampler = Sampler()
         self.stats = AcceptanceStats(max(self.k, 1))
         self._computed: list[_Computed] = []
-        self._drafted: list[tuple[Sequence, int, int]] = []  # (seq, positions with MTP K/V, its next draft)
+        # (seq, positions with MTP K/V, its next draft, the draft's distribution or None for greedy)
+        self._drafted: list[tuple[Sequence, int, int, torch.Tensor | None]] = []
         self._bitmask: torch.Tensor | None = None  # scratch for asking a constraint whether it restricts
 
     def reset(self) -> None:
@@ -78,8 +79,8 @@ class Executor:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> StepResult:
         self._drafted = []
-        if self._greedy_drafts_apply(batch):
-            return self._execute_greedy_drafts(batch)
+        if self._draft_step_applies(batch):
+            return self._execute_draft_step(batch)
         names = {item.seq.seq_id: self._choose_name(item) for item in batch if item.name_choices is not None}
         ids, positions, slots, slices, adapters = [], [], [], [], []
         plan = []  # (seq, start, num_tokens, drafts, q_start, name): `name` the chosen name's tokens, or []
@@ -118,19 +119,23 @@ class Executor:
             self._computed.append(_Computed(seq, start, num_valid, q_start))
         return StepResult(results)
 
-    def _greedy_drafts_apply(self, batch: list[ScheduledSeq]) -> bool:
-        """Whether the step is greedy MTP with one draft for every sequence, nothing else asked of its logits (no
-        penalty, bias, log-probabilities or adapter; a constraint only where it leaves the next token free, as a
-        tool-call constraint does outside calls), on a runner with the one-program draft step."""
-        if self.k != 1 or not getattr(self.runner, "runs_greedy_draft_step", None) \
-                or not self.runner.runs_greedy_draft_step(2 * len(batch)):
+    def _draft_step_applies(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether the step is MTP with one draft for every sequence and nothing else asked of its logits (no
+        penalty, bias, log-probabilities or adapter), on a runner with the one-program draft step. A greedy sequence
+        may have a constraint where it leaves the next token free (as a tool-call constraint does outside calls); a
+        sampled one none."""
+        if self.k != 1 or not getattr(self.runner, "runs_draft_step", None) \
+                or not self.runner.runs_draft_step(2 * len(batch)):
             return False
         for item in batch:
             seq, params = item.seq, item.seq.params
             if (item.num_tokens != 1 or seq.num_computed_tokens + 1 != len(seq) or len(seq.draft_token_ids) != 1
-                    or item.name_choices is not None or not params.greedy or params.uses_penalties
+                    or item.name_choices is not None or params.uses_penalties
                     or params.logprobs is not None or params.prompt_logprobs is not None or params.logit_bias
-                    or seq.lora_slot >= 0 or not self._free(seq.constraint)):
+                    or seq.lora_slot >= 0):
+                return False
+            if not (self._free(seq.constraint) if params.greedy else
+                    seq.constraint is None and seq.draft_probs is not None):
                 return False
         return True
 
@@ -142,28 +147,35 @@ class Executor:
             self._bitmask = masks.allocate(1, self.runner.model.config.vocab_size)
         return state.restrict(self._bitmask, 0) is None and state.name_choices() is None
 
-    def _execute_greedy_drafts(self, batch: list[ScheduledSeq]) -> StepResult:
-        """The step of `_greedy_drafts_apply` in one program (`ModelRunner.greedy_draft_step`): the same tokens, and
-        the same next drafts, as verification followed by `propose_drafts`."""
-        ids, positions, slots, slices = [], [], [], []
-        for item in batch:
+    def _execute_draft_step(self, batch: list[ScheduledSeq]) -> StepResult:
+        """The step of `_draft_step_applies` in one program (`ModelRunner.draft_step`): the same tokens, and the same
+        next drafts, as verification followed by `propose_drafts`. A sampled sequence's uniforms are taken from its
+        stream in the same order (four for verification, one for the next draft)."""
+        ids, positions, slots, slices, sampled = [], [], [], [], {}
+        vocab = self.runner.model.config.vocab_size
+        for b, item in enumerate(batch):
             seq, start = item.seq, item.seq.num_computed_tokens
             slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
             ids += [seq.token_ids[start], seq.draft_token_ids[0]]
             positions += [start, start + 1]
             slots += self._slots(seq, start, 2)
-        targets, drafts = self.runner.greedy_draft_step(StepInputs(ids, positions, slots, slices))
+            if not seq.params.greedy:
+                uniforms = torch.rand(4, generator=seq.generator).tolist()
+                uniforms += torch.rand(1, generator=seq.generator).tolist()
+                sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
+        targets, accepted, drafts, q = self.runner.draft_step(StepInputs(ids, positions, slots, slices), sampled)
         results = {}
         for b, item in enumerate(batch):
             seq, start, row = item.seq, item.seq.num_computed_tokens, 2 * b
-            tokens = targets[row:row + 2] if targets[row] == seq.draft_token_ids[0] else targets[row:row + 1]
-            if len(tokens) == 2 and not self._free(follow(seq.constraint, seq, tokens[0])):
+            tokens = targets[row:row + 1 + accepted[b]]
+            if len(tokens) == 2 and seq.params.greedy and not self._free(follow(seq.constraint, seq, tokens[0])):
                 tokens = tokens[:1]  # the constraint restricts the token after the draft: the next step picks it
             self.stats.record(1, len(tokens))
             # K/V (target's and MTP's) is valid for the pending token and an accepted draft; the next draft comes
             # from the last valid pair.
             results[seq.seq_id] = SeqResult(tokens, [None] * len(tokens), start + len(tokens), 1, [])
-            self._drafted.append((seq, start + len(tokens), drafts[row + len(tokens) - 1]))
+            probs = q[b:b + 1].clone() if b in sampled else None
+            self._drafted.append((seq, start + len(tokens), drafts[row + len(tokens) - 1], probs))
         self._computed = []
         return StepResult(results)
 
@@ -244,12 +256,12 @@ class Executor:
         # is on: without it, its blocks could not be shared, and the same prompt again would be computed whole.
         keep = self.block_manager.enable_prefix_caching
         items = [c for c in self._computed if keep or not c.seq.is_finished] if self.k else []
-        drafted = [(seq, valid, draft) for seq, valid, draft in self._drafted if keep or not seq.is_finished]
+        drafted = [entry for entry in self._drafted if keep or not entry[0].is_finished]
         self._computed, self._drafted = [], []
-        for seq, valid, _ in drafted:  # the one-program step ran the MTP layer already
+        for seq, valid, _, _ in drafted:  # the one-program step ran the MTP layer already
             self.block_manager.register_computed_blocks(seq, valid)
         if drafted:
-            return [(seq, [draft], None) for seq, _, draft in drafted if not seq.is_finished]
+            return [(seq, [draft], probs) for seq, _, draft, probs in drafted if not seq.is_finished]
         # A sequence that finished partway through its tokens has pairs only up to its last token.
         items = [c if not c.seq.is_finished else _Computed(c.seq, c.start, min(c.num_valid, len(c.seq) - 1 - c.start),
                                                            c.q_start) for c in items]

@@ -212,18 +212,18 @@ class ModelRunner:
         """Float32 logits of the last target forward at more `rows` (prompt log-probabilities, a block at a time)."""
         return self.model.compute_logits(self.hidden[self._tensor(rows)]).float()
 
-    def runs_greedy_draft_step(self, rows: int) -> bool:
-        """Whether `greedy_draft_step` runs `rows` rows (the captured CPU step, with an MTP layer)."""
-        return self._captured_rows(rows) and bool(getattr(self.captured, "greedy_draft_steps", None))
+    def runs_draft_step(self, rows: int) -> bool:
+        """Whether `draft_step` runs `rows` rows (the captured CPU step, with an MTP layer)."""
+        return self._captured_rows(rows) and self.captured.size_for(rows) in getattr(self.captured, "draft_steps", {})
 
     @torch.inference_mode()
-    def greedy_draft_step(self, inputs: StepInputs) -> tuple[list[int], list[int]]:
-        """Greedy verification of one draft per sequence and the next draft, in one captured program (rows [x_n, d]
-        per sequence; see cpu_step_programs.build_greedy_draft_step): (the target's argmax at each row, the MTP layer's
-        argmax at each row)."""
-        targets, drafts, self.hidden = self.captured.greedy_draft_step(inputs)
+    def draft_step(self, inputs: StepInputs, sampled: dict) -> tuple[list[int], list[bool], list[int], torch.Tensor]:
+        """Verification of one draft per sequence and the next draft, in one captured program (rows [x_n, d] per
+        sequence; see cpu_step_programs.build_draft_step and CapturedDecode.draft_step): (each row's token, whether
+        each sequence's draft was accepted, the next drafts by row, the sampled sequences' draft distributions)."""
+        targets, accepted, drafts, q, self.hidden = self.captured.draft_step(inputs, sampled)
         self._draft_hidden = self._draft_pick = None
-        return targets, drafts
+        return targets, accepted, drafts, q
 
     @torch.inference_mode()
     def draft(self, inputs: StepInputs, hidden_rows: list[int] | None, logit_rows: list[int]) -> torch.Tensor | None:

@@ -36,11 +36,11 @@ def on_host(t: torch.Tensor) -> bool:
     return HOST_KERNEL and t.device.type == "cpu" and cpu.available()
 
 
-def host_row(params: SamplingParams, vocab: int, u: float = 0.0) -> tuple[float, int, float, float, float]:
-    """A sampled row's parameters as the host kernel takes them: 1 / temperature (the factor `_scaled` multiplies
-    by), top-k (0: none), top-p (2: none), min-p, and its uniform."""
-    return (1.0 / max(params.temperature, 1e-5), params.top_k if 0 < params.top_k < vocab else 0,
-            params.top_p if params.top_p < 1.0 else 2.0, params.min_p, u)
+def host_row(params: SamplingParams, vocab: int, u: float = 0.0) -> tuple[float, float, float, float, int]:
+    """A sampled row's parameters as the host kernel takes them (`cpu.SampleRow`'s fields): 1 / temperature (the
+    factor `_scaled` multiplies by), top-p (2: none), min-p, its uniform, and top-k (0: none)."""
+    return (1.0 / max(params.temperature, 1e-5), params.top_p if params.top_p < 1.0 else 2.0, params.min_p, u,
+            params.top_k if 0 < params.top_k < vocab else 0)
 
 
 def uniforms(generators: list[torch.Generator | None], count: int, device: torch.device) -> torch.Tensor:

@@ -311,17 +311,17 @@ def _rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, t.stride(0) if t.dim() == 2 and t.shape[0] > 1 else t.shape[-1]
 
 
-def sample(logits: torch.Tensor, rows: list[tuple[float, int, float, float, float]], tokens: bool = True,
+def sample(logits: torch.Tensor, rows: list[tuple[float, float, float, float, int]], tokens: bool = True,
            probs: bool = False) -> tuple[list[int] | None, torch.Tensor | None]:
-    """Rows of CPU logits [R, V] and, per row, (1 / temperature, top_k (0: none), top_p, min_p, uniform) → each row's
-    drawn token and/or its distribution [R, V] (csrc/sample.c; the rules of glm45/engine/sampler.py's batched
-    path). None when the kernels are not built here."""
+    """Rows of CPU logits [R, V] and, per row, `SampleRow`'s fields (1 / temperature, top_p, min_p, uniform, top_k
+    (0: none)) → each row's drawn token and/or its distribution [R, V] (csrc/sample.c; the rules of
+    glm45/engine/sampler.py's batched path). None when the kernels are not built here."""
     lib = library()
     if lib is None:
         return None, None
     x, ld = _rows_of(logits)
     count, vocab = x.shape
-    table = (SampleRow * count)(*(SampleRow(inv, top_p, min_p, u, top_k) for inv, top_k, top_p, min_p, u in rows))
+    table = (SampleRow * count)(*(SampleRow(*row) for row in rows))
     out = torch.empty(count, dtype=torch.int64) if tokens else None
     dist = torch.empty(count, vocab, dtype=torch.float32) if probs else None
     lib.glm45_sample(x.data_ptr(), ld, count, vocab, table, _ptr(out), _ptr(dist), vocab,

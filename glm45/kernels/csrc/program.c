@@ -11,6 +11,7 @@
  */
 #include <omp.h>
 #include "common.h"
+#include "sample.h"
 
 enum {
     OP_EMBED = 1,    /* p: Weight*, tokens(i64), out | n: R, ld_out */
@@ -35,8 +36,11 @@ enum {
                         | n: R, K, rank, ld_x, none, count, ld_delta, (N, ld_out) × 3
                         out_j[r] += Bt_j[slots[r]]ᵀ · (A_j[slots[r]] · x[r]), rounded like the eager path's bf16
                         add; rows whose slot is `none` (base rows) are skipped */
-    OP_ARGMAX = 13,  /* p: logits(f32), out(i64 [R]) | n: R, V, ld  (each row's first maximum; a NaN counts as the
-                        maximum, as in torch and numpy) */
+    OP_VERIFY = 13,  /* p: logits, tokens(i64 [R]), q(f32 [S, ldq]), params(SampleRow [S]), u(f32 [S, 5]),
+                        next(i64 [R]), accepted(i64 [S]), probs(f32 [R, ldp]), scratch(f32 [threads, 2V])
+                        | n: R, V, ld, ldq, ldp, scratch_per_thread   (see op_verify) */
+    OP_DRAFT = 14,   /* p: draft logits, params, u, accepted, drafts(i64 [R]), q_out(f32 [S, ldq]), scratch
+                        | n: R, V, ld, ldq, scratch_per_thread   (see op_draft) */
 };
 enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
 
@@ -627,6 +631,7 @@ static void op_lora(const Op *op, int ith, int nth, int round) {
     }
 }
 
+/* A row's first maximum; a NaN counts as the maximum, as in torch and numpy. */
 static int64_t argmax_row(const float *x, int64_t V) {
     /* Eight independent lanes (vectorised) find the maximum and whether any value is NaN; a second pass finds
      * the first index holding it. */
@@ -655,11 +660,74 @@ static int64_t argmax_row(const float *x, int64_t V) {
     return 0;
 }
 
-static void op_argmax(const Op *op, int ith, int nth) {
+/* MTP with one draft token, rows [x_n, d] per sequence s (rows 2s, 2s + 1), verified as Python's
+ * speculative.verify would (same uniforms, same float32 arithmetic, so the same tokens). Greedy sequences (inverse
+ * temperature 0): next = each row's argmax, accepted when next[2s] == d. Sampled ones: p = each row's distribution;
+ * d is accepted when u0 · q(d) ≤ p_0(d), and then next = [d, a draw from p_1 with u3]; else next[2s] = a draw from
+ * max(0, p_0 − q) (p_0 when that has no mass) with u1, and next[2s + 1] = the same token (its MTP pair is written
+ * again before it is read). Rows are split over the threads first, sequences after a barrier. */
+static void op_verify(const Op *op, int ith, int nth) {
+    const int64_t R = op->n[0], V = op->n[1], ld = op->n[2], ldq = op->n[3], ldp = op->n[4];
+    const float *logits = op->p[0], *q = op->p[2], *u = op->p[4];
+    const int64_t *tokens = op->p[1];
+    const SampleRow *params = op->p[3];
+    int64_t *next = op->p[5], *accepted = op->p[6];
+    float *probs = op->p[7], *e = (float *)op->p[8] + ith * op->n[5];
     int64_t r0, r1;
-    split_range(op->n[0], ith, nth, 1, &r0, &r1);
-    for (int64_t r = r0; r < r1; r++)
-        ((int64_t *)op->p[1])[r] = argmax_row((const float *)op->p[0] + r * op->n[2], op->n[1]);
+    split_range(R, ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        if (params[r / 2].inv_temperature == 0.0f)
+            next[r] = argmax_row(logits + r * ld, V);
+        else
+            sample_row(logits + r * ld, V, &params[r / 2], NULL, probs + r * ldp, e, (int32_t *)(e + V));
+    }
+#pragma omp barrier
+    split_range(R / 2, ith, nth, 1, &r0, &r1);
+    for (int64_t s = r0; s < r1; s++) {
+        const int64_t d = tokens[2 * s + 1];
+        if (params[s].inv_temperature == 0.0f) {
+            accepted[s] = next[2 * s] == d;
+            continue;
+        }
+        float *p0 = probs + 2 * s * ldp, *p1 = p0 + ldp;
+        const float *qs = q + s * ldq, *us = u + 5 * s;
+        accepted[s] = us[0] * qs[d] <= p0[d];
+        if (accepted[s]) {
+            next[2 * s] = d;
+            next[2 * s + 1] = draw_weights(p1, V, us[3]);
+            continue;
+        }
+        int mass = 0;
+        for (int64_t i = 0; i < V; i++) {
+            const float v = p0[i] - qs[i];
+            p1[i] = v > 0.0f ? v : 0.0f;
+            mass |= v > 0.0f;
+        }
+        next[2 * s] = next[2 * s + 1] = draw_weights(mass ? p1 : p0, V, us[1]);
+    }
+}
+
+/* The next draft of each sequence of op_verify: greedy, each row's argmax; sampled, at the row whose MTP pair the
+ * next step extends (2s + accepted), the draft distribution q (into q_out) and a draw from it with u4, as
+ * speculative.choose_drafts makes them. */
+static void op_draft(const Op *op, int ith, int nth) {
+    const int64_t R = op->n[0], V = op->n[1], ld = op->n[2], ldq = op->n[3];
+    const float *logits = op->p[0], *u = op->p[2];
+    const SampleRow *params = op->p[1];
+    const int64_t *accepted = op->p[3];
+    int64_t *drafts = op->p[4];
+    float *q = op->p[5], *e = (float *)op->p[6] + ith * op->n[4];
+    int64_t r0, r1;
+    split_range(R, ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t s = r / 2;
+        if (params[s].inv_temperature == 0.0f) {
+            drafts[r] = argmax_row(logits + r * ld, V);
+        } else if (r == 2 * s + accepted[s]) {
+            sample_row(logits + r * ld, V, &params[s], NULL, q + s * ldq, e, (int32_t *)(e + V));
+            drafts[r] = draw_weights(q + s * ldq, V, u[5 * s + 4]);
+        }
+    }
 }
 
 static void run_op(const Op *op, int ith, int nth, int round) {
@@ -687,7 +755,8 @@ static void run_op(const Op *op, int ith, int nth, int round) {
     case OP_GROUPED: op_grouped(op, ith, nth, round); break;
     case OP_COMBINE: op_combine(op, ith, nth, round); break;
     case OP_LORA: op_lora(op, ith, nth, round); break;
-    case OP_ARGMAX: op_argmax(op, ith, nth); break;
+    case OP_VERIFY: op_verify(op, ith, nth); break;
+    case OP_DRAFT: op_draft(op, ith, nth); break;
     case OP_GATHER:
         split_range(op->n[0], ith, nth, 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++)

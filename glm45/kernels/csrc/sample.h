@@ -1,0 +1,16 @@
+/* Host sampling (sample.c), shared with the captured step's MTP ops (program.c). */
+#pragma once
+#include "common.h"
+
+typedef struct {
+    float inv_temperature; /* 0: greedy (the captured step's ops take the argmax) */
+    float top_p, min_p, u;
+    int64_t top_k; /* 0 or ≥ V: no top-k */
+} SampleRow;
+
+/* One row of logits → its drawn token (when `token`, with p->u) and/or its distribution (when `probs`). Scratch: V
+ * floats and V int32. */
+void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, float *probs, float *e, int32_t *order);
+
+/* The first column whose cumulative weight exceeds u · the total of the row's positive weights (−1: none). */
+int64_t draw_weights(const float *w, int64_t V, float u);

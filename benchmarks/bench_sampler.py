@@ -1,5 +1,6 @@
-"""Sampling cost per step: the batched sampler on 1 and 64 rows, for common parameter sets, on GLM-4.5's vocabulary
-size (151,552) with peaked and flat synthetic logits, and on the bundled model's own logits.
+"""Sampling cost per step: the sampler on 1 and 64 rows, for common parameter sets, on GLM-4.5's vocabulary size
+(151,552) with peaked and flat synthetic logits, and on the bundled model's own logits; on CPUs both the host kernel
+(csrc/sample.c, what the engine runs there) and the batched tensor path (what it runs on GPUs), alternating.
 
     python benchmarks/bench_sampler.py [--threads 2] [--repeats 5]
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm45.chat import render_chat  # noqa: E402
 from glm45.config import bundled_model_path  # noqa: E402
+from glm45.engine import sampler as sampler_module  # noqa: E402
 from glm45.engine.sampler import Sampler  # noqa: E402
 from glm45.engine.sampling_params import SamplingParams  # noqa: E402
 from glm45.engine.sequence import Sequence  # noqa: E402
@@ -55,21 +57,26 @@ def main(argv: list[str] | None = None) -> int:
                "peaked 151k": torch.randn(64, 151552, generator=torch.Generator().manual_seed(0)) * 4,
                "flat 151k": torch.randn(64, 151552, generator=torch.Generator().manual_seed(1))}
     sampler = Sampler()
-    print(f"batched sampler, {args.threads} threads, median (range) of {args.repeats} calls")
+    paths = {"host": True, "tensors": False} if sampler_module.on_host(torch.zeros(1)) else {"tensors": False}
+    print(f"sampler, {args.threads} threads, median (range) of {args.repeats} calls per path, the paths alternating")
     for source, logits in sources.items():
         for label, params in PARAMS.items():
             for rows in (1, 64):
                 seqs = [Sequence(f"r{i}", list(range(200)), params, [0], torch.Generator().manual_seed(i))
                         for i in range(rows)]
                 batch = logits[:rows].contiguous()
-                sampler(batch, seqs)
-                times = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    sampler(batch, seqs)
-                    times.append((time.perf_counter() - start) * 1e3)
-                print(f"  {source:14s} {label:26s} rows {rows:3d}: {statistics.median(times):7.2f} ms "
-                      f"({min(times):.2f}–{max(times):.2f})")
+                times: dict[str, list[float]] = {path: [] for path in paths}
+                for repeat in range(args.repeats + 1):
+                    for path, host in paths.items():
+                        sampler_module.HOST_KERNEL = host
+                        start = time.perf_counter()
+                        sampler(batch, seqs)
+                        if repeat:  # the first call of each path warms it up
+                            times[path].append((time.perf_counter() - start) * 1e3)
+                figures = "  ".join(f"{path} {statistics.median(t):7.3f} ms ({min(t):.3f}–{max(t):.3f})"
+                                    for path, t in times.items())
+                print(f"  {source:14s} {label:26s} rows {rows:3d}: {figures}", flush=True)
+    sampler_module.HOST_KERNEL = True
     return 0
 
 

@@ -259,3 +259,17 @@ def test_bundled_model_seeded_sampling_is_the_same_on_the_host_kernel(monkeypatc
     assert got == expected
     assert all(len(t) > 10 for t in got[0])
     assert k == 0 or 0 < sum(got[1][1]) < sum(got[1][0])  # drafts both accepted and rejected
+
+
+def test_host_penalties_equal_the_tensor_path(monkeypatch):
+    """Penalties on the host touch only each row's history; the values are the tensor path's, bit for bit."""
+    params = [p for p in PARAMS if p.uses_penalties] + [SamplingParams(frequency_penalty=-0.5, presence_penalty=1.0)]
+    params += [SamplingParams()]  # a row without penalties stays as it is
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(len(params), 2000, generator=generator) * 3
+    logits[0, :50] = float("-inf")
+    prompts = [torch.randint(0, 2000, (30,), generator=generator).tolist() for _ in params]
+    outputs = [torch.randint(0, 60, (i * 7,), generator=generator).tolist() for i in range(len(params))]
+    got, expected = host_kernel_and_tensor_path(monkeypatch, lambda: penalise(logits, params, prompts, outputs))
+    assert torch.equal(got, expected)
+    assert not torch.equal(got[:-1], logits[:-1]) and torch.equal(got[-1], logits[-1])

@@ -43,7 +43,7 @@ class StepBuffers:
         self.accepted = torch.zeros(seqs, dtype=torch.int64)
         self.q_in, self.q_out = torch.empty(seqs, vocab, **f32), torch.empty(seqs, vocab, **f32)
         self.verify_probs = torch.empty(rows if vocab else 0, vocab, **f32)
-        self.sample_scratch = torch.empty(threads, 2 * vocab, **f32)
+        self.sample_scratch = torch.empty(threads, cpu.SAMPLE_SCRATCH * vocab, **f32)
         self.x, self.h, self.delta = (torch.zeros(rows, D, **f32) for _ in range(3))
         self.qkv = torch.zeros(rows, (c.num_attention_heads + 2 * c.num_key_value_heads) * hd, **f32)
         self.attn = torch.zeros(rows, c.num_attention_heads * hd, **f32)

@@ -20,6 +20,7 @@ tensor path stays the reference the tests hold it to, and the path for GPUs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from glm45.engine.sampling_params import SamplingParams
@@ -69,6 +70,8 @@ def penalise(logits: torch.Tensor, params: list[SamplingParams], prompts: list[l
     rows = [i for i, p in enumerate(params) if p.uses_penalties]
     if not rows:
         return logits
+    if on_host(logits):
+        return _penalise_on_host(logits, [(i, params[i], prompts[i], outputs[i]) for i in rows])
     device, vocab = logits.device, logits.shape[-1]
     index = column(rows, torch.long, device)
     chosen = logits.index_select(0, index).float()
@@ -87,6 +90,25 @@ def penalise(logits: torch.Tensor, params: list[SamplingParams], prompts: list[l
     chosen = torch.where(seen, repeated, chosen) - frequency * counts - presence * (counts > 0)
     out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
     return out.index_copy_(0, index, chosen)
+
+
+def _penalise_on_host(logits: torch.Tensor, rows: list) -> torch.Tensor:
+    """`penalise` row by row on CPU arrays, touching only each row's history tokens (the tensor path builds
+    vocabulary-wide masks): the same float32 operations in the same order, so the same values."""
+    out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
+    array = out.numpy()
+    for i, params, prompt, output in rows:
+        row = array[i]
+        seen = np.unique(np.asarray(prompt + output, dtype=np.int64))
+        seen = seen[seen < row.shape[0]]
+        values = row[seen]
+        repetition = np.float32(params.repetition_penalty)
+        row[seen] = np.where(values > 0, values / repetition, values * repetition)
+        ids, counts = np.unique(np.asarray(output, dtype=np.int64), return_counts=True)
+        keep = ids < row.shape[0]
+        ids, counts = ids[keep], counts[keep].astype(np.float32)
+        row[ids] = (row[ids] - np.float32(params.frequency_penalty) * counts) - np.float32(params.presence_penalty)
+    return out
 
 
 def _scaled(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -52,6 +52,7 @@ ISA_FLAGS = {
 AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
 FORMATS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3, "fp8": 4}
 QBLOCK = 32
+SAMPLE_SCRATCH = 5  # words per vocabulary entry the sampling kernel needs (csrc/sample.h)
 
 
 class SampleRow(ctypes.Structure):
@@ -299,10 +300,10 @@ _scratch = threading.local()
 
 
 def _sample_scratch(vocab: int) -> torch.Tensor:
-    """Per thread, reused: the kernels' V floats + V int32 (allocating them per call would fault in fresh pages)."""
+    """Per thread, reused: the kernel's scratch (allocating it per call would fault in fresh pages)."""
     buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < 2 * vocab:
-        buffer = _scratch.buffer = torch.empty(2 * vocab, dtype=torch.float32)
+    if buffer is None or buffer.numel() < SAMPLE_SCRATCH * vocab:
+        buffer = _scratch.buffer = torch.empty(SAMPLE_SCRATCH * vocab, dtype=torch.float32)
     return buffer
 
 

@@ -37,7 +37,7 @@ enum {
                         out_j[r] += Bt_j[slots[r]]ᵀ · (A_j[slots[r]] · x[r]), rounded like the eager path's bf16
                         add; rows whose slot is `none` (base rows) are skipped */
     OP_VERIFY = 13,  /* p: logits, tokens(i64 [R]), q(f32 [S, ldq]), params(SampleRow [S]), u(f32 [S, 5]),
-                        next(i64 [R]), accepted(i64 [S]), probs(f32 [R, ldp]), scratch(f32 [threads, 2V])
+                        next(i64 [R]), accepted(i64 [S]), probs(f32 [R, ldp]), scratch(f32 [threads, 5V])
                         | n: R, V, ld, ldq, ldp, scratch_per_thread   (see op_verify) */
     OP_DRAFT = 14,   /* p: draft logits, params, u, accepted, drafts(i64 [R]), q_out(f32 [S, ldq]), scratch
                         | n: R, V, ld, ldq, scratch_per_thread   (see op_draft) */
@@ -679,7 +679,7 @@ static void op_verify(const Op *op, int ith, int nth) {
         if (params[r / 2].inv_temperature == 0.0f)
             next[r] = argmax_row(logits + r * ld, V);
         else
-            sample_row(logits + r * ld, V, &params[r / 2], NULL, probs + r * ldp, e, (int32_t *)(e + V));
+            sample_row(logits + r * ld, V, &params[r / 2], NULL, probs + r * ldp, e);
     }
 #pragma omp barrier
     split_range(R / 2, ith, nth, 1, &r0, &r1);
@@ -724,7 +724,7 @@ static void op_draft(const Op *op, int ith, int nth) {
         if (params[s].inv_temperature == 0.0f) {
             drafts[r] = argmax_row(logits + r * ld, V);
         } else if (r == 2 * s + accepted[s]) {
-            sample_row(logits + r * ld, V, &params[s], NULL, q + s * ldq, e, (int32_t *)(e + V));
+            sample_row(logits + r * ld, V, &params[s], NULL, q + s * ldq, e);
             drafts[r] = draw_weights(q + s * ldq, V, u[5 * s + 4]);
         }
     }

@@ -123,6 +123,39 @@ static int descending(const void *a, const void *b, void *ctx) {
     return i < j ? -1 : (i > j);
 }
 
+/* idx[0, n) (ascending token ids) sorted by e descending, ties by id ascending. Up to a few hundred: qsort; beyond,
+ * a stable radix sort on ~bits(e) (e ≥ 0, so its bits order like its values), a byte a pass, skipping bytes all
+ * keys share. Scratch: 3n words. */
+static void sort_descending(const float *e, int32_t *idx, int64_t n, uint32_t *scratch) {
+    if (n <= 256) {
+        qsort_r(idx, n, sizeof(int32_t), descending, (void *)e);
+        return;
+    }
+    uint32_t *keys = scratch, *keys2 = scratch + n;
+    int32_t *idx2 = (int32_t *)(scratch + 2 * n), *from_idx = idx;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &e[idx[i]], sizeof bits);
+        keys[i] = ~bits;
+    }
+    for (int shift = 0; shift < 32; shift += 8) {
+        int64_t count[257] = {0};
+        for (int64_t i = 0; i < n; i++) count[((keys[i] >> shift) & 255) + 1]++;
+        if (count[((keys[0] >> shift) & 255) + 1] == n) continue;
+        for (int b = 0; b < 256; b++) count[b + 1] += count[b];
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t at = count[(keys[i] >> shift) & 255]++;
+            keys2[at] = keys[i];
+            idx2[at] = from_idx[i];
+        }
+        uint32_t *k = keys;
+        keys = keys2, keys2 = k;
+        int32_t *x = from_idx;
+        from_idx = idx2, idx2 = x;
+    }
+    if (from_idx != idx) memcpy(idx, from_idx, n * sizeof(int32_t));
+}
+
 static float draw_target(float total, float u) {
     /* strictly below the total even where u · total rounds up to it, so the token found has weight of its own */
     const float target = u * total, below = nextafterf(total, 0.0f);
@@ -182,12 +215,14 @@ static int64_t draw_columns(const float *w, int64_t V, float total, float u) {
     return last;
 }
 
-static const float THRESHOLDS[] = {0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-24f, 0x1p-40f, -1.0f};
+static const float THRESHOLDS[] = {0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-24f, 0x1p-40f, 0x1p-64f, 0x1p-96f,
+                                   0x1p-126f, -1.0f};
 
 /* One row: its token (when `token`) and its distribution (when `probs`: V floats summing to 1, 0 where dropped).
- * Scratch: V floats and V int32. */
-void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, float *probs, float *e,
-                int32_t *order) {
+ * Scratch: 5V words (`SAMPLE_SCRATCH`). */
+void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, float *probs, float *scratch) {
+    float *e = scratch;
+    int32_t *order = (int32_t *)(scratch + V);
     const double Z = exp_row(x, V, p->inv_temperature, e);
     const int64_t k = p->top_k > 0 && p->top_k < V ? p->top_k : V;
     const int truncates = k < V || p->top_p < 1.0f;
@@ -213,7 +248,7 @@ void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, f
         }
     }
     int64_t n = collect_above(e, V, t, order);
-    qsort_r(order, n, sizeof(int32_t), descending, e);
+    sort_descending(e, order, n, (uint32_t *)(scratch + 2 * V));
     if (n > k) n = k;
     double norm = Z;
     if (k < V) {
@@ -245,15 +280,13 @@ void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, f
     }
 }
 
-/* Rows of logits [R, ld] → tokens [R] (or NULL) and distributions [R, ld_probs] (or NULL). Scratch: V floats + V
- * int32, reused row after row. */
+/* Rows of logits [R, ld] → tokens [R] (or NULL) and distributions [R, ld_probs] (or NULL). Scratch: 5V words,
+ * reused row after row. */
 void glm45_sample(const float *logits, int64_t ld, int64_t R, int64_t V, const SampleRow *rows, int64_t *tokens,
-                  float *probs, int64_t ld_probs, void *scratch) {
-    float *e = scratch;
-    int32_t *order = (int32_t *)(e + V);
+                  float *probs, int64_t ld_probs, float *scratch) {
     for (int64_t r = 0; r < R; r++)
-        sample_row(logits + r * ld, V, &rows[r], tokens ? tokens + r : NULL, probs ? probs + r * ld_probs : NULL, e,
-                   order);
+        sample_row(logits + r * ld, V, &rows[r], tokens ? tokens + r : NULL, probs ? probs + r * ld_probs : NULL,
+                   scratch);
 }
 
 int64_t draw_weights(const float *w, int64_t V, float u) { return draw_columns(w, V, (float)vsum_positive(w, V), u); }

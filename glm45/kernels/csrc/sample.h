@@ -8,9 +8,10 @@ typedef struct {
     int64_t top_k; /* 0 or ≥ V: no top-k */
 } SampleRow;
 
-/* One row of logits → its drawn token (when `token`, with p->u) and/or its distribution (when `probs`). Scratch: V
- * floats and V int32. */
-void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, float *probs, float *e, int32_t *order);
+/* One row of logits → its drawn token (when `token`, with p->u) and/or its distribution (when `probs`). Scratch:
+ * SAMPLE_SCRATCH(V) floats. */
+#define SAMPLE_SCRATCH(V) (5 * (V))
+void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, float *probs, float *scratch);
 
 /* The first column whose cumulative weight exceeds u · the total of the row's positive weights (−1: none). */
 int64_t draw_weights(const float *w, int64_t V, float u);

@@ -183,7 +183,7 @@ def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
 
 
 def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
-    """The bundled model answering chats one at a time (batch 1, greedy, up to its end token) with
+    """The bundled model answering chats one at a time (batch 1, greedy or seeded sampling, up to its end token) with
     `spec["num_speculative_tokens"]` MTP drafts: generated tokens per second over all the chats (the best of
     `MTP_PASSES` passes; prompts repeat, so later passes reuse the prefix cache as a chat client would), and the
     tokens."""
@@ -195,7 +195,9 @@ def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
     torch.set_num_threads(threads)
     llm = LLM(model_dir, dtype="bfloat16", device="cpu", threads=threads, max_model_len=2048,
               num_speculative_tokens=spec["num_speculative_tokens"])
-    params = SamplingParams(temperature=0, max_tokens=spec["mtp_max_tokens"])
+    sampled = spec.get("mtp_temperature", 0.0) > 0  # seeded, so every pass draws the same tokens
+    params = SamplingParams(temperature=spec.get("mtp_temperature", 0.0), top_p=spec.get("mtp_top_p", 1.0),
+                            seed=0 if sampled else None, max_tokens=spec["mtp_max_tokens"])
     prompts = [render_chat(messages, tools=spec["mtp_tools"], enable_thinking=thinking)
                for messages, thinking in spec["mtp_conversations"]]
     passes = []

@@ -322,3 +322,45 @@ def test_activation_quantization_op_matches_round_half_even(isa):
     assert torch.equal(xq.view(rows, -1, 32), codes.to(torch.int8))
     assert torch.equal(xd, d)
     assert torch.equal(xs, d * codes.sum(-1))
+
+
+@needs_kernel
+def test_captured_silu_and_mul_is_torchs(isa):
+    """The captured step's SiLU-and-mul (vectorised e^x): a bf16 model's result is torch's bit for bit (silu rounded
+    to bf16, times up, rounded); fp32 within float rounding."""
+    from glm45.engine import cpu_program as ops
+
+    rows, width = 16, 776  # not a multiple of the vector width: the scalar tail too
+    gate_up = (torch.randn(rows, 2 * width, generator=torch.Generator().manual_seed(0)) * 4).bfloat16().float()
+    gate, up = gate_up[:, :width], gate_up[:, width:]
+    for rounding in (True, False):
+        out = torch.zeros(rows, width)
+        program = ops.Program()
+        program.add(ops.OP_SILU_MUL, (gate_up, out), (rows, width, 2 * width, width))
+        program.finish()
+        program.run(rounding, 2)
+        if rounding:
+            assert torch.equal(out, (F.silu(gate.bfloat16()) * up.bfloat16()).float())
+        else:
+            assert torch.allclose(out, F.silu(gate) * up, rtol=1e-6, atol=1e-30)
+
+
+@needs_kernel
+def test_host_sampler_matches_the_tensor_path_on_each_isa(isa, monkeypatch):
+    """csrc/sample.c's vector passes (sums, thresholds, candidate masks) on each instruction set: the tensor path's
+    distributions, and its tokens for the same uniforms."""
+    from glm45.engine import sampler
+    from glm45.engine.sampling_params import SamplingParams
+
+    params = [SamplingParams(temperature=0.7), SamplingParams(top_p=0.9, temperature=0.6),
+              SamplingParams(top_k=40, min_p=0.05), SamplingParams(top_k=3000, top_p=0.95, temperature=1.3)]
+    logits = torch.randn(len(params), 5003, generator=torch.Generator().manual_seed(1)) * 3
+    logits[1, 100:4000] = float("-inf")
+    rows, row_params = logits.repeat_interleave(32, 0), [p for p in params for _ in range(32)]
+    results = {}
+    for host in (True, False):
+        monkeypatch.setattr(sampler, "HOST_KERNEL", host)
+        generators = [torch.Generator().manual_seed(i) for i in range(len(row_params))]
+        results[host] = (sampler.distributions(logits, params), sampler.choose(rows, row_params, generators))
+    assert torch.allclose(results[True][0], results[False][0], atol=1e-6, rtol=1e-4)
+    assert torch.equal(results[True][1], results[False][1])

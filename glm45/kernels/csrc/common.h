@@ -160,6 +160,8 @@ static inline vf vload_fp8(const uint8_t *p) {
 #define vmul(a, b) _mm512_mul_ps(a, b)
 #define vsub(a, b) _mm512_sub_ps(a, b)
 #define vmax(a, b) _mm512_max_ps(a, b)
+#define vmin(a, b) _mm512_min_ps(a, b)
+#define vdiv(a, b) _mm512_div_ps(a, b)
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vround(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 static inline vf vpow2i(vf n) {
@@ -170,6 +172,8 @@ static inline vf vpow2i(vf n) {
 #define vmul(a, b) _mm256_mul_ps(a, b)
 #define vsub(a, b) _mm256_sub_ps(a, b)
 #define vmax(a, b) _mm256_max_ps(a, b)
+#define vmin(a, b) _mm256_min_ps(a, b)
+#define vdiv(a, b) _mm256_div_ps(a, b)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
 #define vround(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 static inline vf vpow2i(vf n) {
@@ -177,10 +181,9 @@ static inline vf vpow2i(vf n) {
 }
 #endif
 
-/* e^x for x ≤ 0 (softmax after subtracting the maximum): 2^n · p(r), n = round(x / ln 2), |r| ≤ ln 2 / 2,
- * p a degree-6 Taylor polynomial (relative error below 2e-7); below -87 the result is flushed to 0. */
-static inline vf vexp_nonpositive(vf x) {
-    x = vmax(x, vset1(-87.0f));
+/* e^x for x in [-87, 88] (clamped to it): 2^n · p(r), n = round(x / ln 2), |r| ≤ ln 2 / 2, p a degree-6 Taylor
+ * polynomial (relative error below 2e-7). */
+static inline vf vexp_clamped(vf x) {
     vf n = vround(vmul(x, vset1(1.44269504f)));
     vf r = vsub(vsub(x, vmul(n, vset1(0.693145751953125f))), vmul(n, vset1(1.428606765330187e-06f)));
     vf p = vset1(1.0f / 720.0f);
@@ -192,6 +195,33 @@ static inline vf vexp_nonpositive(vf x) {
     p = vfma(p, r, vset1(1.0f));
     return vmul(p, vpow2i(n));
 }
+
+/* e^x for x ≤ 0 (softmax after subtracting the maximum); below -87, e^-87. */
+static inline vf vexp_nonpositive(vf x) { return vexp_clamped(vmax(x, vset1(-87.0f))); }
+
+/* e^x for any x (clamped to [-87, 88]). */
+static inline vf vexp(vf x) { return vexp_clamped(vmin(vmax(x, vset1(-87.0f)), vset1(88.0f))); }
+
+/* Each lane rounded to bf16 (nearest, ties to even) and widened back, as round_bf16; NaN stays NaN. */
+#ifdef __AVX512F__
+static inline vf vround_bf16(vf v) {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
+                                       _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                              _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)));
+}
+#else
+static inline vf vround_bf16(vf v) {
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
+                                       _mm256_set1_epi32((int)0xffff0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)),
+                            _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+#endif
 
 /* v where s ≥ limit, else 0 */
 #ifdef __AVX512F__

@@ -516,7 +516,13 @@ static void op_silu_mul(const Op *op, int ith, int nth, int round) {
     for (int64_t r = r0; r < r1; r++) {
         const float *g = in + r * op->n[2], *u = g + I;
         float *o = out + r * op->n[3];
-        for (int64_t i = 0; i < I; i++) o[i] = rnd(rnd(g[i] / (1.0f + expf(-g[i])), round) * u[i], round);
+        int64_t i = 0;
+        for (; i + VL <= I; i += VL) {
+            vf gv = vload(g + i), s = vdiv(gv, vadd(vset1(1.0f), vexp(vsub(vzero(), gv))));
+            s = vmul(round ? vround_bf16(s) : s, vload(u + i));
+            vstore(o + i, round ? vround_bf16(s) : s);
+        }
+        for (; i < I; i++) o[i] = rnd(rnd(g[i] / (1.0f + expf(-g[i])), round) * u[i], round);
     }
 }
 

@@ -20,6 +20,8 @@ Measured on the 2-core machine, and used here:
   does the rest — 3–8× torch's bf16 GEMM there (`native_bf16_gemm`);
 - a bf16 model's prefill attention, on CPUs with AVX512-BF16: one fused causal kernel per sequence chunk
   (`causal_attention`, csrc/attention.c), 2.6× torch's CPU flash attention on the same tensors.
+Sampling (`sample`, `draw`: csrc/sample.c) takes the sampled rows of CPU logits: a vectorised pass per row instead of
+a few dozen tensor operations (glm45/engine/sampler.py says when).
 Autograd never goes through these paths (they are for inference only).
 """
 

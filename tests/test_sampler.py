@@ -273,3 +273,18 @@ def test_host_penalties_equal_the_tensor_path(monkeypatch):
     got, expected = host_kernel_and_tensor_path(monkeypatch, lambda: penalise(logits, params, prompts, outputs))
     assert torch.equal(got, expected)
     assert not torch.equal(got[:-1], logits[:-1]) and torch.equal(got[-1], logits[-1])
+
+
+def test_host_kernel_gives_a_valid_token_for_a_degenerate_row(monkeypatch):
+    """A row whose every logit is −inf (or NaN) has no distribution; the host kernel still returns an id in range
+    (the row's first maximum), never one past the vocabulary, for plain and truncating parameters alike."""
+    if not sampler.on_host(torch.zeros(1)):
+        pytest.skip("the CPU kernels are not built here (no C compiler or no AVX2)")
+    logits = torch.full((4, 300), float("-inf"))
+    logits[1, 7] = float("nan")
+    logits[2, 123] = 5.0  # one finite logit: always that token
+    logits[3] = torch.randn(300)
+    for params in (SamplingParams(temperature=0.8), SamplingParams(top_p=0.9), SamplingParams(top_k=5)):
+        tokens = choose(logits, [params] * 4, [torch.Generator().manual_seed(i) for i in range(4)]).tolist()
+        assert tokens[:3] == [0, 7, 123] and 0 <= tokens[3] < 300
+        assert draw_rows(torch.zeros(2, 300), torch.tensor([0.5, 0.9])).tolist() == [0, 0]

@@ -215,6 +215,16 @@ static int64_t draw_columns(const float *w, int64_t V, float total, float u) {
     return last;
 }
 
+/* `token`, or when no token had weight (every logit −inf or NaN) the row's first maximum, NaN counting as the
+ * maximum as in argmax: a degenerate row still yields a valid id. */
+static int64_t or_first_max(int64_t token, const float *x, int64_t V) {
+    if (token >= 0) return token;
+    int64_t best = 0;
+    for (int64_t i = 1; i < V; i++)
+        if (x[best] == x[best] && (x[i] != x[i] || x[i] > x[best])) best = i;
+    return best;
+}
+
 static const float THRESHOLDS[] = {0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-24f, 0x1p-40f, 0x1p-64f, 0x1p-96f,
                                    0x1p-126f, -1.0f};
 
@@ -224,6 +234,12 @@ void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, f
     float *e = scratch;
     int32_t *order = (int32_t *)(scratch + V);
     const double Z = exp_row(x, V, p->inv_temperature, e);
+    if (!(Z > 0.0)) { /* no finite logit: no distribution (NaN, as softmax gives), and the first maximum */
+        if (token) *token = or_first_max(-1, x, V);
+        if (probs)
+            for (int64_t i = 0; i < V; i++) probs[i] = NAN;
+        return;
+    }
     const int64_t k = p->top_k > 0 && p->top_k < V ? p->top_k : V;
     const int truncates = k < V || p->top_p < 1.0f;
     if (!truncates) {
@@ -232,7 +248,7 @@ void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, f
             for (int64_t i = 0; i < V; i++) e[i] = e[i] < p->min_p ? 0.0f : e[i];
             total = vsum_positive(e, V);
         }
-        if (token) *token = draw_columns(e, V, (float)total, p->u);
+        if (token) *token = or_first_max(draw_columns(e, V, (float)total, p->u), x, V);
         if (probs)
             for (int64_t i = 0; i < V; i++) probs[i] = (float)(e[i] / total);
         return;
@@ -272,7 +288,7 @@ void sample_row(const float *x, int64_t V, const SampleRow *p, int64_t *token, f
     }
     if (token) {
         const int64_t j = draw_ordered(e, order, kept, (float)total, p->u);
-        *token = j < 0 ? -1 : order[j];
+        *token = or_first_max(j < 0 ? -1 : order[j], x, V);
     }
     if (probs) {
         memset(probs, 0, V * sizeof(float));
@@ -289,7 +305,10 @@ void glm45_sample(const float *logits, int64_t ld, int64_t R, int64_t V, const S
                    scratch);
 }
 
-int64_t draw_weights(const float *w, int64_t V, float u) { return draw_columns(w, V, (float)vsum_positive(w, V), u); }
+int64_t draw_weights(const float *w, int64_t V, float u) {
+    const int64_t i = draw_columns(w, V, (float)vsum_positive(w, V), u);
+    return i < 0 ? 0 : i; /* no weight at all (a row of −inf or NaN logits upstream): a valid id all the same */
+}
 
 /* Rows of non-negative weights [R, ld] → per row `draw_weights`. */
 void glm45_draw(const float *weights, int64_t ld, int64_t R, int64_t V, const float *u, int64_t *tokens) {

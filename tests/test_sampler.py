@@ -288,3 +288,6 @@ def test_host_kernel_gives_a_valid_token_for_a_degenerate_row(monkeypatch):
         tokens = choose(logits, [params] * 4, [torch.Generator().manual_seed(i) for i in range(4)]).tolist()
         assert tokens[:3] == [0, 7, 123] and 0 <= tokens[3] < 300
         assert draw_rows(torch.zeros(2, 300), torch.tensor([0.5, 0.9])).tolist() == [0, 0]
+    monkeypatch.setattr(sampler, "HOST_KERNEL", False)  # the tensor path's draw, too
+    assert draw_rows(torch.zeros(2, 300), torch.tensor([0.5, 0.9])).tolist() == [0, 0]
+    assert draw_rows(torch.full((1, 300), float("nan")), torch.tensor([0.5])).tolist() == [0]

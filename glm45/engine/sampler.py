@@ -207,7 +207,9 @@ def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1:]
     # strictly below the total even where u · total rounds up to it, so the column found has mass of its own
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    found = torch.searchsorted(cdf, target, right=True)[:, 0]
+    # a row with no mass (NaN or zeros, from a row of −inf logits) still gets a valid id, 0, as on the host
+    return torch.where(total[:, 0] > 0, found, torch.zeros_like(found))
 
 
 def rows_top_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[dict[int, float]]:

@@ -157,6 +157,31 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(text_engine):
     assert_idle(text_engine)
 
 
+def test_a_final_only_request_has_one_output_the_cumulative_one(text_engine):
+    """`RequestOutputKind.FINAL_ONLY` (what `LLM.generate` asks for): no output until the request finishes, then the
+    one a cumulative request ends with; other requests in the same steps still report every step."""
+    def params(kind):
+        return SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=24, stop=["e t", "ab"], logprobs=2,
+                              output_kind=kind)
+
+    def outputs(*kinds):
+        for i, kind in enumerate(kinds):
+            text_engine.add_request(f"r{i}", "The quick brown fox", params(kind))
+        seen = {f"r{i}": [] for i in range(len(kinds))}
+        while text_engine.has_unfinished_requests():
+            for output in text_engine.step():
+                seen[output.request_id].append(output)
+        return list(seen.values())
+
+    (whole,), (final,) = outputs(RequestOutputKind.CUMULATIVE)[0][-1:], outputs(RequestOutputKind.FINAL_ONLY)[0]
+    assert final.finished
+    assert [(c.text, c.token_ids, c.logprobs, c.finish_reason) for c in final.outputs] == \
+        [(c.text, c.token_ids, c.logprobs, c.finish_reason) for c in whole.outputs]
+    final_only, every_step = outputs(RequestOutputKind.FINAL_ONLY, RequestOutputKind.CUMULATIVE)
+    assert len(final_only) == 1 and final_only[0].finished and len(every_step) > 1
+    assert_idle(text_engine)
+
+
 def test_a_paused_request_waits_and_resumes_where_it_was(token_folder):
     engine = LLMEngine(EngineConfig(model=str(token_folder), **ARGS))
     greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)

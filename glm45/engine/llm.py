@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from glm45.config import EngineConfig
 from glm45.engine.engine import LLMEngine
 from glm45.engine.lora import LoRARequest
-from glm45.engine.sampling_params import SamplingParams
+from glm45.engine.sampling_params import RequestOutputKind, SamplingParams
 from glm45.engine.sequence import RequestOutput
 
 PromptType = str | Mapping[str, Any]
@@ -88,6 +88,8 @@ class LLM:
         try:
             for prompt, p, lora in zip(prompts, params, loras, strict=True):
                 request_id = f"offline-{next(self._ids)}"
+                # only the finished output is returned: none is built before (vLLM's LLM does the same)
+                p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
                 self.engine.add_request(request_id, self._prompt(prompt), p, lora_request=lora)
                 request_ids.append(request_id)
             return self._run(request_ids, use_tqdm)

@@ -9,7 +9,8 @@ string, or after it with `include_stop_str_in_output`) and reported as stopped, 
 
 Outputs are cumulative (all text and tokens so far) or, with `RequestOutputKind.DELTA`, only what is new since
 the request's previous output, so that a server streaming a long answer copies each token once, not once per
-step. The prompt's token ids are copied once per request and shared by its outputs (read-only).
+step; with `RequestOutputKind.FINAL_ONLY` a request has one output, when it finishes. The prompt's token ids are
+copied once per request and shared by its outputs (read-only).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class _Request:
     seqs: list[Sequence]
     prompt_token_ids: list[int]
     delta: bool
+    final_only: bool = False
     texts: dict[int, _SeqText] = field(default_factory=dict)
 
 
@@ -69,8 +71,9 @@ class OutputProcessor:
         self.requests: dict[str, _Request] = {}
 
     def add_request(self, request_id: str, prompt: str | None, seqs: list[Sequence]) -> None:
-        delta = seqs[0].params.output_kind == RequestOutputKind.DELTA
-        request = _Request(prompt, seqs, seqs[0].prompt_token_ids, delta)
+        kind = seqs[0].params.output_kind
+        request = _Request(prompt, seqs, seqs[0].prompt_token_ids, kind == RequestOutputKind.DELTA,
+                           kind == RequestOutputKind.FINAL_ONLY)
         for seq in seqs:
             detokenizer = None
             if self.tokenizer is not None:
@@ -98,6 +101,9 @@ class OutputProcessor:
                 stopped.append(seq)
         outputs = []
         for request_id in touched:
+            request = self.requests[request_id]
+            if request.final_only and not all(seq.is_finished for seq in request.seqs):
+                continue
             output = self.output(request_id)
             if output.finished:
                 del self.requests[request_id]

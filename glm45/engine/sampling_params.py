@@ -13,11 +13,13 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class RequestOutputKind(enum.Enum):
-    """What each `RequestOutput` of a request carries: everything so far (the default, what `LLM.generate`
-    returns), or only what is new since the request's previous output (the server's streams)."""
+    """What each `RequestOutput` of a request carries: everything so far (the default), only what is new since the
+    request's previous output (the server's streams), or (vLLM's FINAL_ONLY, what `LLM.generate` asks for) one
+    output, everything, when the request finishes: no output is built for the steps before."""
 
     CUMULATIVE = "cumulative"
     DELTA = "delta"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass

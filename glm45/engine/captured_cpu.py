@@ -94,6 +94,7 @@ class CapturedDecode:
                     ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
                      "lora_head_slots")}
         self._uniforms = self.buffers.uniforms.numpy()
+        self._sampled_last: list[int] = []  # the draft step's sequences whose sampling entries are set
         self._identity = np.arange(self.sizes[-1])  # every row's own index: the draft step's logit rows
         self.adapted_layers = sum(isinstance(m, MultiLoRALinear) for m in model.modules())
         logger.info("captured the CPU decode step for %s rows in %.2f s (%d threads)", self.sizes,
@@ -160,7 +161,9 @@ class CapturedDecode:
         self._adapter_slots(None, n, size, [])
         self._np["logit_rows"][:size] = self._np["source_rows"][:size] = self._identity[:size]
         b = self.buffers
-        b.sample_params.zero_()
+        for s in self._sampled_last:  # back to greedy (inverse temperature 0): the entries the last step set
+            b.sample_rows[s].inv_temperature = 0.0
+        self._sampled_last = list(sampled)
         for s, (row, uniforms, q) in sampled.items():
             b.sample_rows[s] = cpu.SampleRow(*row)
             self._uniforms[s] = uniforms

@@ -29,7 +29,7 @@ from glm45.engine.block_manager import BlockManager
 from glm45.engine.logits import follow, needs_processing, process_chain, process_rows, state_after
 from glm45.engine.model_runner import ModelRunner
 from glm45.engine.name_choice import choose_name, name_logprobs, until_name_start
-from glm45.engine.sampler import Sampler, host_row, rows_top_logprobs
+from glm45.engine.sampler import Sampler, host_row, host_uniforms, rows_top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence
 from glm45.engine.speculative import AcceptanceStats, choose_drafts, verify
@@ -160,8 +160,7 @@ class Executor:
             positions += [start, start + 1]
             slots += self._slots(seq, start, 2)
             if not seq.params.greedy:
-                uniforms = torch.rand(4, generator=seq.generator).tolist()
-                uniforms += torch.rand(1, generator=seq.generator).tolist()
+                uniforms = torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
                 sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
         targets, accepted, drafts, q = self.runner.draft_step(StepInputs(ids, positions, slots, slices), sampled)
         results = {}

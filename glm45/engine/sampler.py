@@ -53,6 +53,11 @@ def uniforms(generators: list[torch.Generator | None], count: int, device: torch
     return host.to(device)
 
 
+def host_uniforms(generators: list[torch.Generator | None]) -> list[float]:
+    """One uniform per generator, on the host: the same draws `uniforms(generators, 1, ...)` takes from the streams."""
+    return [float(torch.rand(1, generator=g)) for g in generators]
+
+
 def column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Per-row parameters read on the host, as a device tensor (copied without waiting)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -254,7 +259,7 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     device, vocab = logits.device, logits.shape[-1]
     if sampled and on_host(logits):  # one uniform per sampled row from its stream, as below
-        u = [float(torch.rand(1, generator=generators[i])) for i in sampled]
+        u = host_uniforms([generators[i] for i in sampled])
         rows = logits if len(sampled) == len(params) else logits.index_select(0, column(sampled, torch.long, device))
         drawn = cpu.sample(rows, [host_row(params[i], vocab, u_i) for i, u_i in zip(sampled, u, strict=True)])[0]
         chosen = argmax_rows(logits) if len(sampled) < len(params) else drawn

@@ -17,7 +17,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from glm45.engine.sampler import argmax_rows, column, distributions, draw_rows, on_host, penalise, uniforms
+from glm45.engine.sampler import (
+    argmax_rows,
+    column,
+    distributions,
+    draw_rows,
+    host_uniforms,
+    on_host,
+    penalise,
+    uniforms,
+)
 from glm45.kernels import cpu
 
 
@@ -32,7 +41,7 @@ def choose_drafts(logits: torch.Tensor, seqs: list) -> tuple[list[int], list[tor
         probs = distributions(logits if len(sampled) == len(seqs) else logits.index_select(0, index),
                               [seqs[i].params for i in sampled])
         if on_host(probs):  # the same uniforms and draw, without the tensor round trips
-            drawn = cpu.draw(probs, [float(torch.rand(1, generator=seqs[i].generator)) for i in sampled])
+            drawn = cpu.draw(probs, host_uniforms([seqs[i].generator for i in sampled]))
         else:
             drawn = draw_rows(probs, uniforms([seqs[i].generator for i in sampled], 1, logits.device)[:, 0]).tolist()
         for j, (i, token) in enumerate(zip(sampled, drawn, strict=True)):

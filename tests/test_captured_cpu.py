@@ -10,6 +10,7 @@ from tiny_checkpoints import AIR_LIKE, TINY_CONFIGS, save_mtp_model, save_refere
 from glm45 import LLM, SamplingParams
 from glm45.engine.attention import SeqSlice
 from glm45.engine.model_runner import ModelRunner, StepInputs
+from glm45.grammar import StructuredOutputsParams
 from glm45.kernels import cpu
 from glm45.model import Glm4MoeForCausalLM
 
@@ -225,7 +226,7 @@ def test_one_program_greedy_draft_step_equals_verifying_then_drafting(folders, d
     accepted = rejected = 0
     for _ in range(10):
         rows = [r for seq, (token, n, d) in last.items() for r in ((seq, token, n), (seq, d, n + 1))]
-        targets, accepted_now, drafts, _ = one.runner.draft_step(one.inputs(rows), {})
+        targets, accepted_now, drafts, _, _ = one.runner.draft_step(one.inputs(rows), {})
         logits = ref.runner.forward(ref.inputs(rows), list(range(len(rows))))
         expected_targets = logits.argmax(-1).tolist()
         pairs = [(seq, t, position) for (seq, _, position), t in zip(rows, expected_targets, strict=True)]
@@ -267,6 +268,15 @@ def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkey
                SamplingParams(temperature=0.8, top_k=20, min_p=0.05, max_tokens=64, seed=3),
                SamplingParams(temperature=2.0, max_tokens=64, seed=4)]  # hot enough to reject drafts
     prompts += [plan.prompt for plan in plans] + prompts[:3] + prompts[:1]
+    # Sampled under the tool-call constraint, and a JSON answer (masks on most rows), greedy and sampled.
+    answer = StructuredOutputsParams(json={"type": "object", "properties": {"city": {"type": "string"}},
+                                           "required": ["city"]})
+    params += [SamplingParams(temperature=temperature, max_tokens=64, seed=seed,
+                              structured_outputs=plan.structured_outputs())
+               for plan in plans for temperature, seed in ((1.0, 5), (2.0, 6))]
+    params += [SamplingParams(temperature=0, max_tokens=48, structured_outputs=answer),
+               SamplingParams(temperature=1.0, max_tokens=48, seed=7, structured_outputs=answer)]
+    prompts += [plan.prompt for plan in plans for _ in range(2)] + [prompts[1]] * 2
     results = {}
     for fused in (True, False):
         if not fused:
@@ -274,10 +284,12 @@ def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkey
         llm = LLM(num_speculative_tokens=1, dtype=dtype)
         runner = llm.engine.runner
         calls = []  # per call of the one-program step: whether each sampled sequence's draft was accepted
+        masked = []  # per call: the rows a constraint masked
 
-        def step(inputs, sampled, calls=calls, original=runner.draft_step):
-            out = original(inputs, sampled)
+        def step(inputs, sampled, token_masks, calls=calls, masked=masked, original=runner.draft_step):
+            out = original(inputs, sampled, token_masks)
             calls.append([out[1][b] for b in sampled])
+            masked.append(sorted(token_masks))
             return out
 
         monkeypatch.setattr(runner, "draft_step", step)
@@ -290,4 +302,7 @@ def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkey
         sampled_verdicts = [a for call in calls for a in call]
         # greedy-only steps, and steps with sampled sequences whose drafts were accepted and rejected
         assert not fused or ([] in calls and True in sampled_verdicts and False in sampled_verdicts)
+        # masked steps, with both verify rows masked and with sampled sequences among them
+        assert not fused or any(rows and any(r % 2 for r in rows) for rows in masked)
+        assert not fused or any(rows and call for rows, call in zip(masked, calls, strict=True))
     assert results[True] == results[False]

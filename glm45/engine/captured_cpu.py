@@ -92,9 +92,10 @@ class CapturedDecode:
                                 for n in self.sizes if n >= 2}
         self._np = {name: getattr(self.buffers, name).numpy() for name in
                     ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
-                     "lora_head_slots")}
+                     "lora_head_slots", "masked_rows")}
         self._uniforms = self.buffers.uniforms.numpy()
         self._sampled_last: list[int] = []  # the draft step's sequences whose sampling entries are set
+        self._masked_last: list[int] = []   # and its rows whose constraint masks are on
         self._identity = np.arange(self.sizes[-1])  # every row's own index: the draft step's logit rows
         self.adapted_layers = sum(isinstance(m, MultiLoRALinear) for m in model.modules())
         logger.info("captured the CPU decode step for %s rows in %.2f s (%d threads)", self.sizes,
@@ -148,13 +149,15 @@ class CapturedDecode:
             return None, hidden
         return self._head(logit_rows, draft=False), hidden
 
-    def draft_step(self, inputs, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]]
-                   ) -> tuple[list[int], list[bool], list[int], torch.Tensor, torch.Tensor]:
+    def draft_step(self, inputs, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]],
+                   token_masks: dict[int, torch.Tensor] | None = None
+                   ) -> tuple[list[int], list[bool], list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
         """`build_draft_step` over `inputs` (rows [x_n, d] per sequence). `sampled`: {sequence index: (its
         `cpu.SampleRow` fields, its 5 uniforms, the distribution its draft was drawn from [V])}; the others are
-        greedy. → (each row's token, whether each sequence's draft was accepted, each row's next draft (sampled
-        sequences: at the row the next step extends), the sampled sequences' next draft distributions [sequences, V]
-        (a buffer valid until the next step), the final hidden states [rows, D])."""
+        greedy. `token_masks`: {row: the bitmask [⌈V/32⌉] of a constraint on that row's token}. → (each row's token,
+        whether each sequence's draft was accepted, each row's next draft (sampled sequences: at the row the next step
+        extends), the sampled sequences' next draft distributions [sequences, V], the rows' draft logits [rows, V]
+        (buffers valid until the next step), the final hidden states [rows, D])."""
         n = len(inputs.token_ids)
         size = self.size_for(n)
         self._fill(inputs, size)
@@ -168,9 +171,15 @@ class CapturedDecode:
             b.sample_rows[s] = cpu.SampleRow(*row)
             self._uniforms[s] = uniforms
             b.q_in[s].copy_(q)
+        masked = self._np["masked_rows"]
+        masked[self._masked_last] = 0
+        self._masked_last = list(token_masks or ())
+        for r, bitmask in (token_masks or {}).items():
+            b.token_masks[r].copy_(bitmask)
+            masked[r] = 1
         self.draft_steps[size].run(self.rounding, self.threads)
         return (b.next_tokens[:n].tolist(), [bool(a) for a in b.accepted[: n // 2].tolist()],
-                b.draft_tokens[:n].tolist(), b.q_out[: n // 2], b.hidden[:n])
+                b.draft_tokens[:n].tolist(), b.q_out[: n // 2], b.draft_logits[:n], b.hidden[:n])
 
     def draft(self, inputs, hidden: torch.Tensor, hidden_rows: list[int] | None,
               logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:

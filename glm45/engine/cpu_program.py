@@ -11,7 +11,7 @@ import torch
 from glm45.kernels import cpu
 
 (OP_EMBED, OP_RMSNORM, OP_QUANT, OP_LINEAR, OP_QK_ROPE, OP_ATTN, OP_SILU_MUL, OP_ROUTER, OP_GROUPED, OP_COMBINE,
- OP_GATHER, OP_LORA, OP_VERIFY, OP_DRAFT) = range(1, 15)
+ OP_GATHER, OP_LORA, OP_VERIFY, OP_DRAFT, OP_MASK) = range(1, 16)
 KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
 
 

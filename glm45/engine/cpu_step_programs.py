@@ -12,6 +12,7 @@ import torch
 from glm45.engine import cpu_program as ops
 from glm45.engine.cpu_program import Program, as_f32, describe, linear_weight
 from glm45.engine.lora import MultiLoRALinear
+from glm45.grammar import masks
 from glm45.kernels import cpu
 
 
@@ -44,6 +45,9 @@ class StepBuffers:
         self.q_in, self.q_out = torch.empty(seqs, vocab, **f32), torch.empty(seqs, vocab, **f32)
         self.verify_probs = torch.empty(rows if vocab else 0, vocab, **f32)
         self.sample_scratch = torch.empty(threads, cpu.SAMPLE_SCRATCH * vocab, **f32)
+        # Constraint masks of the draft step's target rows (xgrammar's bitmask layout), applied where `masked_rows`.
+        self.token_masks = torch.full((rows if vocab else 0, masks.words(vocab)), -1, dtype=torch.int32)
+        self.masked_rows = torch.zeros(rows, dtype=torch.int64)
         self.x, self.h, self.delta = (torch.zeros(rows, D, **f32) for _ in range(3))
         self.qkv = torch.zeros(rows, (c.num_attention_heads + 2 * c.num_key_value_heads) * hd, **f32)
         self.attn = torch.zeros(rows, c.num_attention_heads * hd, **f32)
@@ -271,8 +275,9 @@ def build_draft_step(model, kv_cache, block_size, buffers: StepBuffers, rows: in
     """Verification and the next draft of MTP with one draft token, in one program (logit and source rows: every
     row). Rows come in pairs [x_n, d] per sequence, at positions n and n + 1:
 
-        target over the rows → logits → verification (`OP_VERIFY`): each row's token t (`buffers.next_tokens`) and
-            whether d was accepted (`accepted`); greedy t is the argmax, sampled t the rejection sampler's
+        target over the rows → logits → a constraint's mask on the rows that have one (`OP_MASK`) → verification
+            (`OP_VERIFY`): each row's token t (`buffers.next_tokens`) and whether d was accepted (`accepted`);
+            greedy t is the argmax, sampled t the rejection sampler's
         MTP over the pairs (h_r, t_r), at the rows' positions → draft logits → the next drafts (`OP_DRAFT`,
             `draft_tokens`): greedy, every row's argmax; sampled, at the row of the pair the next step extends, a
             draw from the draft distribution (`q_out`)
@@ -286,6 +291,8 @@ def build_draft_step(model, kv_cache, block_size, buffers: StepBuffers, rows: in
     vocab = model.config.vocab_size
     emit_trunk(builder)
     emit_head(builder, draft=False)
+    builder.program.add(ops.OP_MASK, (b.logits, b.token_masks, b.masked_rows),
+                        (rows, vocab, b.logits.shape[1], b.token_masks.shape[1]))
     builder.program.add(ops.OP_VERIFY, (b.logits, b.tokens, b.q_in, b.sample_params, b.uniforms, b.next_tokens,
                                         b.accepted, b.verify_probs, b.sample_scratch),
                         (rows, vocab, b.logits.shape[1], b.q_in.shape[1], b.verify_probs.shape[1],

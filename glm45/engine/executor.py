@@ -26,7 +26,7 @@ import torch
 
 from glm45.engine.attention import SeqSlice, StepInputs
 from glm45.engine.block_manager import BlockManager
-from glm45.engine.logits import follow, needs_processing, process_chain, process_rows, state_after
+from glm45.engine.logits import allows, follow, mask_for, needs_processing, process_chain, process_rows, state_after
 from glm45.engine.model_runner import ModelRunner
 from glm45.engine.name_choice import choose_name, name_logprobs, until_name_start
 from glm45.engine.sampler import Sampler, host_row, host_uniforms, rows_top_logprobs
@@ -66,7 +66,6 @@ class Executor:
         self._computed: list[_Computed] = []
         # (seq, positions with MTP K/V, its next draft, the draft's distribution or None for greedy)
         self._drafted: list[tuple[Sequence, int, int, torch.Tensor | None]] = []
-        self._bitmask: torch.Tensor | None = None  # scratch for asking a constraint whether it restricts
 
     def reset(self) -> None:
         """Forget the last step (it failed): nothing to draft from."""
@@ -121,9 +120,8 @@ class Executor:
 
     def _draft_step_applies(self, batch: list[ScheduledSeq]) -> bool:
         """Whether the step is MTP with one draft for every sequence and nothing else asked of its logits (no
-        penalty, bias, log-probabilities or adapter), on a runner with the one-program draft step. A greedy sequence
-        may have a constraint where it leaves the next token free (as a tool-call constraint does outside calls); a
-        sampled one none."""
+        penalty, bias, log-probabilities or adapter), on a runner with the one-program draft step. A constraint
+        may stand anywhere but at the start of a call's name (chosen whole, by its own forwards)."""
         if self.k != 1 or not getattr(self.runner, "runs_draft_step", None) \
                 or not self.runner.runs_draft_step(2 * len(batch)):
             return False
@@ -132,51 +130,93 @@ class Executor:
             if (item.num_tokens != 1 or seq.num_computed_tokens + 1 != len(seq) or len(seq.draft_token_ids) != 1
                     or item.name_choices is not None or params.uses_penalties
                     or params.logprobs is not None or params.prompt_logprobs is not None or params.logit_bias
-                    or seq.lora_slot >= 0):
+                    or seq.lora_slot >= 0 or (not params.greedy and seq.draft_probs is None)):
                 return False
-            if not (self._free(seq.constraint) if params.greedy else
-                    seq.constraint is None and seq.draft_probs is not None):
+            if seq.constraint is not None and seq.constraint.name_choices() is not None:
                 return False
         return True
-
-    def _free(self, state) -> bool:
-        """Whether a constraint state leaves the next token unrestricted (None: no constraint)."""
-        if state is None:
-            return True
-        if self._bitmask is None:
-            self._bitmask = masks.allocate(1, self.runner.model.config.vocab_size)
-        return state.restrict(self._bitmask, 0) is None and state.name_choices() is None
 
     def _execute_draft_step(self, batch: list[ScheduledSeq]) -> StepResult:
         """The step of `_draft_step_applies` in one program (`ModelRunner.draft_step`): the same tokens, and the same
         next drafts, as verification followed by `propose_drafts`. A sampled sequence's uniforms are taken from its
-        stream in the same order (four for verification, one for the next draft)."""
-        ids, positions, slots, slices, sampled = [], [], [], [], {}
+        stream in the same order (four for verification, one for the next draft). A constraint's masks for the two
+        verify rows are known before the step (the second row follows the draft); the next draft's, only after it:
+        where the state after the new tokens restricts, the draft is chosen again here from its masked logits."""
+        ids, positions, slots, slices, sampled, token_masks, after_draft = [], [], [], [], {}, {}, {}
         vocab = self.runner.model.config.vocab_size
+        bitmask = masks.allocate(2 * len(batch), vocab) if any(item.seq.constraint for item in batch) else None
         for b, item in enumerate(batch):
             seq, start = item.seq, item.seq.num_computed_tokens
             slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
             ids += [seq.token_ids[start], seq.draft_token_ids[0]]
             positions += [start, start + 1]
             slots += self._slots(seq, start, 2)
+            if seq.constraint is not None:
+                after_draft[b] = self._verify_masks(seq, bitmask, 2 * b, token_masks)
             if not seq.params.greedy:
                 uniforms = torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
                 sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
-        targets, accepted, drafts, q = self.runner.draft_step(StepInputs(ids, positions, slots, slices), sampled)
+        targets, accepted, drafts, q, draft_logits = self.runner.draft_step(
+            StepInputs(ids, positions, slots, slices), sampled, token_masks)
         results = {}
         for b, item in enumerate(batch):
             seq, start, row = item.seq, item.seq.num_computed_tokens, 2 * b
             tokens = targets[row:row + 1 + accepted[b]]
-            if len(tokens) == 2 and seq.params.greedy and not self._free(follow(seq.constraint, seq, tokens[0])):
-                tokens = tokens[:1]  # the constraint restricts the token after the draft: the next step picks it
+            draft, probs = drafts[row + len(tokens) - 1], q[b:b + 1].clone() if b in sampled else None
+            if seq.constraint is not None:
+                # tokens[0] is the draft when it was accepted (or drawn again), and then a call's name may start
+                # after it: the next step chooses the name whole (`until_name_start`), so the step stops there.
+                after = after_draft[b] if tokens[0] == seq.draft_token_ids[0] else None
+                truncated = len(tokens) == 2 and after is not None and after.name_choices() is not None
+                if truncated:
+                    tokens = tokens[:1]
+                state = state_after(seq, tokens) if after is None else \
+                    follow(after, seq, tokens[1]) if len(tokens) == 2 else after
+                draft, probs = self._constrained_draft(seq, state, bitmask[row], draft_logits[row + len(tokens) - 1],
+                                                       sampled[b][1][4] if b in sampled else None, truncated,
+                                                       draft, probs)
             self.stats.record(1, len(tokens))
             # K/V (target's and MTP's) is valid for the pending token and an accepted draft; the next draft comes
             # from the last valid pair.
             results[seq.seq_id] = SeqResult(tokens, [None] * len(tokens), start + len(tokens), 1, [])
-            probs = q[b:b + 1].clone() if b in sampled else None
-            self._drafted.append((seq, start + len(tokens), drafts[row + len(tokens) - 1], probs))
+            self._drafted.append((seq, start + len(tokens), draft, probs))
         self._computed = []
         return StepResult(results)
+
+    @staticmethod
+    def _verify_masks(seq, bitmask: torch.Tensor, row: int, token_masks: dict[int, torch.Tensor]):
+        """A constrained sequence's verify rows masked as `process_chain` masks them, into `bitmask` and
+        `token_masks` ({row: its bitmask row}): the pending token's row by its constraint, and, when that allows the
+        draft, the next row by the state after it (not where a call's name starts after the draft: the step stops
+        at the draft then). Returns the state after the draft (a fork), None where the draft is refused."""
+        restriction = mask_for(seq.constraint, bitmask, row)
+        if restriction is not None:
+            token_masks[row] = bitmask[row]
+        draft = seq.draft_token_ids[0]
+        if not allows(restriction, bitmask, row, draft):
+            return None
+        after = follow(seq.constraint, seq, draft)
+        if after.name_choices() is None and mask_for(after, bitmask, row + 1) is not None:
+            token_masks[row + 1] = bitmask[row + 1]
+        return after
+
+    @staticmethod
+    def _constrained_draft(seq, state, scratch: torch.Tensor, logits: torch.Tensor, uniform: float | None,
+                           truncated: bool, draft: int, probs: torch.Tensor | None):
+        """The next draft of a constrained sequence whose constraint stands at `state` after the step's tokens, as
+        `propose_drafts` would make it: the step's own where `state` leaves the next token free (and the step's
+        draft is of that row), else one chosen again from the row's draft `logits` masked by `state`, with the same
+        uniform. `scratch`: a bitmask row this may overwrite."""
+        bitmask = scratch[None]
+        restriction = mask_for(state, bitmask, 0)
+        # A sampled draft was drawn only at the row after every emitted token; a truncation moves the row back.
+        if restriction is None and not (truncated and uniform is not None):
+            return draft, probs
+        row = logits.clone()[None]
+        if restriction is not None:
+            masks.apply(row, bitmask)
+        drafts, q = choose_drafts(row, [seq], None if uniform is None else [uniform])
+        return drafts[0], None if q[0] is None else q[0][None]
 
     def _prompt_logprobs(self, plan: list) -> dict[int, list[dict[int, float]]]:
         """{seq_id: log-probabilities of the prompt tokens its chunk predicts} for sequences that asked for them.

@@ -12,6 +12,7 @@ own logits (the executor reports them from the unprocessed rows).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from glm45.grammar import masks
@@ -40,7 +41,20 @@ def _restrict(row: torch.Tensor, state, bitmask: torch.Tensor, index: int):
     return restriction
 
 
-def _allows(restriction, bitmask: torch.Tensor, index: int, token: int) -> bool:
+def mask_for(state, bitmask: torch.Tensor, index: int):
+    """Row `index` of `bitmask` set to exactly what `state` allows next, a banned-token restriction written as
+    cleared bits too (for a kernel that takes only bitmasks); returns the restriction, None when nothing is
+    restricted."""
+    bitmask[index] = -1
+    restriction = state.restrict(bitmask, index)
+    if restriction is not None and not restriction.masked:
+        words = bitmask[index].numpy().view(np.uint32)
+        for token in restriction.banned:
+            words[token // 32] &= ~np.uint32(1 << (token % 32))
+    return restriction
+
+
+def allows(restriction, bitmask: torch.Tensor, index: int, token: int) -> bool:
     if restriction is None:
         return True
     if restriction.masked:
@@ -76,7 +90,7 @@ def process_chain(logits: torch.Tensor, seq, drafts: list[int]) -> torch.Tensor:
     bitmask = masks.allocate(logits.shape[0], logits.shape[-1])
     for i in range(logits.shape[0]):
         restriction = _restrict(logits[i], state, bitmask, i)
-        if i == len(drafts) or not _allows(restriction, bitmask, i, drafts[i]):
+        if i == len(drafts) or not allows(restriction, bitmask, i, drafts[i]):
             break  # a refused draft is rejected at row i, so the rows after it are never read
         state = state.fork() if state is seq.constraint else state
         state.accept(drafts[i])

@@ -217,13 +217,16 @@ class ModelRunner:
         return self._captured_rows(rows) and self.captured.size_for(rows) in getattr(self.captured, "draft_steps", {})
 
     @torch.inference_mode()
-    def draft_step(self, inputs: StepInputs, sampled: dict) -> tuple[list[int], list[bool], list[int], torch.Tensor]:
+    def draft_step(self, inputs: StepInputs, sampled: dict, token_masks: dict | None = None
+                   ) -> tuple[list[int], list[bool], list[int], torch.Tensor, torch.Tensor]:
         """Verification of one draft per sequence and the next draft, in one captured program (rows [x_n, d] per
         sequence; see cpu_step_programs.build_draft_step and CapturedDecode.draft_step): (each row's token, whether
-        each sequence's draft was accepted, the next drafts by row, the sampled sequences' draft distributions)."""
-        targets, accepted, drafts, q, self.hidden = self.captured.draft_step(inputs, sampled)
+        each sequence's draft was accepted, the next drafts by row, the sampled sequences' draft distributions, the
+        rows' draft logits). `token_masks`: {row: a constraint's bitmask for that row's token}."""
+        targets, accepted, drafts, q, draft_logits, self.hidden = self.captured.draft_step(inputs, sampled,
+                                                                                           token_masks)
         self._draft_hidden = self._draft_pick = None
-        return targets, accepted, drafts, q
+        return targets, accepted, drafts, q, draft_logits
 
     @torch.inference_mode()
     def draft(self, inputs: StepInputs, hidden_rows: list[int] | None, logit_rows: list[int]) -> torch.Tensor | None:

@@ -30,9 +30,11 @@ from glm45.engine.sampler import (
 from glm45.kernels import cpu
 
 
-def choose_drafts(logits: torch.Tensor, seqs: list) -> tuple[list[int], list[torch.Tensor | None]]:
+def choose_drafts(logits: torch.Tensor, seqs: list, drawn_with: list[float] | None = None
+                  ) -> tuple[list[int], list[torch.Tensor | None]]:
     """One draft token per row of the MTP logits: argmax for greedy requests, else a draw from q, which is
-    returned with it (the verification needs it)."""
+    returned with it (the verification needs it). The sampled rows' uniforms come from their sequences' streams,
+    or are `drawn_with` (one per sampled row, already taken from them)."""
     tokens = argmax_rows(logits)
     q: list[torch.Tensor | None] = [None] * len(seqs)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
@@ -40,10 +42,13 @@ def choose_drafts(logits: torch.Tensor, seqs: list) -> tuple[list[int], list[tor
         index = column(sampled, torch.long, logits.device)
         probs = distributions(logits if len(sampled) == len(seqs) else logits.index_select(0, index),
                               [seqs[i].params for i in sampled])
+        generators = [seqs[i].generator for i in sampled]
         if on_host(probs):  # the same uniforms and draw, without the tensor round trips
-            drawn = cpu.draw(probs, host_uniforms([seqs[i].generator for i in sampled]))
+            drawn = cpu.draw(probs, drawn_with if drawn_with is not None else host_uniforms(generators))
         else:
-            drawn = draw_rows(probs, uniforms([seqs[i].generator for i in sampled], 1, logits.device)[:, 0]).tolist()
+            u = uniforms(generators, 1, logits.device)[:, 0] if drawn_with is None else \
+                torch.tensor(drawn_with, dtype=torch.float32, device=logits.device)
+            drawn = draw_rows(probs, u).tolist()
         for j, (i, token) in enumerate(zip(sampled, drawn, strict=True)):
             tokens[i] = token
             q[i] = probs[j]

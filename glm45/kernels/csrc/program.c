@@ -42,6 +42,9 @@ enum {
                         | n: R, V, ld, ldq, ldp, scratch_per_thread   (see op_verify) */
     OP_DRAFT = 14,   /* p: draft logits, params, u, accepted, drafts(i64 [R]), q_out(f32 [S, ldq]), scratch
                         | n: R, V, ld, ldq, scratch_per_thread   (see op_draft) */
+    OP_MASK = 15,    /* p: logits, bitmask(i32 [R, W]), masked(i64 [R]) | n: R, V, ld, W
+                        rows with masked[r] ≠ 0: logits of tokens whose bit is clear (bit j of word w: token
+                        32w + j, xgrammar's layout) become -inf */
 };
 enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
 
@@ -714,6 +717,23 @@ static void op_verify(const Op *op, int ith, int nth) {
     }
 }
 
+/* A constraint's token masks on the rows that have one, as glm45.grammar.masks.apply sets them. */
+static void op_mask(const Op *op, int ith, int nth) {
+    const int64_t V = op->n[1], ld = op->n[2], W = op->n[3];
+    float *logits = op->p[0];
+    const uint32_t *bitmask = op->p[1];
+    const int64_t *masked = op->p[2];
+    int64_t r0, r1;
+    split_range(op->n[0], ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        if (!masked[r]) continue;
+        const uint32_t *bits = bitmask + r * W;
+        float *x = logits + r * ld;
+        for (int64_t i = 0; i < V; i++)
+            if (!(bits[i >> 5] >> (i & 31) & 1u)) x[i] = -INFINITY;
+    }
+}
+
 /* The next draft of each sequence of op_verify: greedy, each row's argmax; sampled, at the row whose MTP pair the
  * next step extends (2s + accepted), the draft distribution q (into q_out) and a draw from it with u4, as
  * speculative.choose_drafts makes them. */
@@ -764,6 +784,7 @@ static void run_op(const Op *op, int ith, int nth, int round) {
     case OP_LORA: op_lora(op, ith, nth, round); break;
     case OP_VERIFY: op_verify(op, ith, nth); break;
     case OP_DRAFT: op_draft(op, ith, nth); break;
+    case OP_MASK: op_mask(op, ith, nth); break;
     case OP_GATHER:
         split_range(op->n[0], ith, nth, 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++)

@@ -244,6 +244,7 @@ def make_spec(args) -> dict:
         "kv_cache_bytes": 2 << 30,
         "mtp_max_tokens": args.mtp_max_tokens, "mtp_tools": MTP_TOOLS,
         "mtp_temperature": args.mtp_temperature, "mtp_top_p": args.mtp_top_p,
+        "mtp_tool_constraint": args.mtp_tool_constraint,
         "mtp_conversations": MTP_CONVERSATIONS[:args.mtp_conversations],
     }
 
@@ -278,6 +279,9 @@ def main() -> None:
     parser.add_argument("--mtp-temperature", type=float, default=0.0,
                         help="above 0: the MTP chats are sampled (seeded), with --mtp-top-p")
     parser.add_argument("--mtp-top-p", type=float, default=1.0)
+    parser.add_argument("--mtp-tool-constraint", choices=("off", "name", "full"), default="off",
+                        help="the MTP chats under the server's tool-call constraint (`glm45 serve "
+                             "--tool-call-constraint`), as a chat request with tools gets it")
     parser.add_argument("--no-parity", action="store_true", help="skip the cross-engine parity check")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "glm45-bench"),

@@ -191,13 +191,18 @@ def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
 
     from glm45 import LLM, SamplingParams
     from glm45.chat import render_chat
+    from glm45.grammar import StructuredOutputsParams, tool_call_constraint
 
     torch.set_num_threads(threads)
     llm = LLM(model_dir, dtype="bfloat16", device="cpu", threads=threads, max_model_len=2048,
               num_speculative_tokens=spec["num_speculative_tokens"])
     sampled = spec.get("mtp_temperature", 0.0) > 0  # seeded, so every pass draws the same tokens
+    constraint = spec.get("mtp_tool_constraint", "off")
+    structured = None if constraint == "off" else StructuredOutputsParams(
+        tool_calls=tool_call_constraint(spec["mtp_tools"], "auto", True, constraint))
     params = SamplingParams(temperature=spec.get("mtp_temperature", 0.0), top_p=spec.get("mtp_top_p", 1.0),
-                            seed=0 if sampled else None, max_tokens=spec["mtp_max_tokens"])
+                            seed=0 if sampled else None, max_tokens=spec["mtp_max_tokens"],
+                            structured_outputs=structured)
     prompts = [render_chat(messages, tools=spec["mtp_tools"], enable_thinking=thinking)
                for messages, thinking in spec["mtp_conversations"]]
     passes = []

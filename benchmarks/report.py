@@ -311,7 +311,8 @@ def print_targets(medians: dict, args) -> None:
                 (t, model, precision, "decode", "glm45"), (t, model, precision, "decode", f"llama.cpp {gguf}")), 1.0))
         rows.append((f"{model} decode: glm45 fp8 ≥ 1.6× glm45 bf16", ratio(
             (t, model, "fp8", "decode", "glm45"), (t, model, "bf16", "decode", "glm45")), 1.6))
-    if not getattr(args, "mtp_temperature", 0.0):  # the target is for greedy chats
+    if not getattr(args, "mtp_temperature", 0.0) and getattr(args, "mtp_tool_constraint", "off") == "off":
+        # the target is for plain greedy chats
         rows.append(("MTP k=1 ≥ 1.4× k=0 (bundled, bs=1)", ratio(
             (t, "bundled", "bf16", "mtp", "glm45 k=1"), (t, "bundled", "bf16", "mtp", "glm45 k=0")), 1.4))
     rows = [r for r in rows if r[1] == r[1]]

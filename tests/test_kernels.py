@@ -364,3 +364,69 @@ def test_host_sampler_matches_the_tensor_path_on_each_isa(isa, monkeypatch):
         results[host] = (sampler.distributions(logits, params), sampler.choose(rows, row_params, generators))
     assert torch.allclose(results[True][0], results[False][0], atol=1e-6, rtol=1e-4)
     assert torch.equal(results[True][1], results[False][1])
+
+
+def run_qk_rope(qkv, q_norm, k_norm, positions, rotary_dim, kv_heads, dim, rounding, fills, kv_dtype):
+    """The captured step's QK-norm + RoPE + cache write (op_qk_rope) as `len(fills)` ops in one program, op i on
+    its own copy of `qkv` and caches, those with `fills[i]` filling the cos/sin table: the copies and the caches."""
+    from glm45.engine import cpu_program as ops
+    from glm45.model.layers import RotaryEmbedding
+
+    rows, heads = qkv.shape[0], qkv.shape[1] // dim - 2 * kv_heads
+    copies = [qkv.clone() for _ in fills]
+    caches = [(torch.zeros(rows, kv_heads, dim, dtype=kv_dtype), torch.zeros(rows, kv_heads, dim, dtype=kv_dtype))
+              for _ in fills]
+    table, slots = torch.zeros(rows, rotary_dim), torch.arange(rows)
+    inv_freq = RotaryEmbedding(rotary_dim, 10000.0).inv_freq(torch.device("cpu"))
+    program = ops.Program()
+    for copy, (k_cache, v_cache), fill in zip(copies, caches, fills, strict=True):
+        program.add(ops.OP_QK_ROPE, (copy, q_norm, k_norm, positions, k_cache, v_cache, slots, inv_freq, table),
+                    (rows, heads, kv_heads, dim, rotary_dim, qkv.shape[1], ops.KV_DTYPES[kv_dtype], fill),
+                    (1e-5,))
+    program.finish()
+    program.run(rounding, 2)
+    return copies, caches
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads, kv_heads, dim, rotary_dim", [(4, 2, 64, 32), (8, 2, 128, 64), (2, 1, 40, 20)])
+def test_captured_qk_norm_and_rope_are_torchs(isa, heads, kv_heads, dim, rotary_dim):
+    """op_qk_rope (vectorised norm and rotation, the cos/sin table filled by the program's first such op): a bf16
+    model's queries and keys are torch's RMSNorm and rotate-half RoPE in bf16 (an RMS summed in another order may
+    move a value by one bf16 step), fp32 ones within float rounding; the cache holds the rotated keys and the values;
+    an op that reads the table equals one that fills it, bit for bit."""
+    from glm45.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
+
+    torch.manual_seed(0)
+    rows = 7
+    positions = torch.tensor([0, 1, 5, 17, 100, 2047, 40000])
+    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * dim) * 3).bfloat16().float()
+    q_norm, k_norm = (torch.rand(dim) + 0.5).bfloat16().float(), (torch.rand(dim) + 0.5).bfloat16().float()
+    for rounding, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        (first, second), caches = run_qk_rope(qkv, q_norm, k_norm, positions, rotary_dim, kv_heads, dim, rounding,
+                                              [1, 0], torch.float32)
+        assert torch.equal(first, second) and torch.equal(caches[0][0], caches[1][0])
+        x = qkv.to(dtype).view(rows, heads + 2 * kv_heads, dim)
+        cos, sin = RotaryEmbedding(rotary_dim, 10000.0)(positions, dtype)
+        expected = []
+        for part, weight in ((x[:, :heads], q_norm), (x[:, heads:heads + kv_heads], k_norm)):
+            norm = RMSNorm(dim).to(dtype)
+            norm.weight.data.copy_(weight)
+            expected.append(apply_rotary(norm(part), cos, sin))
+        expected = torch.cat([*expected, x[:, heads + kv_heads:]], dim=1).float().reshape(rows, -1)
+        if rounding:
+            assert torch.equal(first, first.bfloat16().float())
+            torch.testing.assert_close(first, expected, rtol=2 ** -7, atol=1e-6)
+            assert (first == expected).float().mean() > 0.97
+        else:
+            torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+        k_cache, v_cache = caches[0]
+        assert torch.equal(k_cache.reshape(rows, -1), first[:, heads * dim:(heads + kv_heads) * dim])
+        assert torch.equal(v_cache.reshape(rows, -1), first[:, (heads + kv_heads) * dim:])
+        # a bf16 cache holds them rounded to nearest (an fp32 model's values are not bf16 values already)
+        noisy = qkv + 1e-3 * torch.randn(qkv.shape)
+        _, ((k32, v32),) = run_qk_rope(noisy, q_norm, k_norm, positions, rotary_dim, kv_heads, dim, rounding, [1],
+                                       torch.float32)
+        _, ((k16, v16),) = run_qk_rope(noisy, q_norm, k_norm, positions, rotary_dim, kv_heads, dim, rounding, [1],
+                                       torch.bfloat16)
+        assert torch.equal(k16, k32.bfloat16()) and torch.equal(v16, v32.bfloat16())

@@ -73,6 +73,7 @@ class StepBuffers:
         group = c.num_attention_heads // c.num_key_value_heads
         self.attention_scratch = torch.zeros(threads, cpu.library().glm45_attention_scratch(hd, group), **f32)
         self.inv_freq = as_f32(model.rotary.inv_freq(torch.device("cpu")))
+        self.rope_table = torch.zeros(rows, c.rotary_dim, **f32)  # each row's cos and sin, filled per program
         # Served LoRA adapters: each row's slot (the zero slot `no_adapter` for base rows), the head rows' slots,
         # and the rank-wide intermediate t = A · x.
         adapted = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
@@ -101,6 +102,7 @@ class _Builder:
         self.model, self.config, self.kv_cache, self.block_size = model, model.config, kv_cache, block_size
         self.b, self.rows = buffers, rows
         self.program = Program()
+        self.rope_table_filled = False
         self.lora_slots = buffers.lora_slots  # the head's program reads its rows' slots from lora_head_slots
 
     # -------------------------------------------------------------- pieces
@@ -158,8 +160,12 @@ class _Builder:
         qn = as_f32(attn.q_norm.weight) if attn.use_qk_norm else None
         kn = as_f32(attn.k_norm.weight) if attn.use_qk_norm else None
         kv_dtype = ops.KV_DTYPES[self.kv_cache.dtype]
-        self.program.add(ops.OP_QK_ROPE, (b.qkv, qn, kn, b.positions, k_cache, v_cache, b.slots, b.inv_freq),
-                         (R, Hq, Hkv, hd, c.rotary_dim, ld, kv_dtype), (c.rms_norm_eps,))
+        # the program's first QK_ROPE fills the cos/sin table of the rows' positions; later layers read it
+        self.program.add(ops.OP_QK_ROPE, (b.qkv, qn, kn, b.positions, k_cache, v_cache, b.slots, b.inv_freq,
+                                          b.rope_table),
+                         (R, Hq, Hkv, hd, c.rotary_dim, ld, kv_dtype, int(not self.rope_table_filled)),
+                         (c.rms_norm_eps,))
+        self.rope_table_filled = True
         self.program.add(ops.OP_ATTN, (b.qkv, k_cache, v_cache, b.tables, b.context, b.attn, b.attention_scratch),
                          (R, Hq, Hkv, hd, self.block_size, b.max_blocks, ld, b.attn.shape[1], kv_dtype,
                           b.attention_scratch.shape[1]), (attn.scale,))

@@ -223,6 +223,17 @@ static inline vf vround_bf16(vf v) {
 }
 #endif
 
+/* Each lane as bf16 (f32_to_bf16's rounding) into p[0..VL). */
+static inline void vstore_bf16(uint16_t *p, vf v) {
+#ifdef __AVX512F__
+    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(vround_bf16(v)), 16);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bits));
+#else
+    const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(vround_bf16(v)), 16);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+#endif
+}
+
 /* v where s ≥ limit, else 0 */
 #ifdef __AVX512F__
 static inline vf vkeep_above(vf v, vf s, float limit) {

@@ -20,8 +20,9 @@ enum {
                         x += add (in place, rounded) when add; out = weight * rms_norm(x) */
     OP_QUANT = 3,    /* p: x, xq, xd, xs | n: R, K, ld_x */
     OP_LINEAR = 4,   /* p: x, xq, xd, xs, (Weight*, out) × up to 3 | n: R, ld_x, count, ld_out × 3, ld_xq */
-    OP_QK_ROPE = 5,  /* p: qkv, q_norm, k_norm, positions(i64), k_cache, v_cache, slots(i64), inv_freq
-                        | n: R, Hq, Hkv, hd, rotary_dim, ld_qkv, kv_dtype | f: eps */
+    OP_QK_ROPE = 5,  /* p: qkv, q_norm, k_norm, positions(i64), k_cache, v_cache, slots(i64), inv_freq,
+                        rope table(f32 [R, rotary_dim])
+                        | n: R, Hq, Hkv, hd, rotary_dim, ld_qkv, kv_dtype, fill_table | f: eps */
     OP_ATTN = 6,     /* p: qkv, k_cache, v_cache, tables(i32 [R, max_blocks]), ctx_lens(i32), out, scratch
                         | n: R, Hq, Hkv, hd, block_size, max_blocks, ld_qkv, ld_out, kv_dtype, scratch_per_thread
                         | f: scale   (scratch: f32 [threads, scratch_per_thread], see op_attn) */
@@ -74,10 +75,19 @@ static inline void kv_store(void *cache, int64_t i, float v, int64_t dtype) {
 }
 
 static void rms_row(const float *x, const float *w, float *out, int64_t D, float eps, int round) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < D; i++) ss += x[i] * x[i];
-    float inv = 1.0f / sqrtf(ss / (float)D + eps);
-    for (int64_t i = 0; i < D; i++) out[i] = rnd(w[i] * rnd(x[i] * inv, round), round);
+    vf acc = vzero();
+    int64_t i = 0;
+    for (; i + VL <= D; i += VL) acc = vfma(vload(x + i), vload(x + i), acc);
+    float ss = vhsum(acc);
+    for (; i < D; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (i = 0; i + VL <= D; i += VL) {
+        vf y = vmul(vload(x + i), vset1(inv));
+        if (round) y = vround_bf16(y);
+        y = vmul(vload(w + i), y);
+        vstore(out + i, round ? vround_bf16(y) : y);
+    }
+    for (; i < D; i++) out[i] = rnd(w[i] * rnd(x[i] * inv, round), round);
 }
 
 static void op_rmsnorm(const Op *op, int ith, int nth, int round) {
@@ -111,21 +121,44 @@ static void op_linear(const Op *op, int ith, int nth, int round) {
     }
 }
 
+/* rotate-half on one head's first 2·half dims: x_rot·cos + rotate_half(x_rot)·sin, rounded like torch */
+static void rope_head(float *v, const float *cs, const float *sn, int64_t half, int round) {
+    int64_t i = 0;
+    for (; i + VL <= half; i += VL) {
+        const vf a = vload(v + i), b = vload(v + i + half), c = vload(cs + i), s = vload(sn + i);
+        vf lo0 = vmul(a, c), lo1 = vmul(b, s), hi0 = vmul(b, c), hi1 = vmul(a, s);
+        if (round) lo0 = vround_bf16(lo0), lo1 = vround_bf16(lo1), hi0 = vround_bf16(hi0), hi1 = vround_bf16(hi1);
+        const vf lo = vsub(lo0, lo1), hi = vadd(hi0, hi1); /* rounding is symmetric: rnd(-x) = -rnd(x) */
+        vstore(v + i, round ? vround_bf16(lo) : lo);
+        vstore(v + i + half, round ? vround_bf16(hi) : hi);
+    }
+    for (; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = rnd(rnd(a * cs[i], round) + rnd(-b * sn[i], round), round);
+        v[i + half] = rnd(rnd(b * cs[i], round) + rnd(a * sn[i], round), round);
+    }
+}
+
+/* QK-norm, RoPE and the K/V cache write of each row. cos and sin of a row's angles are computed by the program's
+ * first QK_ROPE op (n[7] = 1) into the table (p[8]: [R, rotary_dim], cos then sin) and read by the others: every
+ * layer rotates the same positions. */
 static void op_qk_rope(const Op *op, int ith, int nth, int round) {
-    float *qkv = op->p[0];
+    float *qkv = op->p[0], *table = op->p[8];
     const float *qn = op->p[1], *kn = op->p[2], *inv_freq = op->p[7];
     const int64_t *pos = op->p[3], *slots = op->p[6];
     const int64_t Hq = op->n[1], Hkv = op->n[2], hd = op->n[3], rd = op->n[4], ld = op->n[5], dt = op->n[6];
     const int64_t half = rd / 2;
     int64_t r0, r1;
     split_range(op->n[0], ith, nth, 1, &r0, &r1);
-    float tmp[1024], cs[512], sn[512];
+    float tmp[1024];
     for (int64_t r = r0; r < r1; r++) {
-        for (int64_t i = 0; i < half; i++) {
-            float angle = (float)pos[r] * inv_freq[i];
-            cs[i] = rnd(cosf(angle), round);
-            sn[i] = rnd(sinf(angle), round);
-        }
+        float *cs = table + r * rd, *sn = cs + half;
+        if (op->n[7])
+            for (int64_t i = 0; i < half; i++) {
+                const float angle = (float)pos[r] * inv_freq[i];
+                cs[i] = rnd(cosf(angle), round);
+                sn[i] = rnd(sinf(angle), round);
+            }
         float *row = qkv + r * ld;
         for (int64_t h = 0; h < Hq + Hkv; h++) {
             float *v = row + h * hd;
@@ -134,19 +167,25 @@ static void op_qk_rope(const Op *op, int ith, int nth, int round) {
                 rms_row(v, norm, tmp, hd, op->f[0], round);
                 memcpy(v, tmp, hd * sizeof(float));
             }
-            /* rotate-half on the first rd dims: x_rot·cos + rotate_half(x_rot)·sin, rounded like torch */
-            for (int64_t i = 0; i < half; i++) {
-                float a = v[i], b = v[i + half];
-                tmp[i] = rnd(rnd(a * cs[i], round) + rnd(-b * sn[i], round), round);
-                tmp[i + half] = rnd(rnd(b * cs[i], round) + rnd(a * sn[i], round), round);
-            }
-            memcpy(v, tmp, rd * sizeof(float));
+            rope_head(v, cs, sn, half, round);
         }
         /* K and V of this token into its cache slot */
         const float *k = row + Hq * hd, *vv = row + (Hq + Hkv) * hd;
-        for (int64_t i = 0; i < Hkv * hd; i++) {
-            kv_store(op->p[4], slots[r] * Hkv * hd + i, k[i], dt);
-            kv_store(op->p[5], slots[r] * Hkv * hd + i, vv[i], dt);
+        const int64_t at = slots[r] * Hkv * hd;
+        if (dt == KV_F32) {
+            memcpy((float *)op->p[4] + at, k, Hkv * hd * sizeof(float));
+            memcpy((float *)op->p[5] + at, vv, Hkv * hd * sizeof(float));
+            continue;
+        }
+        int64_t i = 0;
+        if (dt == KV_BF16)
+            for (; i + VL <= Hkv * hd; i += VL) {
+                vstore_bf16((uint16_t *)op->p[4] + at + i, vload(k + i));
+                vstore_bf16((uint16_t *)op->p[5] + at + i, vload(vv + i));
+            }
+        for (; i < Hkv * hd; i++) {
+            kv_store(op->p[4], at + i, k[i], dt);
+            kv_store(op->p[5], at + i, vv[i], dt);
         }
     }
 }

@@ -66,11 +66,15 @@ class Executor:
         self._computed: list[_Computed] = []
         # (seq, positions with MTP K/V, its next draft, the draft's distribution or None for greedy)
         self._drafted: list[tuple[Sequence, int, int, torch.Tensor | None]] = []
+        # {seq_id: (tokens its constraint has accepted, restriction, bitmask row)}: the mask the one-program step
+        # computed for a constrained sequence's next token, which is the next step's first verify row's
+        self._next_masks: dict[int, tuple] = {}
 
     def reset(self) -> None:
         """Forget the last step (it failed): nothing to draft from."""
         self._computed = []
         self._drafted = []
+        self._next_masks = {}
 
     def _slots(self, seq: Sequence, start: int, count: int) -> list[int]:
         return [self.block_manager.slot(seq, p) for p in range(start, start + count)]
@@ -145,6 +149,7 @@ class Executor:
         ids, positions, slots, slices, sampled, token_masks, after_draft = [], [], [], [], {}, {}, {}
         vocab = self.runner.model.config.vocab_size
         bitmask = masks.allocate(2 * len(batch), vocab) if any(item.seq.constraint for item in batch) else None
+        known, self._next_masks = self._next_masks, {}
         for b, item in enumerate(batch):
             seq, start = item.seq, item.seq.num_computed_tokens
             slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
@@ -152,7 +157,7 @@ class Executor:
             positions += [start, start + 1]
             slots += self._slots(seq, start, 2)
             if seq.constraint is not None:
-                after_draft[b] = self._verify_masks(seq, bitmask, 2 * b, token_masks)
+                after_draft[b] = self._verify_masks(seq, bitmask, 2 * b, token_masks, known.get(seq.seq_id))
             if not seq.params.greedy:
                 uniforms = torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
                 sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
@@ -172,9 +177,10 @@ class Executor:
                     tokens = tokens[:1]
                 state = state_after(seq, tokens) if after is None else \
                     follow(after, seq, tokens[1]) if len(tokens) == 2 else after
-                draft, probs = self._constrained_draft(seq, state, bitmask[row], draft_logits[row + len(tokens) - 1],
-                                                       sampled[b][1][4] if b in sampled else None, truncated,
-                                                       draft, probs)
+                draft, probs, restriction = self._constrained_draft(
+                    seq, state, bitmask[row], draft_logits[row + len(tokens) - 1],
+                    sampled[b][1][4] if b in sampled else None, truncated, draft, probs)
+                self._next_masks[seq.seq_id] = (state.num_tokens, restriction, bitmask[row])
             self.stats.record(1, len(tokens))
             # K/V (target's and MTP's) is valid for the pending token and an accepted draft; the next draft comes
             # from the last valid pair.
@@ -184,12 +190,18 @@ class Executor:
         return StepResult(results)
 
     @staticmethod
-    def _verify_masks(seq, bitmask: torch.Tensor, row: int, token_masks: dict[int, torch.Tensor]):
+    def _verify_masks(seq, bitmask: torch.Tensor, row: int, token_masks: dict[int, torch.Tensor], known=None):
         """A constrained sequence's verify rows masked as `process_chain` masks them, into `bitmask` and
         `token_masks` ({row: its bitmask row}): the pending token's row by its constraint, and, when that allows the
         draft, the next row by the state after it (not where a call's name starts after the draft: the step stops
-        at the draft then). Returns the state after the draft (a fork), None where the draft is refused."""
-        restriction = mask_for(seq.constraint, bitmask, row)
+        at the draft then). `known`: the first row's mask from the last step (see `_next_masks`), used when the
+        constraint stands where it was made. Returns the state after the draft (a fork), None where the draft is
+        refused."""
+        if known is not None and known[0] == seq.constraint.num_tokens:
+            restriction = known[1]
+            bitmask[row] = known[2]
+        else:
+            restriction = mask_for(seq.constraint, bitmask, row)
         if restriction is not None:
             token_masks[row] = bitmask[row]
         draft = seq.draft_token_ids[0]
@@ -206,17 +218,18 @@ class Executor:
         """The next draft of a constrained sequence whose constraint stands at `state` after the step's tokens, as
         `propose_drafts` would make it: the step's own where `state` leaves the next token free (and the step's
         draft is of that row), else one chosen again from the row's draft `logits` masked by `state`, with the same
-        uniform. `scratch`: a bitmask row this may overwrite."""
+        uniform. `scratch`: a bitmask row this may overwrite. Returns the draft, its distribution (sampled) and the
+        restriction (None: the next token is free)."""
         bitmask = scratch[None]
         restriction = mask_for(state, bitmask, 0)
         # A sampled draft was drawn only at the row after every emitted token; a truncation moves the row back.
         if restriction is None and not (truncated and uniform is not None):
-            return draft, probs
+            return draft, probs, restriction
         row = logits.clone()[None]
         if restriction is not None:
             masks.apply(row, bitmask)
         drafts, q = choose_drafts(row, [seq], None if uniform is None else [uniform])
-        return drafts[0], None if q[0] is None else q[0][None]
+        return drafts[0], None if q[0] is None else q[0][None], restriction
 
     def _prompt_logprobs(self, plan: list) -> dict[int, list[dict[int, float]]]:
         """{seq_id: log-probabilities of the prompt tokens its chunk predicts} for sequences that asked for them.

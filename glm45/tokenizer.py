@@ -195,6 +195,10 @@ class IncrementalDetokenizer:
             deltas.append(self._emit(final=False))
         return "".join(deltas)
 
+    def decode_all(self, token_ids: Sequence[int]) -> str:
+        """What feeding `token_ids` to a fresh detokenizer, then `finish`, returns joined, in one decode."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+
     def finish(self) -> str:
         """Release whatever is held back (an incomplete character decodes as `�`, as in `decode`)."""
         return self._emit(final=True)

@@ -157,12 +157,13 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(text_engine):
     assert_idle(text_engine)
 
 
-def test_a_final_only_request_has_one_output_the_cumulative_one(text_engine):
+@pytest.mark.parametrize("stop", [["e t", "ab"], None])
+def test_a_final_only_request_has_one_output_the_cumulative_one(text_engine, stop):
     """`RequestOutputKind.FINAL_ONLY` (what `LLM.generate` asks for): no output until the request finishes, then the
-    one a cumulative request ends with; other requests in the same steps still report every step."""
+    one a cumulative request ends with (without stop strings its text is decoded once, at the end); other requests
+    in the same steps still report every step."""
     def params(kind):
-        return SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=24, stop=["e t", "ab"], logprobs=2,
-                              output_kind=kind)
+        return SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=24, stop=stop, logprobs=2, output_kind=kind)
 
     def outputs(*kinds):
         for i, kind in enumerate(kinds):

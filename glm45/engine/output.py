@@ -1,11 +1,12 @@
 """Output processing, the last part of an engine step: new tokens → text, stop strings, `RequestOutput`s.
 
-Each sequence has an incremental detokenizer (bytes of a character split across tokens are held back until
-the character is whole). Stop strings are matched on the new text only: a stop string can only end inside
-what was just added, so for each new end position the processor looks up the suffixes of the few lengths the
-stop strings have in a set — O(new characters × distinct stop lengths) per step, however long the list. A
-sequence that hits one is cut right after the token that completed the match (text cut before the stop
-string, or after it with `include_stop_str_in_output`) and reported as stopped, for the scheduler to free.
+Each sequence has an incremental detokenizer (bytes of a character split across tokens are held back until the
+character is whole); a final-only request without stop strings is decoded once, when it finishes. Stop strings are
+matched on the new text only: a stop string can only end inside what was just added, so for each new end position
+the processor looks up the suffixes of the few lengths the stop strings have in a set — O(new characters × distinct
+stop lengths) per step, however long the list. A sequence that hits one is cut right after the token that completed
+the match (text cut before the stop string, or after it with `include_stop_str_in_output`) and reported as stopped,
+for the scheduler to free.
 
 Outputs are cumulative (all text and tokens so far) or, with `RequestOutputKind.DELTA`, only what is new since
 the request's previous output, so that a server streaming a long answer copies each token once, not once per
@@ -97,7 +98,7 @@ class OutputProcessor:
             if request is None:
                 continue
             touched[seq.request_id] = None
-            if self._detokenize(seq, request.texts[seq.seq_id]):
+            if self._detokenize(seq, request.texts[seq.seq_id], request.final_only):
                 stopped.append(seq)
         outputs = []
         for request_id in touched:
@@ -110,12 +111,19 @@ class OutputProcessor:
             outputs.append(output)
         return outputs, stopped
 
-    def _detokenize(self, seq: Sequence, state: _SeqText) -> bool:
-        """Feed the sequence's new output tokens; True when a stop string finished it."""
+    def _detokenize(self, seq: Sequence, state: _SeqText, final_only: bool) -> bool:
+        """Feed the sequence's new output tokens; True when a stop string finished it. Text that nothing reads
+        before the sequence finishes (a final-only request without stop strings) is decoded once, at the end: the
+        detokenizer's deltas join to exactly that decode."""
         tokens = seq.output_token_ids
         end = len(tokens)
         if seq.finish_reason == "stop" and isinstance(seq.stop_reason, int):
             end -= 1  # the stop token itself is not part of the text
+        if state.detokenizer is not None and final_only and state.stops is None:
+            if seq.is_finished and state.num_fed <= end:
+                state.text = state.detokenizer.decode_all(tokens[:end])
+                state.num_fed = end + 1
+            return False
         if state.detokenizer is not None:
             for i in range(state.num_fed, end):
                 delta = state.detokenizer.feed(tokens[i])

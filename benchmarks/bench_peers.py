@@ -93,6 +93,8 @@ def worker_main(kind: str, threads: int, options: dict) -> None:
             out = peer_workers.run_glm45(options["model_dir"], options["precision"], threads, options["spec"])
         elif kind == "glm45-mtp":
             out = peer_workers.run_glm45_mtp(options["model_dir"], threads, options["spec"])
+        elif kind == "glm45-mtp-paired":
+            out = peer_workers.run_glm45_mtp_paired(options["model_dir"], threads, options["spec"])
         elif kind == "llama.cpp":
             out = peer_workers.run_llama_cpp(options["gguf"], options["model_dir"], threads, options["spec"])
         elif kind == "transformers":
@@ -279,6 +281,9 @@ def main() -> None:
     parser.add_argument("--mtp-temperature", type=float, default=0.0,
                         help="above 0: the MTP chats are sampled (seeded), with --mtp-top-p")
     parser.add_argument("--mtp-top-p", type=float, default=1.0)
+    parser.add_argument("--mtp-paired", action="store_true",
+                        help="k=0 and k=1 in one process per round, passes alternating: the ratio of neighbouring "
+                             "passes, free of the noise between processes (each figure is still the best pass)")
     parser.add_argument("--mtp-tool-constraint", choices=("off", "name", "full"), default="off",
                         help="the MTP chats under the server's tool-call constraint (`glm45 serve "
                              "--tool-call-constraint`), as a chat request with tools gets it")
@@ -411,15 +416,28 @@ def run_mtp(record, args, spec, round_index, threads) -> None:
         if round_index == 0:
             print("  MTP rows skipped: no bundled model")
         return
-    for k in (0, 1):
+    if args.mtp_paired:
         busy = wait_for_quiet()
         start = time.perf_counter()
-        result = run_worker("glm45-mtp", threads, args.worker_timeout, model_dir=folder,
-                            spec=dict(spec, num_speculative_tokens=k))
+        paired = run_worker("glm45-mtp-paired", threads, args.worker_timeout, model_dir=folder, spec=spec)
         seconds = time.perf_counter() - start
+    for k in (0, 1):
+        if args.mtp_paired:
+            result = paired.get(f"k{k}", paired)
+            if k == 1 and "mtp_pair_ratios" in paired:
+                result = dict(result, mtp_pair_ratios=paired["mtp_pair_ratios"])
+        else:
+            busy = wait_for_quiet()
+            start = time.perf_counter()
+            result = run_worker("glm45-mtp", threads, args.worker_timeout, model_dir=folder,
+                                spec=dict(spec, num_speculative_tokens=k))
+            seconds = time.perf_counter() - start
         record["results"].append(dict(round=round_index, threads=threads, model="bundled", precision="bf16",
                                       engine=f"glm45 k={k}", seconds=seconds, busy_before=busy, **result))
         figure = f"mtp {result['mtp']:.1f}" if "mtp" in result else f"n/a: {result.get('error')}"
+        if "mtp_pair_ratios" in result:
+            ratios = sorted(result["mtp_pair_ratios"])
+            figure += f"; paired k=1 ÷ k=0 median {ratios[len(ratios) // 2]:.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f})"
         print(f"  bundled bf16  glm45 k={k:<12} {figure} ({seconds:.0f} s{busy_note(busy)})", flush=True)
 
 

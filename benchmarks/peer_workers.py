@@ -182,20 +182,15 @@ def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
     return out
 
 
-def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
-    """The bundled model answering chats one at a time (batch 1, greedy or seeded sampling, up to its end token) with
-    `spec["num_speculative_tokens"]` MTP drafts: generated tokens per second over all the chats (the best of
-    `MTP_PASSES` passes; prompts repeat, so later passes reuse the prefix cache as a chat client would), and the
-    tokens."""
-    import torch
-
+def _mtp_chats(model_dir: str, threads: int, spec: dict, k: int):
+    """An `LLM` for the bundled model with k MTP drafts, and a function running one pass over the MTP chats (batch 1,
+    greedy or seeded sampling, up to the end token) → (generated tokens per second, the tokens)."""
     from glm45 import LLM, SamplingParams
     from glm45.chat import render_chat
     from glm45.grammar import StructuredOutputsParams, tool_call_constraint
 
-    torch.set_num_threads(threads)
     llm = LLM(model_dir, dtype="bfloat16", device="cpu", threads=threads, max_model_len=2048,
-              num_speculative_tokens=spec["num_speculative_tokens"])
+              num_speculative_tokens=k)
     sampled = spec.get("mtp_temperature", 0.0) > 0  # seeded, so every pass draws the same tokens
     constraint = spec.get("mtp_tool_constraint", "off")
     structured = None if constraint == "off" else StructuredOutputsParams(
@@ -205,18 +200,51 @@ def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
                             structured_outputs=structured)
     prompts = [render_chat(messages, tools=spec["mtp_tools"], enable_thinking=thinking)
                for messages, thinking in spec["mtp_conversations"]]
+
+    def one_pass() -> tuple[float, list[list[int]]]:
+        start = time.perf_counter()
+        tokens = [list(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids) for prompt in prompts]
+        return sum(map(len, tokens)) / (time.perf_counter() - start), tokens
+
+    llm.generate(prompts[0], params, use_tqdm=False)  # warm-up
+    return llm, one_pass
+
+
+def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
+    """The bundled model answering the MTP chats with `spec["num_speculative_tokens"]` drafts: generated tokens per
+    second over all the chats (the best of `MTP_PASSES` passes; prompts repeat, so later passes reuse the prefix
+    cache as a chat client would), and the tokens."""
+    import torch
+
+    torch.set_num_threads(threads)
     passes = []
     with torch.inference_mode():
-        llm.generate(prompts[0], params, use_tqdm=False)  # warm-up
+        _, one_pass = _mtp_chats(model_dir, threads, spec, spec["num_speculative_tokens"])
         for _ in range(MTP_PASSES):
-            tokens: list[list[int]] = []
             wait_for_quiet()
-            start = time.perf_counter()
-            for prompt in prompts:
-                tokens.append(list(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids))
-            passes.append((sum(map(len, tokens)) / (time.perf_counter() - start), tokens))
+            passes.append(one_pass())
     return {"mtp": max(speed for speed, _ in passes), "mtp_tokens": passes[0][1],
             "mtp_same_every_pass": all(tokens == passes[0][1] for _, tokens in passes)}
+
+
+def run_glm45_mtp_paired(model_dir: str, threads: int, spec: dict) -> dict:
+    """k=0 and k=1 in one process, passes alternating (which one goes first alternates too): each pair of
+    neighbouring passes meets the same spell of the machine, so their ratio is not the noise between processes.
+    Per engine, as `run_glm45_mtp` (the best pass); and every pair's k=1 ÷ k=0."""
+    import torch
+
+    torch.set_num_threads(threads)
+    passes: dict[int, list] = {0: [], 1: []}
+    with torch.inference_mode():
+        runs = {k: _mtp_chats(model_dir, threads, spec, k)[1] for k in (0, 1)}
+        for i in range(MTP_PASSES):
+            wait_for_quiet()
+            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+                passes[k].append(runs[k]())
+    out = {f"k{k}": {"mtp": max(speed for speed, _ in p), "mtp_tokens": p[0][1],
+                     "mtp_same_every_pass": all(tokens == p[0][1] for _, tokens in p)} for k, p in passes.items()}
+    out["mtp_pair_ratios"] = [b[0] / a[0] for a, b in zip(passes[0], passes[1], strict=True)]
+    return out
 
 
 # ---------------------------------------------------------------------- transformers

@@ -271,6 +271,11 @@ def print_mtp_identity(record: dict) -> None:
         if entry["model"] == "bundled" and "mtp_tokens" in entry:
             outputs[(entry["threads"], entry["round"])][entry["engine"]] = entry["mtp_tokens"]
     verdicts = [o["glm45 k=0"] == o["glm45 k=1"] for o in outputs.values() if len(o) == 2]
+    ratios = sorted(r for entry in record["results"] for r in entry.get("mtp_pair_ratios", []))
+    if ratios:
+        print(f"\nMTP, passes paired in one process: k=1 ÷ k=0 median {ratios[len(ratios) // 2]:.2f} "
+              f"(quartiles {ratios[len(ratios) // 4]:.2f}–{ratios[3 * len(ratios) // 4]:.2f}, "
+              f"range {ratios[0]:.2f}–{ratios[-1]:.2f}) over {len(ratios)} pairs")
     if verdicts and record.get("args", {}).get("mtp_temperature", 0.0) > 0:
         print("\nMTP: sampled chats (k=1 draws from the same distributions as k=0, not the same tokens)")
     elif verdicts:

@@ -183,8 +183,8 @@ def run_glm45(model_dir: str, precision: str, threads: int, spec: dict) -> dict:
 
 
 def _mtp_chats(model_dir: str, threads: int, spec: dict, k: int):
-    """An `LLM` for the bundled model with k MTP drafts, and a function running one pass over the MTP chats (batch 1,
-    greedy or seeded sampling, up to the end token) → (generated tokens per second, the tokens)."""
+    """A function running one pass over the MTP chats (batch 1, greedy or seeded sampling, up to the end token) on
+    the bundled model with k MTP drafts, loaded and warmed up → (generated tokens per second, the tokens)."""
     from glm45 import LLM, SamplingParams
     from glm45.chat import render_chat
     from glm45.grammar import StructuredOutputsParams, tool_call_constraint
@@ -207,7 +207,13 @@ def _mtp_chats(model_dir: str, threads: int, spec: dict, k: int):
         return sum(map(len, tokens)) / (time.perf_counter() - start), tokens
 
     llm.generate(prompts[0], params, use_tqdm=False)  # warm-up
-    return llm, one_pass
+    return one_pass
+
+
+def _mtp_figures(passes: list[tuple[float, list[list[int]]]]) -> dict:
+    """One engine's figures from its passes: the best speed, the first pass's tokens, whether every pass agreed."""
+    return {"mtp": max(speed for speed, _ in passes), "mtp_tokens": passes[0][1],
+            "mtp_same_every_pass": all(tokens == passes[0][1] for _, tokens in passes)}
 
 
 def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
@@ -219,12 +225,11 @@ def run_glm45_mtp(model_dir: str, threads: int, spec: dict) -> dict:
     torch.set_num_threads(threads)
     passes = []
     with torch.inference_mode():
-        _, one_pass = _mtp_chats(model_dir, threads, spec, spec["num_speculative_tokens"])
+        one_pass = _mtp_chats(model_dir, threads, spec, spec["num_speculative_tokens"])
         for _ in range(MTP_PASSES):
             wait_for_quiet()
             passes.append(one_pass())
-    return {"mtp": max(speed for speed, _ in passes), "mtp_tokens": passes[0][1],
-            "mtp_same_every_pass": all(tokens == passes[0][1] for _, tokens in passes)}
+    return _mtp_figures(passes)
 
 
 def run_glm45_mtp_paired(model_dir: str, threads: int, spec: dict) -> dict:
@@ -236,13 +241,12 @@ def run_glm45_mtp_paired(model_dir: str, threads: int, spec: dict) -> dict:
     torch.set_num_threads(threads)
     passes: dict[int, list] = {0: [], 1: []}
     with torch.inference_mode():
-        runs = {k: _mtp_chats(model_dir, threads, spec, k)[1] for k in (0, 1)}
+        runs = {k: _mtp_chats(model_dir, threads, spec, k) for k in (0, 1)}
         for i in range(MTP_PASSES):
             wait_for_quiet()
             for k in ((0, 1) if i % 2 == 0 else (1, 0)):
                 passes[k].append(runs[k]())
-    out = {f"k{k}": {"mtp": max(speed for speed, _ in p), "mtp_tokens": p[0][1],
-                     "mtp_same_every_pass": all(tokens == p[0][1] for _, tokens in p)} for k, p in passes.items()}
+    out = {f"k{k}": _mtp_figures(p) for k, p in passes.items()}
     out["mtp_pair_ratios"] = [b[0] / a[0] for a, b in zip(passes[0], passes[1], strict=True)]
     return out
 

@@ -171,12 +171,13 @@ class CapturedDecode:
             b.sample_rows[s] = cpu.SampleRow(*row)
             self._uniforms[s] = uniforms
             b.q_in[s].copy_(q)
-        masked = self._np["masked_rows"]
-        masked[self._masked_last] = 0
-        self._masked_last = list(token_masks or ())
-        for r, bitmask in (token_masks or {}).items():
-            b.token_masks[r].copy_(bitmask)
-            masked[r] = 1
+        if self._masked_last or token_masks:  # back to unmasked: the rows the last step masked
+            masked = self._np["masked_rows"]
+            masked[self._masked_last] = 0
+            self._masked_last = list(token_masks or ())
+            for r, bitmask in (token_masks or {}).items():
+                b.token_masks[r].copy_(bitmask)
+                masked[r] = 1
         self.draft_steps[size].run(self.rounding, self.threads)
         return (b.next_tokens[:n].tolist(), [bool(a) for a in b.accepted[: n // 2].tolist()],
                 b.draft_tokens[:n].tolist(), b.q_out[: n // 2], b.draft_logits[:n], b.hidden[:n])

@@ -95,12 +95,43 @@ def test_batch_invariance_with_prefix_cache_chunked_prefill_and_preemption(check
 
 
 def test_prefix_cache_hit_gives_the_same_output(checkpoints):
+    """Hits below block granularity: a repeated prompt computes only its last token, and a prompt that goes on from
+    inside the last, partly filled block an earlier request left computes only its new tokens; a full cached block
+    that a prompt departs from inside is not overwritten. Each gives what an engine without a prefix cache gives."""
     engine = make_engine(checkpoints["air_like"])
+    cold = make_engine(checkpoints["air_like"], enable_prefix_caching=False)
+
+    def same_as_cold(request_id, prompt, params=GREEDY):
+        out = run_to_completion(engine, {0: [(request_id, prompt, params)]})[request_id]
+        assert out.outputs[0].token_ids == run_to_completion(cold, {0: [(request_id, prompt, params)]})[
+            request_id].outputs[0].token_ids
+        return out.num_cached_tokens
+
     prompt = random_prompt(70, 5)
-    first = run_to_completion(engine, {0: [("a", prompt, GREEDY)]})["a"]
-    second = run_to_completion(engine, {0: [("b", prompt, GREEDY)]})["b"]
-    assert second.num_cached_tokens == 64  # four full 16-token blocks; the last token is always computed
-    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert same_as_cold("a", prompt) == 0
+    # four full 16-token blocks, and 5 of the 6 prompt tokens in the fifth (the last token is always computed)
+    assert same_as_cold("b", prompt) == 69
+    branch = prompt[:67] + random_prompt(9, 6)
+    assert branch[67] != prompt[67]
+    assert same_as_cold("c", branch) == 64  # "b"'s fifth block is full and cached: kept whole for its prefix
+
+    short = random_prompt(70, 7)
+    assert same_as_cold("d", short, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)) == 0
+    branch = short[:67] + random_prompt(9, 8)
+    assert branch[67] != short[67]
+    assert same_as_cold("e", branch) == 67  # "d" left its fifth block partly filled: taken over
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_prefix_cache_leaves_a_block_in_use_to_its_owner(checkpoints):
+    """A cached block that a running sequence holds is shared whole or not at all: the same prompt arriving while
+    the first still decodes recomputes the block the first will not give up, and both get the same tokens."""
+    engine = make_engine(checkpoints["air_like"])
+    prompt = random_prompt(80, 9)  # five full blocks: the fifth is hashed, and in use while "a" decodes
+    done = run_to_completion(engine, {0: [("a", prompt, GREEDY)], 3: [("b", prompt, GREEDY)]})
+    assert done["b"].num_cached_tokens == 64
+    assert done["b"].outputs[0].token_ids == done["a"].outputs[0].token_ids
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_speculative_prefix_cache_shares_a_block_when_the_token_after_it_matches(mtp_checkpoint):
@@ -125,9 +156,11 @@ def test_speculative_prefix_cache_shares_a_block_when_the_token_after_it_matches
     engine = make_engine(mtp_checkpoint, num_speculative_tokens=1)
     run_to_completion(engine, {0: [("a", prompt, GREEDY)]})
     hit, hit_drafts = drafted(engine, {0: [("b", prompt, GREEDY)]})
-    assert hit["b"].num_cached_tokens == 64  # all four full blocks: the 65th token is the same
+    assert hit["b"].num_cached_tokens == 69  # all but the last token: the MTP K/V at 68 was made with the same 69th
     partial, partial_drafts = drafted(engine, {0: [("c", diverging, GREEDY)]})
-    assert partial["c"].num_cached_tokens == 48  # the fourth block's MTP K/V was made with another 65th token
+    # the fourth block's MTP K/V at its last position was made with another 65th token: not shared, and (cached
+    # for the first prompt) not overwritten either
+    assert partial["c"].num_cached_tokens == 48
 
     cold = make_engine(mtp_checkpoint, num_speculative_tokens=1, enable_prefix_caching=False)
     expected, expected_drafts = drafted(cold, {0: [("b", prompt, GREEDY)]})
@@ -149,12 +182,12 @@ def test_speculative_request_that_ends_early_leaves_its_blocks_to_the_prefix_cac
     cold = make_engine(mtp_checkpoint, num_speculative_tokens=1, enable_prefix_caching=False)
     first = run_to_completion(engine, {0: [("a", prompt, one)]})["a"]
     again = run_to_completion(engine, {0: [("b", prompt, one)]})["b"]
-    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 64
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 69
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     longer = prompt + random_prompt(20, 8)
     run_to_completion(engine, {0: [("c", longer, three)]})
     hit = run_to_completion(engine, {0: [("d", longer, three)]})["d"]
-    assert hit.num_cached_tokens == 80
+    assert hit.num_cached_tokens == 89
     assert hit.outputs[0].token_ids == run_to_completion(cold, {0: [("d", longer, three)]})["d"].outputs[0].token_ids
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

@@ -142,6 +142,8 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(text_engine):
 
     text_engine.add_request("whole", "The quick brown fox", params(RequestOutputKind.CUMULATIVE))
     whole = run(text_engine)["whole"]
+    # computed as the first was: a prefix-cache hit would compute its last token alone, in other float roundings
+    text_engine.block_manager.reset_prefix_cache()
     text_engine.add_request("parts", "The quick brown fox", params(RequestOutputKind.DELTA))
     text, tokens, logprobs, reasons = {}, {}, {}, {}
     while text_engine.has_unfinished_requests():

@@ -5,6 +5,10 @@
 always looked up by their text, never by hard-coded ids, so the same code runs the released checkpoints
 and the small models we train ourselves.
 
+Encoding splits the text at added tokens first (as the `tokenizers` library does: no piece of text is
+tokenized across one), so a long piece between them, such as the system prompt and tool declarations every
+request of an agent repeats, is tokenized once and then looked up.
+
 `IncrementalDetokenizer` turns a stream of generated ids into text deltas. A byte-level BPE token can
 end in the middle of a UTF-8 character, so text is released only once it decodes cleanly; deltas are
 always decoded in the context of the tokens before them, so together they are exactly `decode(ids)`.
@@ -14,12 +18,15 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]
 
 END_OF_TURN_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+CACHED_PIECE_CHARS = 256  # pieces of text between added tokens at least this long are tokenized once, then looked up
+CACHED_PIECES = 256
 _REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -48,6 +55,8 @@ class Tokenizer:
             if token_id is not None:
                 special.add(token_id)
         self.special_ids: frozenset[int] = frozenset(special)
+        self._added_token_split = _added_token_split(self._tok)
+        self._encode_piece = functools.lru_cache(maxsize=CACHED_PIECES)(self._encode_text)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -92,7 +101,24 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids for `text`. No BOS is added; special-token texts in `text` become their ids."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        if self._added_token_split is None or len(text) < CACHED_PIECE_CHARS:
+            return self._encode_text(text)
+        # Long pieces between added tokens from the cache; the text around them in one call each.
+        ids: list[int] = []
+        start = 0
+        pieces = self._added_token_split.split(text)  # text, token, text, token, ..., text
+        position = 0
+        for index in range(0, len(pieces), 2):
+            piece = pieces[index]
+            if len(piece) >= CACHED_PIECE_CHARS:
+                ids += self._encode_text(text[start:position])
+                ids += self._encode_piece(piece)
+                start = position + len(piece)
+            position += len(piece) + (len(pieces[index + 1]) if index + 1 < len(pieces) else 0)
+        return ids + self._encode_text(text[start:])
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids if text else []
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -153,6 +179,23 @@ def _byte_level_alphabet() -> dict[str, int]:
             chars[chr(256 + extra)] = b
             extra += 1
     return chars
+
+
+def _added_token_split(tokenizer) -> re.Pattern | None:
+    """A pattern splitting text at added tokens where `tokenizers` does (the longest match, leftmost first, as its
+    Aho-Corasick search), capturing them; None where a piece's ids could depend on what is around it: an added
+    token that strips spaces or matches whole words only, or one matched after a normalizer, or a pre-tokenizer
+    that adds a prefix space to the text's first piece."""
+    config = json.loads(tokenizer.to_str())
+    added = list(tokenizer.get_added_tokens_decoder().values())
+    if not added or any(t.single_word or t.lstrip or t.rstrip or (t.normalized and config.get("normalizer"))
+                        for t in added):
+        return None
+    if '"add_prefix_space": true' in json.dumps(config.get("pre_tokenizer")) or "Metaspace" in json.dumps(
+            config.get("pre_tokenizer")):
+        return None
+    texts = sorted({t.content for t in added}, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, texts)) + ")")
 
 
 def _normalizer_kinds(spec: dict | None) -> set[str]:

@@ -74,6 +74,34 @@ def test_encode_adds_no_bos_and_maps_tag_texts_to_single_ids(tok):
         assert tok.encode(f"x{tag}y").count(tok.token_to_id(tag)) == 1
 
 
+ADDED_TEXTS = [text for text, _ in GLM45_ADDED_TOKENS]
+PIECE_TEXT = st.lists(st.sampled_from(list("ab xy\n\t{}\":,<>|/_-é中😀") + ["<|user", "|>", "<think", "/no", "ab " * 40]),
+                      max_size=60).map("".join)
+
+
+@examples(150)
+@given(st.lists(st.one_of(PIECE_TEXT, st.sampled_from(ADDED_TEXTS)), max_size=8))
+def test_encode_looks_up_long_pieces_and_gives_the_library_s_ids(tok, parts):
+    """Long pieces between added tokens come from a cache: the ids are still those of one `tokenizers` call, the
+    first time and when looked up, whatever stands around the pieces (half tags, other added tokens, nothing)."""
+    text = "".join(parts)
+    plain = tok._tok.encode(text, add_special_tokens=False).ids
+    assert tok.encode(text) == plain
+    assert tok.encode(text) == plain  # from the cache
+
+
+def test_encode_caches_only_where_pieces_tokenize_alone(tok_dir, tmp_path):
+    """A tokenizer whose added token strips the spaces beside it tokenizes pieces in context: no cache."""
+    assert tok_dir and Tokenizer.from_pretrained(tok_dir)._added_token_split is not None
+    saved = json.loads((tok_dir / "tokenizer.json").read_text())
+    next(t for t in saved["added_tokens"] if t["content"] == "<|user|>")["lstrip"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    stripping = Tokenizer.from_pretrained(tmp_path)
+    assert stripping._added_token_split is None
+    text = "x " * 200 + " <|user|> " + "y" * 300
+    assert stripping.encode(text) == stripping._tok.encode(text, add_special_tokens=False).ids
+
+
 def test_decode_drops_special_tokens_and_keeps_protocol_tags(tok):
     text = ("[gMASK]<sop><|user|>\nq/nothink<|assistant|>\n<think>r</think>\n<tool_call>f\n<arg_key>k</arg_key>\n"
             "<arg_value>v</arg_value>\n</tool_call><|observation|>\n<tool_response>\nx\n</tool_response><|user|>")

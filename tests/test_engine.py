@@ -115,11 +115,17 @@ def test_prefix_cache_hit_gives_the_same_output(checkpoints):
     assert branch[67] != prompt[67]
     assert same_as_cold("c", branch) == 64  # "b"'s fifth block is full and cached: kept whole for its prefix
 
+    four = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     short = random_prompt(70, 7)
-    assert same_as_cold("d", short, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)) == 0
+    assert same_as_cold("d", short, four) == 0
     branch = short[:67] + random_prompt(9, 8)
     assert branch[67] != short[67]
     assert same_as_cold("e", branch) == 67  # "d" left its fifth block partly filled: taken over
+    talk = random_prompt(70, 10)
+    assert same_as_cold("f", talk, four) == 0
+    answer = run_to_completion(cold, {0: [("f", talk, four)]})["f"].outputs[0].token_ids
+    # the conversation goes on: "f"'s K/V covers its prompt and its answer's first 3 tokens (the 4th was not fed)
+    assert same_as_cold("g", talk + answer + random_prompt(5, 9)) == 73
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -169,6 +175,51 @@ def test_speculative_prefix_cache_shares_a_block_when_the_token_after_it_matches
     expected, expected_drafts = drafted(cold, {0: [("c", diverging, GREEDY)]})
     assert partial["c"].outputs[0].token_ids == expected["c"].outputs[0].token_ids
     assert partial_drafts == expected_drafts
+
+
+def test_speculative_prefix_cache_below_blocks_gives_the_drafts_of_no_cache(mtp_checkpoint):
+    """Prompts that repeat, branch inside a block and extend earlier ones, arriving while others run, with requests
+    that stop early and leave partly filled blocks: each request gets the tokens and the draft distributions (so the
+    MTP layer's K/V is right too) of an engine without a prefix cache running it alone. Seeded sampling, so the
+    drafts carry their distributions."""
+    base = random_prompt(41, 11)
+    prompts = [base, base, base[:37] + random_prompt(8, 12), base + random_prompt(20, 13), base[:40],
+               base + random_prompt(20, 13)[:9] + random_prompt(5, 14), base[:20] + random_prompt(30, 15), base]
+    lengths = [3, 9, 1, 6, 12, 4, 2, 7]
+
+    def params(i):
+        return SamplingParams(temperature=1.0, seed=i, max_tokens=lengths[i], ignore_eos=True)
+
+    def drafts_by_request(engine, arrivals):
+        drafts, propose = {}, engine.executor.propose_drafts
+        def recording():
+            proposed = propose()
+            for seq, draft, probs in proposed:
+                drafts.setdefault(seq.request_id, []).append((draft, probs.clone()))
+            return proposed
+        engine.executor.propose_drafts = recording
+        try:
+            done = run_to_completion(engine, arrivals)
+        finally:
+            engine.executor.propose_drafts = propose
+        return drafts, done
+
+    engine = make_engine(mtp_checkpoint, num_speculative_tokens=1)
+    arrivals = {}
+    for i, prompt in enumerate(prompts):
+        arrivals.setdefault(4 * i if i % 3 else 4 * i + 1, []).append((str(i), prompt, params(i)))
+    drafts, done = drafts_by_request(engine, arrivals)
+    assert sum(out.num_cached_tokens % 16 != 0 for out in done.values()) >= 3  # hits inside blocks happened
+    cold = make_engine(mtp_checkpoint, num_speculative_tokens=1, enable_prefix_caching=False)
+    for i, prompt in enumerate(prompts):
+        alone, expected = drafts_by_request(cold, {0: [(str(i), prompt, params(i))]})
+        where = f"request {i} (cached {done[str(i)].num_cached_tokens})"
+        assert done[str(i)].outputs[0].token_ids == expected[str(i)].outputs[0].token_ids, where
+        got, want = drafts.get(str(i), []), alone.get(str(i), [])
+        assert [d for d, _ in got] == [d for d, _ in want], where
+        for (_, got_probs), (_, want_probs) in zip(got, want, strict=True):
+            torch.testing.assert_close(got_probs, want_probs, rtol=0, atol=1e-5, msg=where)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_speculative_request_that_ends_early_leaves_its_blocks_to_the_prefix_cache(mtp_checkpoint):

@@ -130,7 +130,7 @@ class BlockManager:
             if block.ref_count:
                 continue
             common = 0
-            for mine, theirs in zip(tokens, block.token_ids):
+            for mine, theirs in zip(tokens, block.token_ids, strict=False):  # up to the shorter
                 if mine != theirs:
                     break
                 common += 1

@@ -186,16 +186,23 @@ def _added_token_split(tokenizer) -> re.Pattern | None:
     Aho-Corasick search), capturing them; None where a piece's ids could depend on what is around it: an added
     token that strips spaces or matches whole words only, or one matched after a normalizer, or a pre-tokenizer
     that adds a prefix space to the text's first piece."""
-    config = json.loads(tokenizer.to_str())
     added = list(tokenizer.get_added_tokens_decoder().values())
-    if not added or any(t.single_word or t.lstrip or t.rstrip or (t.normalized and config.get("normalizer"))
-                        for t in added):
+    normalized = tokenizer.normalizer is not None
+    if not added or any(t.single_word or t.lstrip or t.rstrip or (t.normalized and normalized) for t in added):
         return None
-    if '"add_prefix_space": true' in json.dumps(config.get("pre_tokenizer")) or "Metaspace" in json.dumps(
-            config.get("pre_tokenizer")):
+    if tokenizer.pre_tokenizer is not None and _adds_prefix_space(json.loads(tokenizer.pre_tokenizer.__getstate__())):
         return None
     texts = sorted({t.content for t in added}, key=len, reverse=True)
     return re.compile("(" + "|".join(map(re.escape, texts)) + ")")
+
+
+def _adds_prefix_space(spec) -> bool:
+    """Whether a pre-tokenizer's JSON has a part that treats the start of the text apart (a prefix space)."""
+    if isinstance(spec, dict):
+        if spec.get("type") == "Metaspace" or spec.get("add_prefix_space"):
+            return True
+        return any(_adds_prefix_space(value) for value in spec.values())
+    return isinstance(spec, list) and any(map(_adds_prefix_space, spec))
 
 
 def _normalizer_kinds(spec: dict | None) -> set[str]:

@@ -100,6 +100,13 @@ def test_encode_caches_only_where_pieces_tokenize_alone(tok_dir, tmp_path):
     assert stripping._added_token_split is None
     text = "x " * 200 + " <|user|> " + "y" * 300
     assert stripping.encode(text) == stripping._tok.encode(text, add_special_tokens=False).ids
+    # nor where the pre-tokenizer treats the text's start apart (a prefix space before its first word)
+    saved = json.loads((tok_dir / "tokenizer.json").read_text())
+    next(p for p in saved["pre_tokenizer"]["pretokenizers"] if p["type"] == "ByteLevel")["add_prefix_space"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    prefixing = Tokenizer.from_pretrained(tmp_path)
+    assert prefixing._added_token_split is None
+    assert prefixing.encode(text) == prefixing._tok.encode(text, add_special_tokens=False).ids
 
 
 def test_decode_drops_special_tokens_and_keeps_protocol_tags(tok):

@@ -19,13 +19,16 @@ from __future__ import annotations
 import functools
 import json
 import re
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]
 
 END_OF_TURN_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
-CACHED_PIECE_CHARS = 256  # pieces of text between added tokens at least this long are tokenized once, then looked up
+# Pieces of text between added tokens of this many characters are tokenized once, then looked up: at most
+# CACHED_PIECES of them, their ids as 4-byte integers, so the cache holds a few tens of MB at worst.
+CACHED_PIECE_CHARS = range(256, 65_537)
 CACHED_PIECES = 256
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -56,7 +59,8 @@ class Tokenizer:
                 special.add(token_id)
         self.special_ids: frozenset[int] = frozenset(special)
         self._added_token_split = _added_token_split(self._tok)
-        self._encode_piece = functools.lru_cache(maxsize=CACHED_PIECES)(self._encode_text)
+        self._encode_piece = functools.lru_cache(maxsize=CACHED_PIECES)(
+            lambda piece: array("I", self._encode_text(piece)))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -101,7 +105,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids for `text`. No BOS is added; special-token texts in `text` become their ids."""
-        if self._added_token_split is None or len(text) < CACHED_PIECE_CHARS:
+        if self._added_token_split is None or len(text) < CACHED_PIECE_CHARS.start:
             return self._encode_text(text)
         # Long pieces between added tokens from the cache; the text around them in one call each.
         ids: list[int] = []
@@ -110,7 +114,7 @@ class Tokenizer:
         position = 0
         for index in range(0, len(pieces), 2):
             piece = pieces[index]
-            if len(piece) >= CACHED_PIECE_CHARS:
+            if len(piece) in CACHED_PIECE_CHARS:
                 ids += self._encode_text(text[start:position])
                 ids += self._encode_piece(piece)
                 start = position + len(piece)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from protocol_fixtures import build_tiny_tokenizer
 
 from glm45.chat import GLM45_CHAT_TEMPLATE
-from glm45.tokenizer import IncrementalDetokenizer, Tokenizer
+from glm45.tokenizer import CACHED_PIECE_CHARS, IncrementalDetokenizer, Tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/glm-4.5"
 PROTOCOL_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
@@ -88,6 +88,16 @@ def test_encode_looks_up_long_pieces_and_gives_the_library_s_ids(tok, parts):
     plain = tok._tok.encode(text, add_special_tokens=False).ids
     assert tok.encode(text) == plain
     assert tok.encode(text) == plain  # from the cache
+
+
+def test_encode_leaves_a_huge_piece_out_of_the_cache(tok):
+    """A piece longer than the cache takes is tokenized every time (a 10 MB prompt must not sit in memory)."""
+    huge = "ab " * 30_000
+    text = "<|system|>" + "a " * 200 + "<|user|>" + huge + "<|assistant|>"
+    assert len(huge) > CACHED_PIECE_CHARS.stop
+    tok._encode_piece.cache_clear()
+    assert tok.encode(text) == tok._tok.encode(text, add_special_tokens=False).ids
+    assert tok._encode_piece.cache_info().currsize == 1  # the system piece only
 
 
 def test_encode_caches_only_where_pieces_tokenize_alone(tok_dir, tmp_path):

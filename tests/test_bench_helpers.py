@@ -1,5 +1,6 @@
 """The peer benchmark's pure helpers: the synthetic GGUF-conversion tokenizer, the bytes a decode step reads,
-and the table's median/range formatting. No timing here; the benchmark itself is `benchmarks/bench_peers.py`."""
+the table's median/range formatting and the targets read off it. No timing here; the benchmark itself is
+`benchmarks/bench_peers.py`."""
 
 import json
 import sys
@@ -13,7 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from glm45_tiny.tokenizer_build import GLM45_ADDED_TOKENS  # noqa: E402
 
 from benchmarks.models import SHAPES, decode_bytes_per_token  # noqa: E402
-from benchmarks.report import common_prefix, format_figure, format_median_range, median_range  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    common_prefix,
+    format_figure,
+    format_median_range,
+    median_range,
+    pair_ratios,
+    print_targets,
+)
 from benchmarks.synthetic_tokenizer import add_synthetic_tokenizer, build_synthetic_tokenizer  # noqa: E402
 from glm45.config import ModelConfig  # noqa: E402
 from glm45.model import Glm4MoeForCausalLM  # noqa: E402
@@ -109,3 +117,20 @@ def test_the_quality_tally_is_kl_divergence_and_paired_log_likelihood():
     same = Tally()
     same.add(reference.numpy(), reference.numpy(), ids.numpy())
     assert same.summary()["mean_kl"] == 0 and same.summary()["same_top"] == 1
+
+
+def test_mtp_target_is_read_off_the_paired_passes_too(capsys):
+    """With `--mtp-paired` the MTP target is given twice: from the best-of medians and from the pairs' median."""
+    import types
+
+    record = {"results": [{"engine": "glm45 k=0"}, {"engine": "glm45 k=1", "mtp_pair_ratios": [1.5, 1.2, 1.45]},
+                          {"engine": "glm45 k=1", "mtp_pair_ratios": [1.3, 1.6]}]}
+    assert pair_ratios(record) == [1.2, 1.3, 1.45, 1.5, 1.6]
+    args = types.SimpleNamespace(threads=[2], models=[], mtp_temperature=0.0, mtp_tool_constraint="off")
+    medians = {(2, "bundled", "bf16", "mtp", "glm45 k=1"): 130.0, (2, "bundled", "bf16", "mtp", "glm45 k=0"): 100.0}
+    print_targets(medians, args, pair_ratios(record))
+    lines = capsys.readouterr().out.splitlines()
+    assert any("(bundled, bs=1)" in line and "1.30  not met" in line for line in lines)
+    assert any("paired passes' median" in line and "1.45  met" in line for line in lines)
+    print_targets(medians, args, [])
+    assert "paired" not in capsys.readouterr().out

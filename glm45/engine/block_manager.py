@@ -143,8 +143,9 @@ class BlockManager:
         return best, best_usable
 
     def match_prefix(self, seq: Sequence) -> None:
-        """At admission: share the cached blocks of the sequence's longest cached prefix. At least the last
-        known token is always left to compute, so its logits exist and no shared block is written."""
+        """At admission: share the cached blocks of the sequence's longest cached prefix, then take over the free
+        continuation after them that shares most of its tokens (`_best_continuation`). At least the last known token
+        is always left to compute, so its logits exist and no shared block is written."""
         assert not seq.block_table
         self.num_hashed_blocks[seq.seq_id] = 0
         if not self.enable_prefix_caching:

@@ -4,6 +4,7 @@ starts itself on 127.0.0.1 (the bundled model by default) and stops at the end.
 
     python benchmarks/load_test.py                               # 16 clients, 600 s, the bundled model
     python benchmarks/load_test.py --clients 8 --duration 60     # a quick look
+    python benchmarks/load_test.py --num-speculative-tokens 1    # with MTP
 
 It prints, per kind of request, the count, p50/p99 latency and the outcomes; errors by kind (any 5xx, a stream
 without `[DONE]` or with an error event, a status other than the expected, a timeout: a lost or stuck
@@ -219,7 +220,8 @@ def wait_idle(url: str, timeout: float = 60) -> dict[str, float]:
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "glm45.cli", "--log-level", "WARNING", "serve", *([args.model] if args.model else
-               []), "--port", str(port), "--uvicorn-log-level", "warning", "--max-num-seqs", str(args.max_num_seqs)]
+               []), "--port", str(port), "--uvicorn-log-level", "warning", "--max-num-seqs", str(args.max_num_seqs),
+               "--num-speculative-tokens", str(args.num_speculative_tokens)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -315,6 +317,7 @@ def main() -> int:
                         "(default: 10%% of the duration)")
     parser.add_argument("--max-tokens", type=int, default=48, help="largest max_tokens a request asks for")
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP drafts per step for the server")
     parser.add_argument("--huge-prompt-mb", type=int, default=10)
     parser.add_argument("--huge-interval", type=float, default=0.5, help="seconds between 10 MB prompts")
     parser.add_argument("--refusal-duration", type=float, default=30.0, help="seconds of the 10 MB-only phase")

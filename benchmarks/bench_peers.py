@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peer_workers  # noqa: E402
 from benchmarks.peer_workers import QUIET, wait_for_quiet  # noqa: E402
-from benchmarks.report import print_report  # noqa: E402
+from benchmarks.report import median_range, print_report  # noqa: E402
 
 MODELS = {"small": "small", "air": "air-0.6b"}
 PRECISIONS = ("bf16", "int8", "int4", "fp8", "int4:int8")  # W:H is weights in W, the LM heads in H
@@ -436,8 +436,8 @@ def run_mtp(record, args, spec, round_index, threads) -> None:
                                       engine=f"glm45 k={k}", seconds=seconds, busy_before=busy, **result))
         figure = f"mtp {result['mtp']:.1f}" if "mtp" in result else f"n/a: {result.get('error')}"
         if "mtp_pair_ratios" in result:
-            ratios = sorted(result["mtp_pair_ratios"])
-            figure += f"; paired k=1 ÷ k=0 median {ratios[len(ratios) // 2]:.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+            median, low, high = median_range(result["mtp_pair_ratios"])
+            figure += f"; paired k=1 ÷ k=0 median {median:.2f} ({low:.2f}–{high:.2f})"
         print(f"  bundled bf16  glm45 k={k:<12} {figure} ({seconds:.0f} s{busy_note(busy)})", flush=True)
 
 

@@ -273,9 +273,10 @@ def print_mtp_identity(record: dict) -> None:
     verdicts = [o["glm45 k=0"] == o["glm45 k=1"] for o in outputs.values() if len(o) == 2]
     ratios = pair_ratios(record)
     if ratios:
-        print(f"\nMTP, passes paired in one process: k=1 ÷ k=0 median {ratios[len(ratios) // 2]:.2f} "
-              f"(quartiles {ratios[len(ratios) // 4]:.2f}–{ratios[3 * len(ratios) // 4]:.2f}, "
-              f"range {ratios[0]:.2f}–{ratios[-1]:.2f}) over {len(ratios)} pairs")
+        median, low, high = median_range(ratios)
+        first, _, third = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (median,) * 3
+        print(f"\nMTP, passes paired in one process: k=1 ÷ k=0 median {median:.2f} (quartiles {first:.2f}–{third:.2f}, "
+              f"range {low:.2f}–{high:.2f}) over {len(ratios)} pairs")
     if verdicts and record.get("args", {}).get("mtp_temperature", 0.0) > 0:
         print("\nMTP: sampled chats (k=1 draws from the same distributions as k=0, not the same tokens)")
     elif verdicts:
@@ -303,7 +304,7 @@ def pair_ratios(record: dict) -> list[float]:
 
 def print_targets(medians: dict, args, paired: list[float] | None = None) -> None:
     """Issue 15's and 16's targets, each read off the medians (at the highest thread count); with `--mtp-paired`,
-    MTP's also off the median of the paired passes' ratios (`paired`, sorted), the steadier estimate here."""
+    MTP's also off the median of the paired passes' ratios (`paired`), the steadier estimate here."""
     t = args.threads[-1]
     rows = []
 
@@ -327,7 +328,7 @@ def print_targets(medians: dict, args, paired: list[float] | None = None) -> Non
         rows.append(("MTP k=1 ≥ 1.4× k=0 (bundled, bs=1)", ratio(
             (t, "bundled", "bf16", "mtp", "glm45 k=1"), (t, "bundled", "bf16", "mtp", "glm45 k=0")), 1.4))
         if paired:
-            rows.append(("MTP k=1 ≥ 1.4× k=0, paired passes' median", paired[len(paired) // 2], 1.4))
+            rows.append(("MTP k=1 ≥ 1.4× k=0, paired passes' median", median_range(paired)[0], 1.4))
     rows = [r for r in rows if r[1] == r[1]]
     if rows:
         print("\ntargets (issues 15 and 16), from the medians:")

@@ -109,16 +109,13 @@ class Tokenizer:
             return self._encode_text(text)
         # Long pieces between added tokens from the cache; the text around them in one call each.
         ids: list[int] = []
-        start = 0
-        pieces = self._added_token_split.split(text)  # text, token, text, token, ..., text
-        position = 0
-        for index in range(0, len(pieces), 2):
-            piece = pieces[index]
-            if len(piece) in CACHED_PIECE_CHARS:
+        start = position = 0  # text[start:position] is still to tokenize
+        for index, piece in enumerate(self._added_token_split.split(text)):  # text, token, text, ..., text
+            if index % 2 == 0 and len(piece) in CACHED_PIECE_CHARS:
                 ids += self._encode_text(text[start:position])
                 ids += self._encode_piece(piece)
                 start = position + len(piece)
-            position += len(piece) + (len(pieces[index + 1]) if index + 1 < len(pieces) else 0)
+            position += len(piece)
         return ids + self._encode_text(text[start:])
 
     def _encode_text(self, text: str) -> list[int]:

@@ -92,10 +92,14 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ------------------------------------------------------------------ allocation
-    def _take_free_block(self) -> int:
-        block_id, _ = self.free_block_ids.popitem(last=False)
+    def _take_free_block(self, block_id: int | None = None) -> int:
+        """A free block for a sequence to write: the least recently used one, or `block_id`."""
+        if block_id is None:
+            block_id, _ = self.free_block_ids.popitem(last=False)
+        else:
+            del self.free_block_ids[block_id]
         block = self.blocks[block_id]
-        self._forget(block)  # its old contents are about to be overwritten
+        self._forget(block)  # its old contents are about to be overwritten (a taken-over one's past its shared start)
         block.ref_count = 1
         return block_id
 
@@ -182,11 +186,7 @@ class BlockManager:
         taken, usable = self._best_continuation(previous, seq.token_ids[start:start + self.block_size + self.mtp],
                                                 limit) if limit > 0 else (None, 0)
         if taken is not None:
-            block = self.blocks[taken]
-            del self.free_block_ids[taken]
-            self._forget(block)  # this sequence writes past the shared tokens
-            block.ref_count = 1
-            seq.block_table.append(taken)
+            seq.block_table.append(self._take_free_block(taken))
         seq.num_computed_tokens = seq.num_cached_tokens = start + usable
         self.num_valid_tokens[seq.seq_id] = seq.num_computed_tokens
         self.prefix_hits += min(seq.num_cached_tokens, seq.num_prompt_tokens)

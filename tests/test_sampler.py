@@ -245,9 +245,9 @@ def test_bundled_model_seeded_sampling_is_the_same_on_the_host_kernel(monkeypatc
     prompts = ["[gMASK]<sop><|user|>\nWhat is the weather in Oslo?<|assistant|>",
                "[gMASK]<sop><|user|>\nConvert 3 km to miles./nothink<|assistant|>\n<think></think>",
                "[gMASK]<sop><|user|>\nTell me about Lisbon.<|assistant|>"]
-    params = [SamplingParams(temperature=1.0, max_tokens=40, seed=1),
-              SamplingParams(temperature=0.6, top_p=0.95, max_tokens=40, seed=2),
-              SamplingParams(temperature=0.8, top_k=20, min_p=0.05, presence_penalty=0.5, max_tokens=40, seed=3)]
+    params = [SamplingParams(temperature=1.5, max_tokens=64, seed=1),
+              SamplingParams(temperature=0.6, top_p=0.95, max_tokens=64, seed=2),
+              SamplingParams(temperature=0.8, top_k=20, min_p=0.05, presence_penalty=0.5, max_tokens=64, seed=3)]
 
     def generate():
         llm = LLM(num_speculative_tokens=k, dtype="bfloat16")

@@ -133,7 +133,8 @@ def test_forced_tool_calls_to_random_schemas_parse_and_validate(llm):
         choice = "required" if i % 2 else {"type": "function", "function": {"name": f"tool_{i}"}}
         plan = plan_chat(question, declared, choice)
         prompts.append(plan.prompt)
-        params.append(SamplingParams(max_tokens=160, temperature=0.7, seed=i,
+        # Room for a second call: under "required" a sampled answer may make more than one.
+        params.append(SamplingParams(max_tokens=320, temperature=0.7, seed=i,
                                      structured_outputs=plan.structured_outputs()))
         tools.append((declared, plan))
     outputs = llm.generate(prompts, params, use_tqdm=False)

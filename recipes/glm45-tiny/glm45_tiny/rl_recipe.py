@@ -123,11 +123,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    from glm45.train.rl import rl
-    from glm45.train.rl_config import RLConfig
-    from glm45_tiny.recipe import install
-
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="GRPO stage of the bundled model (tool use).")
     parser.add_argument("--model", required=True, help="the SFT model (`glm45_tiny.recipe`'s result)")
     parser.add_argument("--out", default="runs/glm45-tiny-rl")
@@ -143,8 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--install", action="store_true", help="copy the result into the package as the bundled model")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Write the prompts and run GRPO with `args` (of `parser()`); returns the trained model's folder."""
+    from glm45.train.rl import rl
+    from glm45.train.rl_config import RLConfig
+
     out = Path(args.out)
     prompts = write_rows(prompt_rows(args.num_prompts, 1000 + args.seed), out / "prompts.jsonl")
     config = RLConfig(
@@ -156,8 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads, seed=args.seed, resume=args.resume)
     summary = rl(config)
     logger.info("RL done: %s", summary)
+    return Path(summary["result"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from glm45_tiny.recipe import install
+
+    args = parser().parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(args)
     if args.install:
-        install(summary["result"])
+        install(result)
     return 0
 
 

@@ -104,10 +104,7 @@ def build(out: Path, model: str, num: int, seed: int) -> Path:
     return write_jsonl(conversations, out / "train.jsonl")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from glm45.train.config import TrainConfig
-    from glm45.train.trainer import train
-
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Spelling stage of the bundled model (capitalised requests).")
     parser.add_argument("--model", required=True, help="the RL model (`glm45_tiny.rl_recipe`'s result)")
     parser.add_argument("--out", default="runs/glm45-tiny-spelling")
@@ -118,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=20)
     parser.add_argument("--install", action="store_true", help="copy the result into the package as the bundled model")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Write the conversations and train with `args` (of `parser()`); returns the trained model's folder."""
+    from glm45.train.config import TrainConfig
+    from glm45.train.trainer import train
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_file = build(out, args.model, args.num, args.seed)
@@ -132,8 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     summary = train(config)
     logger.info("training done: %s", summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return Path(summary["result"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(args)
     if args.install:
-        install(summary["result"])
+        install(result)
     return 0
 
 

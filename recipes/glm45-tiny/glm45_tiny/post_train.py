@@ -7,8 +7,8 @@ one wall-time budget (`--max-minutes`, data and loading included): RL gets `--rl
 what is left. RL is shorter than run alone (18 minutes, 99 steps on the 2-core CPU, instead of 360 steps in 45) so
 that both fit in an hour; the spelling stage keeps its 1,100 steps. Measured, that split is the one that works: RL
 for 31 minutes (169 steps) and the spelling stage for 884 steps got fewer unseen tools right (85% and 83% on the
-evaluation's seeds 2 and 3, against 90% and 87%), misspelling "summarize" as the shorter spelling stage at half
-the learning rate did. The spelling stage declines tool requests asked without tools in words, so RL's other lesson
+evaluation's seeds 2 and 3, against 90% and 87%), misspelling "summarize", as the spelling stage at half its
+learning rate had. The spelling stage declines tool requests asked without tools in words, so RL's other lesson
 is taught again there.
 """
 

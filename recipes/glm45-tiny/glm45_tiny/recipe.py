@@ -32,6 +32,7 @@ import functools
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from glm45.chat import render_chat
@@ -121,6 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("training done: %s", summary)
     if args.install:
         install(summary["result"])
+    return 0
+
+
+def stage_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Path],
+               argv: list[str] | None) -> int:
+    """A later stage's command: parse its arguments, run it, and with `--install` bundle its result."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(args)
+    if args.install:
+        install(result)
     return 0
 
 

@@ -162,14 +162,9 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from glm45_tiny.recipe import install
+    from glm45_tiny.recipe import stage_main
 
-    args = parser().parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(args)
-    if args.install:
-        install(result)
-    return 0
+    return stage_main(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from glm45_tiny.recipe import install
+from glm45_tiny.recipe import stage_main
 from glm45_tiny.rl_recipe import RL_NOUNS, RL_VERBS, check_words
 from glm45_tiny.synthetic import TOOL_NOUNS, TOOL_VERBS, ConversationGenerator, generate, write_jsonl
 
@@ -139,12 +139,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(args)
-    if args.install:
-        install(result)
-    return 0
+    return stage_main(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -69,57 +69,74 @@ def runners(folder, dtype, quantization=None, kv_cache_dtype="auto", lm_head_qua
     return Session(eager), Session(captured)
 
 
+def exact_session(folder, quantization=None, lm_head_quantization=None) -> Session:
+    """The eager path in fp32 on the same (quantized) weights: what bf16 runs are judged against."""
+    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.float32, progress=False,
+                                               quantization=quantization, lm_head_quantization=lm_head_quantization)
+    layers = model.config.num_hidden_layers + (1 if model.mtp is not None else 0)
+    return Session(ModelRunner.create(model, 32, layers, BLOCK))
+
+
 class Agreement:
     """Logits of the two paths, step by step. fp32 (`strict`): every step's largest difference ≤ 1e-4 of the
-    largest logit and the same argmax wherever the top-two margin is clear. bf16: the two paths round at the
-    same places, but torch's SDPA and the captured attention differ by an ulp in about a third of their outputs
-    (neither is the fp32 result rounded once), and in these small random models with large weights an ulp
-    can flip an expert choice; so bf16 is judged over all steps: the median step's mean difference ≤ 2.5% of
-    the mean logit, and the same argmax in ≥ 85% of the rows."""
+    largest logit and the same argmax wherever the top-two margin is clear. bf16: the two paths round at
+    different places (torch's SDPA and the captured attention differ by an ulp in about a third of their
+    outputs; the quantized kernels round activations where torch's ops do not), and in these small random
+    models with large weights an ulp can flip an expert choice, so how far apart the two bf16 paths land
+    depends on the CPU's instruction set. bf16 is therefore judged against the exact result, the eager path
+    in fp32 on the same weights: over all steps the captured path's median distance from it (mean difference
+    over mean logit) is at most 1.2× the eager path's, and the two give the same argmax in ≥ 85% of the rows."""
 
     def __init__(self, strict: bool):
         self.strict = strict
-        self.mean_differences: list[float] = []
+        self.eager_errors: list[float] = []
+        self.captured_errors: list[float] = []
         self.rows = self.agreeing = 0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def add(self, a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor | None = None) -> None:
         scale = a.abs().max()
         if self.strict:
             assert (a - b).abs().max() <= 1e-4 * scale, float((a - b).abs().max() / scale)
             top2 = a.topk(2, dim=-1).values
             clear = (top2[:, 0] - top2[:, 1]) > 2e-4 * scale
             assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
-        self.mean_differences.append(float((a - b).abs().mean() / a.abs().mean()))
+        else:
+            assert exact is not None, "bf16 is judged against the exact (fp32) result"
+            magnitude = exact.abs().mean()
+            self.eager_errors.append(float((a.float() - exact).abs().mean() / magnitude))
+            self.captured_errors.append(float((b.float() - exact).abs().mean() / magnitude))
         self.rows += a.shape[0]
         self.agreeing += int((a.argmax(-1) == b.argmax(-1)).sum())
 
     def check(self) -> None:
         if not self.strict:
-            median = sorted(self.mean_differences)[len(self.mean_differences) // 2]
-            assert median <= 0.025, self.mean_differences
+            eager, captured = (sorted(e)[len(e) // 2] for e in (self.eager_errors, self.captured_errors))
+            assert captured <= 1.2 * eager, (captured, eager, self.captured_errors, self.eager_errors)
             assert self.agreeing >= 0.85 * self.rows, (self.agreeing, self.rows)
 
 
-def run_teacher_forced(eager: Session, captured: Session, strict: bool, steps: int = 12, verify: int = 1) -> None:
-    agreement = Agreement(strict)
+def run_teacher_forced(eager: Session, captured: Session, exact: Session | None = None, steps: int = 12,
+                       verify: int = 1) -> None:
+    """fp32 runs (no `exact`) are held strictly; bf16 runs against `exact`, the fp32 eager path."""
+    agreement = Agreement(strict=exact is None)
+
+    def forward(rows, logit_rows):
+        a, b = (s.runner.forward(s.inputs(rows), logit_rows) for s in (eager, captured))
+        agreement.add(a, b, None if exact is None else exact.runner.forward(exact.inputs(rows), logit_rows))
+        return a
+
     # Sequence 0's prompt has more rows than the largest captured size (eager on both sides); sequence 1's
     # fits, so the captured side prefills it with the program.
     prompts = {0: list(range(3, 23)), 1: list(range(40, 47))}
     for seq, prompt in prompts.items():
-        rows = [(seq, t, p) for p, t in enumerate(prompt)]
-        a = eager.runner.forward(eager.inputs(rows), [len(rows) - 1])
-        b = captured.runner.forward(captured.inputs(rows), [len(rows) - 1])
-        agreement.add(a, b)
+        forward([(seq, t, p) for p, t in enumerate(prompt)], [len(prompt) - 1])
     last = {seq: (prompt[-1], len(prompt) - 1) for seq, prompt in prompts.items()}
     for _ in range(steps):
         # each sequence re-feeds its last token plus `verify - 1` guesses (MTP verification rows)
         rows = []
         for seq, (token, position) in last.items():
             rows += [(seq, token if i == 0 else (token + i) % 300, position + i) for i in range(verify)]
-        a = eager.runner.forward(eager.inputs(rows), list(range(len(rows))))
-        b = captured.runner.forward(captured.inputs(rows), list(range(len(rows))))
-        agreement.add(a, b)
-        chosen = a.argmax(-1).tolist()
+        chosen = forward(rows, list(range(len(rows)))).argmax(-1).tolist()
         for k, seq in enumerate(last):
             last[seq] = (chosen[k * verify], last[seq][1] + 1)
     agreement.check()
@@ -129,7 +146,7 @@ def run_teacher_forced(eager: Session, captured: Session, strict: bool, steps: i
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_step_matches_eager(folders, kind, dtype):
     eager, captured = runners(folders[kind], dtype)
-    run_teacher_forced(eager, captured, strict=dtype == torch.float32)
+    run_teacher_forced(eager, captured, None if dtype == torch.float32 else exact_session(folders[kind]))
 
 
 @pytest.mark.parametrize("quantization, lm_head", [("fp8", None), ("int8", None), ("int4", None), ("int4", "int8"),
@@ -139,19 +156,19 @@ def test_captured_step_matches_eager_for_packed_weights(folders, quantization, l
     head = eager.runner.model.lm_head
     expected = quantization if lm_head is None else None if lm_head == "none" else lm_head
     assert (head.packed.format if hasattr(head, "packed") else None) == expected
-    run_teacher_forced(eager, captured, strict=False)
+    run_teacher_forced(eager, captured, exact_session(folders["glm45_like"], quantization, lm_head))
 
 
 def test_captured_step_matches_eager_with_an_fp8_kv_cache(folders):
     eager, captured = runners(folders["air_like"], torch.float32, kv_cache_dtype="fp8")
     assert eager.runner.kv_cache.dtype == torch.float8_e4m3fn
     # Both paths store e4m3 rounded to nearest and saturated at ±448, and widen it exactly on read.
-    run_teacher_forced(eager, captured, strict=True)
+    run_teacher_forced(eager, captured)
 
 
 def test_verification_rows_and_mtp_drafts_match_eager(folders):
     eager, captured = runners(folders["mtp"], torch.float32)
-    run_teacher_forced(eager, captured, strict=True, steps=6, verify=3)
+    run_teacher_forced(eager, captured, steps=6, verify=3)
     rows = [(0, 5, 30), (0, 6, 31), (1, 7, 17)]
     for session in (eager, captured):
         session.runner.forward(session.inputs(rows), [1, 2])
@@ -183,25 +200,29 @@ def test_many_bf16_rows_match_eager_head_and_draft_included(folders):
     products (projections, experts, the head) take the dot-product path on CPUs with AVX512-BF16; the target's
     logits and the MTP layer's agree with the eager path as the fewer-row steps do."""
     eager, captured = runners(folders["mtp"], torch.bfloat16)
+    sessions = (eager, captured, exact_session(folders["mtp"]))
     agreement = Agreement(strict=False)
+
+    def compare(rows, logit_rows, draft_rows=None):
+        outputs = [s.runner.forward(s.inputs(rows), logit_rows) if draft_rows is None else
+                   s.runner.draft(s.inputs(rows), logit_rows, draft_rows) for s in sessions]
+        agreement.add(*outputs)
+        return outputs[0]
+
     last = {}
     for seq in range(4):
-        rows = [(seq, 11 * seq + t, t) for t in range(5)]
-        agreement.add(eager.runner.forward(eager.inputs(rows), [4]),
-                      captured.runner.forward(captured.inputs(rows), [4]))
+        compare([(seq, 11 * seq + t, t) for t in range(5)], [4])
         last[seq] = (11 * seq + 4, 4)
     for _ in range(8):
         rows = [(seq, token, position) for seq, (token, position) in last.items()]
-        a = eager.runner.forward(eager.inputs(rows), list(range(4)))
-        agreement.add(a, captured.runner.forward(captured.inputs(rows), list(range(4))))
+        a = compare(rows, list(range(4)))
         last = {seq: (token, position + 1) for seq, token, (_, position) in
                 zip(last, a.argmax(-1).tolist(), last.values(), strict=True)}
     rows = [(seq, token, position) for seq, (token, position) in last.items()]
     logit_rows = list(range(4))
-    eager.runner.forward(eager.inputs(rows), logit_rows)
-    captured.runner.forward(captured.inputs(rows), logit_rows)
-    agreement.add(eager.runner.draft(eager.inputs(rows), logit_rows, logit_rows),
-                  captured.runner.draft(captured.inputs(rows), logit_rows, logit_rows))
+    for s in sessions:
+        s.runner.forward(s.inputs(rows), logit_rows)
+    compare(rows, logit_rows, logit_rows)
     agreement.check()
 
 

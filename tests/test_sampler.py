@@ -244,10 +244,14 @@ def test_bundled_model_seeded_sampling_is_the_same_on_the_host_kernel(monkeypatc
 
     prompts = ["[gMASK]<sop><|user|>\nWhat is the weather in Oslo?<|assistant|>",
                "[gMASK]<sop><|user|>\nConvert 3 km to miles./nothink<|assistant|>\n<think></think>",
-               "[gMASK]<sop><|user|>\nTell me about Lisbon.<|assistant|>"]
+               "[gMASK]<sop><|user|>\nTell me about Lisbon.<|assistant|>",
+               "[gMASK]<sop><|user|>\nWrite a story about a lighthouse.<|assistant|>"]
+    # The bundled model's drafts are accepted ~99% of the time at these temperatures; temperature 2 makes the
+    # last request's target and draft distributions differ enough that some drafts are surely rejected.
     params = [SamplingParams(temperature=1.5, max_tokens=64, seed=1),
               SamplingParams(temperature=0.6, top_p=0.95, max_tokens=64, seed=2),
-              SamplingParams(temperature=0.8, top_k=20, min_p=0.05, presence_penalty=0.5, max_tokens=64, seed=3)]
+              SamplingParams(temperature=0.8, top_k=20, min_p=0.05, presence_penalty=0.5, max_tokens=64, seed=3),
+              SamplingParams(temperature=2.0, max_tokens=64, seed=4, ignore_eos=True)]
 
     def generate():
         llm = LLM(num_speculative_tokens=k, dtype="bfloat16")
@@ -257,7 +261,7 @@ def test_bundled_model_seeded_sampling_is_the_same_on_the_host_kernel(monkeypatc
 
     got, expected = host_kernel_and_tensor_path(monkeypatch, generate)
     assert got == expected
-    assert all(len(t) > 10 for t in got[0])
+    assert all(len(t) > 10 for t in got[0]), [len(t) for t in got[0]]
     assert k == 0 or 0 < sum(got[1][1]) < sum(got[1][0])  # drafts both accepted and rejected
 
 

@@ -35,18 +35,21 @@ static inline float finish(float sum, const Weight *w, int64_t n, int round) {
 static inline void prefetch_ahead(const void *row, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)row + PREFETCH_BYTES + o, _MM_HINT_T0);
 }
-/* NAME(…, mc, out) calls NAME##_mc with mc as a constant (1–4): the per-row loops over the activation rows then
+/* NAME(…, mc, out) calls NAME##_mc with mc as a constant (1 to MAX): the per-row loops over the activation rows then
  * unroll and their accumulators stay in registers. With mc known only at run time GCC kept the accumulator arrays on
  * the stack, a load and a store around every FMA: one activation row streamed a bf16 matrix from memory at
- * 9 GB/s on one core where the same loop with constant rows reads 15–18. The arithmetic is the same. */
-#define ROWS_BY_COUNT(NAME, TYPE, OUT)                                                                         \
+ * 9 GB/s on one core where the same loop with constant rows reads 15–18. The arithmetic is the same. MAX is the
+ * most rows the caller passes (counts above it are never instantiated). */
+#define ROWS_BY_COUNT(NAME, TYPE, OUT, MAX)                                                                    \
     static void NAME(const TYPE *row, int64_t K, const Act *a, int64_t m0, int64_t mc, OUT) {                  \
-        switch (mc) {                                                                                          \
-        case 1: NAME##_mc(row, K, a, m0, 1, out); break;                                                       \
-        case 2: NAME##_mc(row, K, a, m0, 2, out); break;                                                       \
-        case 3: NAME##_mc(row, K, a, m0, 3, out); break;                                                       \
-        default: NAME##_mc(row, K, a, m0, 4, out); break;                                                      \
-        }                                                                                                      \
+        if (mc == 1)                                                                                           \
+            NAME##_mc(row, K, a, m0, 1, out);                                                                  \
+        else if (MAX == 2 || mc == 2)                                                                          \
+            NAME##_mc(row, K, a, m0, 2, out);                                                                  \
+        else if (mc == 3)                                                                                      \
+            NAME##_mc(row, K, a, m0, MAX == 2 ? 2 : 3, out);                                                   \
+        else                                                                                                   \
+            NAME##_mc(row, K, a, m0, MAX, out);                                                                \
     }
 
 /* One weight row (widened by LOAD) against mc ≤ 4 activation rows. FMA latency, not bandwidth, limits a row
@@ -88,7 +91,7 @@ static inline void prefetch_ahead(const void *row, int64_t bytes) {
             out[m] = s;                                                                                        \
         }                                                                                                      \
     }                                                                                                          \
-    ROWS_BY_COUNT(NAME, TYPE, float out[4])
+    ROWS_BY_COUNT(NAME, TYPE, float out[4], 4)
 
 static inline float f32_id(float v) { return v; }
 FLOAT_ROWS(row_f32, float, vload, f32_id)
@@ -134,7 +137,7 @@ FLOAT_ROWS(row_bf16, uint16_t, vload_bf16, bf16_to_f32)
             vhsum4(vadd(acc[m][0][0], acc[m][0][1]), vadd(acc[m][1][0], acc[m][1][1]),                         \
                    vadd(acc[m][2][0], acc[m][2][1]), vadd(acc[m][3][0], acc[m][3][1]), out[m]);                \
     }                                                                                                          \
-    ROWS_BY_COUNT(NAME, TYPE, float out[2][4])
+    ROWS_BY_COUNT(NAME, TYPE, float out[2][4], 2)
 
 FLOAT_ROWS4(rows4_f32, float, vload)
 FLOAT_ROWS4(rows4_bf16, uint16_t, vload_bf16)

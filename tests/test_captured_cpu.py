@@ -58,12 +58,19 @@ class Session:
         return StepInputs(ids, positions, slots, slices)
 
 
-def runners(folder, dtype, quantization=None, kv_cache_dtype="auto", lm_head_quantization=None):
-    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype=dtype, progress=False, quantization=quantization,
-                                               lm_head_quantization=lm_head_quantization)
+def new_runner(model, kv_cache_dtype="auto") -> ModelRunner:
     layers = model.config.num_hidden_layers + (1 if model.mtp is not None else 0)
-    eager = ModelRunner.create(model, 32, layers, BLOCK, kv_cache_dtype)
-    captured = ModelRunner.create(model, 32, layers, BLOCK, kv_cache_dtype)
+    return ModelRunner.create(model, 32, layers, BLOCK, kv_cache_dtype)
+
+
+def load(folder, dtype, quantization=None, lm_head_quantization=None):
+    return Glm4MoeForCausalLM.from_pretrained(folder, dtype=dtype, progress=False, quantization=quantization,
+                                              lm_head_quantization=lm_head_quantization)
+
+
+def runners(folder, dtype, quantization=None, kv_cache_dtype="auto", lm_head_quantization=None):
+    model = load(folder, dtype, quantization, lm_head_quantization)
+    eager, captured = new_runner(model, kv_cache_dtype), new_runner(model, kv_cache_dtype)
     captured.capture(max_model_len=120, sizes=[1, 2, 4, 8])
     assert captured.captured is not None
     return Session(eager), Session(captured)
@@ -71,10 +78,7 @@ def runners(folder, dtype, quantization=None, kv_cache_dtype="auto", lm_head_qua
 
 def exact_session(folder, quantization=None, lm_head_quantization=None) -> Session:
     """The eager path in fp32 on the same (quantized) weights: what bf16 runs are judged against."""
-    model = Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.float32, progress=False,
-                                               quantization=quantization, lm_head_quantization=lm_head_quantization)
-    layers = model.config.num_hidden_layers + (1 if model.mtp is not None else 0)
-    return Session(ModelRunner.create(model, 32, layers, BLOCK))
+    return Session(new_runner(load(folder, torch.float32, quantization, lm_head_quantization)))
 
 
 class Agreement:

@@ -144,10 +144,13 @@ class OutputProcessor:
     def _stop_at(seq: Sequence, state: _SeqText, end: int, stop: str) -> None:
         keep = end if seq.params.include_stop_str_in_output else end - len(stop)
         state.text = state.text[:keep]
-        del seq.token_ids[seq.num_prompt_tokens + state.num_fed:]  # tokens after the one completing the match
+        # Tokens after the one completing the match (a step that took several: MTP, a run of steps) go, and with them
+        # whatever finish one of them made (an end token, max_tokens).
+        cut = len(seq.token_ids) > seq.num_prompt_tokens + state.num_fed
+        del seq.token_ids[seq.num_prompt_tokens + state.num_fed:]
         if seq.logprobs is not None:
             del seq.logprobs[state.num_fed:]
-        seq.finish("stop", stop)
+        seq.finish("stop", stop, replace=cut)
 
     def output(self, request_id: str) -> RequestOutput:
         request = self.requests[request_id]

@@ -148,8 +148,9 @@ class Sequence:
         if (max_tokens is not None and self.num_output_tokens >= max_tokens) or len(self) >= max_model_len:
             self.finish("length")
 
-    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
-        if self.status == SequenceStatus.FINISHED:
+    def finish(self, reason: str, stop_reason: int | str | None = None, replace: bool = False) -> None:
+        """The first finish stands, unless `replace` (the tokens that made it were taken back)."""
+        if self.status == SequenceStatus.FINISHED and not replace:
             return
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from server_helpers import save_random_model
 from tiny_checkpoints import save_reference
 
@@ -236,18 +236,21 @@ class EngineMachine(RuleBasedStateMachine):
             if output.finished:
                 self.live.remove(output.request_id)
 
-    @precondition(lambda self: self.live)
-    @rule(data=st.data())
-    def abort(self, data):
-        request_id = data.draw(st.sampled_from(self.live))
-        assert self.engine.abort_request(request_id)
-        self.live.remove(request_id)
+    # A live request is picked by a number drawn whatever is live: how many requests a step finishes depends on the
+    # engine's state, which the examples share (its prefix cache, and runs of decode steps where blocks allow), so
+    # what hypothesis draws must not depend on it.
+    @rule(pick=st.integers(0, 1000))
+    def abort(self, pick):
+        if self.live:
+            request_id = self.live[pick % len(self.live)]
+            assert self.engine.abort_request(request_id)
+            self.live.remove(request_id)
 
-    @precondition(lambda self: self.live)
-    @rule(data=st.data(), pause=st.booleans())
-    def pause_or_resume(self, data, pause):
-        request_id = data.draw(st.sampled_from(self.live))
-        (self.engine.pause_request if pause else self.engine.resume_request)(request_id)
+    @rule(pick=st.integers(0, 1000), pause=st.booleans())
+    def pause_or_resume(self, pick, pause):
+        if self.live:
+            request_id = self.live[pick % len(self.live)]
+            (self.engine.pause_request if pause else self.engine.resume_request)(request_id)
 
     @invariant()
     def blocks_are_accounted_for(self):

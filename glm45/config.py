@@ -249,6 +249,9 @@ class EngineConfig:
     threads: int | None = arg(None, "CPU threads for the model's kernels (default: OMP_NUM_THREADS, else torch's "
                                     "count of the cores)")
     enforce_eager: bool = arg(False, "never run the captured decode step (CUDA graphs, or the CPU step program)")
+    num_scheduler_steps: int = arg(8, "on CPUs, decode steps run in one call of the captured step when every "
+                                      "sequence decodes plainly (greedy or sampled; no penalties, bias, "
+                                      "log-probabilities, constraints, adapters or MTP); 1 turns that off")
     enable_lora: bool = arg(False, "serve LoRA adapters per request (see --lora-modules)")
     max_loras: int = arg(4, "LoRA adapters held at once (each can be in any batch)")
     max_lora_rank: int = arg(16, "the largest LoRA rank an adapter may have")
@@ -261,6 +264,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be ≥ 1, got {self.max_model_len}")
+        if not 1 <= self.num_scheduler_steps <= 64:
+            raise ValueError(f"num_scheduler_steps must be in [1, 64], got {self.num_scheduler_steps}")
         if not 0 <= self.num_speculative_tokens <= 8:
             raise ValueError(f"num_speculative_tokens must be in [0, 8], got {self.num_speculative_tokens}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:

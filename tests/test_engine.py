@@ -159,7 +159,9 @@ def test_speculative_prefix_cache_shares_a_block_when_the_token_after_it_matches
         finally:
             engine.executor.propose_drafts = propose
 
-    engine = make_engine(mtp_checkpoint, num_speculative_tokens=1)
+    # Drafts are recorded per step: one step a call (runs of steps end where their timing says, and a run's
+    # intermediate drafts are not proposed separately).
+    engine = make_engine(mtp_checkpoint, num_speculative_tokens=1, num_scheduler_steps=1)
     run_to_completion(engine, {0: [("a", prompt, GREEDY)]})
     hit, hit_drafts = drafted(engine, {0: [("b", prompt, GREEDY)]})
     assert hit["b"].num_cached_tokens == 69  # all but the last token: the MTP K/V at 68 was made with the same 69th
@@ -168,7 +170,7 @@ def test_speculative_prefix_cache_shares_a_block_when_the_token_after_it_matches
     # for the first prompt) not overwritten either
     assert partial["c"].num_cached_tokens == 48
 
-    cold = make_engine(mtp_checkpoint, num_speculative_tokens=1, enable_prefix_caching=False)
+    cold = make_engine(mtp_checkpoint, num_speculative_tokens=1, enable_prefix_caching=False, num_scheduler_steps=1)
     expected, expected_drafts = drafted(cold, {0: [("b", prompt, GREEDY)]})
     assert hit["b"].outputs[0].token_ids == expected["b"].outputs[0].token_ids
     assert hit_drafts == expected_drafts

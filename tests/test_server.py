@@ -484,7 +484,7 @@ def test_disconnected_streams_free_their_kv_blocks(random_server, caplog):
     streams = []
     for i in range(16):
         stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"story {i}"}],
-                                           max_tokens=400, temperature=0, stream=True,
+                                           max_tokens=1000, temperature=0, stream=True,
                                            extra_body={"ignore_eos": True})
         streams.append(stream)
     for stream in streams:
@@ -497,7 +497,7 @@ def test_disconnected_streams_free_their_kv_blocks(random_server, caplog):
     assert values["glm45:request_success_total[abort]"] >= 16
     assert random_server.app.state.async_engine.num_in_flight == 0
     # the engine did not run the aborted requests to their end
-    assert values["glm45:generation_tokens_total"] < before + 16 * 400
+    assert values["glm45:generation_tokens_total"] < before + 16 * 1000
     assert not [r for r in caplog.records if r.exc_info], "a disconnect is not an error"
     assert client(random_server).chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
 

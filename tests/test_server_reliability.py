@@ -238,14 +238,17 @@ def one_at_a_time_server(model_folder):
 
 def test_a_failing_step_ends_its_stream_with_an_error_event_and_others_go_on(one_at_a_time_server, monkeypatch):
     server = one_at_a_time_server
-    forward, scheduler = server.engine.runner.forward, server.engine.scheduler
+    runner, scheduler = server.engine.runner, server.engine.scheduler
 
-    def failing(inputs, rows):  # fails the step of the request with token 77 once another request waits
-        if scheduler.running and 77 in scheduler.running[0].token_ids[:3] and scheduler.waiting:
-            raise RuntimeError("injected model failure")
-        return forward(inputs, rows)
+    def failing(original):  # fails the step of the request with token 77 once another request waits
+        def step(*args):
+            if scheduler.running and 77 in scheduler.running[0].token_ids[:3] and scheduler.waiting:
+                raise RuntimeError("injected model failure")
+            return original(*args)
+        return step
 
-    monkeypatch.setattr(server.engine.runner, "forward", failing)
+    for name in ("forward", "decode_steps"):  # a step of its own, and a run of decode steps
+        monkeypatch.setattr(runner, name, failing(getattr(runner, name)))
     results = {}
 
     def run(name, body):

@@ -13,7 +13,11 @@ decode batch, MTP verification (k+1 rows per sequence) and short prefill chunks 
 the captured size: padding rows write K/V to a scratch block past the cache's blocks and are ignored. Two
 programs per size: the trunk (embedding → layers → final norm, keeping the hidden states) and the head
 (gathering the rows whose logits are needed → LM head), likewise for the MTP layer, and with an MTP layer a
-third: MTP's whole step with one draft token (`cpu_step_programs.build_draft_step`). The arithmetic is the
+third: MTP's whole step with one draft token (`cpu_step_programs.build_draft_step`). With `max_steps` > 1, a
+program of a whole decode step (trunk, head, and the choice of each row's next token, which becomes its next input)
+runs several steps in one call (`decode_steps`, vLLM's multi-step scheduling): the engine's Python between steps
+cost the `small` benchmark model about 0.3 ms a token, a tenth of its step, though it takes 0.05 ms when run
+alone: the weights the step streams through the caches evict the interpreter's code and data. The arithmetic is the
 eager path's (same kernels for the matrices; bf16 rounding at the same places for bf16 models), so greedy
 tokens agree with it (tests/test_captured_cpu.py).
 """
@@ -30,7 +34,9 @@ from glm45.engine import cpu_program as ops
 from glm45.engine.attention import fill_rows
 from glm45.engine.cpu_step_programs import (
     StepBuffers,
+    build_decode_steps,
     build_draft_step,
+    build_draft_steps,
     build_head,
     build_mtp_trunk,
     build_trunk,
@@ -74,22 +80,28 @@ class CapturedDecode:
     """The captured programs of one model runner, by size, and the per-step filling of their inputs."""
 
     def __init__(self, model, kv_cache: torch.Tensor, block_size: int, scratch_block: int, max_model_len: int,
-                 sizes=None):
+                 sizes=None, max_steps: int = 1):
         start = time.perf_counter()
         self.model, self.kv_cache, self.block_size, self.scratch_block = model, kv_cache, block_size, scratch_block
         self.sizes = sorted(sizes or default_sizes())
         self.threads = torch.get_num_threads()
         self.rounding = model.dtype == torch.bfloat16
         max_blocks = -(-max_model_len // block_size) + 1
-        self.buffers = StepBuffers(model, self.sizes[-1], max_blocks, self.threads)
+        self.max_steps = max_steps
+        self.buffers = StepBuffers(model, self.sizes[-1], max_blocks, self.threads, max_steps)
         self.trunks = {n: build_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
         self.heads = {n: build_head(model, self.buffers, n, draft=False) for n in self.sizes}
-        self.mtp_trunks, self.mtp_heads, self.draft_steps = {}, {}, {}
+        self.decode_step_programs = {n: build_decode_steps(model, kv_cache, block_size, self.buffers, n)
+                                     for n in self.sizes} if max_steps > 1 else {}
+        self._step_sampled_last: list[int] = []  # the rows whose decode-step sampling entries are set
+        self.mtp_trunks, self.mtp_heads, self.draft_steps, self.draft_step_runs = {}, {}, {}, {}
         if model.mtp is not None:
             self.mtp_trunks = {n: build_mtp_trunk(model, kv_cache, block_size, self.buffers, n) for n in self.sizes}
             self.mtp_heads = {n: build_head(model, self.buffers, n, draft=True) for n in self.sizes}
             self.draft_steps = {n: build_draft_step(model, kv_cache, block_size, self.buffers, n)
                                 for n in self.sizes if n >= 2}
+            self.draft_step_runs = {n: build_draft_steps(model, kv_cache, block_size, self.buffers, n)
+                                    for n in self.sizes if n >= 2} if max_steps > 1 else {}
         self._np = {name: getattr(self.buffers, name).numpy() for name in
                     ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
                      "lora_head_slots", "masked_rows")}
@@ -149,6 +161,32 @@ class CapturedDecode:
             return None, hidden
         return self._head(logit_rows, draft=False), hidden
 
+    def decode_steps(self, inputs, steps: int, sampled: dict[int, tuple[tuple, list[float]]]
+                     ) -> tuple[list[list[int]], torch.Tensor]:
+        """`steps` ≤ `max_steps` decode steps of one token per row in one call (`build_decode_steps`); each row's
+        block table must hold the blocks of the positions the steps reach. `sampled`: {row: (its `cpu.SampleRow`
+        fields, its `steps` uniforms)}; the other rows are greedy. → (each row's tokens, one per step; the last
+        step's final hidden states [rows, D])."""
+        n = len(inputs.token_ids)
+        size = self.size_for(n)
+        self._fill(inputs, size)
+        tables, block_size = self._np["tables"], self.block_size
+        for s in inputs.slices:  # fill_rows wrote the blocks up to this step's position; the later steps' as well
+            table = s.block_table[: -(-(s.ctx_len + steps - 1) // block_size)]
+            tables[s.q_start, : len(table)] = table
+        self._adapter_slots(None, n, size, [])
+        self._np["logit_rows"][:size] = self._identity[:size]
+        b = self.buffers
+        for r in self._step_sampled_last:
+            b.step_rows[r].inv_temperature = 0.0
+        self._step_sampled_last = list(sampled)
+        for r, (row, uniforms) in sampled.items():
+            b.step_rows[r] = cpu.SampleRow(*row)
+            b.step_uniforms[:steps, r] = torch.tensor(uniforms)
+        b.live_rows[0] = n
+        self.decode_step_programs[size].run_steps(steps, b.step_index, self.rounding, self.threads)
+        return b.step_tokens[:steps, :n].T.tolist(), b.hidden[:n]
+
     def draft_step(self, inputs, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]],
                    token_masks: dict[int, torch.Tensor] | None = None
                    ) -> tuple[list[int], list[bool], list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,6 +196,37 @@ class CapturedDecode:
         whether each sequence's draft was accepted, each row's next draft (sampled sequences: at the row the next step
         extends), the sampled sequences' next draft distributions [sequences, V], the rows' draft logits [rows, V]
         (buffers valid until the next step), the final hidden states [rows, D])."""
+        n, size = self._draft_inputs(inputs, sampled, token_masks)
+        b = self.buffers
+        self.draft_steps[size].run(self.rounding, self.threads)
+        return (b.next_tokens[:n].tolist(), [bool(a) for a in b.accepted[: n // 2].tolist()],
+                b.draft_tokens[:n].tolist(), b.q_out[: n // 2], b.draft_logits[:n], b.hidden[:n])
+
+    def draft_step_run(self, inputs, steps: int, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]]
+                       ) -> tuple[list[list[list[int]]], list[int], torch.Tensor, torch.Tensor]:
+        """`steps` ≤ `max_steps` MTP steps in one call (`build_draft_steps`; no constraints), from `inputs` as
+        `draft_step` takes them; each row's block table must hold the blocks of the positions the steps reach.
+        `sampled`: {sequence index: (its `cpu.SampleRow` fields, its 5 uniforms for each step, the distribution its
+        draft was drawn from)}. → (each sequence's tokens per step (1 or 2), each sequence's next draft, the sampled
+        sequences' next draft distributions [sequences, V], the last step's final hidden states)."""
+        first = {s: (row, uniforms[:5], q) for s, (row, uniforms, q) in sampled.items()}
+        n, size = self._draft_inputs(inputs, first, None)
+        b = self.buffers
+        tables, block_size = self._np["tables"], self.block_size
+        for s in inputs.slices:  # the blocks of the positions the later steps reach (rows [x_n, d] advance by 1 or 2)
+            table = s.block_table[: -(-(s.ctx_len + 2 * (steps - 1)) // block_size)]
+            tables[s.q_start: s.q_start + s.q_len, : len(table)] = table
+        for s, (_, uniforms, _) in sampled.items():
+            b.run_uniforms[1:steps, s] = torch.tensor(uniforms[5:]).view(steps - 1, 5)
+        b.live_seqs[0] = n // 2
+        self.draft_step_runs[size].run_steps(steps, b.step_index, self.rounding, self.threads)
+        taken = b.run_tokens[:steps, : n // 2].transpose(0, 1).tolist()
+        per_step = [[[t for t in pair if t >= 0] for pair in seq_steps] for seq_steps in taken]
+        drafts = b.tokens[1:n:2].tolist()  # each sequence's next draft, in its row for the step after the run
+        return per_step, drafts, b.q_in[: n // 2], b.hidden[:n]
+
+    def _draft_inputs(self, inputs, sampled: dict, token_masks: dict | None) -> tuple[int, int]:
+        """The draft step's inputs: rows, logit and source rows, sampling entries and masks. → (rows, size)."""
         n = len(inputs.token_ids)
         size = self.size_for(n)
         self._fill(inputs, size)
@@ -178,9 +247,7 @@ class CapturedDecode:
             for r, bitmask in (token_masks or {}).items():
                 b.token_masks[r].copy_(bitmask)
                 masked[r] = 1
-        self.draft_steps[size].run(self.rounding, self.threads)
-        return (b.next_tokens[:n].tolist(), [bool(a) for a in b.accepted[: n // 2].tolist()],
-                b.draft_tokens[:n].tolist(), b.q_out[: n // 2], b.draft_logits[:n], b.hidden[:n])
+        return n, size
 
     def draft(self, inputs, hidden: torch.Tensor, hidden_rows: list[int] | None,
               logit_rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 from glm45.kernels import cpu
 
 (OP_EMBED, OP_RMSNORM, OP_QUANT, OP_LINEAR, OP_QK_ROPE, OP_ATTN, OP_SILU_MUL, OP_ROUTER, OP_GROUPED, OP_COMBINE,
- OP_GATHER, OP_LORA, OP_VERIFY, OP_DRAFT, OP_MASK) = range(1, 16)
+ OP_GATHER, OP_LORA, OP_VERIFY, OP_DRAFT, OP_MASK, OP_ADVANCE, OP_ADVANCE_DRAFT) = range(1, 18)
 KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
 
 
@@ -54,6 +54,10 @@ class Program:
 
     def run(self, rounding: bool, threads: int) -> None:
         cpu.library().glm45_run_program(self.array, len(self.ops), int(rounding), threads)
+
+    def run_steps(self, steps: int, step_index: torch.Tensor, rounding: bool, threads: int) -> None:
+        """The program `steps` times in one call, the step's index in `step_index` (one int64) for its ops."""
+        cpu.library().glm45_run_steps(self.array, len(self.ops), steps, step_index.data_ptr(), int(rounding), threads)
 
 
 def linear_weight(module):

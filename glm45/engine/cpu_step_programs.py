@@ -19,7 +19,7 @@ from glm45.kernels import cpu
 class StepBuffers:
     """Inputs, activations and outputs of the captured programs, allocated once for the largest size."""
 
-    def __init__(self, model, rows: int, max_blocks: int, threads: int):
+    def __init__(self, model, rows: int, max_blocks: int, threads: int, max_steps: int = 1):
         c = model.config
         D, hd, K = c.hidden_size, c.head_dim, c.num_experts_per_tok
         width = max(c.intermediate_size, c.moe_intermediate_size * max(1, c.n_shared_experts))
@@ -44,7 +44,21 @@ class StepBuffers:
         self.accepted = torch.zeros(seqs, dtype=torch.int64)
         self.q_in, self.q_out = torch.empty(seqs, vocab, **f32), torch.empty(seqs, vocab, **f32)
         self.verify_probs = torch.empty(rows if vocab else 0, vocab, **f32)
-        self.sample_scratch = torch.empty(threads, cpu.SAMPLE_SCRATCH * vocab, **f32)
+        sampled_vocab = c.vocab_size if model.mtp is not None or max_steps > 1 else 0
+        self.sample_scratch = torch.empty(threads, cpu.SAMPLE_SCRATCH * sampled_vocab, **f32)
+        # Decode steps run several in one call (`build_decode_steps`): each row's sampling (`SampleRow`; 0 inverse
+        # temperature: greedy), its uniform for each step, the step's index, how many rows are live, and the tokens
+        # each step took.
+        self.step_params = torch.zeros(rows * ctypes.sizeof(cpu.SampleRow), dtype=torch.uint8)
+        self.step_rows = (cpu.SampleRow * rows).from_address(self.step_params.data_ptr())
+        self.step_uniforms = torch.zeros(max_steps, rows, **f32)
+        self.step_index, self.live_rows = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        self.step_tokens = torch.zeros(max_steps, rows, dtype=torch.int64)
+        # MTP steps run several in one call (`build_draft_steps`): each sequence's uniforms for every step after the
+        # first, and the tokens each step took (the target's t_n, and t_d when the draft was accepted, else -1).
+        self.run_uniforms = torch.zeros(max_steps + 1, seqs, 5, **f32) if vocab else torch.zeros(0)
+        self.run_tokens = torch.zeros(max_steps, seqs, 2, dtype=torch.int64)
+        self.live_seqs = torch.zeros(1, dtype=torch.int64)
         # Constraint masks of the draft step's target rows (xgrammar's bitmask layout), applied where `masked_rows`.
         self.token_masks = torch.full((rows if vocab else 0, masks.words(vocab)), -1, dtype=torch.int32)
         self.masked_rows = torch.zeros(rows, dtype=torch.int64)
@@ -277,7 +291,41 @@ def build_head(model, buffers: StepBuffers, rows: int, draft: bool) -> Program:
     return builder.program
 
 
-def build_draft_step(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
+def build_decode_steps(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
+    """One decode step for a run of several in one call (`Program.run_steps`): the trunk and the head over the rows
+    (logit rows: every row), then `OP_ADVANCE`: each live row takes its next token (the argmax, or a draw with the
+    step's uniform; `buffers.step_rows`, `step_uniforms`) into `step_tokens[step]`, and that token at the next
+    position is the row's input to the next step. The rows' block tables must reach the last step's position."""
+    b = buffers
+    builder = _Builder(model, kv_cache, block_size, buffers, rows)
+    emit_trunk(builder)
+    emit_head(builder, draft=False)
+    builder.program.add(ops.OP_ADVANCE, (b.logits, b.step_params, b.step_uniforms, b.step_index, b.live_rows,
+                                         b.tokens, b.positions, b.slots, b.tables, b.context, b.step_tokens,
+                                         b.sample_scratch),
+                        (b.rows, model.config.vocab_size, b.logits.shape[1], block_size, b.max_blocks,
+                         b.sample_scratch.shape[1]))
+    builder.program.finish()
+    return builder.program
+
+
+def build_draft_steps(model, kv_cache, block_size, buffers: StepBuffers, rows: int) -> Program:
+    """One MTP step for a run of several in one call (`Program.run_steps`): `build_draft_step`'s ops, then
+    `OP_ADVANCE_DRAFT`: each live sequence records the tokens the step took (`run_tokens[step]`) and goes on from
+    the pair the next step extends, its pending token and the draft made for it in the rows' inputs (and, sampled,
+    that draft's distribution and the next step's uniforms, `run_uniforms[step + 1]`). The rows' block tables must
+    reach the last step's positions."""
+    b = buffers
+    program = build_draft_step(model, kv_cache, block_size, buffers, rows, finish=False)
+    program.add(ops.OP_ADVANCE_DRAFT, (b.next_tokens, b.accepted, b.draft_tokens, b.sample_params, b.q_out, b.q_in,
+                                       b.uniforms, b.run_uniforms, b.step_index, b.live_seqs, b.tokens, b.positions,
+                                       b.slots, b.tables, b.context, b.run_tokens),
+                (b.uniforms.shape[0], model.config.vocab_size, b.q_in.shape[1], block_size, b.max_blocks))
+    program.finish()
+    return program
+
+
+def build_draft_step(model, kv_cache, block_size, buffers: StepBuffers, rows: int, finish: bool = True) -> Program:
     """Verification and the next draft of MTP with one draft token, in one program (logit and source rows: every
     row). Rows come in pairs [x_n, d] per sequence, at positions n and n + 1:
 
@@ -308,5 +356,6 @@ def build_draft_step(model, kv_cache, block_size, buffers: StepBuffers, rows: in
     builder.program.add(ops.OP_DRAFT, (b.draft_logits, b.sample_params, b.uniforms, b.accepted, b.draft_tokens,
                                        b.q_out, b.sample_scratch),
                         (rows, vocab, b.draft_logits.shape[1], b.q_out.shape[1], b.sample_scratch.shape[1]))
-    builder.program.finish()
+    if finish:
+        builder.program.finish()
     return builder.program

@@ -128,7 +128,7 @@ class LLMEngine:
             self.runner = ModelRunner.create(model, num_blocks, num_cache_layers, config.block_size,
                                              config.kv_cache_dtype)
             if not config.enforce_eager:
-                self.runner.capture(max_model_len + lookahead, config.cuda_graph_sizes)
+                self.runner.capture(max_model_len + lookahead, config.cuda_graph_sizes, config.num_scheduler_steps)
         self.kv_cache = self.runner.kv_cache
         self.adapters = None
         if config.enable_lora:
@@ -138,7 +138,7 @@ class LLMEngine:
             from glm45.engine.lora import AdapterSet
 
             self.adapters = self.runner.adapters = AdapterSet(model, config.max_loras, config.max_lora_rank)
-        self.executor = Executor(self.runner, self.block_manager, k)
+        self.executor = Executor(self.runner, self.block_manager, k, max_model_len)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len, k)
         self.output_processor = OutputProcessor(tokenizer, speculative=bool(k))
@@ -162,7 +162,8 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         if self.runner.captured is not None:
             self.runner.captured = None
-            self.runner.capture(self.max_model_len + 2 * self.num_speculative_tokens, self.config.cuda_graph_sizes)
+            self.runner.capture(self.max_model_len + 2 * self.num_speculative_tokens, self.config.cuda_graph_sizes,
+                                self.config.num_scheduler_steps)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any, and leave the process group (idempotent; also run when the

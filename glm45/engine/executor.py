@@ -4,7 +4,16 @@
 the one pending token of a decode), plus its MTP drafts when it decodes speculatively: it builds the flat
 inputs, positions and slot mapping, has the model runner run the target model's cached forward, then samples
 (or verifies the drafts) and returns a `StepResult`; for requests with `prompt_logprobs` it also reads the
-logits at the prompt positions the chunk covered. It changes no sequence; the scheduler applies the result.
+logits at the prompt positions the chunk covered. It changes no sequence (but may grow block tables, below); the
+scheduler applies the result.
+
+When every sequence of a batch decodes plainly (one pending token, no drafts, and nothing asked of its logits but a
+token: no penalty, bias, log-probabilities, constraint or adapter) and the runner runs several decode steps in one
+call (the captured CPU step, `num_scheduler_steps`), the step is such a run: each sequence's blocks are allocated
+for it, and it returns up to that many tokens per sequence; the scheduler drops those past a stop. A run lasts at most
+about `RUN_SECONDS` (judged by the last decode step's time), so a stream's tokens never come in long bursts: where a
+step costs much more than the Python between steps (a large model) runs are not worth their burstiness. A sequence's
+first token is never part of a run (the time to it stays a step's); likewise for MTP's one-program steps.
 `propose_drafts()` then runs the MTP layer over the pairs that step computed and returns k draft tokens for
 every sequence that decodes next. Tokens and drafts are chosen after the request's `logit_bias` and its
 constraint's mask (`logits.py`).
@@ -20,6 +29,7 @@ The executor sits above the model runner (as in vLLM): with tensor parallelism t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +45,7 @@ from glm45.engine.sequence import Sequence
 from glm45.engine.speculative import AcceptanceStats, choose_drafts, verify
 from glm45.grammar import masks
 
+RUN_SECONDS = 0.05  # the longest run of decode steps in one call, judged by the last decode step's time
 PROMPT_LOGPROBS_BYTES = 64 << 20  # float32 logits of prompt rows reduced at a time (~110 rows of GLM-4.5's vocab)
 
 
@@ -57,8 +68,10 @@ class _Computed:
 
 
 class Executor:
-    def __init__(self, runner: ModelRunner, block_manager: BlockManager, num_speculative_tokens: int = 0):
+    def __init__(self, runner: ModelRunner, block_manager: BlockManager, num_speculative_tokens: int = 0,
+                 max_model_len: int | None = None):
         self.runner = runner
+        self.max_model_len = max_model_len
         self.block_manager = block_manager
         self.k = num_speculative_tokens if runner.has_mtp else 0
         self.sampler = Sampler()
@@ -69,6 +82,7 @@ class Executor:
         # {seq_id: (tokens its constraint has accepted, restriction, bitmask row)}: the mask the one-program step
         # computed for a constrained sequence's next token, which is the next step's first verify row's
         self._next_masks: dict[int, tuple] = {}
+        self._decode_seconds: float | None = None  # the last decode step's time (a run's, per step)
 
     def reset(self) -> None:
         """Forget the last step (it failed): nothing to draft from."""
@@ -82,8 +96,18 @@ class Executor:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> StepResult:
         self._drafted = []
+        start = time.perf_counter()
         if self._draft_step_applies(batch):
-            return self._execute_draft_step(batch)
+            steps = self._draft_run_length(batch)
+            result = self._execute_draft_step_run(batch, steps) if steps > 1 else self._execute_draft_step(batch)
+        else:
+            steps = self._decode_run_length(batch)
+            result = self._execute_decode_steps(batch, steps) if steps > 1 else self._execute_step(batch)
+        if all(item.num_tokens == 1 for item in batch):
+            self._decode_seconds = (time.perf_counter() - start) / steps
+        return result
+
+    def _execute_step(self, batch: list[ScheduledSeq]) -> StepResult:
         names = {item.seq.seq_id: self._choose_name(item) for item in batch if item.name_choices is not None}
         ids, positions, slots, slices, adapters = [], [], [], [], []
         plan = []  # (seq, start, num_tokens, drafts, q_start, name): `name` the chosen name's tokens, or []
@@ -120,6 +144,111 @@ class Executor:
             results[seq.seq_id] = SeqResult(tokens, logprobs, start + num_valid, len(drafts),
                                             prompt_logprobs.get(seq.seq_id, []))
             self._computed.append(_Computed(seq, start, num_valid, q_start))
+        return StepResult(results)
+
+    def _decode_run_length(self, batch: list[ScheduledSeq]) -> int:
+        """How many decode steps the batch runs in one call (1: a step of its own): several when the runner runs them
+        and every sequence decodes plainly."""
+        if self.k or not hasattr(self.runner, "max_decode_steps"):
+            return 1
+        for item in batch:
+            seq, params = item.seq, item.seq.params
+            if (item.num_tokens != 1 or seq.num_computed_tokens + 1 != len(seq) or not seq.num_output_tokens
+                    or seq.draft_token_ids
+                    or item.name_choices is not None or seq.constraint is not None or params.uses_penalties
+                    or params.logit_bias or params.logprobs is not None or params.prompt_logprobs is not None
+                    or seq.lora_slot >= 0):
+                return 1
+        return self._run_length(batch, self.runner.max_decode_steps(len(batch)), 1)
+
+    def _draft_run_length(self, batch: list[ScheduledSeq]) -> int:
+        """How many one-program MTP steps (`_draft_step_applies` holds) the batch runs in one call: several when the
+        runner runs them and no sequence is constrained (a constraint's masks are made on the host between steps)."""
+        if not hasattr(self.runner, "max_decode_steps") or any(item.seq.constraint is not None for item in batch):
+            return 1
+        return self._run_length(batch, self.runner.max_decode_steps(2 * len(batch), draft=True), 2)
+
+    def _run_length(self, batch: list[ScheduledSeq], limit: int, advance: int) -> int:
+        """A run's steps: as many as the longest useful run (`max_tokens`, the context; a step takes at least one
+        token), within `limit` and with every position a step writes (a sequence moves on by at most `advance` a step)
+        inside every context; 1 unless each sequence's blocks for the run can be allocated, as they are here."""
+        if self._decode_seconds is None or self.max_model_len is None:
+            return 1
+        limit = min(limit, int(RUN_SECONDS / max(self._decode_seconds, 1e-6)))
+        if limit <= 1:
+            return 1
+        useful = 1
+        for item in batch:
+            seq, params = item.seq, item.seq.params
+            left = self.max_model_len - len(seq)
+            if params.max_tokens is not None:
+                left = min(left, params.max_tokens - seq.num_output_tokens)
+            useful = max(useful, left)
+            limit = min(limit, (self.max_model_len - seq.num_computed_tokens) // advance)
+        steps = min(limit, useful)
+        bm = self.block_manager
+        needed = [(item.seq, item.seq.num_computed_tokens + advance * steps) for item in batch]
+        if steps <= 1 or sum(max(0, bm.blocks_needed(n) - len(seq.block_table)) for seq, n in needed) \
+                > bm.num_free_blocks:
+            return 1
+        for seq, n in needed:
+            bm.allocate(seq, n)
+        return steps
+
+    def _execute_decode_steps(self, batch: list[ScheduledSeq], steps: int) -> StepResult:
+        """`steps` decode steps in one call of the runner: each sequence's tokens, the first `steps` - 1 of them
+        computed (their K/V written). A sampled sequence draws one uniform per step from its stream, as a step of
+        its own would."""
+        ids, positions, slots, slices, sampled = [], [], [], [], {}
+        vocab = self.runner.model.config.vocab_size
+        for row, item in enumerate(batch):
+            seq = item.seq
+            start = seq.num_computed_tokens
+            ids.append(seq.token_ids[start])
+            positions.append(start)
+            slots.append(self.block_manager.slot(seq, start))
+            slices.append(SeqSlice(row, 1, start + 1, seq.block_table, seq.seq_id))
+            if not seq.params.greedy:
+                sampled[row] = (host_row(seq.params, vocab), host_uniforms([seq.generator] * steps))
+        tokens = self.runner.decode_steps(StepInputs(ids, positions, slots, slices), steps, sampled)
+        self._computed = []
+        return StepResult({item.seq.seq_id: SeqResult(row_tokens, [None] * steps, item.seq.num_computed_tokens + steps)
+                           for item, row_tokens in zip(batch, tokens, strict=True)})
+
+    def _execute_draft_step_run(self, batch: list[ScheduledSeq], steps: int) -> StepResult:
+        """`steps` steps of `_execute_draft_step` (no constraints) in one call of the runner, each sequence's uniforms
+        taken from its stream in the order those steps take them. A sequence keeps the steps up to the one whose
+        tokens finish it (its end token, `max_tokens`, the context): what it was given then is what single steps
+        would have given it, acceptance counts included."""
+        ids, positions, slots, slices, sampled = [], [], [], [], {}
+        vocab = self.runner.model.config.vocab_size
+        for b, item in enumerate(batch):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
+            ids += [seq.token_ids[start], seq.draft_token_ids[0]]
+            positions += [start, start + 1]
+            slots += self._slots(seq, start, 2)
+            if not seq.params.greedy:
+                uniforms = []
+                for _ in range(steps):
+                    uniforms += torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
+                sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
+        per_step, drafts, q = self.runner.draft_step_run(StepInputs(ids, positions, slots, slices), steps, sampled)
+        results = {}
+        for b, item in enumerate(batch):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            tokens, kept = [], 0
+            for step_tokens in per_step[b]:
+                tokens += step_tokens
+                kept += 1
+                self.stats.record(1, len(step_tokens))
+                if seq.finishes_within(tokens, self.max_model_len):
+                    break
+            # K/V (target's and MTP's) is valid up to the pending token, as after single steps
+            valid = start + len(tokens)
+            results[seq.seq_id] = SeqResult(tokens, [None] * len(tokens), valid, kept, [], len(tokens) - kept)
+            self._drafted.append((seq, valid, drafts[b], q[b:b + 1].clone() if b in sampled else None))
+        self._computed = []
         return StepResult(results)
 
     def _draft_step_applies(self, batch: list[ScheduledSeq]) -> bool:

@@ -140,10 +140,10 @@ class ModelRunner:
                                      model.config.head_dim, kv_dtype(kv_cache_dtype, model), model.device)
         return cls(model, kv_cache, block_size)
 
-    def capture(self, max_model_len: int, sizes: list[int] | None = None) -> None:
+    def capture(self, max_model_len: int, sizes: list[int] | None = None, max_steps: int = 1) -> None:
         """Capture the decode step for these row counts: CUDA graphs on GPUs (captured_cuda.py), a program of C
-        kernels on CPUs (captured_cpu.py). A model or machine it cannot run on, or a capture that fails, leaves
-        the eager path with one warning."""
+        kernels on CPUs (captured_cpu.py), there also as a run of up to `max_steps` decode steps in one call. A
+        model or machine it cannot run on, or a capture that fails, leaves the eager path with one warning."""
         if self.device.type == "cuda":
             from glm45.engine import captured_cuda as captured
         else:
@@ -154,10 +154,15 @@ class ModelRunner:
                 logger.info("decode step not captured: %s", reason)
                 return
         try:
-            cls = captured.CapturedCudaDecode if self.device.type == "cuda" else captured.CapturedDecode
-            self.captured = cls(self.model, self.kv_cache, self.block_size, self.scratch_block, max_model_len,
-                                sizes or captured.default_sizes())
-            self._capture_args = (max_model_len, sizes)
+            if self.device.type == "cuda":
+                self.captured = captured.CapturedCudaDecode(self.model, self.kv_cache, self.block_size,
+                                                            self.scratch_block, max_model_len,
+                                                            sizes or captured.default_sizes())
+            else:
+                self.captured = captured.CapturedDecode(self.model, self.kv_cache, self.block_size,
+                                                        self.scratch_block, max_model_len,
+                                                        sizes or captured.default_sizes(), max_steps)
+            self._capture_args = (max_model_len, sizes, max_steps)
         except Exception as e:  # a capture that fails must never take the engine down
             logger.warning("could not capture the decode step (%s: %s); running eagerly", type(e).__name__, e)
             self.captured = None
@@ -212,6 +217,20 @@ class ModelRunner:
         """Float32 logits of the last target forward at more `rows` (prompt log-probabilities, a block at a time)."""
         return self.model.compute_logits(self.hidden[self._tensor(rows)]).float()
 
+    def max_decode_steps(self, rows: int, draft: bool = False) -> int:
+        """How many decode steps of `rows` rows `decode_steps` (or, `draft`, MTP steps `draft_step_run`) runs in one
+        call (1: it does not run them)."""
+        programs = getattr(self.captured, "draft_step_runs" if draft else "decode_step_programs", None)
+        if not self._captured_rows(rows) or self.captured.size_for(rows) not in (programs or {}):
+            return 1
+        return self.captured.max_steps
+
+    @torch.inference_mode()
+    def decode_steps(self, inputs: StepInputs, steps: int, sampled: dict) -> list[list[int]]:
+        """Several decode steps in one captured call (CapturedDecode.decode_steps): each row's tokens, one per step."""
+        tokens, self.hidden = self.captured.decode_steps(inputs, steps, sampled)
+        return tokens
+
     def runs_draft_step(self, rows: int) -> bool:
         """Whether `draft_step` runs `rows` rows (the captured CPU step, with an MTP layer)."""
         return self._captured_rows(rows) and self.captured.size_for(rows) in getattr(self.captured, "draft_steps", {})
@@ -227,6 +246,15 @@ class ModelRunner:
                                                                                            token_masks)
         self._draft_hidden = self._draft_pick = None
         return targets, accepted, drafts, q, draft_logits
+
+    @torch.inference_mode()
+    def draft_step_run(self, inputs: StepInputs, steps: int, sampled: dict
+                       ) -> tuple[list[list[list[int]]], list[int], torch.Tensor]:
+        """Several MTP steps in one captured call (CapturedDecode.draft_step_run): (each sequence's tokens per step,
+        each sequence's next draft, the sampled sequences' next draft distributions)."""
+        per_step, drafts, q, self.hidden = self.captured.draft_step_run(inputs, steps, sampled)
+        self._draft_hidden = self._draft_pick = None
+        return per_step, drafts, q
 
     @torch.inference_mode()
     def draft(self, inputs: StepInputs, hidden_rows: list[int] | None, logit_rows: list[int]) -> torch.Tensor | None:

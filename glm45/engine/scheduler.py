@@ -56,6 +56,7 @@ class SeqResult:
     num_computed_tokens: int = 0                      # tokens whose K/V is valid after the step
     num_drafts: int = 0                               # draft tokens verified in the step
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # of the prompt tokens the chunk predicts
+    num_accepted: int | None = None  # drafts accepted, where a run of steps verified several (else from the tokens)
 
 
 @dataclass
@@ -181,18 +182,20 @@ class Scheduler:
         the step is done with them (MTP drafting writes their K/V for the prefix cache first)."""
         for item in batch:
             seq, done = item.seq, result.seqs[item.seq.seq_id]
-            seq.num_computed_tokens = done.num_computed_tokens
             seq.draft_token_ids, seq.draft_probs = [], None
             if done.prompt_logprobs:
                 seq.prompt_logprobs.extend(done.prompt_logprobs)
             if done.num_drafts:
                 seq.num_draft_tokens += done.num_drafts
-                seq.num_accepted_tokens += min(done.num_drafts, len(done.token_ids) - 1)
+                seq.num_accepted_tokens += done.num_accepted if done.num_accepted is not None else \
+                    min(done.num_drafts, len(done.token_ids) - 1)
             logprobs = done.logprobs or [None] * len(done.token_ids)
             for token, token_logprobs in zip(done.token_ids, logprobs, strict=True):
                 seq.append_token(token, self.max_model_len, token_logprobs)
                 if seq.is_finished:
                     break
+            # K/V past the tokens a stop left is not the sequence's (a run of decode steps went on past it)
+            seq.num_computed_tokens = min(done.num_computed_tokens, len(seq))
             self.block_manager.register_computed_blocks(seq)
         return [item.seq for item in batch]
 

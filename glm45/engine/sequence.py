@@ -148,6 +148,16 @@ class Sequence:
         if (max_tokens is not None and self.num_output_tokens >= max_tokens) or len(self) >= max_model_len:
             self.finish("length")
 
+    def finishes_within(self, tokens: list[int], max_model_len: int) -> bool:
+        """Whether appending `tokens` one by one (`append_token`) would finish the sequence (constraints and stop
+        strings aside)."""
+        max_tokens = self.params.max_tokens
+        for i, token in enumerate(tokens, 1):
+            if token in self.stop_ids or (max_tokens is not None and self.num_output_tokens + i >= max_tokens) \
+                    or len(self) + i >= max_model_len:
+                return True
+        return False
+
     def finish(self, reason: str, stop_reason: int | str | None = None, replace: bool = False) -> None:
         """The first finish stands, unless `replace` (the tokens that made it were taken back)."""
         if self.status == SequenceStatus.FINISHED and not replace:

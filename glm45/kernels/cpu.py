@@ -145,6 +145,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_grouped_linear.argtypes = [w, p, i64, i64, p, p, i64, i32, i32]
     lib.glm45_dequantize.argtypes = [w, i64, i64, i64, p, i32]
     lib.glm45_run_program.argtypes = [p, i64, i32, i32]
+    lib.glm45_run_steps.argtypes = [p, i64, i64, p, i32, i32]
     lib.glm45_attention_scratch.argtypes = [i64, i64]
     lib.glm45_attention_scratch.restype = i64
     lib.glm45_causal_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]

@@ -46,6 +46,15 @@ enum {
     OP_MASK = 15,    /* p: logits, bitmask(i32 [R, W]), masked(i64 [R]) | n: R, V, ld, W
                         rows with masked[r] ≠ 0: logits of tokens whose bit is clear (bit j of word w: token
                         32w + j, xgrammar's layout) become -inf */
+    OP_ADVANCE = 16, /* p: logits, params(SampleRow [R]), u(f32 [steps, ld_steps]), step(i64), live(i64),
+                        tokens(i64), positions(i64), slots(i64), tables(i32 [R, max_blocks]), context(i32),
+                        out(i64 [steps, ld_steps]), scratch(f32 [threads, scratch_per_thread])
+                        | n: ld_steps, V, ld, block_size, max_blocks, scratch_per_thread   (see op_advance) */
+    OP_ADVANCE_DRAFT = 17, /* p: next(i64 [R]), accepted(i64 [S]), drafts(i64 [R]), params(SampleRow [S]),
+                              q_out(f32 [S, ldq]), q_in(f32 [S, ldq]), u(f32 [S, 5]), run_u(f32 [steps + 1, S, 5]),
+                              step(i64), live(i64: sequences), tokens(i64), positions(i64), slots(i64),
+                              tables(i32 [R, max_blocks]), context(i32), out(i64 [steps, S, 2])
+                              | n: S, V, ldq, block_size, max_blocks   (see op_advance_draft) */
 };
 enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
 
@@ -796,6 +805,77 @@ static void op_draft(const Op *op, int ith, int nth) {
     }
 }
 
+/* Row r's input for the next step of a run: `token` at position `pos`, its KV slot from the row's block table, and
+ * the context up to it. */
+static inline void set_row(int64_t r, int64_t token, int64_t pos, const int32_t *tables, int64_t bs, int64_t max_blocks,
+                           int64_t *tokens, int64_t *positions, int64_t *slots, int32_t *context) {
+    tokens[r] = token;
+    positions[r] = pos;
+    slots[r] = (int64_t)tables[r * max_blocks + pos / bs] * bs + pos % bs;
+    context[r] = (int32_t)(pos + 1);
+}
+
+/* The end of one decode step of several run in one call (glm45_run_steps): each of the first *live rows takes its
+ * next token — the argmax (inverse temperature 0) or sample_row's draw with the step's uniform u[step, r], as the
+ * host sampler takes them — records it in out[step, r], and becomes the next step's input: that token at the next
+ * position, whose KV slot its block table gives, with one more token of context. Padding rows stay as they are. */
+static void op_advance(const Op *op, int ith, int nth) {
+    const int64_t lds = op->n[0], V = op->n[1], ld = op->n[2], bs = op->n[3], max_blocks = op->n[4];
+    const float *logits = op->p[0], *u = op->p[2];
+    const SampleRow *params = op->p[1];
+    const int64_t step = *(const int64_t *)op->p[3];
+    int64_t *tokens = op->p[5], *positions = op->p[6], *slots = op->p[7], *out = (int64_t *)op->p[10] + step * lds;
+    const int32_t *tables = op->p[8];
+    int32_t *context = op->p[9];
+    float *e = (float *)op->p[11] + ith * op->n[5];
+    int64_t r0, r1;
+    split_range(*(const int64_t *)op->p[4], ith, nth, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t token;
+        if (params[r].inv_temperature == 0.0f) {
+            token = argmax_row(logits + r * ld, V);
+        } else {
+            SampleRow p = params[r];
+            p.u = u[step * lds + r];
+            sample_row(logits + r * ld, V, &p, &token, NULL, e);
+        }
+        out[r] = token;
+        set_row(r, token, positions[r] + 1, tables, bs, max_blocks, tokens, positions, slots, context);
+    }
+}
+
+
+/* The end of one MTP step (build_draft_step's ops) of several run in one call: each of the first *live sequences
+ * (rows 2s, 2s + 1: [x_n, d] at positions n, n + 1) records the tokens the step took in out[step, s] (the target's
+ * t_n, and t_d when d was accepted, else -1) and goes on from the pair the next step extends, as the executor would:
+ * pending token t_{n+a} at position n + 1 + a and its draft (the draft step's at row 2s + a), a the acceptance. A
+ * sampled sequence's next draft distribution becomes the one it verifies against, and its next step's 5 uniforms
+ * come from run_u[step + 1]. */
+static void op_advance_draft(const Op *op, int ith, int nth) {
+    const int64_t S = op->n[0], V = op->n[1], ldq = op->n[2], bs = op->n[3], max_blocks = op->n[4];
+    const int64_t *next = op->p[0], *accepted = op->p[1], *drafts = op->p[2];
+    const SampleRow *params = op->p[3];
+    const float *q_out = op->p[4], *run_u = op->p[7];
+    float *q_in = op->p[5], *u = op->p[6];
+    const int64_t step = *(const int64_t *)op->p[8];
+    int64_t *tokens = op->p[10], *positions = op->p[11], *slots = op->p[12], *out = (int64_t *)op->p[15] + step * S * 2;
+    const int32_t *tables = op->p[13];
+    int32_t *context = op->p[14];
+    int64_t s0, s1;
+    split_range(*(const int64_t *)op->p[9], ith, nth, 1, &s0, &s1);
+    for (int64_t s = s0; s < s1; s++) {
+        const int64_t a = accepted[s] != 0, pos = positions[2 * s] + 1 + a;
+        out[2 * s] = next[2 * s];
+        out[2 * s + 1] = a ? next[2 * s + 1] : -1;
+        set_row(2 * s, next[2 * s + a], pos, tables, bs, max_blocks, tokens, positions, slots, context);
+        set_row(2 * s + 1, drafts[2 * s + a], pos + 1, tables, bs, max_blocks, tokens, positions, slots, context);
+        if (params[s].inv_temperature != 0.0f) {
+            memcpy(q_in + s * ldq, q_out + s * ldq, V * sizeof(float));
+            memcpy(u + 5 * s, run_u + ((step + 1) * S + s) * 5, 5 * sizeof(float));
+        }
+    }
+}
+
 static void run_op(const Op *op, int ith, int nth, int round) {
     int64_t r0, r1;
     switch (op->kind) {
@@ -824,6 +904,8 @@ static void run_op(const Op *op, int ith, int nth, int round) {
     case OP_VERIFY: op_verify(op, ith, nth); break;
     case OP_DRAFT: op_draft(op, ith, nth); break;
     case OP_MASK: op_mask(op, ith, nth); break;
+    case OP_ADVANCE: op_advance(op, ith, nth); break;
+    case OP_ADVANCE_DRAFT: op_advance_draft(op, ith, nth); break;
     case OP_GATHER:
         split_range(op->n[0], ith, nth, 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++)
@@ -856,18 +938,30 @@ static void step_barrier(StepBarrier *b, int *local_sense, int nth) {
     }
 }
 
-/* Run a captured step: every op in order, all threads in one region, a barrier after each op. */
-void glm45_run_program(const Op *ops, int64_t count, int round, int threads) {
+/* Run a captured program `steps` times in a row (a step's ops in order, a barrier after each op), all threads in
+ * one region; *step (when given) holds the step's index, which op_advance reads. One step is a captured step; several
+ * are decode steps whose last op (OP_ADVANCE) feeds each row's token to the next. Thread 0 writes the index before
+ * the step's first op: every thread reads it only after a barrier that thread 0 passed after the write, and the
+ * previous step's reads came before the barrier that ended that step. */
+void glm45_run_steps(const Op *ops, int64_t count, int64_t steps, int64_t *step, int round, int threads) {
     StepBarrier barrier = {0, 0};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         int sense = 0;
-        for (int64_t i = 0; i < count; i++) {
-            run_op(&ops[i], ith, nth, round);
-            step_barrier(&barrier, &sense, nth);
+        for (int64_t s = 0; s < steps; s++) {
+            if (step && ith == 0) *step = s;
+            for (int64_t i = 0; i < count; i++) {
+                run_op(&ops[i], ith, nth, round);
+                step_barrier(&barrier, &sense, nth);
+            }
         }
     }
+}
+
+/* Run a captured step: every op in order, all threads in one region, a barrier after each op. */
+void glm45_run_program(const Op *ops, int64_t count, int round, int threads) {
+    glm45_run_steps(ops, count, 1, NULL, round, threads);
 }
 
 int64_t glm45_op_size(void) { return sizeof(Op); }

@@ -249,9 +249,10 @@ class EngineConfig:
     threads: int | None = arg(None, "CPU threads for the model's kernels (default: OMP_NUM_THREADS, else torch's "
                                     "count of the cores)")
     enforce_eager: bool = arg(False, "never run the captured decode step (CUDA graphs, or the CPU step program)")
-    num_scheduler_steps: int = arg(8, "on CPUs, decode steps run in one call of the captured step when every "
-                                      "sequence decodes plainly (greedy or sampled; no penalties, bias, "
-                                      "log-probabilities, constraints, adapters or MTP); 1 turns that off")
+    num_scheduler_steps: int = arg(8, "on CPUs, the most decode steps run in one call of the captured step (a run "
+                                      "lasts at most ~50 ms) when every sequence decodes plainly (greedy or "
+                                      "sampled; no penalties, bias, log-probabilities, constraints or adapters); "
+                                      "1 turns that off")
     enable_lora: bool = arg(False, "serve LoRA adapters per request (see --lora-modules)")
     max_loras: int = arg(4, "LoRA adapters held at once (each can be in any batch)")
     max_lora_rank: int = arg(16, "the largest LoRA rank an adapter may have")

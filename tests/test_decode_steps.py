@@ -19,16 +19,18 @@ PROMPTS = ["[gMASK]<sop><|user|>\nWhat is the weather in Oslo?<|assistant|>",
            "[gMASK]<sop><|user|>\nWrite a story about a lighthouse.<|assistant|>"]
 
 
-def counting_runs(llm) -> list[int]:
-    """The step counts of the runner's multi-step calls, recorded as they happen."""
+def counting_runs(llm, name="decode_steps") -> list[tuple[int, int]]:
+    """(steps asked for, steps run) of the runner's calls of several steps, recorded as they happen."""
     runner, steps = llm.engine.runner, []
-    original = runner.decode_steps
+    original = getattr(runner, name)
 
-    def decode_steps(inputs, count, sampled):
-        steps.append(count)
-        return original(inputs, count, sampled)
+    def run(inputs, count, *args):
+        out = original(inputs, count, *args)
+        rows = out[0] if name == "draft_step_run" else out  # (per sequence, its tokens per step), …; or rows' tokens
+        steps.append((count, len(rows[0])))
+        return out
 
-    runner.decode_steps = decode_steps
+    setattr(runner, name, run)
     return steps
 
 
@@ -57,7 +59,9 @@ def test_runs_of_decode_steps_give_the_tokens_of_single_steps(dtype):
         runs[steps] = counting_runs(llm)
         results[steps] = outputs(llm, prompts, params)
     assert results[8] == results[1]
-    assert not runs[1] and max(runs[8]) == 8 and min(runs[8]) < 8, runs[8]
+    asked = [count for count, _ in runs[8]]
+    assert not runs[1] and max(asked) == 8 and min(asked) < 8, runs[8]
+    assert any(ran < count for count, ran in runs[8]), runs[8]  # a run that ended when its rows had stopped
     batched, _ = results[8]
     reasons = {reason for _, _, reason in batched}
     assert reasons == {"stop", "length"}, batched
@@ -98,7 +102,7 @@ def test_batches_that_need_their_logits_take_single_steps():
         out = llm.generate(PROMPTS, params, use_tqdm=False)
         results[steps] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out]
     assert results[8] == results[1]
-    assert runs and max(runs) == 8  # after the short requests finished
+    assert runs and max(count for count, _ in runs) == 8  # after the short requests finished
 
 
 def test_a_kv_cache_too_small_for_a_run_falls_back_to_single_steps(tiny_checkpoint):
@@ -116,7 +120,7 @@ def test_a_kv_cache_too_small_for_a_run_falls_back_to_single_steps(tiny_checkpoi
     engine = LLMEngine(EngineConfig(**args, num_scheduler_steps=8))
     steps = []
     original = engine.runner.decode_steps
-    engine.runner.decode_steps = lambda inputs, count, sampled: steps.append(count) or original(inputs, count, sampled)
+    engine.runner.decode_steps = lambda inputs, count, *args: steps.append(count) or original(inputs, count, *args)
     together = run(engine, {str(i): prompt for i, prompt in enumerate(prompts)}, params)
     assert [together[str(i)] for i in range(8)] == expected
     assert steps, "no run of several steps"
@@ -162,14 +166,7 @@ def test_runs_of_mtp_steps_give_the_tokens_and_acceptances_of_single_steps(dtype
     results, runs = {}, {}
     for steps in (1, 8):
         llm = LLM(dtype=dtype, num_speculative_tokens=1, num_scheduler_steps=steps)
-        runner, runs[steps] = llm.engine.runner, []
-        original = runner.draft_step_run
-
-        def draft_step_run(inputs, count, sampled, calls=runs[steps], original=original):
-            calls.append(count)
-            return original(inputs, count, sampled)
-
-        runner.draft_step_run = draft_step_run
+        runs[steps] = counting_runs(llm, "draft_step_run")
         batched, alone = outputs(llm, prompts, params)
         metrics = [o.metrics for o in llm.generate(prompts, params, use_tqdm=False)]
         constrained = llm.generate(prompts[:2], [params[0], SamplingParams(temperature=0, max_tokens=40,
@@ -182,5 +179,6 @@ def test_runs_of_mtp_steps_give_the_tokens_and_acceptances_of_single_steps(dtype
     assert [m for i, m in enumerate(runs_metrics) if i != stop_string] == \
         [m for i, m in enumerate(single_metrics) if i != stop_string]
     assert runs_metrics[stop_string]["spec_draft_tokens"] >= single_metrics[stop_string]["spec_draft_tokens"]
-    assert not runs[1] and max(runs[8]) == 8, runs[8]
+    assert not runs[1] and max(count for count, _ in runs[8]) == 8, runs[8]
+    assert any(ran < count for count, ran in runs[8]), runs[8]
     assert any(0 < m["spec_accepted_tokens"] < m["spec_draft_tokens"] for m in runs_metrics)  # both verdicts

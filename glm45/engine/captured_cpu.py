@@ -33,6 +33,7 @@ import torch
 from glm45.engine import cpu_program as ops
 from glm45.engine.attention import fill_rows
 from glm45.engine.cpu_step_programs import (
+    RUN_STOP_IDS,
     StepBuffers,
     build_decode_steps,
     build_draft_step,
@@ -104,7 +105,7 @@ class CapturedDecode:
                                     for n in self.sizes if n >= 2} if max_steps > 1 else {}
         self._np = {name: getattr(self.buffers, name).numpy() for name in
                     ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
-                     "lora_head_slots", "masked_rows")}
+                     "lora_head_slots", "masked_rows", "run_end")}
         self._uniforms = self.buffers.uniforms.numpy()
         self._sampled_last: list[int] = []  # the draft step's sequences whose sampling entries are set
         self._masked_last: list[int] = []   # and its rows whose constraint masks are on
@@ -161,12 +162,13 @@ class CapturedDecode:
             return None, hidden
         return self._head(logit_rows, draft=False), hidden
 
-    def decode_steps(self, inputs, steps: int, sampled: dict[int, tuple[tuple, list[float]]]
-                     ) -> tuple[list[list[int]], torch.Tensor]:
-        """`steps` ≤ `max_steps` decode steps of one token per row in one call (`build_decode_steps`); each row's
+    def decode_steps(self, inputs, steps: int, sampled: dict[int, tuple[tuple, list[float]]],
+                     until: list[tuple[list[int], int]]) -> tuple[list[list[int]], torch.Tensor]:
+        """Up to `steps` ≤ `max_steps` decode steps of one token per row in one call (`build_decode_steps`); each row's
         block table must hold the blocks of the positions the steps reach. `sampled`: {row: (its `cpu.SampleRow`
-        fields, its `steps` uniforms)}; the other rows are greedy. → (each row's tokens, one per step; the last
-        step's final hidden states [rows, D])."""
+        fields, its `steps` uniforms)}; the other rows are greedy. `until`: per row, its stop ids and how many tokens
+        it may still take; the run ends once every row has taken a stop id or its last token. → (each row's tokens,
+        one per step run; the last step's final hidden states [rows, D])."""
         n = len(inputs.token_ids)
         size = self.size_for(n)
         self._fill(inputs, size)
@@ -183,9 +185,19 @@ class CapturedDecode:
         for r, (row, uniforms) in sampled.items():
             b.step_rows[r] = cpu.SampleRow(*row)
             b.step_uniforms[:steps, r] = torch.tensor(uniforms)
-        b.live_rows[0] = n
-        self.decode_step_programs[size].run_steps(steps, b.step_index, self.rounding, self.threads)
-        return b.step_tokens[:steps, :n].T.tolist(), b.hidden[:n]
+        b.run[1] = n
+        self._until(until)
+        ran = self.decode_step_programs[size].run_steps(steps, b.run, b.run_end, self.rounding, self.threads)
+        return b.step_tokens[:ran, :n].T.tolist(), b.hidden[:n]
+
+    def _until(self, until: list[tuple[list[int], int]]) -> None:
+        """The end of a run's rows (MTP: sequences): their stop ids (only when all fit), budgets, none done."""
+        end = self._np["run_end"]
+        end[: len(until)] = -1
+        for i, (stop_ids, budget) in enumerate(until):
+            if len(stop_ids) <= RUN_STOP_IDS:
+                end[i, : len(stop_ids)] = stop_ids
+            end[i, RUN_STOP_IDS:] = budget, 0
 
     def draft_step(self, inputs, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]],
                    token_masks: dict[int, torch.Tensor] | None = None
@@ -202,13 +214,15 @@ class CapturedDecode:
         return (b.next_tokens[:n].tolist(), [bool(a) for a in b.accepted[: n // 2].tolist()],
                 b.draft_tokens[:n].tolist(), b.q_out[: n // 2], b.draft_logits[:n], b.hidden[:n])
 
-    def draft_step_run(self, inputs, steps: int, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]]
+    def draft_step_run(self, inputs, steps: int, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]],
+                       until: list[tuple[list[int], int]]
                        ) -> tuple[list[list[list[int]]], list[int], torch.Tensor, torch.Tensor]:
-        """`steps` ≤ `max_steps` MTP steps in one call (`build_draft_steps`; no constraints), from `inputs` as
+        """Up to `steps` ≤ `max_steps` MTP steps in one call (`build_draft_steps`; no constraints), from `inputs` as
         `draft_step` takes them; each row's block table must hold the blocks of the positions the steps reach.
         `sampled`: {sequence index: (its `cpu.SampleRow` fields, its 5 uniforms for each step, the distribution its
-        draft was drawn from)}. → (each sequence's tokens per step (1 or 2), each sequence's next draft, the sampled
-        sequences' next draft distributions [sequences, V], the last step's final hidden states)."""
+        draft was drawn from)}. `until`: as `decode_steps` takes it, per sequence. → (each sequence's tokens per step
+        run (1 or 2), each sequence's next draft, the sampled sequences' next draft distributions [sequences, V], the
+        last step's final hidden states)."""
         first = {s: (row, uniforms[:5], q) for s, (row, uniforms, q) in sampled.items()}
         n, size = self._draft_inputs(inputs, first, None)
         b = self.buffers
@@ -218,9 +232,10 @@ class CapturedDecode:
             tables[s.q_start: s.q_start + s.q_len, : len(table)] = table
         for s, (_, uniforms, _) in sampled.items():
             b.run_uniforms[1:steps, s] = torch.tensor(uniforms[5:]).view(steps - 1, 5)
-        b.live_seqs[0] = n // 2
-        self.draft_step_runs[size].run_steps(steps, b.step_index, self.rounding, self.threads)
-        taken = b.run_tokens[:steps, : n // 2].transpose(0, 1).tolist()
+        b.run[1] = n // 2
+        self._until(until)
+        ran = self.draft_step_runs[size].run_steps(steps, b.run, b.run_end, self.rounding, self.threads)
+        taken = b.run_tokens[:ran, : n // 2].transpose(0, 1).tolist()
         per_step = [[[t for t in pair if t >= 0] for pair in seq_steps] for seq_steps in taken]
         drafts = b.tokens[1:n:2].tolist()  # each sequence's next draft, in its row for the step after the run
         return per_step, drafts, b.q_in[: n // 2], b.hidden[:n]

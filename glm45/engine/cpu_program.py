@@ -55,9 +55,12 @@ class Program:
     def run(self, rounding: bool, threads: int) -> None:
         cpu.library().glm45_run_program(self.array, len(self.ops), int(rounding), threads)
 
-    def run_steps(self, steps: int, step_index: torch.Tensor, rounding: bool, threads: int) -> None:
-        """The program `steps` times in one call, the step's index in `step_index` (one int64) for its ops."""
-        cpu.library().glm45_run_steps(self.array, len(self.ops), steps, step_index.data_ptr(), int(rounding), threads)
+    def run_steps(self, steps: int, run: torch.Tensor, run_end: torch.Tensor, rounding: bool, threads: int) -> int:
+        """The program up to `steps` times in one call: `run` (int64 [2]) holds the step's index for its ops and the
+        number of live rows, and the run ends early once those rows of `run_end` are done (`StepBuffers.run_end`).
+        → the steps run."""
+        return cpu.library().glm45_run_steps(self.array, len(self.ops), steps, run.data_ptr(), run_end.data_ptr(),
+                                             int(rounding), threads)
 
 
 def linear_weight(module):

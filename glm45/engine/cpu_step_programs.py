@@ -1,7 +1,8 @@
 """The programs of the captured CPU decode step: the buffers they share (`StepBuffers`), the ops of a decoder block,
 the MoE, the embedding and the heads (`_Builder`), and the programs a step runs, one per row count: the trunk, the
-head, the MTP layer's trunk and head, and MTP's whole step with one draft token (`build_draft_step`). `captured_cpu.py`
-builds them for a model and runs them."""
+head, the MTP layer's trunk and head, MTP's whole step with one draft token (`build_draft_step`), and the steps that
+run several in one call (`build_decode_steps`, `build_draft_steps`). `captured_cpu.py` builds them for a model and
+runs them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from glm45.engine.cpu_program import Program, as_f32, describe, linear_weight
 from glm45.engine.lora import MultiLoRALinear
 from glm45.grammar import masks
 from glm45.kernels import cpu
+
+RUN_STOP_IDS = 8  # stop ids a run checks per row (csrc/program.c); a row with more is done by its budget only
 
 
 class StepBuffers:
@@ -52,13 +55,15 @@ class StepBuffers:
         self.step_params = torch.zeros(rows * ctypes.sizeof(cpu.SampleRow), dtype=torch.uint8)
         self.step_rows = (cpu.SampleRow * rows).from_address(self.step_params.data_ptr())
         self.step_uniforms = torch.zeros(max_steps, rows, **f32)
-        self.step_index, self.live_rows = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        self.run = torch.zeros(2, dtype=torch.int64)  # a run's step index and live rows (MTP: sequences)
         self.step_tokens = torch.zeros(max_steps, rows, dtype=torch.int64)
         # MTP steps run several in one call (`build_draft_steps`): each sequence's uniforms for every step after the
         # first, and the tokens each step took (the target's t_n, and t_d when the draft was accepted, else -1).
         self.run_uniforms = torch.zeros(max_steps + 1, seqs, 5, **f32) if vocab else torch.zeros(0)
         self.run_tokens = torch.zeros(max_steps, seqs, 2, dtype=torch.int64)
-        self.live_seqs = torch.zeros(1, dtype=torch.int64)
+        # When a run's rows (MTP: sequences) are done, per row: its stop ids (-1: none), the tokens it may still
+        # take, and whether it is done (a run ends once all of them are).
+        self.run_end = torch.zeros(rows, RUN_STOP_IDS + 2, dtype=torch.int64)
         # Constraint masks of the draft step's target rows (xgrammar's bitmask layout), applied where `masked_rows`.
         self.token_masks = torch.full((rows if vocab else 0, masks.words(vocab)), -1, dtype=torch.int32)
         self.masked_rows = torch.zeros(rows, dtype=torch.int64)
@@ -300,9 +305,9 @@ def build_decode_steps(model, kv_cache, block_size, buffers: StepBuffers, rows: 
     builder = _Builder(model, kv_cache, block_size, buffers, rows)
     emit_trunk(builder)
     emit_head(builder, draft=False)
-    builder.program.add(ops.OP_ADVANCE, (b.logits, b.step_params, b.step_uniforms, b.step_index, b.live_rows,
+    builder.program.add(ops.OP_ADVANCE, (b.logits, b.step_params, b.step_uniforms, b.run,
                                          b.tokens, b.positions, b.slots, b.tables, b.context, b.step_tokens,
-                                         b.sample_scratch),
+                                         b.sample_scratch, b.run_end),
                         (b.rows, model.config.vocab_size, b.logits.shape[1], block_size, b.max_blocks,
                          b.sample_scratch.shape[1]))
     builder.program.finish()
@@ -318,8 +323,8 @@ def build_draft_steps(model, kv_cache, block_size, buffers: StepBuffers, rows: i
     b = buffers
     program = build_draft_step(model, kv_cache, block_size, buffers, rows, finish=False)
     program.add(ops.OP_ADVANCE_DRAFT, (b.next_tokens, b.accepted, b.draft_tokens, b.sample_params, b.q_out, b.q_in,
-                                       b.uniforms, b.run_uniforms, b.step_index, b.live_seqs, b.tokens, b.positions,
-                                       b.slots, b.tables, b.context, b.run_tokens),
+                                       b.uniforms, b.run_uniforms, b.run, b.tokens, b.positions,
+                                       b.slots, b.tables, b.context, b.run_tokens, b.run_end),
                 (b.uniforms.shape[0], model.config.vocab_size, b.q_in.shape[1], block_size, b.max_blocks))
     program.finish()
     return program

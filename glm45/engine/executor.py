@@ -179,11 +179,8 @@ class Executor:
             return 1
         useful = 1
         for item in batch:
-            seq, params = item.seq, item.seq.params
-            left = self.max_model_len - len(seq)
-            if params.max_tokens is not None:
-                left = min(left, params.max_tokens - seq.num_output_tokens)
-            useful = max(useful, left)
+            seq = item.seq
+            useful = max(useful, self._until(seq)[1])
             limit = min(limit, (self.max_model_len - seq.num_computed_tokens) // advance)
         steps = min(limit, useful)
         bm = self.block_manager
@@ -210,10 +207,18 @@ class Executor:
             slices.append(SeqSlice(row, 1, start + 1, seq.block_table, seq.seq_id))
             if not seq.params.greedy:
                 sampled[row] = (host_row(seq.params, vocab), host_uniforms([seq.generator] * steps))
-        tokens = self.runner.decode_steps(StepInputs(ids, positions, slots, slices), steps, sampled)
+        tokens = self.runner.decode_steps(StepInputs(ids, positions, slots, slices), steps, sampled,
+                                          [self._until(item.seq) for item in batch])
         self._computed = []
-        return StepResult({item.seq.seq_id: SeqResult(row_tokens, [None] * steps, item.seq.num_computed_tokens + steps)
-                           for item, row_tokens in zip(batch, tokens, strict=True)})
+        return StepResult({item.seq.seq_id: SeqResult(row, [None] * len(row), item.seq.num_computed_tokens + len(row))
+                           for item, row in zip(batch, tokens, strict=True)})
+
+    def _until(self, seq: Sequence) -> tuple[list[int], int]:
+        """What ends a sequence inside a run: its stop ids, and how many tokens it may still take."""
+        left = self.max_model_len - len(seq)
+        if seq.params.max_tokens is not None:
+            left = min(left, seq.params.max_tokens - seq.num_output_tokens)
+        return sorted(seq.stop_ids), left
 
     def _execute_draft_step_run(self, batch: list[ScheduledSeq], steps: int) -> StepResult:
         """`steps` steps of `_execute_draft_step` (no constraints) in one call of the runner, each sequence's uniforms
@@ -233,7 +238,8 @@ class Executor:
                 for _ in range(steps):
                     uniforms += torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
                 sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
-        per_step, drafts, q = self.runner.draft_step_run(StepInputs(ids, positions, slots, slices), steps, sampled)
+        per_step, drafts, q = self.runner.draft_step_run(StepInputs(ids, positions, slots, slices), steps, sampled,
+                                                         [self._until(item.seq) for item in batch])
         results = {}
         for b, item in enumerate(batch):
             seq, start = item.seq, item.seq.num_computed_tokens

@@ -226,9 +226,10 @@ class ModelRunner:
         return self.captured.max_steps
 
     @torch.inference_mode()
-    def decode_steps(self, inputs: StepInputs, steps: int, sampled: dict) -> list[list[int]]:
-        """Several decode steps in one captured call (CapturedDecode.decode_steps): each row's tokens, one per step."""
-        tokens, self.hidden = self.captured.decode_steps(inputs, steps, sampled)
+    def decode_steps(self, inputs: StepInputs, steps: int, sampled: dict, until: list) -> list[list[int]]:
+        """Several decode steps in one captured call (CapturedDecode.decode_steps): each row's tokens, one per step
+        run."""
+        tokens, self.hidden = self.captured.decode_steps(inputs, steps, sampled, until)
         return tokens
 
     def runs_draft_step(self, rows: int) -> bool:
@@ -248,11 +249,11 @@ class ModelRunner:
         return targets, accepted, drafts, q, draft_logits
 
     @torch.inference_mode()
-    def draft_step_run(self, inputs: StepInputs, steps: int, sampled: dict
+    def draft_step_run(self, inputs: StepInputs, steps: int, sampled: dict, until: list
                        ) -> tuple[list[list[list[int]]], list[int], torch.Tensor]:
-        """Several MTP steps in one captured call (CapturedDecode.draft_step_run): (each sequence's tokens per step,
-        each sequence's next draft, the sampled sequences' next draft distributions)."""
-        per_step, drafts, q, self.hidden = self.captured.draft_step_run(inputs, steps, sampled)
+        """Several MTP steps in one captured call (CapturedDecode.draft_step_run): (each sequence's tokens per step
+        run, each sequence's next draft, the sampled sequences' next draft distributions)."""
+        per_step, drafts, q, self.hidden = self.captured.draft_step_run(inputs, steps, sampled, until)
         self._draft_hidden = self._draft_pick = None
         return per_step, drafts, q
 

@@ -46,14 +46,16 @@ enum {
     OP_MASK = 15,    /* p: logits, bitmask(i32 [R, W]), masked(i64 [R]) | n: R, V, ld, W
                         rows with masked[r] ≠ 0: logits of tokens whose bit is clear (bit j of word w: token
                         32w + j, xgrammar's layout) become -inf */
-    OP_ADVANCE = 16, /* p: logits, params(SampleRow [R]), u(f32 [steps, ld_steps]), step(i64), live(i64),
+    OP_ADVANCE = 16, /* p: logits, params(SampleRow [R]), u(f32 [steps, ld_steps]), run(i64 [step, live rows]),
                         tokens(i64), positions(i64), slots(i64), tables(i32 [R, max_blocks]), context(i32),
-                        out(i64 [steps, ld_steps]), scratch(f32 [threads, scratch_per_thread])
+                        out(i64 [steps, ld_steps]), scratch(f32 [threads, scratch_per_thread]),
+                        run_end(i64 [R, RUN_END])
                         | n: ld_steps, V, ld, block_size, max_blocks, scratch_per_thread   (see op_advance) */
     OP_ADVANCE_DRAFT = 17, /* p: next(i64 [R]), accepted(i64 [S]), drafts(i64 [R]), params(SampleRow [S]),
                               q_out(f32 [S, ldq]), q_in(f32 [S, ldq]), u(f32 [S, 5]), run_u(f32 [steps + 1, S, 5]),
-                              step(i64), live(i64: sequences), tokens(i64), positions(i64), slots(i64),
-                              tables(i32 [R, max_blocks]), context(i32), out(i64 [steps, S, 2])
+                              run(i64 [step, live sequences]), tokens(i64), positions(i64), slots(i64),
+                              tables(i32 [R, max_blocks]), context(i32), out(i64 [steps, S, 2]),
+                              run_end(i64 [S, RUN_END])
                               | n: S, V, ldq, block_size, max_blocks   (see op_advance_draft) */
 };
 enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
@@ -805,6 +807,18 @@ static void op_draft(const Op *op, int ith, int nth) {
     }
 }
 
+/* A row (or MTP sequence) of a run takes `token`: it is done once the token is one of its stop ids (-1: none) or the
+ * last of its budget, and when every live one is done the run ends (glm45_run_steps). Its entry of run_end holds
+ * [RUN_STOP_IDS stop ids, budget, done]. */
+#define RUN_STOP_IDS 8
+#define RUN_END (RUN_STOP_IDS + 2)
+static inline void run_take(int64_t *run_end, int64_t i, int64_t token) {
+    int64_t *end = run_end + i * RUN_END;
+    int finished = --end[RUN_STOP_IDS] <= 0;
+    for (int j = 0; j < RUN_STOP_IDS; j++) finished |= end[j] == token;
+    if (finished) end[RUN_STOP_IDS + 1] = 1;
+}
+
 /* Row r's input for the next step of a run: `token` at position `pos`, its KV slot from the row's block table, and
  * the context up to it. */
 static inline void set_row(int64_t r, int64_t token, int64_t pos, const int32_t *tables, int64_t bs, int64_t max_blocks,
@@ -823,13 +837,13 @@ static void op_advance(const Op *op, int ith, int nth) {
     const int64_t lds = op->n[0], V = op->n[1], ld = op->n[2], bs = op->n[3], max_blocks = op->n[4];
     const float *logits = op->p[0], *u = op->p[2];
     const SampleRow *params = op->p[1];
-    const int64_t step = *(const int64_t *)op->p[3];
-    int64_t *tokens = op->p[5], *positions = op->p[6], *slots = op->p[7], *out = (int64_t *)op->p[10] + step * lds;
-    const int32_t *tables = op->p[8];
-    int32_t *context = op->p[9];
-    float *e = (float *)op->p[11] + ith * op->n[5];
+    const int64_t step = ((const int64_t *)op->p[3])[0];
+    int64_t *tokens = op->p[4], *positions = op->p[5], *slots = op->p[6], *out = (int64_t *)op->p[9] + step * lds;
+    const int32_t *tables = op->p[7];
+    int32_t *context = op->p[8];
+    float *e = (float *)op->p[10] + ith * op->n[5];
     int64_t r0, r1;
-    split_range(*(const int64_t *)op->p[4], ith, nth, 1, &r0, &r1);
+    split_range(((const int64_t *)op->p[3])[1], ith, nth, 1, &r0, &r1);
     for (int64_t r = r0; r < r1; r++) {
         int64_t token;
         if (params[r].inv_temperature == 0.0f) {
@@ -840,6 +854,7 @@ static void op_advance(const Op *op, int ith, int nth) {
             sample_row(logits + r * ld, V, &p, &token, NULL, e);
         }
         out[r] = token;
+        run_take(op->p[11], r, token);
         set_row(r, token, positions[r] + 1, tables, bs, max_blocks, tokens, positions, slots, context);
     }
 }
@@ -857,16 +872,18 @@ static void op_advance_draft(const Op *op, int ith, int nth) {
     const SampleRow *params = op->p[3];
     const float *q_out = op->p[4], *run_u = op->p[7];
     float *q_in = op->p[5], *u = op->p[6];
-    const int64_t step = *(const int64_t *)op->p[8];
-    int64_t *tokens = op->p[10], *positions = op->p[11], *slots = op->p[12], *out = (int64_t *)op->p[15] + step * S * 2;
-    const int32_t *tables = op->p[13];
-    int32_t *context = op->p[14];
+    const int64_t step = ((const int64_t *)op->p[8])[0];
+    int64_t *tokens = op->p[9], *positions = op->p[10], *slots = op->p[11], *out = (int64_t *)op->p[14] + step * S * 2;
+    const int32_t *tables = op->p[12];
+    int32_t *context = op->p[13];
     int64_t s0, s1;
-    split_range(*(const int64_t *)op->p[9], ith, nth, 1, &s0, &s1);
+    split_range(((const int64_t *)op->p[8])[1], ith, nth, 1, &s0, &s1);
     for (int64_t s = s0; s < s1; s++) {
         const int64_t a = accepted[s] != 0, pos = positions[2 * s] + 1 + a;
         out[2 * s] = next[2 * s];
         out[2 * s + 1] = a ? next[2 * s + 1] : -1;
+        run_take(op->p[15], s, next[2 * s]);
+        if (a) run_take(op->p[15], s, next[2 * s + 1]);
         set_row(2 * s, next[2 * s + a], pos, tables, bs, max_blocks, tokens, positions, slots, context);
         set_row(2 * s + 1, drafts[2 * s + a], pos + 1, tables, bs, max_blocks, tokens, positions, slots, context);
         if (params[s].inv_temperature != 0.0f) {
@@ -938,30 +955,48 @@ static void step_barrier(StepBarrier *b, int *local_sense, int nth) {
     }
 }
 
-/* Run a captured program `steps` times in a row (a step's ops in order, a barrier after each op), all threads in
- * one region; *step (when given) holds the step's index, which op_advance reads. One step is a captured step; several
- * are decode steps whose last op (OP_ADVANCE) feeds each row's token to the next. Thread 0 writes the index before
- * the step's first op: every thread reads it only after a barrier that thread 0 passed after the write, and the
- * previous step's reads came before the barrier that ended that step. */
-void glm45_run_steps(const Op *ops, int64_t count, int64_t steps, int64_t *step, int round, int threads) {
+static int all_done(const int64_t *run_end, int64_t live) {
+    for (int64_t i = 0; i < live; i++)
+        if (!run_end[i * RUN_END + RUN_STOP_IDS + 1]) return 0;
+    return 1;
+}
+
+/* Run a captured program up to `steps` times in a row (a step's ops in order, a barrier after each op), all threads
+ * in one region; run[0] (when given) holds the step's index, which the ops of a run read, and run[1] how many rows
+ * (MTP: sequences) are live. One step is a captured step;
+ * several are decode steps whose last op (OP_ADVANCE, OP_ADVANCE_DRAFT) feeds each row's token to the next, and the
+ * run ends early once the live entries of run_end are all done. Returns the steps run.
+ *
+ * Thread 0 writes the index before the step's first op: every thread reads it only after a barrier that thread 0
+ * passed after the write, and the previous step's reads came before the barrier that ended that step. Every thread
+ * reads the done flags after a step's last barrier and before the next step's last op writes it again, so all threads see
+ * the same flags and end the run together. */
+int64_t glm45_run_steps(const Op *ops, int64_t count, int64_t steps, int64_t *run, const int64_t *run_end, int round,
+                        int threads) {
     StepBarrier barrier = {0, 0};
+    int64_t ran = steps;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         int sense = 0;
         for (int64_t s = 0; s < steps; s++) {
-            if (step && ith == 0) *step = s;
+            if (run && ith == 0) run[0] = s;
             for (int64_t i = 0; i < count; i++) {
                 run_op(&ops[i], ith, nth, round);
                 step_barrier(&barrier, &sense, nth);
             }
+            if (run_end && all_done(run_end, run[1])) {
+                if (ith == 0) ran = s + 1;
+                break;
+            }
         }
     }
+    return ran;
 }
 
 /* Run a captured step: every op in order, all threads in one region, a barrier after each op. */
 void glm45_run_program(const Op *ops, int64_t count, int round, int threads) {
-    glm45_run_steps(ops, count, 1, NULL, round, threads);
+    glm45_run_steps(ops, count, 1, NULL, NULL, round, threads);
 }
 
 int64_t glm45_op_size(void) { return sizeof(Op); }

@@ -193,9 +193,9 @@ class Executor:
         return steps
 
     def _execute_decode_steps(self, batch: list[ScheduledSeq], steps: int) -> StepResult:
-        """`steps` decode steps in one call of the runner: each sequence's tokens, the first `steps` - 1 of them
-        computed (their K/V written). A sampled sequence draws one uniform per step from its stream, as a step of
-        its own would."""
+        """Up to `steps` decode steps in one call of the runner (it ends once every sequence has stopped): each
+        sequence's token from each step run, all but the last computed (their K/V written). A sampled sequence draws
+        one uniform per step from its stream, as a step of its own would (those of steps not run are never used)."""
         ids, positions, slots, slices, sampled = [], [], [], [], {}
         vocab = self.runner.model.config.vocab_size
         for row, item in enumerate(batch):

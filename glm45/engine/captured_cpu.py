@@ -15,8 +15,9 @@ programs per size: the trunk (embedding → layers → final norm, keeping the h
 (gathering the rows whose logits are needed → LM head), likewise for the MTP layer, and with an MTP layer a
 third: MTP's whole step with one draft token (`cpu_step_programs.build_draft_step`). With `max_steps` > 1, a
 program of a whole decode step (trunk, head, and the choice of each row's next token, which becomes its next input)
-runs several steps in one call (`decode_steps`, vLLM's multi-step scheduling): the engine's Python between steps
-cost the `small` benchmark model about 0.3 ms a token, a tenth of its step, though it takes 0.05 ms when run
+runs several steps in one call (`decode_steps`, vLLM's multi-step scheduling; MTP's one-program step likewise,
+`draft_step_run`): the engine's Python between steps
+cost the `small` benchmark model 0.35–0.46 ms a token, a tenth of its step, though it takes 0.05 ms when run
 alone: the weights the step streams through the caches evict the interpreter's code and data. The arithmetic is the
 eager path's (same kernels for the matrices; bf16 rounding at the same places for bf16 models), so greedy
 tokens agree with it (tests/test_captured_cpu.py).

@@ -829,7 +829,7 @@ static inline void set_row(int64_t r, int64_t token, int64_t pos, const int32_t 
     context[r] = (int32_t)(pos + 1);
 }
 
-/* The end of one decode step of several run in one call (glm45_run_steps): each of the first *live rows takes its
+/* The end of one decode step of several run in one call (glm45_run_steps): each of the run[1] live rows takes its
  * next token — the argmax (inverse temperature 0) or sample_row's draw with the step's uniform u[step, r], as the
  * host sampler takes them — records it in out[step, r], and becomes the next step's input: that token at the next
  * position, whose KV slot its block table gives, with one more token of context. Padding rows stay as they are. */
@@ -859,8 +859,7 @@ static void op_advance(const Op *op, int ith, int nth) {
     }
 }
 
-
-/* The end of one MTP step (build_draft_step's ops) of several run in one call: each of the first *live sequences
+/* The end of one MTP step (build_draft_step's ops) of several run in one call: each of the run[1] live sequences
  * (rows 2s, 2s + 1: [x_n, d] at positions n, n + 1) records the tokens the step took in out[step, s] (the target's
  * t_n, and t_d when d was accepted, else -1) and goes on from the pair the next step extends, as the executor would:
  * pending token t_{n+a} at position n + 1 + a and its draft (the draft step's at row 2s + a), a the acceptance. A
@@ -963,14 +962,14 @@ static int all_done(const int64_t *run_end, int64_t live) {
 
 /* Run a captured program up to `steps` times in a row (a step's ops in order, a barrier after each op), all threads
  * in one region; run[0] (when given) holds the step's index, which the ops of a run read, and run[1] how many rows
- * (MTP: sequences) are live. One step is a captured step;
- * several are decode steps whose last op (OP_ADVANCE, OP_ADVANCE_DRAFT) feeds each row's token to the next, and the
- * run ends early once the live entries of run_end are all done. Returns the steps run.
+ * (MTP: sequences) are live. One step is a captured step; several are decode steps whose last op (OP_ADVANCE,
+ * OP_ADVANCE_DRAFT) feeds each row's token to the next, and the run ends early once the live entries of run_end are
+ * all done. Returns the steps run.
  *
  * Thread 0 writes the index before the step's first op: every thread reads it only after a barrier that thread 0
  * passed after the write, and the previous step's reads came before the barrier that ended that step. Every thread
- * reads the done flags after a step's last barrier and before the next step's last op writes it again, so all threads see
- * the same flags and end the run together. */
+ * reads the done flags after a step's last barrier and before the next step's last op writes them again, so all
+ * threads see the same flags and end the run together. */
 int64_t glm45_run_steps(const Op *ops, int64_t count, int64_t steps, int64_t *run, const int64_t *run_end, int round,
                         int threads) {
     StepBarrier barrier = {0, 0};

@@ -225,20 +225,8 @@ class Executor:
         taken from its stream in the order those steps take them. A sequence keeps the steps up to the one whose
         tokens finish it (its end token, `max_tokens`, the context): what it was given then is what single steps
         would have given it, acceptance counts included."""
-        ids, positions, slots, slices, sampled = [], [], [], [], {}
-        vocab = self.runner.model.config.vocab_size
-        for b, item in enumerate(batch):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
-            ids += [seq.token_ids[start], seq.draft_token_ids[0]]
-            positions += [start, start + 1]
-            slots += self._slots(seq, start, 2)
-            if not seq.params.greedy:
-                uniforms = []
-                for _ in range(steps):
-                    uniforms += torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
-                sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
-        per_step, drafts, q = self.runner.draft_step_run(StepInputs(ids, positions, slots, slices), steps, sampled,
+        inputs, sampled = self._draft_rows(batch, steps)
+        per_step, drafts, q = self.runner.draft_step_run(inputs, steps, sampled,
                                                          [self._until(item.seq) for item in batch])
         results = {}
         for b, item in enumerate(batch):
@@ -256,6 +244,25 @@ class Executor:
             self._drafted.append((seq, valid, drafts[b], q[b:b + 1].clone() if b in sampled else None))
         self._computed = []
         return StepResult(results)
+
+    def _draft_rows(self, batch: list[ScheduledSeq], steps: int) -> tuple[StepInputs, dict]:
+        """The rows [x_n, d] of each sequence for `steps` one-program MTP steps, and each sampled sequence's entry: its
+        `SampleRow` fields, 5 uniforms a step from its stream (four for verification, one for the next draft, in the
+        order the separate path takes them), and the distribution its draft was drawn from."""
+        ids, positions, slots, slices, sampled = [], [], [], [], {}
+        vocab = self.runner.model.config.vocab_size
+        for b, item in enumerate(batch):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
+            ids += [seq.token_ids[start], seq.draft_token_ids[0]]
+            positions += [start, start + 1]
+            slots += self._slots(seq, start, 2)
+            if not seq.params.greedy:
+                uniforms = []
+                for _ in range(steps):
+                    uniforms += torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
+                sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
+        return StepInputs(ids, positions, slots, slices), sampled
 
     def _draft_step_applies(self, batch: list[ScheduledSeq]) -> bool:
         """Whether the step is MTP with one draft for every sequence and nothing else asked of its logits (no
@@ -281,23 +288,15 @@ class Executor:
         stream in the same order (four for verification, one for the next draft). A constraint's masks for the two
         verify rows are known before the step (the second row follows the draft); the next draft's, only after it:
         where the state after the new tokens restricts, the draft is chosen again here from its masked logits."""
-        ids, positions, slots, slices, sampled, token_masks, after_draft = [], [], [], [], {}, {}, {}
+        token_masks, after_draft = {}, {}
         vocab = self.runner.model.config.vocab_size
         bitmask = masks.allocate(2 * len(batch), vocab) if any(item.seq.constraint for item in batch) else None
         known, self._next_masks = self._next_masks, {}
         for b, item in enumerate(batch):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
-            ids += [seq.token_ids[start], seq.draft_token_ids[0]]
-            positions += [start, start + 1]
-            slots += self._slots(seq, start, 2)
-            if seq.constraint is not None:
-                after_draft[b] = self._verify_masks(seq, bitmask, 2 * b, token_masks, known.get(seq.seq_id))
-            if not seq.params.greedy:
-                uniforms = torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
-                sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
-        targets, accepted, drafts, q, draft_logits = self.runner.draft_step(
-            StepInputs(ids, positions, slots, slices), sampled, token_masks)
+            if item.seq.constraint is not None:
+                after_draft[b] = self._verify_masks(item.seq, bitmask, 2 * b, token_masks, known.get(item.seq.seq_id))
+        inputs, sampled = self._draft_rows(batch, 1)
+        targets, accepted, drafts, q, draft_logits = self.runner.draft_step(inputs, sampled, token_masks)
         results = {}
         for b, item in enumerate(batch):
             seq, start, row = item.seq, item.seq.num_computed_tokens, 2 * b

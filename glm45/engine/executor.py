@@ -9,11 +9,9 @@ scheduler applies the result.
 
 When every sequence of a batch decodes plainly (one pending token, no drafts, and nothing asked of its logits but a
 token: no penalty, bias, log-probabilities, constraint or adapter) and the runner runs several decode steps in one
-call (the captured CPU step, `num_scheduler_steps`), the step is such a run: each sequence's blocks are allocated
-for it, and it returns up to that many tokens per sequence; the scheduler drops those past a stop. A run lasts at most
-about `RUN_SECONDS` (judged by the last decode step's time), so a stream's tokens never come in long bursts: where a
-step costs much more than the Python between steps (a large model) runs are not worth their burstiness. A sequence's
-first token is never part of a run (the time to it stays a step's); likewise for MTP's one-program steps.
+call (the captured CPU step, `num_scheduler_steps`), the step is such a run (`step_runs.py` chooses its length and
+allocates its blocks), and it returns up to that many tokens per sequence; the scheduler drops those past a stop.
+Likewise for MTP's one-program steps.
 `propose_drafts()` then runs the MTP layer over the pairs that step computed and returns k draft tokens for
 every sequence that decodes next. Tokens and drafts are chosen after the request's `logit_bias` and its
 constraint's mask (`logits.py`).
@@ -43,9 +41,9 @@ from glm45.engine.sampler import Sampler, host_row, host_uniforms, rows_top_logp
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence
 from glm45.engine.speculative import AcceptanceStats, choose_drafts, verify
+from glm45.engine.step_runs import RunPlanner, decodes_plainly
 from glm45.grammar import masks
 
-RUN_SECONDS = 0.05  # the longest run of decode steps in one call, judged by the last decode step's time
 PROMPT_LOGPROBS_BYTES = 64 << 20  # float32 logits of prompt rows reduced at a time (~110 rows of GLM-4.5's vocab)
 
 
@@ -82,7 +80,7 @@ class Executor:
         # {seq_id: (tokens its constraint has accepted, restriction, bitmask row)}: the mask the one-program step
         # computed for a constrained sequence's next token, which is the next step's first verify row's
         self._next_masks: dict[int, tuple] = {}
-        self._decode_seconds: float | None = None  # the last decode step's time (a run's, per step)
+        self.runs = RunPlanner(runner, block_manager, max_model_len)
 
     def reset(self) -> None:
         """Forget the last step (it failed): nothing to draft from."""
@@ -98,13 +96,12 @@ class Executor:
         self._drafted = []
         start = time.perf_counter()
         if self._draft_step_applies(batch):
-            steps = self._draft_run_length(batch)
+            steps = self.runs.draft_steps(batch)
             result = self._execute_draft_step_run(batch, steps) if steps > 1 else self._execute_draft_step(batch)
         else:
-            steps = self._decode_run_length(batch)
+            steps = self.runs.decode_steps(batch) if not self.k else 1
             result = self._execute_decode_steps(batch, steps) if steps > 1 else self._execute_step(batch)
-        if all(item.num_tokens == 1 for item in batch):
-            self._decode_seconds = (time.perf_counter() - start) / steps
+        self.runs.record(batch, time.perf_counter() - start, steps)
         return result
 
     def _execute_step(self, batch: list[ScheduledSeq]) -> StepResult:
@@ -146,52 +143,6 @@ class Executor:
             self._computed.append(_Computed(seq, start, num_valid, q_start))
         return StepResult(results)
 
-    def _decode_run_length(self, batch: list[ScheduledSeq]) -> int:
-        """How many decode steps the batch runs in one call (1: a step of its own): several when the runner runs them
-        and every sequence decodes plainly."""
-        if self.k or not hasattr(self.runner, "max_decode_steps"):
-            return 1
-        for item in batch:
-            seq, params = item.seq, item.seq.params
-            if (item.num_tokens != 1 or seq.num_computed_tokens + 1 != len(seq) or not seq.num_output_tokens
-                    or seq.draft_token_ids
-                    or item.name_choices is not None or seq.constraint is not None or params.uses_penalties
-                    or params.logit_bias or params.logprobs is not None or params.prompt_logprobs is not None
-                    or seq.lora_slot >= 0):
-                return 1
-        return self._run_length(batch, self.runner.max_decode_steps(len(batch)), 1)
-
-    def _draft_run_length(self, batch: list[ScheduledSeq]) -> int:
-        """How many one-program MTP steps (`_draft_step_applies` holds) the batch runs in one call: several when the
-        runner runs them and no sequence is constrained (a constraint's masks are made on the host between steps)."""
-        if not hasattr(self.runner, "max_decode_steps") or any(item.seq.constraint is not None for item in batch):
-            return 1
-        return self._run_length(batch, self.runner.max_decode_steps(2 * len(batch), draft=True), 2)
-
-    def _run_length(self, batch: list[ScheduledSeq], limit: int, advance: int) -> int:
-        """A run's steps: as many as the longest useful run (`max_tokens`, the context; a step takes at least one
-        token), within `limit` and with every position a step writes (a sequence moves on by at most `advance` a step)
-        inside every context; 1 unless each sequence's blocks for the run can be allocated, as they are here."""
-        if self._decode_seconds is None or self.max_model_len is None:
-            return 1
-        limit = min(limit, int(RUN_SECONDS / max(self._decode_seconds, 1e-6)))
-        if limit <= 1:
-            return 1
-        useful = 1
-        for item in batch:
-            seq = item.seq
-            useful = max(useful, self._until(seq)[1])
-            limit = min(limit, (self.max_model_len - seq.num_computed_tokens) // advance)
-        steps = min(limit, useful)
-        bm = self.block_manager
-        needed = [(item.seq, item.seq.num_computed_tokens + advance * steps) for item in batch]
-        if steps <= 1 or sum(max(0, bm.blocks_needed(n) - len(seq.block_table)) for seq, n in needed) \
-                > bm.num_free_blocks:
-            return 1
-        for seq, n in needed:
-            bm.allocate(seq, n)
-        return steps
-
     def _execute_decode_steps(self, batch: list[ScheduledSeq], steps: int) -> StepResult:
         """Up to `steps` decode steps in one call of the runner (it ends once every sequence has stopped): each
         sequence's token from each step run, all but the last computed (their K/V written). A sampled sequence draws
@@ -208,17 +159,10 @@ class Executor:
             if not seq.params.greedy:
                 sampled[row] = (host_row(seq.params, vocab), host_uniforms([seq.generator] * steps))
         tokens = self.runner.decode_steps(StepInputs(ids, positions, slots, slices), steps, sampled,
-                                          [self._until(item.seq) for item in batch])
+                                          [self.runs.until(item.seq) for item in batch])
         self._computed = []
         return StepResult({item.seq.seq_id: SeqResult(row, [None] * len(row), item.seq.num_computed_tokens + len(row))
                            for item, row in zip(batch, tokens, strict=True)})
-
-    def _until(self, seq: Sequence) -> tuple[list[int], int]:
-        """What ends a sequence inside a run: its stop ids, and how many tokens it may still take."""
-        left = self.max_model_len - len(seq)
-        if seq.params.max_tokens is not None:
-            left = min(left, seq.params.max_tokens - seq.num_output_tokens)
-        return sorted(seq.stop_ids), left
 
     def _execute_draft_step_run(self, batch: list[ScheduledSeq], steps: int) -> StepResult:
         """`steps` steps of `_execute_draft_step` (no constraints) in one call of the runner, each sequence's uniforms
@@ -227,7 +171,7 @@ class Executor:
         would have given it, acceptance counts included."""
         inputs, sampled = self._draft_rows(batch, steps)
         per_step, drafts, q = self.runner.draft_step_run(inputs, steps, sampled,
-                                                         [self._until(item.seq) for item in batch])
+                                                         [self.runs.until(item.seq) for item in batch])
         results = {}
         for b, item in enumerate(batch):
             seq, start = item.seq, item.seq.num_computed_tokens
@@ -272,11 +216,9 @@ class Executor:
                 or not self.runner.runs_draft_step(2 * len(batch)):
             return False
         for item in batch:
-            seq, params = item.seq, item.seq.params
-            if (item.num_tokens != 1 or seq.num_computed_tokens + 1 != len(seq) or len(seq.draft_token_ids) != 1
-                    or item.name_choices is not None or params.uses_penalties
-                    or params.logprobs is not None or params.prompt_logprobs is not None or params.logit_bias
-                    or seq.lora_slot >= 0 or (not params.greedy and seq.draft_probs is None)):
+            seq = item.seq
+            if not decodes_plainly(item) or len(seq.draft_token_ids) != 1 \
+                    or (not seq.params.greedy and seq.draft_probs is None):
                 return False
             if seq.constraint is not None and seq.constraint.name_choices() is not None:
                 return False

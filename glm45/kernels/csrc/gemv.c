@@ -355,8 +355,13 @@ static void rows_q4_one(const Weight *w, int64_t e, int64_t n0, int64_t n1, cons
             y[m0 * ldy + rows[1]] = finish(_mm_cvtss_f32(_mm_shuffle_ps(t, t, 1)) + mins[1], w, rows[1], round);
     }
 }
-static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
-                    float *y, int64_t ldy, int round) {
+/* Rows [n0, n1) of an int4 matrix against MC activation rows (a constant, see ROWS_BY_COUNT), each weight row read
+ * once and prefetched ahead; two accumulators per activation row (even and odd blocks) keep the FMAs from waiting on
+ * each other. With the row count known only at run time, and without the prefetch, two rows streamed the Air-shaped
+ * head (151,552 × 1,024) from memory in 13.6 ms against 5.2 ms for one. */
+static inline __attribute__((always_inline)) void rows_q4_mc(const Weight *w, int64_t e, int64_t n0, int64_t n1,
+                                                             const Act *a, int64_t m0, const int MC, float *y,
+                                                             int64_t ldy, int round) {
     const int64_t K = w->K, nb = K / QBLOCK, xnb = a->K / QBLOCK;
     const uint8_t *base = (const uint8_t *)w->data + e * w->N * (K / 2);
     const __m256i low = _mm256_set1_epi8(0x0f);
@@ -364,42 +369,55 @@ static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
     for (int64_t n = n0; n < n1; n++) {
         const int64_t r = e * w->N + n;
         const uint8_t *row = base + n * (K / 2);
-        __m256 acc[4], minacc[4];
+        prefetch_ahead(row, K / 2);
+        __m256 even[4], odd[4], minacc[4];
         float mins[4] = {0, 0, 0, 0};
-        for (int m = 0; m < 4; m++) acc[m] = minacc[m] = _mm256_setzero_ps();
+        for (int m = 0; m < MC; m++) even[m] = odd[m] = minacc[m] = _mm256_setzero_ps();
         for (int64_t s0 = 0; s0 < nb; s0 += Q4_SPAN) {
             const int64_t s1 = s0 + Q4_SPAN < nb ? s0 + Q4_SPAN : nb;
             q4_decode_span(w, r, s0, s1, ds, ms);
-            for (int m = 0; m < mc; m++)
+            for (int m = 0; m < MC; m++)
                 q4_span_scales(ds, ms, s0, s1, a->xd + (m0 + m) * xnb, a->xs + (m0 + m) * xnb, sx[m], &minacc[m],
                                &mins[m]);
-            if (mc == 1) { /* one activation row: 4 accumulators, so that the adds do not wait on each other */
-                const int8_t *xq = a->xq + m0 * a->K;
-                __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-                int64_t b = s0;
-                for (; b + 4 <= s1; b += 4) {
-                    acc[0] = _mm256_fmadd_ps(q4_dot(row, xq, b, low), _mm256_broadcast_ss(sx[0] + b - s0), acc[0]);
-                    a1 = _mm256_fmadd_ps(q4_dot(row, xq, b + 1, low), _mm256_broadcast_ss(sx[0] + b + 1 - s0), a1);
-                    a2 = _mm256_fmadd_ps(q4_dot(row, xq, b + 2, low), _mm256_broadcast_ss(sx[0] + b + 2 - s0), a2);
-                    a3 = _mm256_fmadd_ps(q4_dot(row, xq, b + 3, low), _mm256_broadcast_ss(sx[0] + b + 3 - s0), a3);
+            int64_t b = s0;
+            for (; b + 2 <= s1; b += 2) {
+                const __m128i p0 = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
+                const __m128i p1 = _mm_loadu_si128((const __m128i *)(row + (b + 1) * (QBLOCK / 2)));
+                const __m256i q0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p0, 4), p0), low);
+                const __m256i q1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p1, 4), p1), low);
+                for (int m = 0; m < MC; m++) {
+                    const int8_t *xq = a->xq + (m0 + m) * a->K + b * QBLOCK;
+                    const __m256i d0 = dot_u8s8(_mm256_setzero_si256(), q0, _mm256_loadu_si256((const __m256i *)xq));
+                    const __m256i d1 = dot_u8s8(_mm256_setzero_si256(), q1,
+                                                _mm256_loadu_si256((const __m256i *)(xq + QBLOCK)));
+                    even[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_broadcast_ss(sx[m] + b - s0), even[m]);
+                    odd[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_broadcast_ss(sx[m] + b + 1 - s0), odd[m]);
                 }
-                for (; b < s1; b++)
-                    acc[0] = _mm256_fmadd_ps(q4_dot(row, xq, b, low), _mm256_broadcast_ss(sx[0] + b - s0), acc[0]);
-                acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], a1), _mm256_add_ps(a2, a3));
-                continue;
             }
-            for (int64_t b = s0; b < s1; b++) {
-                __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
-                __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-                for (int m = 0; m < mc; m++) {
-                    __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + (m0 + m) * a->K + b * QBLOCK));
-                    __m256i p = dot_u8s8(_mm256_setzero_si256(), q, xq);
-                    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sx[m] + b - s0), acc[m]);
+            if (b < s1) {
+                const __m128i p0 = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
+                const __m256i q0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p0, 4), p0), low);
+                for (int m = 0; m < MC; m++) {
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->xq + (m0 + m) * a->K + b * QBLOCK));
+                    const __m256i d0 = dot_u8s8(_mm256_setzero_si256(), q0, x);
+                    even[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_broadcast_ss(sx[m] + b - s0), even[m]);
                 }
             }
         }
-        for (int m = 0; m < mc; m++)
-            y[(m0 + m) * ldy + n] = finish(hsum256(_mm256_add_ps(acc[m], minacc[m])) + mins[m], w, n, round);
+        for (int m = 0; m < MC; m++)
+            y[(m0 + m) * ldy + n] =
+                finish(hsum256(_mm256_add_ps(_mm256_add_ps(even[m], odd[m]), minacc[m])) + mins[m], w, n, round);
+    }
+}
+
+/* rows_q4_mc with the activation row count as a constant. */
+static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
+                    float *y, int64_t ldy, int round) {
+    switch (mc) {
+    case 1: rows_q4_mc(w, e, n0, n1, a, m0, 1, y, ldy, round); break;
+    case 2: rows_q4_mc(w, e, n0, n1, a, m0, 2, y, ldy, round); break;
+    case 3: rows_q4_mc(w, e, n0, n1, a, m0, 3, y, ldy, round); break;
+    default: rows_q4_mc(w, e, n0, n1, a, m0, 4, y, ldy, round); break;
     }
 }
 

@@ -25,14 +25,15 @@ static inline float finish(float sum, const Weight *w, int64_t n, int round) {
 }
 
 /* ---------------------------------------------------------------- f32, bf16, fp8: widen and FMA */
-/* One or two activation rows stream the weights from memory: the hardware prefetcher alone left a bf16 head GEMV
- * (151,552 × 1,024, 2 threads) at 34–36 GB/s; prefetching 4 KB ahead ran it at 46–48 (2 KB: 39–44), the int8 one
- * 3.8 → 3.5 ms and the fp8 one 3.6 → 3.1 ms. int4 one row at a time, bound by its arithmetic, gained nothing;
- * int4 rows in pairs need it (rows_q4_one). */
+/* Software prefetch of the weight rows PREFETCH_BYTES ahead, where a kernel's own reads defeat the hardware
+ * prefetcher: int4 rows in pairs (rows_q4_one) and fp8 rows through bf16 dot products (rows_fp8_dp); dp_block has
+ * its own. prefetch_ahead must be inlined: GCC found a separate copy free of side effects and deleted the calls, so
+ * the widening path, int8 and int4 against several rows ran without it, and there, enabled, it was slower (the
+ * Air-shaped bf16 decode 60–68 → 37–42 tok/s, int8 unchanged; AVX-512, 2 threads): they leave it to the hardware. */
 #define PREFETCH_BYTES 4096
 
 /* The cache lines PREFETCH_BYTES past a weight row of `bytes` bytes (rows lie one after another). */
-static inline void prefetch_ahead(const void *row, int64_t bytes) {
+static inline __attribute__((always_inline)) void prefetch_ahead(const void *row, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)row + PREFETCH_BYTES + o, _MM_HINT_T0);
 }
 /* NAME(…, mc, out) calls NAME##_mc with mc as a constant (1 to MAX): the per-row loops over the activation rows then
@@ -64,7 +65,6 @@ static inline void prefetch_ahead(const void *row, int64_t bytes) {
         int64_t k = 0;                                                                                         \
         if (mc <= 2) {                                                                                         \
             for (; k + 4 * VL <= K; k += 4 * VL) {                                                             \
-                prefetch_ahead(row + k, 4 * VL * sizeof(TYPE));                                                \
                 vf w0 = LOAD(row + k), w1 = LOAD(row + k + VL), w2 = LOAD(row + k + 2 * VL),                   \
                    w3 = LOAD(row + k + 3 * VL);                                                                \
                 for (int m = 0; m < mc; m++) {                                                                 \
@@ -219,7 +219,6 @@ static inline __attribute__((always_inline)) void rows_q8_mc(const Weight *w, in
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *row = base + n * K;
         const uint16_t *d = dbase + n * nb;
-        prefetch_ahead(row, K);
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t b = 0; b < nb; b++) {
             __m256i wq = _mm256_loadu_si256((const __m256i *)(row + b * QBLOCK));
@@ -356,9 +355,9 @@ static void rows_q4_one(const Weight *w, int64_t e, int64_t n0, int64_t n1, cons
     }
 }
 /* Rows [n0, n1) of an int4 matrix against MC activation rows (a constant, see ROWS_BY_COUNT), each weight row read
- * once and prefetched ahead; two accumulators per activation row (even and odd blocks) keep the FMAs from waiting on
- * each other. With the row count known only at run time, and without the prefetch, two rows streamed the Air-shaped
- * head (151,552 × 1,024) from memory in 13.6 ms against 5.2 ms for one. */
+ * once; two accumulators per activation row (even and odd blocks) keep the FMAs from waiting on each other. With the
+ * row count known only at run time (the accumulators on the stack), two rows streamed the Air-shaped head
+ * (151,552 × 1,024) from memory in 13.6 ms against 5.2 ms for one; this way 5.1–6.8 ms. */
 static inline __attribute__((always_inline)) void rows_q4_mc(const Weight *w, int64_t e, int64_t n0, int64_t n1,
                                                              const Act *a, int64_t m0, const int MC, float *y,
                                                              int64_t ldy, int round) {
@@ -369,7 +368,6 @@ static inline __attribute__((always_inline)) void rows_q4_mc(const Weight *w, in
     for (int64_t n = n0; n < n1; n++) {
         const int64_t r = e * w->N + n;
         const uint8_t *row = base + n * (K / 2);
-        prefetch_ahead(row, K / 2);
         __m256 even[4], odd[4], minacc[4];
         float mins[4] = {0, 0, 0, 0};
         for (int m = 0; m < MC; m++) even[m] = odd[m] = minacc[m] = _mm256_setzero_ps();

@@ -237,7 +237,7 @@ static inline int64_t kv_row(const int32_t *table, int64_t t, int64_t bs, int64_
     return ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
 }
 
-static inline void prefetch_kv(const void *kc, const void *vc, const int32_t *table, int64_t t, int64_t L, int64_t bs,
+static inline __attribute__((always_inline)) void prefetch_kv(const void *kc, const void *vc, const int32_t *table, int64_t t, int64_t L, int64_t bs,
                                int64_t Hkv, int64_t hd, int64_t kvh, int64_t kv_size) {
     if (t + ATTN_PREFETCH >= L) return;
     const int64_t next = kv_row(table, t + ATTN_PREFETCH, bs, Hkv, hd, kvh) * kv_size;

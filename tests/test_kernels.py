@@ -89,19 +89,21 @@ def test_grouped_bf16_rows_of_a_bf16_model_match_the_reference(isa, pairs):
 
 
 @pytest.mark.parametrize("k", [96, 1024])  # 96: a last 32 inputs after the loop's steps of 64
-def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k):
-    """One activation row of a bf16 model against fp8 weights: with AVX512-BF16 the e4m3 bytes become bf16 in
-    registers and go through bf16 dot products (zeros and the row's largest values included; fp8 subnormals, below
-    2^-6 of the row's unit, read as zero), else the widening path; the fp32 sums, rounded to bf16 once."""
-    torch.manual_seed(k)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 5: past the dot products' four rows, the widening path
+def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k, rows):
+    """Activation rows of a bf16 model against fp8 weights: with AVX512-BF16 the e4m3 bytes become bf16 in registers
+    once for up to four rows and go through bf16 dot products (zeros and the row's largest values included; fp8
+    subnormals, below 2^-6 of the row's unit, read as zero), else the widening path; the fp32 sums, rounded to bf16
+    once."""
+    torch.manual_seed(k + rows)
     w = torch.randn(301, k) * 0.05
     w[:, :7] = 0.0
     packed = quantize(w, "fp8")
-    x = torch.randn(1, k).bfloat16().float()
+    x = torch.randn(rows, k).bfloat16().float()
     bias = torch.randn(301)
-    got = torch.empty(1, 301)
+    got = torch.empty(rows, 301)
     lib = cpu.library()
-    lib.glm45_linear(ctypes.byref(cpu.describe(packed, bias)), x.data_ptr(), 1, k, got.data_ptr(), 301, 1, 2)
+    lib.glm45_linear(ctypes.byref(cpu.describe(packed, bias)), x.data_ptr(), rows, k, got.data_ptr(), 301, 1, 2)
     expected = reference(x, dequantize(packed), bias)
     assert torch.equal(got, got.bfloat16().float())
     assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)

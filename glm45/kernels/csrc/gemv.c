@@ -452,12 +452,13 @@ static uint16_t *bf16_rows(const float *x, int64_t ldx, int64_t rows, int64_t K,
  * accumulators are locals (an array behind a pointer would be stored to memory on every pass). */
 static inline __attribute__((always_inline)) void dp_block(const uint16_t *row, int64_t K, const uint16_t *const xb[4],
                                                            const int MC, const int NO, __m512 out[4][4]) {
-    if (MC <= 2) {
+    if (MC <= 2 && K >= 512) {
         /* One or two activation rows: each weight row is read whole in turn, so the NO rows are one sequential
          * stream. Taking the rows side by side (below) read a 151,552 × 1,024 head from memory at 13–19 GB/s for
          * 2 rows against 28–35 GB/s this way (2 threads; one row through the widening path: 28–35); from 3 rows
          * on, the side-by-side order's fewer activation loads per product win (16,384 × 4,096: 5.5 against
-         * 7.1–7.4 ms at 3 rows). Two accumulators a row keep two products in flight. */
+         * 7.1–7.4 ms at 3 rows), and so does it for rows of 256 inputs in cache (3,072 × 256: 20–30 against
+         * 30–40 µs), the bundled model's. Two accumulators a row keep two products in flight. */
         for (int o = 0; o < NO; o++) {
             const uint16_t *r = row + o * K;
             __m512 even[2], odd[2];

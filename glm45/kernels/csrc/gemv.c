@@ -432,6 +432,7 @@ static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Ac
 #define DP_MIN_ROWS 2
 #define DP_CHUNK 16 /* weight rows that every group of activation rows passes over while they are in cache */
 #define DP_STREAM_AHEAD 4096 /* bytes ahead on one weight stream that dp_block prefetches */
+#define DP_STREAM_MIN_K 512 /* rows at least this long are read whole in turn at one or two activation rows */
 
 /* Rows of x as bf16, each padded with zeros to Kp (a multiple of 32) so the kernels load whole vectors. */
 static uint16_t *bf16_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, int64_t Kp) {
@@ -451,8 +452,9 @@ static uint16_t *bf16_rows(const float *x, int64_t ldx, int64_t rows, int64_t K,
 /* NO weight rows from `row` (stride K) against MC bf16 activation rows: out[o][m] ends as 16 partial sums. The
  * accumulators are locals (an array behind a pointer would be stored to memory on every pass). */
 static inline __attribute__((always_inline)) void dp_block(const uint16_t *row, int64_t K, const uint16_t *const xb[4],
-                                                           const int MC, const int NO, __m512 out[4][4]) {
-    if (MC <= 2 && K >= 512) {
+                                                           const int MC, const int NO, const int STREAM,
+                                                           __m512 out[4][4]) {
+    if (MC <= 2 && STREAM) {
         /* One or two activation rows: each weight row is read whole in turn, so the NO rows are one sequential
          * stream. Taking the rows side by side (below) read a 151,552 × 1,024 head from memory at 13–19 GB/s for
          * 2 rows against 28–35 GB/s this way (2 threads; one row through the widening path: 28–35); from 3 rows
@@ -504,10 +506,12 @@ static inline __attribute__((always_inline)) void dp_block(const uint16_t *row, 
         for (int m = 0; m < MC; m++) out[o][m] = acc[o][m];
 }
 
-#define DP_CASE(MC, NO) dp_block(W + n * K, K, xb, MC, NO, acc)
-/* y[m][n] for weight rows n in [n0, n1) of W (one expert's [N, K]) and mc ≤ 4 activation rows. */
-static void dp_rows(const Weight *w, const uint16_t *W, int64_t n0, int64_t n1, const uint16_t *const xb[4], int mc,
-                    float *const y[4], int round) {
+#define DP_CASE(MC, NO) dp_block(W + n * K, K, xb, MC, NO, STREAM, acc)
+/* y[m][n] for weight rows n in [n0, n1) of W (one expert's [N, K]) and mc ≤ 4 activation rows; STREAM (a constant,
+ * so that each order is compiled on its own): rows of DP_STREAM_MIN_K inputs or more. */
+static inline __attribute__((always_inline)) void dp_rows_order(const Weight *w, const uint16_t *W, int64_t n0,
+                                                                int64_t n1, const uint16_t *const xb[4], int mc,
+                                                                float *const y[4], int round, const int STREAM) {
     const int64_t K = w->K;
     __m512 acc[4][4];
     for (int64_t n = n0; n < n1; n += 4) {
@@ -524,7 +528,7 @@ static void dp_rows(const Weight *w, const uint16_t *W, int64_t n0, int64_t n1, 
                 for (int m = 0; m < 4; m++) acc[o][m] = _mm512_setzero_ps();
             for (int o = 0; o < no; o++) {
                 __m512 one[4][4];
-                dp_block(W + (n + o) * K, K, xb, 4, 1, one);
+                dp_block(W + (n + o) * K, K, xb, 4, 1, STREAM, one);
                 for (int m = 0; m < mc; m++) acc[o][m] = one[0][m];
             }
         }
@@ -545,6 +549,14 @@ static void dp_rows(const Weight *w, const uint16_t *W, int64_t n0, int64_t n1, 
     }
 }
 #undef DP_CASE
+
+static void dp_rows(const Weight *w, const uint16_t *W, int64_t n0, int64_t n1, const uint16_t *const xb[4], int mc,
+                    float *const y[4], int round) {
+    if (w->K >= DP_STREAM_MIN_K)
+        dp_rows_order(w, W, n0, n1, xb, mc, y, round, 1);
+    else
+        dp_rows_order(w, W, n0, n1, xb, mc, y, round, 0);
+}
 
 static void rows_bf16_dp(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                          float *y, int64_t ldy, int round) {

@@ -294,15 +294,15 @@ static inline void q4_span_scales(const float *ds, const float *ms, int64_t s0, 
     for (; b < s1; b++) sx[b - s0] = ds[b - s0] * xd[b], *mins += ms[b - s0] * xs[b];
 }
 
-/* Block b's integer dot product of int4 row `row` with the block's int8 activations `x`, as 8 float partial sums. */
-static inline __m256 q4_dot_x(const uint8_t *row, int64_t b, __m256i x, __m256i low) {
-    __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
-    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-    return _mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), q, x));
+/* Block b of int4 row `row` as 32 codes, one a byte, in element order. */
+static inline __m256i q4_codes(const uint8_t *row, int64_t b, __m256i low) {
+    const __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
 }
 
-static inline __m256 q4_dot(const uint8_t *row, const int8_t *xq, int64_t b, __m256i low) {
-    return q4_dot_x(row, b, _mm256_loadu_si256((const __m256i *)(xq + b * QBLOCK)), low);
+/* Block b's integer dot product of int4 row `row` with the block's int8 activations `x`, as 8 float partial sums. */
+static inline __m256 q4_dot_x(const uint8_t *row, int64_t b, __m256i x, __m256i low) {
+    return _mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), q4_codes(row, b, low), x));
 }
 
 /* One activation row against int4 rows of at most Q4_SPAN blocks, two weight rows at a time: a row costs about 35
@@ -379,10 +379,7 @@ static inline __attribute__((always_inline)) void rows_q4_mc(const Weight *w, in
                                &mins[m]);
             int64_t b = s0;
             for (; b + 2 <= s1; b += 2) {
-                const __m128i p0 = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
-                const __m128i p1 = _mm_loadu_si128((const __m128i *)(row + (b + 1) * (QBLOCK / 2)));
-                const __m256i q0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p0, 4), p0), low);
-                const __m256i q1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p1, 4), p1), low);
+                const __m256i q0 = q4_codes(row, b, low), q1 = q4_codes(row, b + 1, low);
                 for (int m = 0; m < MC; m++) {
                     const int8_t *xq = a->xq + (m0 + m) * a->K + b * QBLOCK;
                     const __m256i d0 = dot_u8s8(_mm256_setzero_si256(), q0, _mm256_loadu_si256((const __m256i *)xq));
@@ -393,8 +390,7 @@ static inline __attribute__((always_inline)) void rows_q4_mc(const Weight *w, in
                 }
             }
             if (b < s1) {
-                const __m128i p0 = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
-                const __m256i q0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p0, 4), p0), low);
+                const __m256i q0 = q4_codes(row, b, low);
                 for (int m = 0; m < MC; m++) {
                     const __m256i x = _mm256_loadu_si256((const __m256i *)(a->xq + (m0 + m) * a->K + b * QBLOCK));
                     const __m256i d0 = dot_u8s8(_mm256_setzero_si256(), q0, x);

@@ -53,6 +53,19 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const void *row
             NAME##_mc(row, K, a, m0, MAX, out);                                                                \
     }
 
+/* NAME(w, e, n0, n1, a, m0, mc, y, ldy, round) calls NAME##_mc with mc (1 to 4) as a constant, as ROWS_BY_COUNT
+ * does for one weight row: for kernels that take a range of weight rows. */
+#define WEIGHT_ROWS_BY_COUNT(NAME)                                                                             \
+    static void NAME(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,  \
+                     float *y, int64_t ldy, int round) {                                                       \
+        switch (mc) {                                                                                          \
+        case 1: NAME##_mc(w, e, n0, n1, a, m0, 1, y, ldy, round); break;                                       \
+        case 2: NAME##_mc(w, e, n0, n1, a, m0, 2, y, ldy, round); break;                                       \
+        case 3: NAME##_mc(w, e, n0, n1, a, m0, 3, y, ldy, round); break;                                       \
+        default: NAME##_mc(w, e, n0, n1, a, m0, 4, y, ldy, round); break;                                      \
+        }                                                                                                      \
+    }
+
 /* One weight row (widened by LOAD) against mc ≤ 4 activation rows. FMA latency, not bandwidth, limits a row
  * that sits in cache, so each row gets 4 independent accumulators when there are 1 or 2 of them, and 2 each
  * (8 in all) for 3 or 4. */
@@ -235,16 +248,7 @@ static inline __attribute__((always_inline)) void rows_q8_mc(const Weight *w, in
     }
 }
 
-/* rows_q8_mc with the activation row count as a constant (see ROWS_BY_COUNT). */
-static void rows_q8(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
-                    float *y, int64_t ldy, int round) {
-    switch (mc) {
-    case 1: rows_q8_mc(w, e, n0, n1, a, m0, 1, y, ldy, round); break;
-    case 2: rows_q8_mc(w, e, n0, n1, a, m0, 2, y, ldy, round); break;
-    case 3: rows_q8_mc(w, e, n0, n1, a, m0, 3, y, ldy, round); break;
-    default: rows_q8_mc(w, e, n0, n1, a, m0, 4, y, ldy, round); break;
-    }
-}
+WEIGHT_ROWS_BY_COUNT(rows_q8)
 
 /* The scales and minimums of int4 blocks [s0, s1) of flat row r (s0 a multiple of 8), 8 blocks a vector: from their
  * super-blocks' fp16 pairs and 8-bit codes, or from per-block fp16 values (checkpoints of the older layout). */
@@ -404,16 +408,7 @@ static inline __attribute__((always_inline)) void rows_q4_mc(const Weight *w, in
     }
 }
 
-/* rows_q4_mc with the activation row count as a constant. */
-static void rows_q4(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
-                    float *y, int64_t ldy, int round) {
-    switch (mc) {
-    case 1: rows_q4_mc(w, e, n0, n1, a, m0, 1, y, ldy, round); break;
-    case 2: rows_q4_mc(w, e, n0, n1, a, m0, 2, y, ldy, round); break;
-    case 3: rows_q4_mc(w, e, n0, n1, a, m0, 3, y, ldy, round); break;
-    default: rows_q4_mc(w, e, n0, n1, a, m0, 4, y, ldy, round); break;
-    }
-}
+WEIGHT_ROWS_BY_COUNT(rows_q4)
 
 /* ---------------------------------------------------------------- bf16 dot products (AVX512-BF16) */
 /* Many activation rows against bf16 weights, on CPUs with bf16 dot products (vdpbf16ps: 32 products a vector,
@@ -623,15 +618,7 @@ static inline __attribute__((always_inline)) void rows_fp8_dp_mc(const Weight *w
     free(xb);
 }
 
-static void rows_fp8_dp(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
-                        float *y, int64_t ldy, int round) {
-    switch (mc) {
-    case 1: rows_fp8_dp_mc(w, e, n0, n1, a, m0, 1, y, ldy, round); break;
-    case 2: rows_fp8_dp_mc(w, e, n0, n1, a, m0, 2, y, ldy, round); break;
-    case 3: rows_fp8_dp_mc(w, e, n0, n1, a, m0, 3, y, ldy, round); break;
-    default: rows_fp8_dp_mc(w, e, n0, n1, a, m0, 4, y, ldy, round); break;
-    }
-}
+WEIGHT_ROWS_BY_COUNT(rows_fp8_dp)
 
 /* expert_pairs for bf16 weights and at least DP_MIN_ROWS input rows: each expert's pairs go 4 at a time through
  * dp_rows. Work units are (expert, chunk of DP_CHUNK weight rows, group of ≤ 4 pairs), chunk-major within an

@@ -88,7 +88,7 @@ def test_grouped_bf16_rows_of_a_bf16_model_match_the_reference(isa, pairs):
     assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.parametrize("k", [96, 1024])  # 96: a last 32 inputs after the loop's steps of 64
+@pytest.mark.parametrize("k", [96, 1024, 8192])  # 96: a last 32 after the steps of 64; 8192: past the stack
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 5: past the dot products' four rows, the widening path
 def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k, rows):
     """Activation rows of a bf16 model against fp8 weights: with AVX512-BF16 the e4m3 bytes become bf16 in registers

@@ -425,9 +425,11 @@ WEIGHT_ROWS_BY_COUNT(rows_q4)
 #define DP_STREAM_AHEAD 4096 /* bytes ahead on one weight stream that dp_block prefetches */
 #define DP_STREAM_MIN_K 512 /* rows at least this long are read whole in turn at one or two activation rows */
 
-/* Rows of x as bf16, each padded with zeros to Kp (a multiple of 32) so the kernels load whole vectors. */
-static uint16_t *bf16_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, int64_t Kp) {
-    uint16_t *out = malloc(rows * Kp * sizeof(uint16_t) + 64);
+/* Rows of x as bf16, each padded with zeros to Kp (a multiple of 32) so the kernels load whole vectors: in
+ * `scratch` when its `capacity` (values) holds them, else in memory the caller frees (the result is not scratch). */
+static uint16_t *bf16_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, int64_t Kp, uint16_t *scratch,
+                           int64_t capacity) {
+    uint16_t *out = rows * Kp <= capacity ? scratch : malloc(rows * Kp * sizeof(uint16_t) + 64);
     for (int64_t r = 0; r < rows; r++) {
         const float *src = x + r * ldx;
         uint16_t *dst = out + r * Kp;
@@ -552,7 +554,7 @@ static void dp_rows(const Weight *w, const uint16_t *W, int64_t n0, int64_t n1, 
 static void rows_bf16_dp(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                          float *y, int64_t ldy, int round) {
     const int64_t K = w->K, Kp = (K + 31) / 32 * 32;
-    uint16_t *xb = bf16_rows(a->x + m0 * a->ldx, a->ldx, mc, K, Kp);
+    uint16_t *xb = bf16_rows(a->x + m0 * a->ldx, a->ldx, mc, K, Kp, NULL, 0);
     const uint16_t *W = (const uint16_t *)w->data + e * w->N * K;
     for (int64_t t0 = n0; t0 < n1; t0 += DP_CHUNK) {
         const int64_t t1 = t0 + DP_CHUNK < n1 ? t0 + DP_CHUNK : n1;
@@ -590,7 +592,9 @@ static inline __attribute__((always_inline)) void rows_fp8_dp_mc(const Weight *w
                                                                  const Act *a, int64_t m0, const int MC, float *y,
                                                                  int64_t ldy, int round) {
     const int64_t K = w->K;
-    uint16_t *xb = bf16_rows(a->x + m0 * a->ldx, a->ldx, MC, K, K);
+    /* an expert's GEMV calls this once per 16 weight rows: the activation rows go on the stack when they fit */
+    uint16_t stack[16384];
+    uint16_t *xb = bf16_rows(a->x + m0 * a->ldx, a->ldx, MC, K, K, stack, 16384);
     const uint8_t *base = (const uint8_t *)w->data + e * w->N * K;
     const float *scale = (const float *)w->scale + e * w->N;
     for (int64_t n = n0; n < n1; n++) {
@@ -615,7 +619,7 @@ static inline __attribute__((always_inline)) void rows_fp8_dp_mc(const Weight *w
             y[(m0 + m) * ldy + n] =
                 finish(_mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m])) * scale[n], w, n, round);
     }
-    free(xb);
+    if (xb != stack) free(xb);
 }
 
 WEIGHT_ROWS_BY_COUNT(rows_fp8_dp)
@@ -633,7 +637,7 @@ static void expert_pairs_dp(const Weight *w, const int64_t *start, const int64_t
     int64_t u0, u1;
     split_range(total, ith, nth, 1, &u0, &u1);
     if (u0 >= u1) return;
-    uint16_t *xb = bf16_rows(a->x, a->ldx, P / per, K, Kp);
+    uint16_t *xb = bf16_rows(a->x, a->ldx, P / per, K, Kp, NULL, 0);
     for (int64_t e = 0, offset = 0; e < E && offset < u1; e++) {
         const int64_t count = start[e + 1] - start[e], groups = (count + 3) / 4, units = groups * chunks;
         const int64_t first = u0 > offset ? u0 : offset, stop = u1 < offset + units ? u1 : offset + units;

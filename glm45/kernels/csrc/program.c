@@ -217,7 +217,7 @@ static inline vf kv_vec(const void *cache, int64_t i, int64_t dtype) {
  * [Q, hd], maxima and sums of its Q ≤ ATTN_RUN · group queries (glm45_attention_scratch). hd is a multiple of VL. */
 #define ATTN_TILE 32
 #define ATTN_RUN 4
-#define ATTN_PREFETCH 16 /* keys ahead whose K and V rows are prefetched */
+#define ATTN_PREFETCH 32 /* keys ahead whose K and V rows are prefetched (into L2, see prefetch_kv) */
 #define ATTN_MAX_ROWS 4096
 #define ATTN_SPLIT_KEYS 256 /* the fewest keys a thread takes when a KV head's keys are split */
 
@@ -232,7 +232,10 @@ static int64_t sequence_run(const int32_t *tables, const int32_t *ctx, int64_t m
 }
 
 /* Element offset of KV head kvh's row for key t in a paged cache ([slot, Hkv, hd]), and a prefetch of the K and V
- * rows ATTN_PREFETCH keys ahead (one head's row every Hkv·hd elements is too sparse for the hardware prefetchers). */
+ * rows ATTN_PREFETCH keys ahead (one head's row every Hkv·hd elements is too sparse for the hardware prefetchers).
+ * The prefetch goes to L2, not L1: with 64 sequences' caches streaming from memory (2 threads, 34 MB a call),
+ * 32 keys ahead into L2 ran the op at 14–15 GB/s against 9–10 GB/s for 16 keys ahead into L1, which holds fewer
+ * misses in flight; a cache that fits the last-level cache, or one sequence, ran as before. */
 static inline int64_t kv_row(const int32_t *table, int64_t t, int64_t bs, int64_t Hkv, int64_t hd, int64_t kvh) {
     return ((int64_t)table[t / bs] * bs + t % bs) * Hkv * hd + kvh * hd;
 }
@@ -242,8 +245,8 @@ static inline __attribute__((always_inline)) void prefetch_kv(const void *kc, co
     if (t + ATTN_PREFETCH >= L) return;
     const int64_t next = kv_row(table, t + ATTN_PREFETCH, bs, Hkv, hd, kvh) * kv_size;
     for (int64_t b = 0; b < hd * kv_size; b += 64) {
-        _mm_prefetch((const char *)kc + next + b, _MM_HINT_T0);
-        _mm_prefetch((const char *)vc + next + b, _MM_HINT_T0);
+        _mm_prefetch((const char *)kc + next + b, _MM_HINT_T1);
+        _mm_prefetch((const char *)vc + next + b, _MM_HINT_T1);
     }
 }
 

@@ -417,10 +417,13 @@ WEIGHT_ROWS_BY_COUNT(rows_q4)
  * (and values below 2^-126 flush to zero). A pass takes 4 weight rows × 4 activation rows into 16 accumulators:
  * 16 dot products per 8 loads, where widening bf16 to fp32 costs a load per FMA and becomes the limit from two
  * rows on (2 threads, a 151,552 × 1,024 head streamed from memory: 2 rows 10.9 → 7.7 ms, 3 rows 14.3 → 8.2 ms; at
- * 64 rows the Air-shaped benchmark model's expert and projection GEMVs ran 2.5–3× faster). One row is bound by
- * reading the weights, and the widening path streams them as fast or faster (the `small` model's bs=1 decode). */
+ * 64 rows the Air-shaped benchmark model's expert and projection GEMVs ran 2.5–3× faster). One row goes this way
+ * too: it streams its weights from memory as fast as the widening path (0.97–1.16×, K = 512 to 4,096) and is faster
+ * in cache (1.1–1.3×), and a row's products then come out the same whether a call has one row or two (the orders
+ * below are per row up to two rows), so the one-program MTP step, which computes two rows where drafting on its own
+ * computes one, draws the same drafts. */
 #if defined(__AVX512BF16__)
-#define DP_MIN_ROWS 2
+#define DP_MIN_ROWS 1
 #define DP_CHUNK 16 /* weight rows that every group of activation rows passes over while they are in cache */
 #define DP_STREAM_AHEAD 4096 /* bytes ahead on one weight stream that dp_block prefetches */
 #define DP_STREAM_MIN_K 512 /* rows at least this long are read whole in turn at one or two activation rows */
@@ -460,8 +463,10 @@ static inline __attribute__((always_inline)) void dp_block(const uint16_t *row, 
             for (int m = 0; m < MC; m++) even[m] = odd[m] = _mm512_setzero_ps();
             int64_t k = 0;
             for (; k + 64 <= K; k += 64) {
-                _mm_prefetch((const char *)(r + k) + DP_STREAM_AHEAD, _MM_HINT_T0);
-                _mm_prefetch((const char *)(r + k) + DP_STREAM_AHEAD + 64, _MM_HINT_T0);
+                if (MC > 1) { /* one row is read as fast without it (from memory, 2 threads: 0.92–0.97× with it) */
+                    _mm_prefetch((const char *)(r + k) + DP_STREAM_AHEAD, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(r + k) + DP_STREAM_AHEAD + 64, _MM_HINT_T0);
+                }
                 const __m512bh w0 = (__m512bh)_mm512_loadu_si512(r + k);
                 const __m512bh w1 = (__m512bh)_mm512_loadu_si512(r + k + 32);
                 for (int m = 0; m < MC; m++) {

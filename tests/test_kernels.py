@@ -53,7 +53,7 @@ def test_bf16_kernel_matches_float32(isa, rows, k):
     assert torch.allclose(got.float(), reference(x, w, bias), rtol=2**-8, atol=1e-3)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 11, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 11, 32, 45, 64])
 @pytest.mark.parametrize("k", [80, 1024])  # 80: a last vector of 16 inputs (masked)
 def test_bf16_rows_of_a_bf16_model_match_float32(isa, rows, k):
     """The program's products for a bf16 model (activations rounded to bf16, `round` set) at many rows: with
@@ -69,6 +69,27 @@ def test_bf16_rows_of_a_bf16_model_match_float32(isa, rows, k):
     expected = reference(x, w, bias)
     assert torch.equal(got, got.bfloat16().float())  # rounded to bf16
     assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [32, 45, 130])
+@pytest.mark.parametrize("k", [96, 1024])  # 96: 48 input pairs, a last partial block of 16 in the panel repacking
+def test_many_bf16_rows_from_torch_take_the_kernels_gemm(isa, rows, k):
+    """`linear` of many rows of a bf16 model: on AVX512-BF16 builds the kernels' GEMM with bf16 in and out, which
+    gives the program's results for the same rows bit for bit (same products, same order, one rounding)."""
+    torch.manual_seed(rows + k)
+    w = torch.randn(301, k).bfloat16()  # 301: a last panel of 13 weight rows
+    x = torch.randn(rows, k).bfloat16()
+    bias = torch.randn(301).bfloat16()
+    got = cpu.linear(x, w, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 301)
+    assert torch.allclose(got.float(), reference(x, w, bias), rtol=2**-7, atol=1e-3)
+    if cpu.lib_gemm_rows(cpu.library()) == 0:
+        assert isa == "avx2"  # no bf16 dot products: torch's GEMM multiplied
+        return
+    program, bias32, x32 = torch.empty(rows, 301), bias.float(), x.float()  # alive while the kernel reads them
+    cpu.library().glm45_linear(ctypes.byref(cpu.describe(w, bias32)), x32.data_ptr(), rows, k, program.data_ptr(),
+                               301, 1, 2)
+    assert torch.equal(got.float(), program)
 
 
 @pytest.mark.parametrize("pairs", [6, 200])

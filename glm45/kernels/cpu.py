@@ -9,13 +9,15 @@ Measured on the 2-core machine, and used here:
 - 1–4 input rows (decoding): the kernels stream the weights once and widen them in registers (bf16, fp8) or
   dot quantized activations with them in integers (int8, int4) — about 2× torch's bf16 GEMV on a 151k × 1024
   head; for MoE experts one call covers all (row, expert) pairs;
-- 2 or more rows of a bf16 model (batched decoding and MTP verification in the captured step, and torch-side
-  calls of 2–4 rows), on CPUs with AVX512-BF16: bf16 dot products
-  (AVX512-BF16's vdpbf16ps, four weight rows by four activation rows a pass) at 530–650 GFLOP/s with 2 threads at
-  64 rows, 2.5–3× the widening path and on a par with torch's bf16 GEMM, for the projections, the experts and the
-  LM head;
-- more rows in torch-side calls (prefill): on CPUs with bf16 arithmetic (AVX512-BF16, AMX) torch's bf16 GEMM,
-  after dequantizing packed weights to bf16 a few hundred rows at a time; on AVX2-only CPUs the weights are
+- a bf16 model's rows on CPUs with AVX512-BF16 (the captured step's decoding, MTP verification and batches, and
+  torch-side calls of up to 4 rows): bf16 dot products (vdpbf16ps, four weight rows by four activation rows a
+  pass, or one weight row at a time for one or two long rows), from one row on, for the projections, the experts
+  and the LM head; from GEMM_MIN_ROWS (32) rows of one matrix, the GEMM order over repacked panels of weight rows
+  (csrc/gemv.c) — 1.1–1.4× the dot products at 64 rows;
+- more rows in torch-side calls (prefill): a bf16 model's bf16 weights go through that GEMM on AVX512-BF16 CPUs,
+  bf16 in and out (`lib_gemm_rows`; in one process a 64-request prefill ran 22–25% faster than with torch's bf16
+  GEMM, whose small expert products were slowest); packed weights are dequantized to bf16 a few hundred rows at
+  a time for torch's bf16 GEMM on CPUs with bf16 arithmetic (AVX512-BF16, AMX); on AVX2-only CPUs the weights are
   widened or dequantized to fp32 in such blocks, so the fp32 copy stays in cache, and torch's fp32 GEMM (MKL)
   does the rest — 3–8× torch's bf16 GEMM there (`native_bf16_gemm`);
 - a bf16 model's prefill attention, on CPUs with AVX512-BF16: one fused causal kernel per sequence chunk
@@ -153,8 +155,16 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_sample.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
     lib.glm45_draw.argtypes = [p, i64, i64, i64, p, p]
     lib.glm45_isa.restype = ctypes.c_char_p
+    lib.glm45_gemm_min_rows.restype = i64
+    if lib.glm45_gemm_min_rows():
+        lib.glm45_linear_bf16.argtypes = [w, p, i64, i64, p, i64, i32]
     logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
     return lib
+
+
+def lib_gemm_rows(lib: ctypes.CDLL | None) -> int:
+    """The fewest rows of a bf16 model `linear` multiplies with the kernels' GEMM (AVX512-BF16 builds), else 0."""
+    return 0 if lib is None else lib.glm45_gemm_min_rows()
 
 
 def available() -> bool:
@@ -215,6 +225,15 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     rows = x.numel() // x.shape[-1]
     out_features = weight.shape[-2]
     kernel_ok = lib is not None and weight.shape[-1] % QBLOCK == 0 and (packed or weight.is_contiguous())
+    if (kernel_ok and not packed and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+            and 0 < lib_gemm_rows(lib) <= rows and weight.shape[-1] % 2 == 0):
+        # many rows of a bf16 model (prefill, its experts): the kernels' GEMM, bf16 in and out
+        x2 = x.reshape(rows, x.shape[-1]).contiguous()
+        y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        bias32 = None if bias is None else bias.float().contiguous()
+        lib.glm45_linear_bf16(ctypes.byref(describe(weight, bias32)), x2.data_ptr(), rows, x2.shape[-1],
+                              y.data_ptr(), out_features, torch.get_num_threads())
+        return y.view(*x.shape[:-1], out_features)
     if rows <= MAX_KERNEL_ROWS and kernel_ok and (packed or weight.dtype == torch.bfloat16):
         x32 = _rows_input(x)
         y = torch.empty(rows, out_features, dtype=torch.float32)

@@ -36,7 +36,7 @@ void glm45_linear(const Weight *w, const float *x, int64_t M, int64_t ldx, float
                   int threads) {
     Act a = {x, M, w->K, ldx, NULL, NULL, NULL};
     QScratch s = quantized(w, &a);
-    int nth = threads_for(w->N * w->K, threads);
+    int nth = threads_for(w->N * w->K * (M > 4 ? M / 4 : 1), threads); /* many rows: their products are work too */
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         int64_t n0, n1;
@@ -63,6 +63,26 @@ void glm45_dequantize(const Weight *w, int64_t expert, int64_t n0, int64_t n1, f
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
     for (int64_t n = n0; n < n1; n++) dequant_row(w, expert, n, out + (n - n0) * w->K);
 }
+
+/* The fewest rows the GEMM order pays for (bf16 weights, a bf16 model), or 0 in a build without bf16 dot products
+ * (glm45_linear_bf16 is then missing): torch-side callers send that many rows to glm45_linear_bf16. */
+int64_t glm45_gemm_min_rows(void) {
+#if defined(__AVX512BF16__)
+    return GEMM_MIN_ROWS;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+/* y[M, N] = x[M, K] · Wᵀ (+ bias), x and y bf16 (rounded once), for a bf16 matrix with even K. */
+void glm45_linear_bf16(const Weight *w, const uint16_t *x, int64_t M, int64_t ldx, uint16_t *y, int64_t ldy,
+                       int threads) {
+    int nth = threads_for(w->N * w->K * (M / 4), threads);
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    bf16_gemm(w, x, M, ldx, y, ldy, omp_get_thread_num(), omp_get_num_threads());
+}
+#endif
 
 /* Which instruction set this build targets (checked by the loader against its file name). */
 const char *glm45_isa(void) {

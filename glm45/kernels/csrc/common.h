@@ -260,6 +260,8 @@ static inline __m256 fold512(__m512 v) {
 #endif
 
 /* ---- kernels shared between files ---- */
+/* From this many activation rows a bf16 model's products go through the GEMM order (gemv.c, AVX512-BF16 only). */
+#define GEMM_MIN_ROWS 32
 void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                  float *y, int64_t ldy, int round);
 void quantize_act_rows(const float *x, int64_t ldx, int64_t m0, int64_t m1, int64_t K, int8_t *xq, float *xd,
@@ -268,5 +270,9 @@ int weight_needs_qact(const Weight *w);
 void expert_pairs(const Weight *w, const int64_t *experts, int64_t P, int64_t per, const Act *a, float *y, int64_t ldy,
                   int ith, int nth, int round);
 void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out);
+#if defined(__AVX512BF16__)
+void bf16_gemm(const Weight *w, const uint16_t *x, int64_t M, int64_t ldx, uint16_t *y, int64_t ldy, int ith,
+               int nth);
+#endif
 
 #endif

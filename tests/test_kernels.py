@@ -71,6 +71,33 @@ def test_bf16_rows_of_a_bf16_model_match_float32(isa, rows, k):
     assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.parametrize("k", [96, 256, 1024])  # short rows four weight rows a pass, long ones read whole
+def test_a_bf16_models_row_comes_out_the_same_alone_or_in_pairs(isa, k):
+    """With bf16 dot products (AVX512-BF16) a row's products are summed in the same order whether its call has one
+    or two rows, plain and grouped: the one-program MTP step (two rows a sequence) then draws the same drafts as
+    drafting on its own (one row after a rejection)."""
+    if isa == "avx2":
+        pytest.skip("the widening path (AVX2) takes one and two rows in different orders")
+    torch.manual_seed(k)
+    lib = cpu.library()
+    # many outputs: most sums round to the same bf16 value in either order
+    w, stack = torch.randn(4001, k).bfloat16(), torch.randn(5, 2048, k).bfloat16()
+    x = torch.randn(2, k).bfloat16().float()
+    pair, alone = torch.empty(2, 4001), torch.empty(2, 4001)
+    lib.glm45_linear(ctypes.byref(cpu.describe(w)), x.data_ptr(), 2, k, pair.data_ptr(), 4001, 1, 2)
+    for r in range(2):
+        lib.glm45_linear(ctypes.byref(cpu.describe(w)), x[r].data_ptr(), 1, k, alone[r].data_ptr(), 4001, 1, 2)
+    assert torch.equal(pair, alone)
+    experts = torch.tensor([3, 1])
+    pair, alone = torch.empty(2, 2048), torch.empty(2, 2048)
+    lib.glm45_grouped_linear(ctypes.byref(cpu.describe(stack)), x.data_ptr(), 2, k, experts.data_ptr(),
+                             pair.data_ptr(), 2048, 1, 2)
+    for r in range(2):
+        lib.glm45_grouped_linear(ctypes.byref(cpu.describe(stack)), x[r].data_ptr(), 1, k, experts[r:].data_ptr(),
+                                 alone[r].data_ptr(), 2048, 1, 2)
+    assert torch.equal(pair, alone)
+
+
 @pytest.mark.parametrize("rows", [32, 45, 130])
 @pytest.mark.parametrize("k", [96, 1024])  # 96: 48 input pairs, a last partial block of 16 in the panel repacking
 def test_many_bf16_rows_from_torch_take_the_kernels_gemm(isa, rows, k):

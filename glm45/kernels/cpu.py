@@ -156,7 +156,8 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_draw.argtypes = [p, i64, i64, i64, p, p]
     lib.glm45_isa.restype = ctypes.c_char_p
     lib.glm45_gemm_min_rows.restype = i64
-    if lib.glm45_gemm_min_rows():
+    lib.gemm_min_rows = lib.glm45_gemm_min_rows()  # asked once: `linear` reads it on every call
+    if lib.gemm_min_rows:
         lib.glm45_linear_bf16.argtypes = [w, p, i64, i64, p, i64, i32]
     logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
     return lib
@@ -164,7 +165,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
 
 def lib_gemm_rows(lib: ctypes.CDLL | None) -> int:
     """The fewest rows of a bf16 model `linear` multiplies with the kernels' GEMM (AVX512-BF16 builds), else 0."""
-    return 0 if lib is None else lib.glm45_gemm_min_rows()
+    return 0 if lib is None else lib.gemm_min_rows
 
 
 def available() -> bool:

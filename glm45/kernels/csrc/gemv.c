@@ -639,10 +639,11 @@ static void pack_panel(const uint16_t *W, int64_t K, int64_t nr, uint32_t *panel
         }
 }
 
-/* MR (a constant) activation rows xr[m] (bf16, K even) against a packed panel: y[m][0..nr) = the products, plus
- * bias, rounded to bf16 when `round`; yr[m] points to fp32 outputs, or with OUT_BF16 to bf16 ones (rounded). */
-static inline __attribute__((always_inline)) void gemm_tile(const uint32_t *panel, int64_t pairs,
-                                                            const uint16_t *const *xr, void *const *yr, int64_t nr,
+/* MR (a constant) activation rows x + m·ldx (bf16, K even) against a packed panel: row m's nr outputs at
+ * y + m·ldy (bytes) = the products, plus bias, rounded to bf16 when `round`; fp32 outputs, or with OUT_BF16 bf16
+ * ones (rounded). */
+static inline __attribute__((always_inline)) void gemm_tile(const uint32_t *panel, int64_t pairs, const uint16_t *x,
+                                                            int64_t ldx, char *y, int64_t ldy, int64_t nr,
                                                             const float *bias, int round, const int MR,
                                                             const int OUT_BF16) {
     __m512 c[GEMM_MR][2];
@@ -651,7 +652,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint32_t *pane
         const __m512bh b0 = (__m512bh)_mm512_load_si512(panel + p * GEMM_NR);
         const __m512bh b1 = (__m512bh)_mm512_load_si512(panel + p * GEMM_NR + 16);
         for (int m = 0; m < MR; m++) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(((const int32_t *)xr[m])[p]);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(((const int32_t *)(x + m * ldx))[p]);
             c[m][0] = _mm512_dpbf16_ps(c[m][0], a, b0);
             c[m][1] = _mm512_dpbf16_ps(c[m][1], a, b1);
         }
@@ -663,27 +664,25 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint32_t *pane
     for (int m = 0; m < MR; m++) {
         __m512 v0 = _mm512_add_ps(c[m][0], bias0), v1 = _mm512_add_ps(c[m][1], bias1);
         if (OUT_BF16) {
-            _mm256_mask_storeu_epi16((uint16_t *)yr[m], k0, (__m256i)_mm512_cvtneps_pbh(v0));
-            _mm256_mask_storeu_epi16((uint16_t *)yr[m] + 16, k1, (__m256i)_mm512_cvtneps_pbh(v1));
+            _mm256_mask_storeu_epi16((uint16_t *)(y + m * ldy), k0, (__m256i)_mm512_cvtneps_pbh(v0));
+            _mm256_mask_storeu_epi16((uint16_t *)(y + m * ldy) + 16, k1, (__m256i)_mm512_cvtneps_pbh(v1));
             continue;
         }
-        if (round) {
-            v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v0)), 16));
-            v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v1)), 16));
-        }
-        _mm512_mask_storeu_ps((float *)yr[m], k0, v0);
-        _mm512_mask_storeu_ps((float *)yr[m] + 16, k1, v1);
+        if (round) v0 = vround_bf16(v0), v1 = vround_bf16(v1);
+        _mm512_mask_storeu_ps((float *)(y + m * ldy), k0, v0);
+        _mm512_mask_storeu_ps((float *)(y + m * ldy) + 16, k1, v1);
     }
 }
 
-#define GEMM_TILE(MR) \
-    (out_bf16 ? gemm_tile(panel, pairs, x, y, nr, bias, round, MR, 1) : gemm_tile(panel, pairs, x, y, nr, bias, round, MR, 0))
-/* The rows xr[0..mc) (any number) against one packed panel, GEMM_MR at a time. */
-static void gemm_panel(const uint32_t *panel, int64_t pairs, const uint16_t *const *xr, void *const *yr, int64_t mc,
-                       int64_t nr, const float *bias, int round, int out_bf16) {
+#define GEMM_TILE(MR)                                                                                          \
+    (out_bf16 ? gemm_tile(panel, pairs, xm, ldx, ym, ldy, nr, bias, round, MR, 1)                               \
+              : gemm_tile(panel, pairs, xm, ldx, ym, ldy, nr, bias, round, MR, 0))
+/* Rows x + m·ldx, m < mc (any number), against one packed panel, GEMM_MR at a time (ldy in bytes). */
+static void gemm_panel(const uint32_t *panel, int64_t pairs, const uint16_t *x, int64_t ldx, char *y, int64_t ldy,
+                       int64_t mc, int64_t nr, const float *bias, int round, int out_bf16) {
     for (int64_t m = 0; m < mc; m += GEMM_MR) {
-        const uint16_t *const *x = xr + m;
-        void *const *y = yr + m;
+        const uint16_t *xm = x + m * ldx;
+        char *ym = y + m * ldy;
         switch (mc - m < GEMM_MR ? mc - m : GEMM_MR) {
         case 1: GEMM_TILE(1); break;
         case 2: GEMM_TILE(2); break;
@@ -708,18 +707,14 @@ static void gemm_rows(const Weight *w, int64_t e, int64_t n0, int64_t n1, const 
                       int64_t mc, void *y, int64_t ldy, int round, int out_bf16) {
     const int64_t K = w->K;
     uint32_t *panel = aligned_alloc(64, ((K / 2) * GEMM_NR * sizeof(uint32_t) + 63) / 64 * 64);
-    const uint16_t **xr = malloc(mc * sizeof(*xr));
-    void **yr = malloc(mc * sizeof(*yr));
     const uint16_t *W = (const uint16_t *)w->data + e * w->N * K;
-    const size_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const int64_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
     for (int64_t n = n0; n < n1; n += GEMM_NR) {
         const int64_t nr = n1 - n < GEMM_NR ? n1 - n : GEMM_NR;
         pack_panel(W + n * K, K, nr, panel);
-        for (int64_t m = 0; m < mc; m++) xr[m] = xb + m * ldx, yr[m] = (char *)y + (m * ldy + n) * out_size;
-        gemm_panel(panel, K / 2, xr, yr, mc, nr, w->bias ? w->bias + n : NULL, round, out_bf16);
+        gemm_panel(panel, K / 2, xb, ldx, (char *)y + n * out_size, ldy * out_size, mc, nr,
+                   w->bias ? w->bias + n : NULL, round, out_bf16);
     }
-    free(yr);
-    free(xr);
     free(panel);
 }
 

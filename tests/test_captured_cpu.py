@@ -276,7 +276,7 @@ def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkey
     server's tool-call constraint (which leaves text outside calls free and chooses a call's name whole), and seeded
     sampled ones (rejection sampling with the same uniforms), batched and one by one."""
     from glm45.chat import plan_chat
-    from glm45.engine.executor import Executor
+    from glm45.engine.draft_step import DraftSteps
 
     prompts = ["[gMASK]<sop><|user|>\nWhat is the weather in Oslo?<|assistant|>",
                "[gMASK]<sop><|user|>\nConvert 3 km to miles./nothink<|assistant|>\n<think></think>",
@@ -305,7 +305,7 @@ def test_bundled_model_one_program_draft_steps_match_separate_ones(dtype, monkey
     results = {}
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(Executor, "_draft_step_applies", lambda self, batch: False)
+            monkeypatch.setattr(DraftSteps, "applies", lambda self, batch: False)
         llm = LLM(num_speculative_tokens=1, dtype=dtype)
         runner = llm.engine.runner
         calls = []  # per call of the one-program step: whether each sampled sequence's draft was accepted

@@ -254,3 +254,6 @@ class BlockManager:
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def slots(self, seq: Sequence, start: int, count: int) -> list[int]:
+        return [self.slot(seq, p) for p in range(start, start + count)]

@@ -11,7 +11,7 @@ When every sequence of a batch decodes plainly (one pending token, no drafts, an
 token: no penalty, bias, log-probabilities, constraint or adapter) and the runner runs several decode steps in one
 call (the captured CPU step, `num_scheduler_steps`), the step is such a run (`step_runs.py` chooses its length and
 allocates its blocks), and it returns up to that many tokens per sequence; the scheduler drops those past a stop.
-Likewise for MTP's one-program steps.
+Likewise for MTP's one-program steps, whose host side is `draft_step.py`.
 `propose_drafts()` then runs the MTP layer over the pairs that step computed and returns k draft tokens for
 every sequence that decodes next. Tokens and drafts are chosen after the request's `logit_bias` and its
 constraint's mask (`logits.py`).
@@ -34,15 +34,15 @@ import torch
 
 from glm45.engine.attention import SeqSlice, StepInputs
 from glm45.engine.block_manager import BlockManager
-from glm45.engine.logits import allows, follow, mask_for, needs_processing, process_chain, process_rows, state_after
+from glm45.engine.draft_step import Drafted, DraftSteps
+from glm45.engine.logits import follow, needs_processing, process_chain, process_rows, state_after
 from glm45.engine.model_runner import ModelRunner
 from glm45.engine.name_choice import choose_name, name_logprobs, until_name_start
 from glm45.engine.sampler import Sampler, host_row, host_uniforms, rows_top_logprobs
 from glm45.engine.scheduler import ScheduledSeq, SeqResult, StepResult
 from glm45.engine.sequence import Sequence
 from glm45.engine.speculative import AcceptanceStats, choose_drafts, verify
-from glm45.engine.step_runs import RunPlanner, decodes_plainly
-from glm45.grammar import masks
+from glm45.engine.step_runs import RunPlanner
 
 PROMPT_LOGPROBS_BYTES = 64 << 20  # float32 logits of prompt rows reduced at a time (~110 rows of GLM-4.5's vocab)
 
@@ -75,29 +75,24 @@ class Executor:
         self.sampler = Sampler()
         self.stats = AcceptanceStats(max(self.k, 1))
         self._computed: list[_Computed] = []
-        # (seq, positions with MTP K/V, its next draft, the draft's distribution or None for greedy)
-        self._drafted: list[tuple[Sequence, int, int, torch.Tensor | None]] = []
-        # {seq_id: (tokens its constraint has accepted, restriction, bitmask row)}: the mask the one-program step
-        # computed for a constrained sequence's next token, which is the next step's first verify row's
-        self._next_masks: dict[int, tuple] = {}
+        self._drafted: list[Drafted] = []  # the one-program MTP step's next drafts
         self.runs = RunPlanner(runner, block_manager, max_model_len)
+        self.draft_steps = DraftSteps(runner, block_manager, self.runs, self.stats, self.k, max_model_len)
 
     def reset(self) -> None:
         """Forget the last step (it failed): nothing to draft from."""
         self._computed = []
         self._drafted = []
-        self._next_masks = {}
-
-    def _slots(self, seq: Sequence, start: int, count: int) -> list[int]:
-        return [self.block_manager.slot(seq, p) for p in range(start, start + count)]
+        self.draft_steps.next_masks = {}
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> StepResult:
         self._drafted = []
         start = time.perf_counter()
-        if self._draft_step_applies(batch):
+        if self.draft_steps.applies(batch):
             steps = self.runs.draft_steps(batch)
-            result = self._execute_draft_step_run(batch, steps) if steps > 1 else self._execute_draft_step(batch)
+            result, self._drafted = self.draft_steps.run(batch, steps) if steps > 1 else self.draft_steps.step(batch)
+            self._computed = []
         else:
             steps = self.runs.decode_steps(batch) if not self.k else 1
             result = self._execute_decode_steps(batch, steps) if steps > 1 else self._execute_step(batch)
@@ -118,7 +113,7 @@ class Executor:
             slices.append(SeqSlice(len(ids), len(tokens), start + len(tokens), seq.block_table, seq.seq_id))
             ids += tokens
             positions += range(start, start + len(tokens))
-            slots += self._slots(seq, start, len(tokens))
+            slots += self.block_manager.slots(seq, start, len(tokens))
             adapters += [seq.lora_slot] * len(tokens)
 
         # Logits only where something is sampled: the last known token, and every draft position (and a chosen
@@ -163,149 +158,6 @@ class Executor:
         self._computed = []
         return StepResult({item.seq.seq_id: SeqResult(row, [None] * len(row), item.seq.num_computed_tokens + len(row))
                            for item, row in zip(batch, tokens, strict=True)})
-
-    def _execute_draft_step_run(self, batch: list[ScheduledSeq], steps: int) -> StepResult:
-        """`steps` steps of `_execute_draft_step` (no constraints) in one call of the runner, each sequence's uniforms
-        taken from its stream in the order those steps take them. A sequence keeps the steps up to the one whose
-        tokens finish it (its end token, `max_tokens`, the context): what it was given then is what single steps
-        would have given it, acceptance counts included."""
-        inputs, sampled = self._draft_rows(batch, steps)
-        per_step, drafts, q = self.runner.draft_step_run(inputs, steps, sampled,
-                                                         [self.runs.until(item.seq) for item in batch])
-        results = {}
-        for b, item in enumerate(batch):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            tokens, kept = [], 0
-            for step_tokens in per_step[b]:
-                tokens += step_tokens
-                kept += 1
-                self.stats.record(1, len(step_tokens))
-                if seq.finishes_within(tokens, self.max_model_len):
-                    break
-            # K/V (target's and MTP's) is valid up to the pending token, as after single steps
-            valid = start + len(tokens)
-            results[seq.seq_id] = SeqResult(tokens, [None] * len(tokens), valid, kept, [], len(tokens) - kept)
-            self._drafted.append((seq, valid, drafts[b], q[b:b + 1].clone() if b in sampled else None))
-        self._computed = []
-        return StepResult(results)
-
-    def _draft_rows(self, batch: list[ScheduledSeq], steps: int) -> tuple[StepInputs, dict]:
-        """The rows [x_n, d] of each sequence for `steps` one-program MTP steps, and each sampled sequence's entry: its
-        `SampleRow` fields, 5 uniforms a step from its stream (four for verification, one for the next draft, in the
-        order the separate path takes them), and the distribution its draft was drawn from."""
-        ids, positions, slots, slices, sampled = [], [], [], [], {}
-        vocab = self.runner.model.config.vocab_size
-        for b, item in enumerate(batch):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            slices.append(SeqSlice(len(ids), 2, start + 2, seq.block_table, seq.seq_id))
-            ids += [seq.token_ids[start], seq.draft_token_ids[0]]
-            positions += [start, start + 1]
-            slots += self._slots(seq, start, 2)
-            if not seq.params.greedy:
-                uniforms = []
-                for _ in range(steps):
-                    uniforms += torch.rand(4, generator=seq.generator).tolist() + host_uniforms([seq.generator])
-                sampled[b] = (host_row(seq.params, vocab), uniforms, seq.draft_probs[0])
-        return StepInputs(ids, positions, slots, slices), sampled
-
-    def _draft_step_applies(self, batch: list[ScheduledSeq]) -> bool:
-        """Whether the step is MTP with one draft for every sequence and nothing else asked of its logits (no
-        penalty, bias, log-probabilities or adapter), on a runner with the one-program draft step. A constraint
-        may stand anywhere but at the start of a call's name (chosen whole, by its own forwards)."""
-        if self.k != 1 or not getattr(self.runner, "runs_draft_step", None) \
-                or not self.runner.runs_draft_step(2 * len(batch)):
-            return False
-        for item in batch:
-            seq = item.seq
-            if not decodes_plainly(item) or len(seq.draft_token_ids) != 1 \
-                    or (not seq.params.greedy and seq.draft_probs is None):
-                return False
-            if seq.constraint is not None and seq.constraint.name_choices() is not None:
-                return False
-        return True
-
-    def _execute_draft_step(self, batch: list[ScheduledSeq]) -> StepResult:
-        """The step of `_draft_step_applies` in one program (`ModelRunner.draft_step`): the same tokens, and the same
-        next drafts, as verification followed by `propose_drafts`. A sampled sequence's uniforms are taken from its
-        stream in the same order (four for verification, one for the next draft). A constraint's masks for the two
-        verify rows are known before the step (the second row follows the draft); the next draft's, only after it:
-        where the state after the new tokens restricts, the draft is chosen again here from its masked logits."""
-        token_masks, after_draft = {}, {}
-        vocab = self.runner.model.config.vocab_size
-        bitmask = masks.allocate(2 * len(batch), vocab) if any(item.seq.constraint for item in batch) else None
-        known, self._next_masks = self._next_masks, {}
-        for b, item in enumerate(batch):
-            if item.seq.constraint is not None:
-                after_draft[b] = self._verify_masks(item.seq, bitmask, 2 * b, token_masks, known.get(item.seq.seq_id))
-        inputs, sampled = self._draft_rows(batch, 1)
-        targets, accepted, drafts, q, draft_logits = self.runner.draft_step(inputs, sampled, token_masks)
-        results = {}
-        for b, item in enumerate(batch):
-            seq, start, row = item.seq, item.seq.num_computed_tokens, 2 * b
-            tokens = targets[row:row + 1 + accepted[b]]
-            draft, probs = drafts[row + len(tokens) - 1], q[b:b + 1].clone() if b in sampled else None
-            if seq.constraint is not None:
-                # tokens[0] is the draft when it was accepted (or drawn again), and then a call's name may start
-                # after it: the next step chooses the name whole (`until_name_start`), so the step stops there.
-                after = after_draft[b] if tokens[0] == seq.draft_token_ids[0] else None
-                truncated = len(tokens) == 2 and after is not None and after.name_choices() is not None
-                if truncated:
-                    tokens = tokens[:1]
-                state = state_after(seq, tokens) if after is None else \
-                    follow(after, seq, tokens[1]) if len(tokens) == 2 else after
-                draft, probs, restriction = self._constrained_draft(
-                    seq, state, bitmask[row], draft_logits[row + len(tokens) - 1],
-                    sampled[b][1][4] if b in sampled else None, truncated, draft, probs)
-                self._next_masks[seq.seq_id] = (state.num_tokens, restriction, bitmask[row])
-            self.stats.record(1, len(tokens))
-            # K/V (target's and MTP's) is valid for the pending token and an accepted draft; the next draft comes
-            # from the last valid pair.
-            results[seq.seq_id] = SeqResult(tokens, [None] * len(tokens), start + len(tokens), 1, [])
-            self._drafted.append((seq, start + len(tokens), draft, probs))
-        self._computed = []
-        return StepResult(results)
-
-    @staticmethod
-    def _verify_masks(seq, bitmask: torch.Tensor, row: int, token_masks: dict[int, torch.Tensor], known=None):
-        """A constrained sequence's verify rows masked as `process_chain` masks them, into `bitmask` and
-        `token_masks` ({row: its bitmask row}): the pending token's row by its constraint, and, when that allows the
-        draft, the next row by the state after it (not where a call's name starts after the draft: the step stops
-        at the draft then). `known`: the first row's mask from the last step (see `_next_masks`), used when the
-        constraint stands where it was made. Returns the state after the draft (a fork), None where the draft is
-        refused."""
-        if known is not None and known[0] == seq.constraint.num_tokens:
-            restriction = known[1]
-            bitmask[row] = known[2]
-        else:
-            restriction = mask_for(seq.constraint, bitmask, row)
-        if restriction is not None:
-            token_masks[row] = bitmask[row]
-        draft = seq.draft_token_ids[0]
-        if not allows(restriction, bitmask, row, draft):
-            return None
-        after = follow(seq.constraint, seq, draft)
-        if after.name_choices() is None and mask_for(after, bitmask, row + 1) is not None:
-            token_masks[row + 1] = bitmask[row + 1]
-        return after
-
-    @staticmethod
-    def _constrained_draft(seq, state, scratch: torch.Tensor, logits: torch.Tensor, uniform: float | None,
-                           truncated: bool, draft: int, probs: torch.Tensor | None):
-        """The next draft of a constrained sequence whose constraint stands at `state` after the step's tokens, as
-        `propose_drafts` would make it: the step's own where `state` leaves the next token free (and the step's
-        draft is of that row), else one chosen again from the row's draft `logits` masked by `state`, with the same
-        uniform. `scratch`: a bitmask row this may overwrite. Returns the draft, its distribution (sampled) and the
-        restriction (None: the next token is free)."""
-        bitmask = scratch[None]
-        restriction = mask_for(state, bitmask, 0)
-        # A sampled draft was drawn only at the row after every emitted token; a truncation moves the row back.
-        if restriction is None and not (truncated and uniform is not None):
-            return draft, probs, restriction
-        row = logits.clone()[None]
-        if restriction is not None:
-            masks.apply(row, bitmask)
-        drafts, q = choose_drafts(row, [seq], None if uniform is None else [uniform])
-        return drafts[0], None if q[0] is None else q[0][None], restriction
 
     def _prompt_logprobs(self, plan: list) -> dict[int, list[dict[int, float]]]:
         """{seq_id: log-probabilities of the prompt tokens its chunk predicts} for sequences that asked for them.
@@ -371,7 +223,7 @@ class Executor:
         for name in item.name_choices:
             tokens = [seq.token_ids[start], *name]
             n = len(tokens)
-            inputs = StepInputs(tokens, list(range(start, start + n)), self._slots(seq, start, n),
+            inputs = StepInputs(tokens, list(range(start, start + n)), self.block_manager.slots(seq, start, n),
                                 [SeqSlice(0, n, start + n, seq.block_table, seq.seq_id)],
                                 [seq.lora_slot] * n if seq.lora_slot >= 0 else None)
             scores.append(name_logprobs(self.runner.forward(inputs, list(range(len(name)))), name))
@@ -401,7 +253,7 @@ class Executor:
             slices.append(SeqSlice(len(ids), c.num_valid, c.start + c.num_valid, c.seq.block_table, c.seq.seq_id))
             ids += c.seq.token_ids[c.start + 1:c.start + c.num_valid + 1]
             positions += range(c.start, c.start + c.num_valid)
-            slots += self._slots(c.seq, c.start, c.num_valid)
+            slots += self.block_manager.slots(c.seq, c.start, c.num_valid)
             rows += range(c.q_start, c.q_start + c.num_valid)
         # Every pair gets its MTP K/V; logits only at the last pair of sequences that decode next step.
         decoding = [i for i, c in enumerate(items) if not c.seq.in_prefill and not c.seq.is_finished]

@@ -48,9 +48,8 @@ class RunPlanner:
         return self._length(batch, self.runner.max_decode_steps(len(batch)), 1)
 
     def draft_steps(self, batch: list[ScheduledSeq]) -> int:
-        """How many one-program MTP steps (the executor's `_draft_step_applies` holds) the batch runs in one call:
-        several when the runner runs them and no sequence is constrained (its masks are made on the host between
-        steps)."""
+        """How many one-program MTP steps (`DraftSteps.applies` holds) the batch runs in one call: several when
+        the runner runs them and no sequence is constrained (its masks are made on the host between steps)."""
         if not hasattr(self.runner, "max_decode_steps") or any(item.seq.constraint is not None for item in batch):
             return 1
         return self._length(batch, self.runner.max_decode_steps(2 * len(batch), draft=True), 2)

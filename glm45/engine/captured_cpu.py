@@ -106,8 +106,10 @@ class CapturedDecode:
                                     for n in self.sizes if n >= 2} if max_steps > 1 else {}
         self._np = {name: getattr(self.buffers, name).numpy() for name in
                     ("tokens", "positions", "slots", "tables", "context", "source_rows", "logit_rows", "lora_slots",
-                     "lora_head_slots", "masked_rows", "run_end")}
+                     "lora_head_slots", "masked_rows", "run_end", "run", "step_tokens", "step_uniforms",
+                     "run_tokens", "run_uniforms")}
         self._uniforms = self.buffers.uniforms.numpy()
+        self._views: dict[tuple[str, int], torch.Tensor] = {}
         self._sampled_last: list[int] = []  # the draft step's sequences whose sampling entries are set
         self._masked_last: list[int] = []   # and its rows whose constraint masks are on
         self._identity = np.arange(self.sizes[-1])  # every row's own index: the draft step's logit rows
@@ -117,6 +119,14 @@ class CapturedDecode:
 
     def size_for(self, rows: int) -> int | None:
         return next((n for n in self.sizes if n >= rows), None)
+
+    def _rows(self, buffer: str, n: int) -> torch.Tensor:
+        """The first n rows of a buffer, a view made once (slicing a tensor costs tens of µs in an interpreter whose
+        caches a step has just flushed)."""
+        view = self._views.get((buffer, n))
+        if view is None:
+            view = self._views[buffer, n] = getattr(self.buffers, buffer)[:n]
+        return view
 
     def _fill(self, inputs, size: int) -> None:
         fill_rows(self._np, inputs, self.block_size, self.scratch_block, size)
@@ -185,11 +195,11 @@ class CapturedDecode:
         self._step_sampled_last = list(sampled)
         for r, (row, uniforms) in sampled.items():
             b.step_rows[r] = cpu.SampleRow(*row)
-            b.step_uniforms[:steps, r] = torch.tensor(uniforms)
-        b.run[1] = n
+            self._np["step_uniforms"][:steps, r] = uniforms
+        self._np["run"][1] = n
         self._until(until)
         ran = self.decode_step_programs[size].run_steps(steps, b.run, b.run_end, self.rounding, self.threads)
-        return b.step_tokens[:ran, :n].T.tolist(), b.hidden[:n]
+        return self._np["step_tokens"][:ran, :n].T.tolist(), self._rows("hidden", n)
 
     def _until(self, until: list[tuple[list[int], int]]) -> None:
         """The end of a run's rows (MTP: sequences): their stop ids (only when all fit), budgets, none done."""
@@ -213,7 +223,8 @@ class CapturedDecode:
         b = self.buffers
         self.draft_steps[size].run(self.rounding, self.threads)
         return (b.next_tokens[:n].tolist(), [bool(a) for a in b.accepted[: n // 2].tolist()],
-                b.draft_tokens[:n].tolist(), b.q_out[: n // 2], b.draft_logits[:n], b.hidden[:n])
+                b.draft_tokens[:n].tolist(), self._rows("q_out", n // 2), self._rows("draft_logits", n),
+                self._rows("hidden", n))
 
     def draft_step_run(self, inputs, steps: int, sampled: dict[int, tuple[tuple, list[float], torch.Tensor]],
                        until: list[tuple[list[int], int]]
@@ -232,14 +243,14 @@ class CapturedDecode:
             table = s.block_table[: -(-(s.ctx_len + 2 * (steps - 1)) // block_size)]
             tables[s.q_start: s.q_start + s.q_len, : len(table)] = table
         for s, (_, uniforms, _) in sampled.items():
-            b.run_uniforms[1:steps, s] = torch.tensor(uniforms[5:]).view(steps - 1, 5)
-        b.run[1] = n // 2
+            self._np["run_uniforms"][1:steps, s] = np.reshape(uniforms[5:], (steps - 1, 5))
+        self._np["run"][1] = n // 2
         self._until(until)
         ran = self.draft_step_runs[size].run_steps(steps, b.run, b.run_end, self.rounding, self.threads)
-        taken = b.run_tokens[:ran, : n // 2].transpose(0, 1).tolist()
+        taken = self._np["run_tokens"][:ran, : n // 2].transpose(1, 0, 2).tolist()
         per_step = [[[t for t in pair if t >= 0] for pair in seq_steps] for seq_steps in taken]
-        drafts = b.tokens[1:n:2].tolist()  # each sequence's next draft, in its row for the step after the run
-        return per_step, drafts, b.q_in[: n // 2], b.hidden[:n]
+        drafts = self._np["tokens"][1:n:2].tolist()  # each sequence's next draft, in its row for the step after the run
+        return per_step, drafts, self._rows("q_in", n // 2), self._rows("hidden", n)
 
     def _draft_inputs(self, inputs, sampled: dict, token_masks: dict | None) -> tuple[int, int]:
         """The draft step's inputs: rows, logit and source rows, sampling entries and masks. → (rows, size)."""

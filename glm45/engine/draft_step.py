@@ -102,7 +102,7 @@ class DraftSteps:
                 tokens += step_tokens
                 kept += 1
                 self.stats.record(1, len(step_tokens))
-                if seq.finishes_within(tokens, self.max_model_len):
+                if seq.finishes_within(tokens, self.max_model_len, len(tokens) - len(step_tokens)):
                     break
             # K/V (target's and MTP's) is valid up to the pending token, as after single steps
             valid = start + len(tokens)

@@ -148,11 +148,11 @@ class Sequence:
         if (max_tokens is not None and self.num_output_tokens >= max_tokens) or len(self) >= max_model_len:
             self.finish("length")
 
-    def finishes_within(self, tokens: list[int], max_model_len: int) -> bool:
+    def finishes_within(self, tokens: list[int], max_model_len: int, start: int = 0) -> bool:
         """Whether appending `tokens` one by one (`append_token`) would finish the sequence (constraints and stop
-        strings aside)."""
+        strings aside); `start`: the first `start` tokens are known not to."""
         max_tokens = self.params.max_tokens
-        for i, token in enumerate(tokens, 1):
+        for i, token in enumerate(tokens[start:], start + 1):
             if token in self.stop_ids or (max_tokens is not None and self.num_output_tokens + i >= max_tokens) \
                     or len(self) + i >= max_model_len:
                 return True

@@ -119,6 +119,49 @@ def test_many_bf16_rows_from_torch_take_the_kernels_gemm(isa, rows, k):
     assert torch.equal(got.float(), program)
 
 
+@pytest.mark.parametrize("tokens, experts, top_k, exact", [
+    (300, 8, 2, True),    # 60–90 rows an expert: the GEMM on both paths
+    (45, 8, 2, False),    # 7–16 rows: the dot products here, torch's bf16 GEMM on the torch path
+    (6, 16, 2, False),    # experts with no rows, and with one
+])
+def test_a_bf16_models_routed_experts_in_one_call_equal_the_torch_path(isa, monkeypatch, tokens, experts, top_k,
+                                                                      exact):
+    """The routed experts over many tokens (prefill) in one call of the kernels (`cpu.routed_experts`: gather, both
+    products, SiLU-and-mul, weighting, index-add, expert after expert) against `Experts._by_expert`'s torch ops: bit
+    for bit where both take the GEMM, else within a bf16 rounding."""
+    from glm45.config import ModelConfig
+    from glm45.model.moe import Experts
+
+    hidden, inter = 104, 72  # a vector tail in every row; 2 × 72 outputs leave a partial GEMM panel
+    config = ModelConfig(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
+                         num_experts_per_tok=top_k)
+    generator = torch.Generator().manual_seed(tokens)
+    module = Experts(config)
+    with torch.no_grad():
+        for weight in (module.gate_up_proj, module.down_proj):
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+    module.bfloat16()
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=generator)
+    fused_calls = []
+    original = cpu.routed_experts
+    monkeypatch.setattr(cpu, "routed_experts", lambda *a: fused_calls.append(original(*a)) or fused_calls[-1])
+    with torch.no_grad():
+        fused = module(x, weights, ids)
+        monkeypatch.setattr(cpu, "routed_experts", lambda *a: None)
+        reference = module(x, weights, ids)
+    assert len(fused_calls) == 1
+    if cpu.lib_gemm_rows(cpu.library()) == 0:
+        assert isa == "avx2" and fused_calls == [None]  # no bf16 dot products: the torch path ran
+        return
+    assert fused_calls[0] is not None
+    if exact:
+        assert torch.equal(fused, reference)
+    else:
+        assert torch.allclose(fused.float(), reference.float(), rtol=2**-7, atol=2**-10)
+
+
 @pytest.mark.parametrize("pairs", [6, 200])
 def test_grouped_bf16_rows_of_a_bf16_model_match_the_reference(isa, pairs):
     """Expert GEMVs of many (row, expert) pairs for a bf16 model: each expert's pairs four at a time (counts that

@@ -159,6 +159,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.gemm_min_rows = lib.glm45_gemm_min_rows()  # asked once: `linear` reads it on every call
     if lib.gemm_min_rows:
         lib.glm45_linear_bf16.argtypes = [w, p, i64, i64, p, i64, i32]
+        lib.glm45_moe_bf16.argtypes = [w, w, p, i64, p, p, p, p, i64, i32]
     logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
     return lib
 
@@ -284,6 +285,29 @@ def grouped_linear(x: torch.Tensor, weight, expert_of_row: torch.Tensor) -> torc
     lib.glm45_grouped_linear(ctypes.byref(describe(weight)), x32.data_ptr(), rows, x32.shape[-1], experts.data_ptr(),
                              y.data_ptr(), out_features, int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return y.to(x.dtype)
+
+
+def routed_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, token_of_row: torch.Tensor,
+                   weight_of_row: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor | None:
+    """Σ over each token's experts of weight · down(SiLU(gate) · up) for a bf16 model's stacked experts (gate_up
+    [E, 2I, D], down [E, D, I]), from the assignments sorted by expert (`token_of_row`, float32 `weight_of_row`,
+    `rows_per_expert`), as `Experts._by_expert` sums them, in one call of the kernels (AVX512-BF16 builds); None
+    when they do not apply."""
+    lib = library() if x.device.type == "cpu" else None
+    if lib is None or not lib_gemm_rows(lib) or not _inference(x, gate_up) or x.dtype != torch.bfloat16:
+        return None
+    if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in (gate_up, down)) or x.shape[-1] % 2 \
+            or down.shape[-1] % 2:
+        return None
+    x = x.contiguous()
+    out = torch.zeros_like(x)
+    counts = torch.tensor(rows_per_expert, dtype=torch.int64)
+    tokens = token_of_row.to(torch.int64).contiguous()
+    weights = weight_of_row.to(torch.float32).contiguous()
+    lib.glm45_moe_bf16(ctypes.byref(describe(gate_up)), ctypes.byref(describe(down)), x.data_ptr(), x.shape[-1],
+                       tokens.data_ptr(), weights.data_ptr(), counts.data_ptr(), out.data_ptr(), out.shape[-1],
+                       torch.get_num_threads())
+    return out
 
 
 def dequantize_rows(weight, expert: int, start: int, stop: int) -> torch.Tensor:

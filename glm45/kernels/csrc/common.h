@@ -259,6 +259,21 @@ static inline __m256 fold512(__m512 v) {
 #define vhsum4(v0, v1, v2, v3, out) hsum4_256(v0, v1, v2, v3, out)
 #endif
 
+static inline float rnd(float v, int round) { return round ? round_bf16(v) : v; }
+
+/* One row of SwiGLU: o[i] = silu(g[i]) · u[i] with u = g + I (gate, then up), each product rounded to bf16 as torch
+ * rounds a bf16 model's when `round`. */
+static inline void silu_mul_row(const float *g, float *o, int64_t I, int round) {
+    const float *u = g + I;
+    int64_t i = 0;
+    for (; i + VL <= I; i += VL) {
+        vf gv = vload(g + i), s = vdiv(gv, vadd(vset1(1.0f), vexp(vsub(vzero(), gv))));
+        s = vmul(round ? vround_bf16(s) : s, vload(u + i));
+        vstore(o + i, round ? vround_bf16(s) : s);
+    }
+    for (; i < I; i++) o[i] = rnd(rnd(g[i] / (1.0f + expf(-g[i])), round) * u[i], round);
+}
+
 /* ---- kernels shared between files ---- */
 /* From this many activation rows a bf16 model's products go through the GEMM order (gemv.c, AVX512-BF16 only). */
 #define GEMM_MIN_ROWS 32
@@ -273,6 +288,8 @@ void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out);
 #if defined(__AVX512BF16__)
 void bf16_gemm(const Weight *w, const uint16_t *x, int64_t M, int64_t ldx, uint16_t *y, int64_t ldy, int ith,
                int nth);
+void bf16_expert_products(const Weight *w, int64_t e, const uint16_t *xb, int64_t ldxb, const float *x, int64_t M,
+                          float *y, int64_t ldy, int ith, int nth);
 #endif
 
 #endif

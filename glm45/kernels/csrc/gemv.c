@@ -736,6 +736,22 @@ void bf16_gemm(const Weight *w, const uint16_t *x, int64_t M, int64_t ldx, uint1
     if (n0 < n1) gemm_rows(w, 0, n0, n1, x, ldx, M, y, ldy, 1, 1);
 }
 
+/* Thread ith's share of y = x · W_eᵀ for M rows of a bf16 model, as `glm45_linear` (fewer than GEMM_MIN_ROWS rows: the
+ * dot products, from x, fp32 with row stride K) and `glm45_linear_bf16` (the GEMM, from xb, the same rows as bf16
+ * with row stride ldxb) compute them: y fp32, rounded to bf16. */
+void bf16_expert_products(const Weight *w, int64_t e, const uint16_t *xb, int64_t ldxb, const float *x, int64_t M,
+                          float *y, int64_t ldy, int ith, int nth) {
+    int64_t n0, n1;
+    if (M >= GEMM_MIN_ROWS) {
+        split_range(w->N, ith, nth, GEMM_NR, &n0, &n1);
+        if (n0 < n1) gemm_rows(w, e, n0, n1, xb, ldxb, M, y, ldy, 1, 0);
+        return;
+    }
+    const Act a = {x, M, w->K, w->K, NULL, NULL, NULL};
+    split_range(w->N, ith, nth, 16, &n0, &n1);
+    if (n0 < n1) weight_rows(w, e, n0, n1, &a, 0, M, y, ldy, 1);
+}
+
 /* fp8 rows (one fp32 scale each) against up to 4 activation rows of a bf16 model, with bf16 dot products: an e4m3 byte,
  * sign-extended to 16 bits and shifted left by 4, has its sign in bit 15 and exponent and mantissa in bits 10..4,
  * which read as a bf16 are the fp8 value × 2^-120; adding 120 to the exponent of every byte whose exponent is not

@@ -67,7 +67,6 @@ typedef struct {
     float f[4];
 } Op;
 
-static inline float rnd(float v, int round) { return round ? round_bf16(v) : v; }
 
 static inline float kv_load(const void *cache, int64_t i, int64_t dtype) {
     if (dtype == KV_BF16) return bf16_to_f32(((const uint16_t *)cache)[i]);
@@ -569,17 +568,7 @@ static void op_silu_mul(const Op *op, int ith, int nth, int round) {
     const int64_t I = op->n[1];
     int64_t r0, r1;
     split_range(op->n[0], ith, nth, 1, &r0, &r1);
-    for (int64_t r = r0; r < r1; r++) {
-        const float *g = in + r * op->n[2], *u = g + I;
-        float *o = out + r * op->n[3];
-        int64_t i = 0;
-        for (; i + VL <= I; i += VL) {
-            vf gv = vload(g + i), s = vdiv(gv, vadd(vset1(1.0f), vexp(vsub(vzero(), gv))));
-            s = vmul(round ? vround_bf16(s) : s, vload(u + i));
-            vstore(o + i, round ? vround_bf16(s) : s);
-        }
-        for (; i < I; i++) o[i] = rnd(rnd(g[i] / (1.0f + expf(-g[i])), round) * u[i], round);
-    }
+    for (int64_t r = r0; r < r1; r++) silu_mul_row(in + r * op->n[2], out + r * op->n[3], I, round);
 }
 
 static void op_router(const Op *op, int ith, int nth) {

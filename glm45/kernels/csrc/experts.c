@@ -1,0 +1,77 @@
+/* The routed experts of a bf16 model over many tokens (a prefill chunk) in one call: what `Experts._by_expert`
+ * computes with a dozen torch ops an expert (gather, products, SiLU, weighting, index_add), expert after expert
+ * inside one OpenMP region. */
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+#if defined(__AVX512BF16__)
+static void *scratch(int64_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* out[t] (bf16, zeroed by the caller) accumulates, expert by expert, for each (token t, its weight w) routed to the
+ * expert: bf16(w · down(bf16(silu(gate) · up))), (gate | up) = gate_up · x[t], each product rounded to bf16 and each
+ * sum rounded as the torch path rounds them. The assignments come sorted by expert: token_of_row and weight_of_row
+ * [Σ rows_per_expert], rows_per_expert [E]; a token appears at most once per expert. */
+void glm45_moe_bf16(const Weight *gate_up, const Weight *down, const uint16_t *x, int64_t ldx,
+                    const int64_t *token_of_row, const float *weight_of_row, const int64_t *rows_per_expert,
+                    uint16_t *out, int64_t ldo, int threads) {
+    const int64_t E = gate_up->num_experts, D = gate_up->K, I = down->K;
+    int64_t most = 0;
+    for (int64_t e = 0; e < E; e++) most = rows_per_expert[e] > most ? rows_per_expert[e] : most;
+    uint16_t *xb = scratch(most * D * sizeof(uint16_t)), *hb = scratch(most * I * sizeof(uint16_t));
+    float *xf = scratch(most * D * sizeof(float)), *gu = scratch(most * 2 * I * sizeof(float));
+    float *h = scratch(most * I * sizeof(float)), *y = scratch(most * D * sizeof(float));
+#pragma omp parallel num_threads(threads)
+    {
+        const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
+        int64_t start = 0;
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t n = rows_per_expert[e];
+            const int64_t *tokens = token_of_row + start;
+            const float *weights = weight_of_row + start;
+            start += n;
+            if (n == 0) continue;
+            const int gemm = n >= GEMM_MIN_ROWS; /* else the dot products, from fp32 rows */
+            int64_t r0, r1;
+            split_range(n, ith, nth, 1, &r0, &r1);
+            for (int64_t r = r0; r < r1; r++) {
+                const uint16_t *src = x + tokens[r] * ldx;
+                if (gemm) {
+                    memcpy(xb + r * D, src, D * sizeof(uint16_t));
+                } else {
+                    int64_t d = 0;
+                    for (; d + VL <= D; d += VL) vstore(xf + r * D + d, vload_bf16(src + d));
+                    for (; d < D; d++) xf[r * D + d] = bf16_to_f32(src[d]);
+                }
+            }
+#pragma omp barrier
+            bf16_expert_products(gate_up, e, xb, D, xf, n, gu, 2 * I, ith, nth);
+#pragma omp barrier
+            for (int64_t r = r0; r < r1; r++) {
+                silu_mul_row(gu + r * 2 * I, h + r * I, I, 1);
+                if (gemm) {
+                    int64_t i = 0;
+                    for (; i + VL <= I; i += VL) vstore_bf16(hb + r * I + i, vload(h + r * I + i));
+                    for (; i < I; i++) hb[r * I + i] = f32_to_bf16(h[r * I + i]);
+                }
+            }
+#pragma omp barrier
+            bf16_expert_products(down, e, hb, I, h, n, y, D, ith, nth);
+#pragma omp barrier
+            /* Each token's row is one thread's; the next expert's gather writes only xb and xf, and a barrier comes
+             * before anything reads or writes what this loop reads. */
+            for (int64_t r = r0; r < r1; r++) {
+                uint16_t *o = out + tokens[r] * ldo;
+                const float *yr = y + r * D, w = weights[r];
+                int64_t d = 0;
+                for (; d + VL <= D; d += VL)
+                    vstore_bf16(o + d, vadd(vload_bf16(o + d), vround_bf16(vmul(vload(yr + d), vset1(w)))));
+                for (; d < D; d++) o[d] = f32_to_bf16(bf16_to_f32(o[d]) + round_bf16(yr[d] * w));
+            }
+        }
+    }
+    free(xb), free(hb), free(xf), free(gu), free(h), free(y);
+}
+#endif

@@ -119,44 +119,47 @@ def test_many_bf16_rows_from_torch_take_the_kernels_gemm(isa, rows, k):
     assert torch.equal(got.float(), program)
 
 
-@pytest.mark.parametrize("tokens, experts, top_k, exact", [
-    (300, 8, 2, True),    # 60–90 rows an expert: the GEMM on both paths
-    (45, 8, 2, False),    # 7–16 rows: the dot products here, torch's bf16 GEMM on the torch path
-    (6, 16, 2, False),    # experts with no rows, and with one
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "fp8"])
+@pytest.mark.parametrize("tokens, experts, top_k", [
+    (300, 8, 2),  # 60–90 rows an expert: the GEMM on both paths
+    (45, 8, 2),   # 7–16 rows: bf16, the dot products here and torch's bf16 GEMM on the torch path; packed, the GEMM
+    (6, 16, 2),   # experts with no rows, and with one to three: the dot products (int8 activations for int8/int4)
 ])
-def test_a_bf16_models_routed_experts_in_one_call_equal_the_torch_path(isa, monkeypatch, tokens, experts, top_k,
-                                                                      exact):
+def test_a_bf16_models_routed_experts_in_one_call_equal_the_torch_path(isa, monkeypatch, fmt, tokens, experts,
+                                                                      top_k):
     """The routed experts over many tokens (prefill) in one call of the kernels (`cpu.routed_experts`: gather, both
-    products, SiLU-and-mul, weighting, index-add, expert after expert) against `Experts._by_expert`'s torch ops: bit
-    for bit where both take the GEMM, else within a bf16 rounding."""
+    products, SiLU-and-mul, weighting, index-add, expert after expert) against `Experts._by_expert`'s torch ops with
+    `linear`: bit for bit where both take the same kernel, else within a bf16 rounding."""
     from glm45.config import ModelConfig
     from glm45.model.moe import Experts
 
-    hidden, inter = 104, 72  # a vector tail in every row; 2 × 72 outputs leave a partial GEMM panel
+    hidden, inter = (104, 72) if fmt == "bf16" else (128, 96)  # bf16: vector tails and a partial GEMM panel
     config = ModelConfig(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
                          num_experts_per_tok=top_k)
     generator = torch.Generator().manual_seed(tokens)
     module = Experts(config)
-    with torch.no_grad():
-        for weight in (module.gate_up_proj, module.down_proj):
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
-    module.bfloat16()
+    gate_up = (torch.randn(module.gate_up_proj.shape, generator=generator) * 0.1).bfloat16()
+    down = (torch.randn(module.down_proj.shape, generator=generator) * 0.1).bfloat16()
+    if fmt != "bf16":
+        gate_up, down = quantize(gate_up.float(), fmt), quantize(down.float(), fmt)
     x = torch.randn(tokens, hidden, generator=generator).bfloat16()
-    ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
-    weights = torch.rand(tokens, top_k, generator=generator)
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)]).reshape(-1)
+    order = ids.argsort(stable=True)
+    weights = torch.rand(tokens * top_k, generator=generator)[order]
+    token_of_row, rows_per_expert = order // top_k, torch.bincount(ids, minlength=experts).tolist()
     fused_calls = []
     original = cpu.routed_experts
     monkeypatch.setattr(cpu, "routed_experts", lambda *a: fused_calls.append(original(*a)) or fused_calls[-1])
     with torch.no_grad():
-        fused = module(x, weights, ids)
+        fused = module._by_expert(x, weights, token_of_row, rows_per_expert, gate_up, down)
         monkeypatch.setattr(cpu, "routed_experts", lambda *a: None)
-        reference = module(x, weights, ids)
+        reference = module._by_expert(x, weights, token_of_row, rows_per_expert, gate_up, down)
     assert len(fused_calls) == 1
     if cpu.lib_gemm_rows(cpu.library()) == 0:
         assert isa == "avx2" and fused_calls == [None]  # no bf16 dot products: the torch path ran
         return
     assert fused_calls[0] is not None
-    if exact:
+    if fmt != "bf16" or tokens != 45:
         assert torch.equal(fused, reference)
     else:
         assert torch.allclose(fused.float(), reference.float(), rtol=2**-7, atol=2**-10)
@@ -215,6 +218,32 @@ def test_packed_kernels_match_the_dequantized_reference(isa, fmt, rows, k, n):
     # int8/int4 quantize the activation row to int8 per block of 32 (≈ 0.4% of its range) for integer dots
     tolerance = 1e-4 if fmt == "fp8" or rows > cpu.MAX_KERNEL_ROWS else 2e-2
     assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4/block", "fp8", "fp8/block"])
+@pytest.mark.parametrize("rows", [5, 40])
+def test_packed_weights_against_many_bf16_rows_take_the_gemm(isa, fmt, rows):
+    """`linear` of more than MAX_KERNEL_ROWS bf16 rows against packed weights (a quantized bf16 model's prefill): on
+    AVX512-BF16 builds the kernels' GEMM over panels dequantized to bf16, elsewhere torch's bf16 GEMM over blocks
+    dequantized the same way: the product with the dequantized weights rounded to bf16."""
+    from glm45.quant.packed import fp8_block_weight
+
+    torch.manual_seed(rows)
+    if fmt == "fp8/block":
+        data = (torch.randn(301, 352) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        packed = fp8_block_weight(data, (torch.rand(3, 3) + 0.5) * 1e-3)
+    else:
+        packed = pack(torch.randn(301, 352) * 0.05, fmt)  # a partial last panel; int4: a partial super-block
+    x = torch.randn(rows, 352).bfloat16()
+    bias = torch.randn(301).bfloat16()
+    got = cpu.linear(x, packed, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 301)
+    expected = reference(x, dequantize(packed).bfloat16(), bias)
+    # The GEMM rounds once (products and bias summed in fp32); the other routes add the bias to a rounded product, or
+    # widen the weights to fp32 (AVX2 builds).
+    gemm = cpu.lib_gemm_rows(cpu.library()) > 0
+    atol = (1e-5 if gemm else 2**-8) * expected.abs().max().item()
+    assert torch.allclose(got.float(), expected, rtol=2**-7, atol=atol)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int4/block", "fp8"])

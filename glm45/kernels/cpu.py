@@ -159,7 +159,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.gemm_min_rows = lib.glm45_gemm_min_rows()  # asked once: `linear` reads it on every call
     if lib.gemm_min_rows:
         lib.glm45_linear_bf16.argtypes = [w, p, i64, i64, p, i64, i32]
-        lib.glm45_moe_bf16.argtypes = [w, w, p, i64, p, p, p, p, i64, i32]
+        lib.glm45_moe_bf16.argtypes = [w, w, p, i64, p, p, p, p, i64, i64, i32]
     logger.debug("CPU kernels: %s (%s)", path.name, lib.glm45_isa().decode())
     return lib
 
@@ -227,9 +227,10 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     rows = x.numel() // x.shape[-1]
     out_features = weight.shape[-2]
     kernel_ok = lib is not None and weight.shape[-1] % QBLOCK == 0 and (packed or weight.is_contiguous())
-    if (kernel_ok and not packed and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
-            and 0 < lib_gemm_rows(lib) <= rows and weight.shape[-1] % 2 == 0):
-        # many rows of a bf16 model (prefill, its experts): the kernels' GEMM, bf16 in and out
+    if (kernel_ok and x.dtype == torch.bfloat16 and lib_gemm_rows(lib) and weight.shape[-1] % 2 == 0
+            and (rows > MAX_KERNEL_ROWS if packed else weight.dtype == torch.bfloat16 and lib_gemm_rows(lib) <= rows)):
+        # many rows of a bf16 model (prefill, its experts): the kernels' GEMM, bf16 in and out (packed weights
+        # dequantized to bf16 panel by panel)
         x2 = x.reshape(rows, x.shape[-1]).contiguous()
         y = torch.empty(rows, out_features, dtype=torch.bfloat16)
         bias32 = None if bias is None else bias.float().contiguous()
@@ -287,18 +288,21 @@ def grouped_linear(x: torch.Tensor, weight, expert_of_row: torch.Tensor) -> torc
     return y.to(x.dtype)
 
 
-def routed_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, token_of_row: torch.Tensor,
-                   weight_of_row: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor | None:
+def routed_experts(x: torch.Tensor, gate_up, down, token_of_row: torch.Tensor, weight_of_row: torch.Tensor,
+                   rows_per_expert: list[int]) -> torch.Tensor | None:
     """Σ over each token's experts of weight · down(SiLU(gate) · up) for a bf16 model's stacked experts (gate_up
-    [E, 2I, D], down [E, D, I]), from the assignments sorted by expert (`token_of_row`, float32 `weight_of_row`,
-    `rows_per_expert`), as `Experts._by_expert` sums them, in one call of the kernels (AVX512-BF16 builds); None
-    when they do not apply."""
+    [E, 2I, D], down [E, D, I]: bf16 tensors or `PackedWeight`s), from the assignments sorted by expert
+    (`token_of_row`, float32 `weight_of_row`, `rows_per_expert`), as `Experts._by_expert` sums them with `linear`,
+    in one call of the kernels (AVX512-BF16 builds); None when they do not apply."""
+    from glm45.quant.packed import PackedWeight
+
     lib = library() if x.device.type == "cpu" else None
-    if lib is None or not lib_gemm_rows(lib) or not _inference(x, gate_up) or x.dtype != torch.bfloat16:
+    if lib is None or not lib_gemm_rows(lib) or x.dtype != torch.bfloat16 or x.shape[-1] % 2 or down.shape[-1] % 2:
         return None
-    if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in (gate_up, down)) or x.shape[-1] % 2 \
-            or down.shape[-1] % 2:
-        return None
+    for weight in (gate_up, down):
+        if not _inference(x, weight) or not isinstance(weight, PackedWeight) and (
+                weight.dtype != torch.bfloat16 or not weight.is_contiguous()):
+            return None
     x = x.contiguous()
     out = torch.zeros_like(x)
     counts = torch.tensor(rows_per_expert, dtype=torch.int64)
@@ -306,7 +310,7 @@ def routed_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
     weights = weight_of_row.to(torch.float32).contiguous()
     lib.glm45_moe_bf16(ctypes.byref(describe(gate_up)), ctypes.byref(describe(down)), x.data_ptr(), x.shape[-1],
                        tokens.data_ptr(), weights.data_ptr(), counts.data_ptr(), out.data_ptr(), out.shape[-1],
-                       torch.get_num_threads())
+                       MAX_KERNEL_ROWS + 1, torch.get_num_threads())
     return out
 
 

@@ -113,10 +113,9 @@ class Experts(nn.Module):
                    rows_per_expert: list[int], gate_up_proj, down_proj) -> torch.Tensor:
         """Inference over many tokens: each expert gathers its tokens, runs, weights its outputs and adds them into
         the result while they are in cache — the same sums in the same order as the training path's, without its
-        passes over all T·K rows at once (which took most of an Air-shaped prefill step). A bf16 model's plain
-        experts run all of it in one call of the kernels instead (`cpu.routed_experts`)."""
-        fused = cpu.routed_experts(x_TD, gate_up_proj, down_proj, token_of_row, weights, rows_per_expert) \
-            if isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor) else None
+        passes over all T·K rows at once (which took most of an Air-shaped prefill step). A bf16 model's experts
+        (plain or packed) run all of it in one call of the kernels instead (`cpu.routed_experts`)."""
+        fused = cpu.routed_experts(x_TD, gate_up_proj, down_proj, token_of_row, weights, rows_per_expert)
         if fused is not None:
             return fused
         out = torch.zeros_like(x_TD)

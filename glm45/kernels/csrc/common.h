@@ -288,7 +288,7 @@ void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out);
 #if defined(__AVX512BF16__)
 void bf16_gemm(const Weight *w, const uint16_t *x, int64_t M, int64_t ldx, uint16_t *y, int64_t ldy, int ith,
                int nth);
-void bf16_expert_products(const Weight *w, int64_t e, const uint16_t *xb, int64_t ldxb, const float *x, int64_t M,
+void bf16_expert_products(const Weight *w, int64_t e, int gemm, const uint16_t *xb, int64_t ldxb, const Act *a,
                           float *y, int64_t ldy, int ith, int nth);
 #endif
 

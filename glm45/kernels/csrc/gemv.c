@@ -701,21 +701,39 @@ static void gemm_panel(const uint32_t *panel, int64_t pairs, const uint16_t *x, 
 }
 #undef GEMM_TILE
 
+/* Rows [n, n + nr) of expert e's matrix as bf16 (row stride K), to be packed into a panel: a bf16 matrix's own, or
+ * packed (int8, int4, fp8) weights dequantized through fp32 (`f32`, K values) into `b16` and rounded to bf16, as the
+ * torch route that multiplies them in bf16 rounds them. */
+static const uint16_t *panel_rows(const Weight *w, int64_t e, int64_t n, int64_t nr, float *f32, uint16_t *b16) {
+    const int64_t K = w->K;
+    if (w->fmt == FMT_BF16) return (const uint16_t *)w->data + (e * w->N + n) * K;
+    for (int64_t r = 0; r < nr; r++) {
+        dequant_row(w, e, n + r, f32);
+        int64_t k = 0;
+        for (; k + VL <= K; k += VL) vstore_bf16(b16 + r * K + k, vload(f32 + k));
+        for (; k < K; k++) b16[r * K + k] = f32_to_bf16(f32[k]);
+    }
+    return b16;
+}
+
 /* Weight rows [n0, n1) of expert e against mc bf16 activation rows xb (row stride ldx, even, as K is), each
  * panel packed in turn: y[m][n] (fp32, or bf16 with out_bf16; row stride ldy). */
 static void gemm_rows(const Weight *w, int64_t e, int64_t n0, int64_t n1, const uint16_t *xb, int64_t ldx,
                       int64_t mc, void *y, int64_t ldy, int round, int out_bf16) {
     const int64_t K = w->K;
     uint32_t *panel = aligned_alloc(64, ((K / 2) * GEMM_NR * sizeof(uint32_t) + 63) / 64 * 64);
-    const uint16_t *W = (const uint16_t *)w->data + e * w->N * K;
+    float *f32 = w->fmt == FMT_BF16 ? NULL : malloc(K * sizeof(float));
+    uint16_t *b16 = w->fmt == FMT_BF16 ? NULL : malloc(GEMM_NR * K * sizeof(uint16_t));
     const int64_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
     for (int64_t n = n0; n < n1; n += GEMM_NR) {
         const int64_t nr = n1 - n < GEMM_NR ? n1 - n : GEMM_NR;
-        pack_panel(W + n * K, K, nr, panel);
+        pack_panel(panel_rows(w, e, n, nr, f32, b16), K, nr, panel);
         gemm_panel(panel, K / 2, xb, ldx, (char *)y + n * out_size, ldy * out_size, mc, nr,
                    w->bias ? w->bias + n : NULL, round, out_bf16);
     }
     free(panel);
+    free(f32);
+    free(b16);
 }
 
 /* rows_bf16_dp's contract, for mc ≥ GEMM_MIN_ROWS activation rows and an even K. */
@@ -727,8 +745,8 @@ static void rows_bf16_gemm(const Weight *w, int64_t e, int64_t n0, int64_t n1, c
     free(xb);
 }
 
-/* y[M, N] (bf16) = x[M, K] (bf16, row stride ldx) · Wᵀ (+ bias) for a bf16 matrix with even K: many rows of a bf16
- * model from torch (prefill), without widening them to fp32 and back. */
+/* y[M, N] (bf16) = x[M, K] (bf16, row stride ldx) · Wᵀ (+ bias) for a bf16 or packed matrix with even K: many rows
+ * of a bf16 model from torch (prefill), without widening them to fp32 and back. */
 void bf16_gemm(const Weight *w, const uint16_t *x, int64_t M, int64_t ldx, uint16_t *y, int64_t ldy, int ith,
                int nth) {
     int64_t n0, n1;
@@ -736,20 +754,19 @@ void bf16_gemm(const Weight *w, const uint16_t *x, int64_t M, int64_t ldx, uint1
     if (n0 < n1) gemm_rows(w, 0, n0, n1, x, ldx, M, y, ldy, 1, 1);
 }
 
-/* Thread ith's share of y = x · W_eᵀ for M rows of a bf16 model, as `glm45_linear` (fewer than GEMM_MIN_ROWS rows: the
- * dot products, from x, fp32 with row stride K) and `glm45_linear_bf16` (the GEMM, from xb, the same rows as bf16
- * with row stride ldxb) compute them: y fp32, rounded to bf16. */
-void bf16_expert_products(const Weight *w, int64_t e, const uint16_t *xb, int64_t ldxb, const float *x, int64_t M,
+/* Thread ith's share of y = x · W_eᵀ for a.M rows of a bf16 model, as `glm45_linear_bf16` (`gemm`: from xb, the rows
+ * as bf16 with row stride ldxb) or `glm45_linear` (from `a`: fp32 rows, int8 ones for int8/int4 weights) compute
+ * them: y fp32, rounded to bf16. */
+void bf16_expert_products(const Weight *w, int64_t e, int gemm, const uint16_t *xb, int64_t ldxb, const Act *a,
                           float *y, int64_t ldy, int ith, int nth) {
     int64_t n0, n1;
-    if (M >= GEMM_MIN_ROWS) {
+    if (gemm) {
         split_range(w->N, ith, nth, GEMM_NR, &n0, &n1);
-        if (n0 < n1) gemm_rows(w, e, n0, n1, xb, ldxb, M, y, ldy, 1, 0);
+        if (n0 < n1) gemm_rows(w, e, n0, n1, xb, ldxb, a->M, y, ldy, 1, 0);
         return;
     }
-    const Act a = {x, M, w->K, w->K, NULL, NULL, NULL};
     split_range(w->N, ith, nth, 16, &n0, &n1);
-    if (n0 < n1) weight_rows(w, e, n0, n1, &a, 0, M, y, ldy, 1);
+    if (n0 < n1) weight_rows(w, e, n0, n1, a, 0, a->M, y, ldy, 1);
 }
 
 /* fp8 rows (one fp32 scale each) against up to 4 activation rows of a bf16 model, with bf16 dot products: an e4m3 byte,

@@ -131,6 +131,9 @@ typedef __m512 vf;
 static inline vf vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+static inline vf vload_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
 static inline vf vload_fp8(const uint8_t *p) {
     /* sign-extended, shifted by 7: the sign lands in bits 15 and 14, the 7 magnitude bits in 13..7; clearing bit 14
      * leaves the fp16 described above fp8_to_f32 (three operations where masking each part took six) */
@@ -147,6 +150,9 @@ typedef __m256 vf;
 #define vhsum(v) hsum256(v)
 static inline vf vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vf vload_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline vf vload_fp8(const uint8_t *p) {
     __m128i v = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p)), 7);

@@ -989,17 +989,24 @@ void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out) {
         const uint8_t *row = (const uint8_t *)w->data + r * K;
         const float *scale = (const float *)w->scale;
         const int64_t B = w->fp8_block;
-        for (int64_t k = 0; k < K; k++) {
-            float s = B == 0 ? scale[r]
-                             : scale[(expert * ((w->N + B - 1) / B) + n / B) * ((K + B - 1) / B) + k / B];
-            out[k] = fp8_to_f32(row[k]) * s;
+        if (B == 0) { /* the same products as the scalar loop, a vector at a time (the prefill's GEMM panels) */
+            int64_t k = 0;
+            for (; k + VL <= K; k += VL)
+                vstore(out + k, vmul(vmul(vload_fp8(row + k), vset1(FP8_RESCALE)), vset1(scale[r])));
+            for (; k < K; k++) out[k] = fp8_to_f32(row[k]) * scale[r];
+            break;
         }
+        for (int64_t k = 0; k < K; k++)
+            out[k] = fp8_to_f32(row[k]) * scale[(expert * ((w->N + B - 1) / B) + n / B) * ((K + B - 1) / B) + k / B];
         break;
     }
     case FMT_Q8: {
         const int8_t *row = (const int8_t *)w->data + r * K;
         const uint16_t *d = (const uint16_t *)w->scale + r * nb;
-        for (int64_t k = 0; k < K; k++) out[k] = row[k] * fp16_to_f32(d[k / QBLOCK]);
+        for (int64_t b = 0; b < nb; b++) {
+            const vf scale = vset1(fp16_to_f32(d[b]));
+            for (int64_t k = b * QBLOCK; k < (b + 1) * QBLOCK; k += VL) vstore(out + k, vmul(vload_i8(row + k), scale));
+        }
         break;
     }
     case FMT_Q4: {

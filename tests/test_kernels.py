@@ -447,6 +447,32 @@ def test_activation_quantization_op_matches_round_half_even(isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows, width", [(1, 256), (37, 104), (300, 1024)])  # 104: a vector tail
+def test_rms_norm_of_a_bf16_models_rows_is_torchs(isa, rows, width):
+    """`cpu.rms_norm` (RMSNorm's forward of a bf16 model at inference, the captured step's kernel): torch's result
+    but where an RMS summed in another order moves a value by one bf16 step; the module takes it, and a float32
+    model, a non-contiguous input or a gradient keeps torch's ops."""
+    from glm45.model.layers import RMSNorm
+
+    generator = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, width, generator=generator) * 3).bfloat16()
+    norm = RMSNorm(width, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(width, generator=generator) + 0.5)
+    norm.bfloat16()
+    expected = norm.weight * F.rms_norm(x.float(), (width,), eps=1e-5).bfloat16()
+    with torch.no_grad():
+        got = norm(x)
+        assert torch.equal(got, cpu.rms_norm(x, norm.weight, 1e-5))
+        assert cpu.rms_norm(x.float(), norm.weight.float(), 1e-5) is None
+        assert cpu.rms_norm(torch.stack([x, x], -1)[..., 0], norm.weight, 1e-5) is None  # not contiguous
+        assert cpu.rms_norm(x[:, :-8], norm.weight, 1e-5) is None  # not the weight's width
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
+    assert (got == expected).float().mean() > 0.97
+    assert cpu.rms_norm(x, norm.weight, 1e-5) is None  # training: the weight wants its gradient
+
+
+@needs_kernel
 def test_captured_silu_and_mul_is_torchs(isa):
     """The captured step's SiLU-and-mul (vectorised e^x): a bf16 model's result is torch's bit for bit (silu rounded
     to bf16, times up, rounded); fp32 within float rounding."""

@@ -154,6 +154,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_causal_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.glm45_sample.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
     lib.glm45_draw.argtypes = [p, i64, i64, i64, p, p]
+    lib.glm45_rms_norm_bf16.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, i64, i32]
     lib.glm45_isa.restype = ctypes.c_char_p
     lib.glm45_gemm_min_rows.restype = i64
     lib.gemm_min_rows = lib.glm45_gemm_min_rows()  # asked once: `linear` reads it on every call
@@ -286,6 +287,20 @@ def grouped_linear(x: torch.Tensor, weight, expert_of_row: torch.Tensor) -> torc
     lib.glm45_grouped_linear(ctypes.byref(describe(weight)), x32.data_ptr(), rows, x32.shape[-1], experts.data_ptr(),
                              y.data_ptr(), out_features, int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return y.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`RMSNorm` of a bf16 model's rows on CPU at inference, as the captured step computes it (an RMS summed in another
+    order than torch's may move a value by one bf16 step); None when the kernels do not take it."""
+    lib = library() if x.device.type == "cpu" else None
+    if lib is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not _inference(x, weight) \
+            or not x.is_contiguous() or weight.shape != x.shape[-1:] or x.numel() == 0:
+        return None
+    D = x.shape[-1]
+    y = torch.empty_like(x)
+    lib.glm45_rms_norm_bf16(x.data_ptr(), x.numel() // D, D, D, weight.data_ptr(), eps, y.data_ptr(), D,
+                            torch.get_num_threads())
+    return y
 
 
 def routed_experts(x: torch.Tensor, gate_up, down, token_of_row: torch.Tensor, weight_of_row: torch.Tensor,

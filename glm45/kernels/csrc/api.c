@@ -74,6 +74,31 @@ int64_t glm45_gemm_min_rows(void) {
 #endif
 }
 
+/* y = w · x / rms(x) for R rows of D values of a bf16 model (x, w and y bf16; row strides ldx, ldy): the captured
+ * step's RMSNorm (fp32, each product rounded to bf16 as torch rounds a bf16 model's), for torch-side callers. */
+void glm45_rms_norm_bf16(const uint16_t *x, int64_t R, int64_t D, int64_t ldx, const uint16_t *w, float eps,
+                         uint16_t *y, int64_t ldy, int threads) {
+    int nth = threads_for(R * D * 8, threads);
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        float *row = malloc(3 * D * sizeof(float)), *wf = row + D, *out = wf + D;
+        for (int64_t i = 0; i < D; i++) wf[i] = bf16_to_f32(w[i]);
+        int64_t r0, r1;
+        split_range(R, omp_get_thread_num(), omp_get_num_threads(), 1, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++) {
+            const uint16_t *xr = x + r * ldx;
+            uint16_t *yr = y + r * ldy;
+            int64_t i = 0;
+            for (; i + VL <= D; i += VL) vstore(row + i, vload_bf16(xr + i));
+            for (; i < D; i++) row[i] = bf16_to_f32(xr[i]);
+            rms_row(row, wf, out, D, eps, 1);
+            for (i = 0; i + VL <= D; i += VL) vstore_bf16(yr + i, vload(out + i));
+            for (; i < D; i++) yr[i] = f32_to_bf16(out[i]);
+        }
+        free(row);
+    }
+}
+
 #if defined(__AVX512BF16__)
 /* y[M, N] = x[M, K] · Wᵀ (+ bias), x and y bf16 (rounded once), for a bf16 matrix with even K. */
 void glm45_linear_bf16(const Weight *w, const uint16_t *x, int64_t M, int64_t ldx, uint16_t *y, int64_t ldy,

@@ -280,6 +280,23 @@ static inline void silu_mul_row(const float *g, float *o, int64_t I, int round) 
     for (; i < I; i++) o[i] = rnd(rnd(g[i] / (1.0f + expf(-g[i])), round) * u[i], round);
 }
 
+/* out = w · x / rms(x) for one row of D values (eps inside the root), each product rounded to bf16 when `round`. */
+static inline void rms_row(const float *x, const float *w, float *out, int64_t D, float eps, int round) {
+    vf acc = vzero();
+    int64_t i = 0;
+    for (; i + VL <= D; i += VL) acc = vfma(vload(x + i), vload(x + i), acc);
+    float ss = vhsum(acc);
+    for (; i < D; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (i = 0; i + VL <= D; i += VL) {
+        vf y = vmul(vload(x + i), vset1(inv));
+        if (round) y = vround_bf16(y);
+        y = vmul(vload(w + i), y);
+        vstore(out + i, round ? vround_bf16(y) : y);
+    }
+    for (; i < D; i++) out[i] = rnd(w[i] * rnd(x[i] * inv, round), round);
+}
+
 /* ---- kernels shared between files ---- */
 /* From this many activation rows a bf16 model's products go through the GEMM order (gemv.c, AVX512-BF16 only). */
 #define GEMM_MIN_ROWS 32

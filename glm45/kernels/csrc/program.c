@@ -84,22 +84,6 @@ static inline void kv_store(void *cache, int64_t i, float v, int64_t dtype) {
     }
 }
 
-static void rms_row(const float *x, const float *w, float *out, int64_t D, float eps, int round) {
-    vf acc = vzero();
-    int64_t i = 0;
-    for (; i + VL <= D; i += VL) acc = vfma(vload(x + i), vload(x + i), acc);
-    float ss = vhsum(acc);
-    for (; i < D; i++) ss += x[i] * x[i];
-    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
-    for (i = 0; i + VL <= D; i += VL) {
-        vf y = vmul(vload(x + i), vset1(inv));
-        if (round) y = vround_bf16(y);
-        y = vmul(vload(w + i), y);
-        vstore(out + i, round ? vround_bf16(y) : y);
-    }
-    for (; i < D; i++) out[i] = rnd(w[i] * rnd(x[i] * inv, round), round);
-}
-
 static void op_rmsnorm(const Op *op, int ith, int nth, int round) {
     float *x = op->p[0], *add = op->p[3];
     const float *w = op->p[1];

@@ -228,8 +228,9 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     rows = x.numel() // x.shape[-1]
     out_features = weight.shape[-2]
     kernel_ok = lib is not None and weight.shape[-1] % QBLOCK == 0 and (packed or weight.is_contiguous())
-    if (kernel_ok and x.dtype == torch.bfloat16 and lib_gemm_rows(lib) and weight.shape[-1] % 2 == 0
-            and (rows > MAX_KERNEL_ROWS if packed else weight.dtype == torch.bfloat16 and lib_gemm_rows(lib) <= rows)):
+    gemm_rows = lib_gemm_rows(lib)
+    if (kernel_ok and x.dtype == torch.bfloat16 and gemm_rows and weight.shape[-1] % 2 == 0
+            and (rows > MAX_KERNEL_ROWS if packed else weight.dtype == torch.bfloat16 and gemm_rows <= rows)):
         # many rows of a bf16 model (prefill, its experts): the kernels' GEMM, bf16 in and out (packed weights
         # dequantized to bf16 panel by panel)
         x2 = x.reshape(rows, x.shape[-1]).contiguous()
@@ -318,12 +319,15 @@ def routed_experts(x: torch.Tensor, gate_up, down, token_of_row: torch.Tensor, w
         if not _inference(x, weight) or not isinstance(weight, PackedWeight) and (
                 weight.dtype != torch.bfloat16 or not weight.is_contiguous()):
             return None
+    gate_up_d, down_d = describe(gate_up), describe(down)
+    if gate_up_d is None or down_d is None or not gate_up_d.num_experts == down_d.num_experts == len(rows_per_expert):
+        return None
     x = x.contiguous()
     out = torch.zeros_like(x)
     counts = torch.tensor(rows_per_expert, dtype=torch.int64)
     tokens = token_of_row.to(torch.int64).contiguous()
     weights = weight_of_row.to(torch.float32).contiguous()
-    lib.glm45_moe_bf16(ctypes.byref(describe(gate_up)), ctypes.byref(describe(down)), x.data_ptr(), x.shape[-1],
+    lib.glm45_moe_bf16(ctypes.byref(gate_up_d), ctypes.byref(down_d), x.data_ptr(), x.shape[-1],
                        tokens.data_ptr(), weights.data_ptr(), counts.data_ptr(), out.data_ptr(), out.shape[-1],
                        MAX_KERNEL_ROWS + 1, torch.get_num_threads())
     return out

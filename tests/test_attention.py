@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from glm45.engine.attention import PagedAttention, SeqSlice, grouped_attention
 from glm45.kernels import cpu as cpu_kernels
+from glm45.kernels import prefill
 
 
 def reference(q, keys, values):
@@ -84,11 +85,11 @@ def test_bf16_prefill_chunks_take_the_fused_kernel_and_match_torchs_attention(mo
     slices, slots, history, k_new, v_new = paged_sequences(kv_cache, shapes, block_size)
     q = torch.randn(sum(new for _, new in shapes), heads, head_dim).bfloat16()
     calls = []
-    fused = cpu_kernels.causal_attention
-    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    fused = prefill.causal_attention
+    monkeypatch.setattr(prefill, "causal_attention", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
     out = PagedAttention(kv_cache.clone(), torch.cat(slots), slices, block_size).attend(0, q, k_new, v_new)
     assert calls == [70, 33]
-    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: None)
+    monkeypatch.setattr(prefill, "causal_attention", lambda *a: None)
     plain = PagedAttention(kv_cache.clone(), torch.cat(slots), slices, block_size).attend(0, q, k_new, v_new)
     for s, (keys, values) in zip(slices, history, strict=True):
         rows = slice(s.q_start, s.q_start + s.q_len)

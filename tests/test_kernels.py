@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm45.kernels import cpu
+from glm45.kernels import cpu, prefill
 from glm45.quant.packed import PackedWeight, _expand_codes, dequantize, quantize
 
 ISAS = [isa for isa in ("avx2", "avx512")
@@ -127,7 +127,7 @@ def test_many_bf16_rows_from_torch_take_the_kernels_gemm(isa, rows, k):
 ])
 def test_a_bf16_models_routed_experts_in_one_call_equal_the_torch_path(isa, monkeypatch, fmt, tokens, experts,
                                                                       top_k):
-    """The routed experts over many tokens (prefill) in one call of the kernels (`cpu.routed_experts`: gather, both
+    """The routed experts over many tokens (prefill) in one call of the kernels (`prefill.routed_experts`: gather, both
     products, SiLU-and-mul, weighting, index-add, expert after expert) against `Experts._by_expert`'s torch ops with
     `linear`: bit for bit where both take the same kernel, else within a bf16 rounding."""
     from glm45.config import ModelConfig
@@ -148,11 +148,11 @@ def test_a_bf16_models_routed_experts_in_one_call_equal_the_torch_path(isa, monk
     weights = torch.rand(tokens * top_k, generator=generator)[order]
     token_of_row, rows_per_expert = order // top_k, torch.bincount(ids, minlength=experts).tolist()
     fused_calls = []
-    original = cpu.routed_experts
-    monkeypatch.setattr(cpu, "routed_experts", lambda *a: fused_calls.append(original(*a)) or fused_calls[-1])
+    original = prefill.routed_experts
+    monkeypatch.setattr(prefill, "routed_experts", lambda *a: fused_calls.append(original(*a)) or fused_calls[-1])
     with torch.no_grad():
         fused = module._by_expert(x, weights, token_of_row, rows_per_expert, gate_up, down)
-        monkeypatch.setattr(cpu, "routed_experts", lambda *a: None)
+        monkeypatch.setattr(prefill, "routed_experts", lambda *a: None)
         reference = module._by_expert(x, weights, token_of_row, rows_per_expert, gate_up, down)
     assert len(fused_calls) == 1
     if cpu.lib_gemm_rows(cpu.library()) == 0:
@@ -322,7 +322,7 @@ def test_fused_causal_attention_matches_float64(q_len, keys_len, heads, kv_heads
     v_cache = torch.randn(cache_rows, kv_heads, dim, generator=gen).bfloat16()
     slots = torch.randperm(cache_rows, generator=gen)[:keys_len]
     q = (2 * torch.randn(q_len, heads, dim, generator=gen)).bfloat16()
-    out = cpu.causal_attention(q, k_cache, v_cache, slots, dim ** -0.5)
+    out = prefill.causal_attention(q, k_cache, v_cache, slots, dim ** -0.5)
     assert out is not None and out.dtype == torch.float32 and out.shape == q.shape
     keys, values = k_cache[slots].transpose(0, 1).double(), v_cache[slots].transpose(0, 1).double()
     mask = torch.ones(q_len, keys_len, dtype=torch.bool).tril(keys_len - q_len)
@@ -338,12 +338,12 @@ def test_fused_causal_attention_matches_float64(q_len, keys_len, heads, kv_heads
 @needs_kernel
 def test_fused_attention_declines_what_it_does_not_take(monkeypatch):
     q, cache, slots = torch.zeros(4, 2, 64).bfloat16(), torch.zeros(8, 1, 64).bfloat16(), torch.arange(6)
-    assert cpu.causal_attention(q.float(), cache.float(), cache.float(), slots, 0.125) is None  # not bf16
-    assert cpu.causal_attention(q[..., :48], cache[..., :48], cache[..., :48], slots, 0.1) is None  # 48 dims
+    assert prefill.causal_attention(q.float(), cache.float(), cache.float(), slots, 0.125) is None  # not bf16
+    assert prefill.causal_attention(q[..., :48], cache[..., :48], cache[..., :48], slots, 0.1) is None  # 48 dims
     monkeypatch.setenv("GLM45_CPU_ISA", "avx2")
     cpu.library.cache_clear()
     try:
-        assert cpu.causal_attention(q, cache, cache, slots, 0.125) is None  # no bf16 dot products
+        assert prefill.causal_attention(q, cache, cache, slots, 0.125) is None  # no bf16 dot products
     finally:
         cpu.library.cache_clear()
 
@@ -449,7 +449,7 @@ def test_activation_quantization_op_matches_round_half_even(isa):
 @needs_kernel
 @pytest.mark.parametrize("rows, width", [(1, 256), (37, 104), (300, 1024)])  # 104: a vector tail
 def test_rms_norm_of_a_bf16_models_rows_is_torchs(isa, rows, width):
-    """`cpu.rms_norm` (RMSNorm's forward of a bf16 model at inference, the captured step's kernel): torch's result
+    """`prefill.rms_norm` (RMSNorm's forward of a bf16 model at inference, the captured step's kernel): torch's result
     but where an RMS summed in another order moves a value by one bf16 step; the module takes it, and a float32
     model, a non-contiguous input or a gradient keeps torch's ops."""
     from glm45.model.layers import RMSNorm
@@ -463,13 +463,13 @@ def test_rms_norm_of_a_bf16_models_rows_is_torchs(isa, rows, width):
     expected = norm.weight * F.rms_norm(x.float(), (width,), eps=1e-5).bfloat16()
     with torch.no_grad():
         got = norm(x)
-        assert torch.equal(got, cpu.rms_norm(x, norm.weight, 1e-5))
-        assert cpu.rms_norm(x.float(), norm.weight.float(), 1e-5) is None
-        assert cpu.rms_norm(torch.stack([x, x], -1)[..., 0], norm.weight, 1e-5) is None  # not contiguous
-        assert cpu.rms_norm(x[:, :-8], norm.weight, 1e-5) is None  # not the weight's width
+        assert torch.equal(got, prefill.rms_norm(x, norm.weight, 1e-5))
+        assert prefill.rms_norm(x.float(), norm.weight.float(), 1e-5) is None
+        assert prefill.rms_norm(torch.stack([x, x], -1)[..., 0], norm.weight, 1e-5) is None  # not contiguous
+        assert prefill.rms_norm(x[:, :-8], norm.weight, 1e-5) is None  # not the weight's width
     torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
     assert (got == expected).float().mean() > 0.97
-    assert cpu.rms_norm(x, norm.weight, 1e-5) is None  # training: the weight wants its gradient
+    assert prefill.rms_norm(x, norm.weight, 1e-5) is None  # training: the weight wants its gradient
 
 
 @needs_kernel

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glm45.kernels import cpu as cpu_kernels
+from glm45.kernels import prefill as prefill_kernels
 
 SHORT_QUERY = 16  # sequences with at most this many new tokens share the padded batch
 
@@ -154,7 +154,7 @@ class PagedAttention:
         for s, kv_slots, mask in self.long:
             rows = slice(s.q_start, s.q_start + s.q_len)
             # bf16 on CPUs with bf16 dot products: the fused kernel reads the cache in place (2.6× torch's SDPA)
-            fused = cpu_kernels.causal_attention(q[rows], k_cache, v_cache, kv_slots, q.shape[-1] ** -0.5)
+            fused = prefill_kernels.causal_attention(q[rows], k_cache, v_cache, kv_slots, q.shape[-1] ** -0.5)
             if fused is not None:
                 out[rows] = fused.to(out.dtype)
                 continue

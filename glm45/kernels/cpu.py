@@ -16,12 +16,12 @@ Measured on the 2-core machine, and used here:
   (csrc/gemv.c) — 1.1–1.4× the dot products at 64 rows;
 - more rows in torch-side calls (prefill): a bf16 model's bf16 weights go through that GEMM on AVX512-BF16 CPUs,
   bf16 in and out (`lib_gemm_rows`; in one process a 64-request prefill ran 22–25% faster than with torch's bf16
-  GEMM, whose small expert products were slowest); packed weights are dequantized to bf16 a few hundred rows at
-  a time for torch's bf16 GEMM on CPUs with bf16 arithmetic (AVX512-BF16, AMX); on AVX2-only CPUs the weights are
-  widened or dequantized to fp32 in such blocks, so the fp32 copy stays in cache, and torch's fp32 GEMM (MKL)
-  does the rest — 3–8× torch's bf16 GEMM there (`native_bf16_gemm`);
-- a bf16 model's prefill attention, on CPUs with AVX512-BF16: one fused causal kernel per sequence chunk
-  (`causal_attention`, csrc/attention.c), 2.6× torch's CPU flash attention on the same tensors.
+  GEMM, whose small expert products were slowest), and so do packed weights, each panel dequantized to bf16 as it
+  is packed; without those kernels, packed weights are dequantized to bf16 a few hundred rows at a time for
+  torch's bf16 GEMM on CPUs with bf16 arithmetic, and on AVX2-only CPUs the weights are widened or dequantized to
+  fp32 in such blocks, so the fp32 copy stays in cache, and torch's fp32 GEMM (MKL) does the rest — 3–8× torch's
+  bf16 GEMM there (`native_bf16_gemm`).
+The prefill's other kernels (RMSNorm, the routed experts in one call, causal attention) are in prefill.py.
 Sampling (`sample`, `draw`: csrc/sample.c) takes the sampled rows of CPU logits: a vectorised pass per row instead of
 a few dozen tensor operations (glm45/engine/sampler.py says when).
 Autograd never goes through these paths (they are for inference only).
@@ -206,7 +206,7 @@ def describe(weight, bias: torch.Tensor | None = None) -> Weight | None:
     return Weight(fmt, n, k, experts, 0, weight.data_ptr(), None, None, _ptr(bias))
 
 
-def _inference(x: torch.Tensor, weight) -> bool:
+def at_inference(x: torch.Tensor, weight) -> bool:
     return x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or
                                                                       getattr(weight, "requires_grad", False)))
 
@@ -222,7 +222,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     from glm45.quant.packed import PackedWeight
 
     packed = isinstance(weight, PackedWeight)
-    if not _inference(x, weight) or (not packed and weight.dtype != torch.bfloat16 and weight.dtype != x.dtype):
+    if not at_inference(x, weight) or (not packed and weight.dtype != torch.bfloat16 and weight.dtype != x.dtype):
         return F.linear(x, weight.dequantize(x.dtype) if packed else weight, bias)
     lib = library() if x.device.type == "cpu" else None
     rows = x.numel() // x.shape[-1]
@@ -277,7 +277,7 @@ def grouped_linear(x: torch.Tensor, weight, expert_of_row: torch.Tensor) -> torc
 
     packed = isinstance(weight, PackedWeight)
     lib = library() if x.device.type == "cpu" else None
-    if lib is None or not _inference(x, weight) or weight.shape[-1] % QBLOCK:
+    if lib is None or not at_inference(x, weight) or weight.shape[-1] % QBLOCK:
         return None
     if not packed and (weight.dtype != torch.bfloat16 or not weight.is_contiguous()):
         return None
@@ -290,49 +290,6 @@ def grouped_linear(x: torch.Tensor, weight, expert_of_row: torch.Tensor) -> torc
     return y.to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """`RMSNorm` of a bf16 model's rows on CPU at inference, as the captured step computes it (an RMS summed in another
-    order than torch's may move a value by one bf16 step); None when the kernels do not take it."""
-    lib = library() if x.device.type == "cpu" else None
-    if lib is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not _inference(x, weight) \
-            or not x.is_contiguous() or weight.shape != x.shape[-1:] or x.numel() == 0:
-        return None
-    D = x.shape[-1]
-    y = torch.empty_like(x)
-    lib.glm45_rms_norm_bf16(x.data_ptr(), x.numel() // D, D, D, weight.data_ptr(), eps, y.data_ptr(), D,
-                            torch.get_num_threads())
-    return y
-
-
-def routed_experts(x: torch.Tensor, gate_up, down, token_of_row: torch.Tensor, weight_of_row: torch.Tensor,
-                   rows_per_expert: list[int]) -> torch.Tensor | None:
-    """Σ over each token's experts of weight · down(SiLU(gate) · up) for a bf16 model's stacked experts (gate_up
-    [E, 2I, D], down [E, D, I]: bf16 tensors or `PackedWeight`s), from the assignments sorted by expert
-    (`token_of_row`, float32 `weight_of_row`, `rows_per_expert`), as `Experts._by_expert` sums them with `linear`,
-    in one call of the kernels (AVX512-BF16 builds); None when they do not apply."""
-    from glm45.quant.packed import PackedWeight
-
-    lib = library() if x.device.type == "cpu" else None
-    if lib is None or not lib_gemm_rows(lib) or x.dtype != torch.bfloat16 or x.shape[-1] % 2 or down.shape[-1] % 2:
-        return None
-    for weight in (gate_up, down):
-        if not _inference(x, weight) or not isinstance(weight, PackedWeight) and (
-                weight.dtype != torch.bfloat16 or not weight.is_contiguous()):
-            return None
-    gate_up_d, down_d = describe(gate_up), describe(down)
-    if gate_up_d is None or down_d is None or not gate_up_d.num_experts == down_d.num_experts == len(rows_per_expert):
-        return None
-    x = x.contiguous()
-    out = torch.zeros_like(x)
-    counts = torch.tensor(rows_per_expert, dtype=torch.int64)
-    tokens = token_of_row.to(torch.int64).contiguous()
-    weights = weight_of_row.to(torch.float32).contiguous()
-    lib.glm45_moe_bf16(ctypes.byref(gate_up_d), ctypes.byref(down_d), x.data_ptr(), x.shape[-1],
-                       tokens.data_ptr(), weights.data_ptr(), counts.data_ptr(), out.data_ptr(), out.shape[-1],
-                       MAX_KERNEL_ROWS + 1, torch.get_num_threads())
-    return out
-
-
 def dequantize_rows(weight, expert: int, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of expert `expert` of a packed weight, as fp32 (kernels, or torch's reference)."""
     lib = library()
@@ -341,29 +298,6 @@ def dequantize_rows(weight, expert: int, start: int, stop: int) -> torch.Tensor:
     out = torch.empty(stop - start, weight.in_features, dtype=torch.float32)
     lib.glm45_dequantize(ctypes.byref(describe(weight)), expert, start, stop, out.data_ptr(), torch.get_num_threads())
     return out
-
-
-def causal_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     scale: float) -> torch.Tensor | None:
-    """Causal attention of one sequence's chunk of queries (csrc/attention.c, on CPUs with AVX512-BF16): q [Tq, H, D]
-    bf16 at positions Tk − Tq … Tk − 1, its keys and values at `slots` [Tk] of the paged caches [slots, KV, D]
-    (bf16); the result [Tq, H, D] in fp32. None when the kernel does not take the call (another CPU, dtype or
-    shape): the caller uses torch's attention. Measured on the Air-shaped benchmark model's 2,048-token prompt
-    (8 heads, 2 KV heads, 128 dimensions, 2 threads): 21 ms a layer, against 55 ms for torch's
-    `scaled_dot_product_attention` (its CPU flash kernel) on the same bf16 tensors; the whole prompt's prefill
-    took 1.28 s instead of 1.55 s."""
-    lib = library() if q.device.type == "cpu" else None
-    if (lib is None or not native_bf16_gemm() or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16
-            or v_cache.dtype != torch.bfloat16 or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
-        return None
-    q = q.contiguous()
-    slots = slots.to(torch.int64).contiguous()
-    (tq, heads, dim), kv_heads = q.shape, k_cache.shape[-2]
-    out = torch.empty(tq, heads, dim, dtype=torch.float32)
-    status = lib.glm45_causal_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                                        out.data_ptr(), tq, slots.numel(), heads, kv_heads, dim, scale,
-                                        torch.get_num_threads())
-    return None if status else out
 
 
 # ---------------------------------------------------------------------- sampling on the host

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm45.kernels import cpu
+from glm45.kernels import cpu, prefill
 
 
 class Linear(nn.Linear):
@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = cpu.rms_norm(x, self.weight, self.eps)  # a bf16 model on CPU at inference: one kernel call
+        fused = prefill.rms_norm(x, self.weight, self.eps)  # a bf16 model on CPU at inference: one kernel call
         if fused is not None:
             return fused
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm45.config import ModelConfig
-from glm45.kernels import cpu
+from glm45.kernels import cpu, prefill
 from glm45.model.layers import MLP
 from glm45.quant.modules import expert_weight
 
@@ -114,8 +114,8 @@ class Experts(nn.Module):
         """Inference over many tokens: each expert gathers its tokens, runs, weights its outputs and adds them into
         the result while they are in cache — the same sums in the same order as the training path's, without its
         passes over all T·K rows at once (which took most of an Air-shaped prefill step). A bf16 model's experts
-        (plain or packed) run all of it in one call of the kernels instead (`cpu.routed_experts`)."""
-        fused = cpu.routed_experts(x_TD, gate_up_proj, down_proj, token_of_row, weights, rows_per_expert)
+        (plain or packed) run all of it in one call of the kernels instead (`prefill.routed_experts`)."""
+        fused = prefill.routed_experts(x_TD, gate_up_proj, down_proj, token_of_row, weights, rows_per_expert)
         if fused is not None:
             return fused
         out = torch.zeros_like(x_TD)

@@ -82,18 +82,13 @@ void glm45_rms_norm_bf16(const uint16_t *x, int64_t R, int64_t D, int64_t ldx, c
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         float *row = malloc(3 * D * sizeof(float)), *wf = row + D, *out = wf + D;
-        for (int64_t i = 0; i < D; i++) wf[i] = bf16_to_f32(w[i]);
+        widen_bf16_row(w, wf, D);
         int64_t r0, r1;
         split_range(R, omp_get_thread_num(), omp_get_num_threads(), 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++) {
-            const uint16_t *xr = x + r * ldx;
-            uint16_t *yr = y + r * ldy;
-            int64_t i = 0;
-            for (; i + VL <= D; i += VL) vstore(row + i, vload_bf16(xr + i));
-            for (; i < D; i++) row[i] = bf16_to_f32(xr[i]);
+            widen_bf16_row(x + r * ldx, row, D);
             rms_row(row, wf, out, D, eps, 1);
-            for (i = 0; i + VL <= D; i += VL) vstore_bf16(yr + i, vload(out + i));
-            for (; i < D; i++) yr[i] = f32_to_bf16(out[i]);
+            narrow_bf16_row(out, y + r * ldy, D);
         }
         free(row);
     }

@@ -267,6 +267,18 @@ static inline __m256 fold512(__m512 v) {
 
 static inline float rnd(float v, int round) { return round ? round_bf16(v) : v; }
 
+/* n bf16 values as fp32 (exact), and n fp32 values as bf16 (rounded to nearest even). */
+static inline void widen_bf16_row(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) vstore(dst + i, vload_bf16(src + i));
+    for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+}
+static inline void narrow_bf16_row(const float *src, uint16_t *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) vstore_bf16(dst + i, vload(src + i));
+    for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
 /* One row of SwiGLU: o[i] = silu(g[i]) · u[i] with u = g + I (gate, then up), each product rounded to bf16 as torch
  * rounds a bf16 model's when `round`. */
 static inline void silu_mul_row(const float *g, float *o, int64_t I, int round) {

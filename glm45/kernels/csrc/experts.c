@@ -25,17 +25,14 @@ static Rows rows_for(const Weight *w, int64_t n, int64_t packed_gemm_rows, uint1
     return r;
 }
 
-/* Row r of an expert's input, from fp32 values v (bf16 ones), in the form `rows` takes. */
-static void put_row(const Rows *rows, int64_t r, const float *v) {
+/* Row r of an expert's input, written as fp32 (bf16 values) in row r of `rows->a.x`, made ready for its product:
+ * bf16 for the GEMM, else as it is, and as int8 too for int8/int4 weights. */
+static void ready_row(const Rows *rows, int64_t r) {
     const int64_t K = rows->a.K;
     if (rows->gemm) {
-        int64_t k = 0;
-        for (; k + VL <= K; k += VL) vstore_bf16(rows->b16 + r * K + k, vload(v + k));
-        for (; k < K; k++) rows->b16[r * K + k] = f32_to_bf16(v[k]);
+        narrow_bf16_row(rows->a.x + r * K, rows->b16 + r * K, K);
         return;
     }
-    float *dst = (float *)rows->a.x + r * K;
-    if (dst != v) memcpy(dst, v, K * sizeof(float));
     if (rows->a.xq) quantize_act_rows(rows->a.x, K, r, r + 1, K, rows->a.xq, rows->a.xd, rows->a.xs);
 }
 
@@ -61,7 +58,6 @@ void glm45_moe_bf16(const Weight *gate_up, const Weight *down, const uint16_t *x
 #pragma omp parallel num_threads(threads)
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
-        float *widened = scratch(D * sizeof(float));
         int64_t start = 0;
         for (int64_t e = 0; e < E; e++) {
             const int64_t n = rows_per_expert[e];
@@ -79,17 +75,15 @@ void glm45_moe_bf16(const Weight *gate_up, const Weight *down, const uint16_t *x
                     memcpy(xb + r * D, src, D * sizeof(uint16_t));
                     continue;
                 }
-                int64_t d = 0;
-                for (; d + VL <= D; d += VL) vstore(widened + d, vload_bf16(src + d));
-                for (; d < D; d++) widened[d] = bf16_to_f32(src[d]);
-                put_row(&in, r, widened);
+                widen_bf16_row(src, xf + r * D, D);
+                ready_row(&in, r);
             }
 #pragma omp barrier
             bf16_expert_products(gate_up, e, in.gemm, xb, D, &in.a, gu, 2 * I, ith, nth);
 #pragma omp barrier
             for (int64_t r = r0; r < r1; r++) {
                 silu_mul_row(gu + r * 2 * I, h + r * I, I, 1);
-                put_row(&mid, r, h + r * I);
+                ready_row(&mid, r);
             }
 #pragma omp barrier
             bf16_expert_products(down, e, mid.gemm, hb, I, &mid.a, y, D, ith, nth);
@@ -105,7 +99,6 @@ void glm45_moe_bf16(const Weight *gate_up, const Weight *down, const uint16_t *x
                 for (; d < D; d++) o[d] = f32_to_bf16(bf16_to_f32(o[d]) + round_bf16(yr[d] * w));
             }
         }
-        free(widened);
     }
     free(xb), free(hb), free(xf), free(gu), free(h), free(y), free(xq), free(xd), free(xs);
 }

@@ -709,9 +709,7 @@ static const uint16_t *panel_rows(const Weight *w, int64_t e, int64_t n, int64_t
     if (w->fmt == FMT_BF16) return (const uint16_t *)w->data + (e * w->N + n) * K;
     for (int64_t r = 0; r < nr; r++) {
         dequant_row(w, e, n + r, f32);
-        int64_t k = 0;
-        for (; k + VL <= K; k += VL) vstore_bf16(b16 + r * K + k, vload(f32 + k));
-        for (; k < K; k++) b16[r * K + k] = f32_to_bf16(f32[k]);
+        narrow_bf16_row(f32, b16 + r * K, K);
     }
     return b16;
 }

@@ -183,12 +183,13 @@ def test_grouped_bf16_rows_of_a_bf16_model_match_the_reference(isa, pairs):
 
 
 @pytest.mark.parametrize("k", [96, 1024, 8192])  # 96: a last 32 after the steps of 64; 8192: past the stack
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 5: past the dot products' four rows, the widening path
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 5: past the dot products' four rows
 def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k, rows):
     """Activation rows of a bf16 model against fp8 weights: with AVX512-BF16 the e4m3 bytes become bf16 in registers
     once for up to four rows and go through bf16 dot products (zeros and the row's largest values included; fp8
-    subnormals, below 2^-6 of the row's unit, read as zero), else the widening path; the fp32 sums, rounded to bf16
-    once."""
+    subnormals, below 2^-6 of the row's unit, read as zero), and more rows through the GEMM with the dequantized
+    weights rounded to bf16 (as torch-side calls of that many rows); else the widening path; the fp32 sums, rounded
+    to bf16 once."""
     torch.manual_seed(k + rows)
     w = torch.randn(301, k) * 0.05
     w[:, :7] = 0.0
@@ -198,7 +199,8 @@ def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k, rows):
     got = torch.empty(rows, 301)
     lib = cpu.library()
     lib.glm45_linear(ctypes.byref(cpu.describe(packed, bias)), x.data_ptr(), rows, k, got.data_ptr(), 301, 1, 2)
-    expected = reference(x, dequantize(packed), bias)
+    gemm = rows > cpu.MAX_KERNEL_ROWS and cpu.lib_gemm_rows(lib) > 0
+    expected = reference(x, dequantize(packed).bfloat16() if gemm else dequantize(packed), bias)
     assert torch.equal(got, got.bfloat16().float())
     assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
 
@@ -281,11 +283,13 @@ def test_packed_weights_against_many_bf16_rows_take_the_gemm(isa, fmt, rows):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int4/block", "fp8"])
-def test_grouped_kernel_matches_per_expert_products(isa, fmt):
+@pytest.mark.parametrize("chosen", [[0, 0, 3, 4, 1, 3],
+                                    [2, 2, 2, 0, 2, 2, 2, 1, 2, 4, 4, 4]])  # an expert's pairs in groups of 4 and 2
+def test_grouped_kernel_matches_per_expert_products(isa, fmt, chosen):
     torch.manual_seed(1)
     stack = torch.randn(5, 40, 320) * 0.1
-    x = torch.randn(6, 320)
-    experts = torch.tensor([0, 0, 3, 4, 1, 3])
+    x = torch.randn(len(chosen), 320)
+    experts = torch.tensor(chosen)
     weight = stack.bfloat16() if fmt == "bf16" else pack(stack, fmt)
     dense = stack.bfloat16().float() if fmt == "bf16" else dequantize(weight)
     got = cpu.grouped_linear(x.bfloat16() if fmt == "bf16" else x, weight, experts).float()

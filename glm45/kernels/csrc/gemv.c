@@ -355,7 +355,8 @@ static inline __m256i q4_pair_dot(const uint8_t *row, int64_t b, int lone, const
 /* q4_pair_dot's partial sums scaled by their blocks' sx, [sx_b × 4, sx_b+1 × 4], and added to acc. */
 static inline __m256 q4_pair_fma(__m256i dot, const float *sx, __m256 acc) {
     const __m256 scale = _mm256_permutevar8x32_ps(
-        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)sx))), _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)sx))),
+        _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
 }
 
@@ -402,8 +403,9 @@ static void rows_q4_one(const Weight *w, int64_t e, int64_t n0, int64_t n1, cons
     }
 }
 /* Rows [n0, n1) of an int4 matrix against MC activation rows (a constant, see ROWS_BY_COUNT), each weight row read
- * once, its block pairs' codes shared by the rows (q4_pair_dot's order). With the row count known only at run time (the accumulators on the stack), two rows streamed the Air-shaped head
- * (151,552 × 1,024) from memory in 13.6 ms against 5.2 ms for one; this way 5.1–6.8 ms. */
+ * once, its block pairs' codes shared by the rows (q4_pair_dot's order). With the row count known only at run time
+ * (the accumulators on the stack), two rows streamed the Air-shaped head (151,552 × 1,024) from memory in 13.6 ms
+ * against 5.2 ms for one; this way 5.1–6.8 ms. */
 static inline __attribute__((always_inline)) void rows_q4_mc(const Weight *w, int64_t e, int64_t n0, int64_t n1,
                                                              const Act *a, int64_t m0, const int MC, float *y,
                                                              int64_t ldy, int round) {
@@ -466,6 +468,8 @@ WEIGHT_ROWS_BY_COUNT(rows_q4)
  * computes one, draws the same drafts. */
 #if defined(__AVX512BF16__)
 #define DP_MIN_ROWS 1
+/* cpu.MAX_KERNEL_ROWS + 1: from this many rows, torch-side calls and captured steps take packed weights to the GEMM */
+#define PACKED_GEMM_ROWS 5
 #define DP_CHUNK 16 /* weight rows that every group of activation rows passes over while they are in cache */
 #define DP_STREAM_AHEAD 4096 /* bytes ahead on one weight stream that dp_block prefetches */
 #define DP_STREAM_MIN_K 512 /* rows at least this long are read whole in turn at one or two activation rows */
@@ -870,13 +874,19 @@ static void expert_pairs_dp(const Weight *w, const int64_t *start, const int64_t
     const int64_t E = w->num_experts, K = w->K, Kp = (K + 31) / 32 * 32;
     const int64_t chunks = (w->N + DP_CHUNK - 1) / DP_CHUNK;
     int64_t total = 0;
-    for (int64_t e = 0; e < E; e++) total += (start[e + 1] - start[e] + 3) / 4 * chunks;
+    /* experts with one or two pairs take them one at a time: gathering two rows cost what sharing saved (bs=2) */
+#define PAIRS_GROUP(count) ((count) < 3 ? 1 : 4)
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t count = start[e + 1] - start[e];
+        total += (count + PAIRS_GROUP(count) - 1) / PAIRS_GROUP(count) * chunks;
+    }
     int64_t u0, u1;
     split_range(total, ith, nth, 1, &u0, &u1);
     if (u0 >= u1) return;
     uint16_t *xb = bf16_rows(a->x, a->ldx, P / per, K, Kp, NULL, 0);
     for (int64_t e = 0, offset = 0; e < E && offset < u1; e++) {
-        const int64_t count = start[e + 1] - start[e], groups = (count + 3) / 4, units = groups * chunks;
+        const int64_t count = start[e + 1] - start[e], size = PAIRS_GROUP(count);
+        const int64_t groups = (count + size - 1) / size, units = groups * chunks;
         const int64_t first = u0 > offset ? u0 : offset, stop = u1 < offset + units ? u1 : offset + units;
         const uint16_t *W = (const uint16_t *)w->data + e * w->N * K;
         for (int64_t u = first; u < stop; u++) {
@@ -952,6 +962,15 @@ void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const 
         rows_fp8_dp(w, expert, n0, n1, a, m0, mc, y, ldy, round);
         return;
     }
+    if (w->fmt != FMT_BF16 && w->fmt != FMT_F32 && round && mc >= PACKED_GEMM_ROWS && w->K % 2 == 0) {
+        /* packed weights against many rows of a bf16 model (a batch of decodes): each panel dequantized to bf16
+         * as it is packed, as torch-side calls of that many rows take them (`cpu.linear`), so a captured step and
+         * the eager path multiply alike; the integer dots, four activation rows a pass, decoded every block's
+         * scales again for each pass (64 requests of 128 tokens in int4, one round each: the Air shape 277 →
+         * 328 tok/s, `small` 1,314 → 1,384) */
+        rows_bf16_gemm(w, expert, n0, n1, a, m0, mc, y, ldy, round);
+        return;
+    }
 #endif
     const int64_t tile = mc > 4 ? 8 : n1 - n0;
     for (int64_t t0 = n0; t0 < n1; t0 += tile) {
@@ -972,6 +991,60 @@ void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const 
             }
         }
     }
+}
+
+/* expert_pairs for int8/int4 weights: an expert's pairs go up to 4 at a time (from 3 pairs on), their int8 activation
+ * rows gathered, so a chunk's codes are unpacked and its scales decoded once for up to 4 pairs (a batch of decodes, where many rows
+ * choose each expert); units are (expert, chunk, group of ≤ 4 pairs), chunk-major within an expert. (64 requests
+ * of 128 tokens in int4, one round each: the Air shape 328 → 392 tok/s, `small` 1,384 → 1,571.) */
+static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_t *order, int64_t per, const Act *a,
+                             float *y, int64_t ldy, int64_t chunk, int ith, int nth, int round) {
+    const int64_t E = w->num_experts, chunks = (w->N + chunk - 1) / chunk, xnb = a->K / QBLOCK;
+    int64_t total = 0;
+    /* experts with one or two pairs take them one at a time: gathering two rows cost what sharing saved (bs=2) */
+#define PAIRS_GROUP(count) ((count) < 3 ? 1 : 4)
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t count = start[e + 1] - start[e];
+        total += (count + PAIRS_GROUP(count) - 1) / PAIRS_GROUP(count) * chunks;
+    }
+    int64_t u0, u1;
+    split_range(total, ith, nth, 1, &u0, &u1);
+    int8_t *gq = malloc(4 * a->K);
+    float *gd = malloc(8 * xnb * sizeof(float)), *gy = malloc(4 * w->N * sizeof(float));
+    Act g = {a->x, 4, a->K, a->ldx, gq, gd, gd + 4 * xnb};
+    for (int64_t e = 0, offset = 0; e < E && offset < u1; e++) {
+        const int64_t count = start[e + 1] - start[e], size = PAIRS_GROUP(count);
+        const int64_t groups = (count + size - 1) / size, units = groups * chunks;
+        const int64_t first = u0 > offset ? u0 : offset, stop = u1 < offset + units ? u1 : offset + units;
+        for (int64_t u = first; u < stop; u++) {
+            const int64_t c = (u - offset) / groups, g0 = (u - offset) % groups * size;
+            const int64_t n0 = c * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
+            const int64_t gc = count - g0 < size ? count - g0 : size;
+            const int64_t *pairs = order + start[e] + g0;
+            if (gc == 1) { /* weight_rows writes row `row` of its output: point it at the pair's row */
+                Act one = *a;
+                const int64_t row = pairs[0] / per;
+                one.M = row + 1;
+                weight_rows(w, e, n0, n1, &one, row, 1, y + (pairs[0] - row) * ldy, ldy, round);
+                continue;
+            }
+            for (int64_t j = 0; j < gc; j++) {
+                const int64_t row = pairs[j] / per;
+                memcpy(gq + j * a->K, a->xq + row * a->K, a->K);
+                memcpy(gd + j * xnb, a->xd + row * xnb, xnb * sizeof(float));
+                memcpy(gd + (4 + j) * xnb, a->xs + row * xnb, xnb * sizeof(float));
+            }
+            g.M = gc;
+            weight_rows(w, e, n0, n1, &g, 0, gc, gy, w->N, round);
+            for (int64_t j = 0; j < gc; j++)
+                memcpy(y + pairs[j] * ldy + n0, gy + j * w->N + n0, (n1 - n0) * sizeof(float));
+        }
+        offset += units;
+    }
+    free(gq);
+    free(gd);
+    free(gy);
+#undef PAIRS_GROUP
 }
 
 /* The expert GEMVs of P (row, expert) pairs, thread ith's share: y[p] = W[experts[p]] · x[p / per] (per > 1 when
@@ -999,6 +1072,13 @@ void expert_pairs(const Weight *w, const int64_t *experts, int64_t P, int64_t pe
         return;
     }
 #endif
+    if ((w->fmt == FMT_Q8 || w->fmt == FMT_Q4) && P / per > 1) {
+        expert_pairs_int(w, start, order, per, a, y, ldy, chunk, ith, nth, round);
+        free(start);
+        free(cursor);
+        free(order);
+        return;
+    }
     Act one = *a;
     int64_t u0, u1;
     split_range(P * chunks, ith, nth, 1, &u0, &u1);
@@ -1051,16 +1131,21 @@ void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out) {
         }
         break;
     }
-    case FMT_Q4: {
+    case FMT_Q4: { /* d · q + m, a vector of 8 codes at a time (byte j: element j low, element j + 16 high) */
         const uint8_t *row = (const uint8_t *)w->data + r * (K / 2);
+        const __m128i low = _mm_set1_epi8(0x0f);
         for (int64_t b = 0; b < nb; b++) {
             float db, mb;
             q4_block(w, r, b, &db, &mb);
-            for (int j = 0; j < QBLOCK / 2; j++) {
-                uint8_t byte = row[b * (QBLOCK / 2) + j];
-                out[b * QBLOCK + j] = db * (byte & 0x0f) + mb;
-                out[b * QBLOCK + j + QBLOCK / 2] = db * (byte >> 4) + mb;
-            }
+            const __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
+            const __m128i codes[2] = {_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low)};
+            const __m256 d = _mm256_set1_ps(db), m = _mm256_set1_ps(mb);
+            for (int h = 0; h < 2; h++)
+                for (int q = 0; q < 2; q++) {
+                    const __m128i eight = q ? _mm_srli_si128(codes[h], 8) : codes[h];
+                    _mm256_storeu_ps(out + b * QBLOCK + h * 16 + q * 8,
+                                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), d, m));
+                }
         }
         break;
     }

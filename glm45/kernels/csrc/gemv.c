@@ -874,19 +874,13 @@ static void expert_pairs_dp(const Weight *w, const int64_t *start, const int64_t
     const int64_t E = w->num_experts, K = w->K, Kp = (K + 31) / 32 * 32;
     const int64_t chunks = (w->N + DP_CHUNK - 1) / DP_CHUNK;
     int64_t total = 0;
-    /* experts with one or two pairs take them one at a time: gathering two rows cost what sharing saved (bs=2) */
-#define PAIRS_GROUP(count) ((count) < 3 ? 1 : 4)
-    for (int64_t e = 0; e < E; e++) {
-        const int64_t count = start[e + 1] - start[e];
-        total += (count + PAIRS_GROUP(count) - 1) / PAIRS_GROUP(count) * chunks;
-    }
+    for (int64_t e = 0; e < E; e++) total += (start[e + 1] - start[e] + 3) / 4 * chunks;
     int64_t u0, u1;
     split_range(total, ith, nth, 1, &u0, &u1);
     if (u0 >= u1) return;
     uint16_t *xb = bf16_rows(a->x, a->ldx, P / per, K, Kp, NULL, 0);
     for (int64_t e = 0, offset = 0; e < E && offset < u1; e++) {
-        const int64_t count = start[e + 1] - start[e], size = PAIRS_GROUP(count);
-        const int64_t groups = (count + size - 1) / size, units = groups * chunks;
+        const int64_t count = start[e + 1] - start[e], groups = (count + 3) / 4, units = groups * chunks;
         const int64_t first = u0 > offset ? u0 : offset, stop = u1 < offset + units ? u1 : offset + units;
         const uint16_t *W = (const uint16_t *)w->data + e * w->N * K;
         for (int64_t u = first; u < stop; u++) {

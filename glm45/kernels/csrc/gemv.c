@@ -988,9 +988,9 @@ void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const 
 }
 
 /* expert_pairs for int8/int4 weights: an expert's pairs go up to 4 at a time (from 3 pairs on), their int8 activation
- * rows gathered, so a chunk's codes are unpacked and its scales decoded once for up to 4 pairs (a batch of decodes, where many rows
- * choose each expert); units are (expert, chunk, group of ≤ 4 pairs), chunk-major within an expert. (64 requests
- * of 128 tokens in int4, one round each: the Air shape 328 → 392 tok/s, `small` 1,384 → 1,571.) */
+ * rows gathered, so a chunk's codes are unpacked and its scales decoded once for up to 4 pairs (a batch of decodes,
+ * where many rows choose each expert); units are (expert, chunk, group of ≤ 4 pairs), chunk-major within an expert.
+ * (64 requests of 128 tokens in int4, one round each: the Air shape 328 → 392 tok/s, `small` 1,384 → 1,571.) */
 static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_t *order, int64_t per, const Act *a,
                              float *y, int64_t ldy, int64_t chunk, int ith, int nth, int round) {
     const int64_t E = w->num_experts, chunks = (w->N + chunk - 1) / chunk, xnb = a->K / QBLOCK;
@@ -1044,7 +1044,7 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
 /* The expert GEMVs of P (row, expert) pairs, thread ith's share: y[p] = W[experts[p]] · x[p / per] (per > 1 when
  * several pairs read one input row, as the routed experts' gate/up do). Pairs are taken expert by expert, and for
  * each chunk of an expert's matrix (16 rows; 64 of rows shorter than 512, where a call's own cost weighed: the
- * Air-shaped int4 down projection, 4 blocks a row, 0.74× the time with the masked scale tails below, in one process
+ * Air-shaped int4 down projection, 4 blocks a row, 0.74× the time with q4_decode_span's masked tails, in one process
  * alternating) every pair routed to that expert runs while the chunk is in cache, so an expert's weights leave
  * memory once per call however many rows chose it. The work units (expert, chunk, pair) are
  * split evenly over the threads; every thread orders the pairs itself (a counting sort of a few hundred ids). */

@@ -1048,6 +1048,16 @@ void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const 
     }
 }
 
+/* Weight rows [n0, n1) of expert e against pair p's input row (p / per), into pair p's output row. */
+static void pair_rows(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t p, int64_t per,
+                      float *y, int64_t ldy, int round) {
+    Act one = *a;
+    const int64_t row = p / per;
+    one.M = row + 1;
+    /* weight_rows writes row `row` of its output: point it at pair p's row */
+    weight_rows(w, e, n0, n1, &one, row, 1, y + (p - row) * ldy, ldy, round);
+}
+
 /* expert_pairs for int8/int4 weights: an expert's pairs go up to 4 at a time (from 3 pairs on), their int8 activation
  * rows gathered, so a chunk's codes are unpacked and its scales decoded once for up to 4 pairs (a batch of decodes,
  * where many rows choose each expert); units are (expert, chunk, group of ≤ 4 pairs), chunk-major within an expert.
@@ -1076,11 +1086,8 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
             const int64_t n0 = c * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
             const int64_t gc = count - g0 < size ? count - g0 : size;
             const int64_t *pairs = order + start[e] + g0;
-            if (gc == 1) { /* weight_rows writes row `row` of its output: point it at the pair's row */
-                Act one = *a;
-                const int64_t row = pairs[0] / per;
-                one.M = row + 1;
-                weight_rows(w, e, n0, n1, &one, row, 1, y + (pairs[0] - row) * ldy, ldy, round);
+            if (gc == 1) {
+                pair_rows(w, e, n0, n1, a, pairs[0], per, y, ldy, round);
                 continue;
             }
             for (int64_t j = 0; j < gc; j++) {
@@ -1134,18 +1141,15 @@ void expert_pairs(const Weight *w, const int64_t *experts, int64_t P, int64_t pe
         free(order);
         return;
     }
-    Act one = *a;
     int64_t u0, u1;
     split_range(P * chunks, ith, nth, 1, &u0, &u1);
     for (int64_t e = 0, offset = 0; e < E && offset < u1; e++) {
         const int64_t count = start[e + 1] - start[e], units = count * chunks;
         const int64_t first = u0 > offset ? u0 : offset, stop = u1 < offset + units ? u1 : offset + units;
         for (int64_t u = first; u < stop; u++) {
-            const int64_t c = (u - offset) / count, p = order[start[e] + (u - offset) % count], row = p / per;
+            const int64_t c = (u - offset) / count, p = order[start[e] + (u - offset) % count];
             const int64_t n0 = c * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
-            one.M = row + 1;
-            /* weight_rows writes row `row` of its output: point it at pair p's row */
-            weight_rows(w, e, n0, n1, &one, row, 1, y + (p - row) * ldy, ldy, round);
+            pair_rows(w, e, n0, n1, a, p, per, y, ldy, round);
         }
         offset += units;
     }

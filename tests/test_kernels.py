@@ -552,6 +552,34 @@ def test_host_sampler_matches_the_tensor_path_on_each_isa(isa, monkeypatch):
     assert torch.equal(results[True][1], results[False][1])
 
 
+@needs_kernel
+def test_captured_argmax_is_numpys_first_maximum(isa):
+    """The captured step's greedy choice (csrc/program.c, argmax_row: sixteen lanes, then a scalar tail) against
+    numpy's argmax: the first maximum wherever it lies (lane, tail, ties across lanes and with the tail), a NaN as
+    the maximum, -inf rows, rows shorter than a vector."""
+    lib = cpu.library()
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for vocab in (1, 5, 15, 16, 17, 31, 33, 3072, 5003, 151552):
+        x = torch.randn(12, vocab, generator=generator)
+        x[1] = float("-inf")
+        x[2] = 0.0                                   # a tie everywhere: index 0
+        x[3, vocab // 2:] = 9.0                      # ties from the middle on
+        x[4, -1] = 9.0                               # the last element (the tail when vocab % 16)
+        x[5, [vocab // 3, vocab - 1]] = 9.0          # a tie between a lane and the tail
+        x[6, vocab // 2] = float("nan")
+        x[7, [vocab // 4, vocab - 1]] = float("nan")  # the first NaN counts
+        x[8, :] = -0.0
+        x[8, vocab // 2] = 0.0                       # -0.0 == 0.0: index 0
+        x[9, vocab // 3] = float("inf")
+        x[10] = x[10].round()                        # many ties among the lanes
+        rows.append(x)
+    for x in rows:
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        lib.glm45_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.shape[1], out.data_ptr())
+        assert out.tolist() == x.numpy().argmax(-1).tolist(), x.shape[1]
+
+
 def run_qk_rope(qkv, q_norm, k_norm, positions, rotary_dim, kv_heads, dim, rounding, fills, kv_dtype):
     """The captured step's QK-norm + RoPE + cache write (op_qk_rope) as `len(fills)` ops in one program, op i on
     its own copy of `qkv` and caches, those with `fills[i]` filling the cos/sin table: the copies and the caches."""

@@ -154,6 +154,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     lib.glm45_causal_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.glm45_sample.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
     lib.glm45_draw.argtypes = [p, i64, i64, i64, p, p]
+    lib.glm45_argmax_rows.argtypes = [p, i64, i64, i64, p]
     lib.glm45_rms_norm_bf16.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, i64, i32]
     lib.glm45_isa.restype = ctypes.c_char_p
     lib.glm45_gemm_min_rows.restype = i64

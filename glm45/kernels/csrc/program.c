@@ -669,31 +669,60 @@ static void op_lora(const Op *op, int ith, int nth, int round) {
 
 /* A row's first maximum; a NaN counts as the maximum, as in torch and numpy. */
 static int64_t argmax_row(const float *x, int64_t V) {
-    /* Eight independent lanes (vectorised) find the maximum and whether any value is NaN; a second pass finds
-     * the first index holding it. */
-    float lane[8];
-    int nan[8] = {0};
-    for (int j = 0; j < 8; j++) lane[j] = x[0];
-    int64_t i = 0;
-    for (; i + 8 <= V; i += 8)
-        for (int j = 0; j < 8; j++) {
-            const float v = x[i + j];
-            lane[j] = v > lane[j] ? v : lane[j];
-            nan[j] |= v != v;
-        }
-    float m = lane[0];
+    /* One pass: sixteen lanes (two vectors) each keep their largest value and the first index holding it (a
+     * strictly greater value replaces it), and whether they saw a NaN; the lanes' winner is the largest value at
+     * the smallest index, and the scalar tail's indices come after every lane's. */
+    float m = x[0];
+    int64_t at = 0, i = 0;
     int any_nan = 0;
-    for (int j = 0; j < 8; j++) {
-        m = lane[j] > m ? lane[j] : m;
-        any_nan |= nan[j];
+    if (V >= 16) {
+        __m256 best0 = _mm256_loadu_ps(x), best1 = _mm256_loadu_ps(x + 8);
+        __m256i idx0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(8));
+        __m256i at0 = idx0, at1 = idx1;
+        __m256 nan = _mm256_or_ps(_mm256_cmp_ps(best0, best0, _CMP_UNORD_Q), _mm256_cmp_ps(best1, best1, _CMP_UNORD_Q));
+        const __m256i step = _mm256_set1_epi32(16);
+        for (i = 16; i + 16 <= V; i += 16) {
+            const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+            idx0 = _mm256_add_epi32(idx0, step);
+            idx1 = _mm256_add_epi32(idx1, step);
+            const __m256 gt0 = _mm256_cmp_ps(v0, best0, _CMP_GT_OQ), gt1 = _mm256_cmp_ps(v1, best1, _CMP_GT_OQ);
+            best0 = _mm256_blendv_ps(best0, v0, gt0);
+            best1 = _mm256_blendv_ps(best1, v1, gt1);
+            at0 = _mm256_blendv_epi8(at0, idx0, _mm256_castps_si256(gt0));
+            at1 = _mm256_blendv_epi8(at1, idx1, _mm256_castps_si256(gt1));
+            nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q), _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)));
+        }
+        float lane[16];
+        int32_t lane_at[16];
+        _mm256_storeu_ps(lane, best0);
+        _mm256_storeu_ps(lane + 8, best1);
+        _mm256_storeu_si256((__m256i *)lane_at, at0);
+        _mm256_storeu_si256((__m256i *)(lane_at + 8), at1);
+        m = lane[0];
+        at = lane_at[0];
+        for (int j = 1; j < 16; j++)
+            if (lane[j] > m || (lane[j] == m && lane_at[j] < at)) {
+                m = lane[j];
+                at = lane_at[j];
+            }
+        any_nan = _mm256_movemask_ps(nan) != 0;
     }
     for (; i < V; i++) {
-        m = x[i] > m ? x[i] : m;
+        if (x[i] > m) {
+            m = x[i];
+            at = i;
+        }
         any_nan |= x[i] != x[i];
     }
-    for (int64_t k = 0; k < V; k++)
-        if (any_nan ? x[k] != x[k] : x[k] == m) return k;
-    return 0;
+    if (any_nan)
+        for (int64_t k = 0; k < V; k++)
+            if (x[k] != x[k]) return k;
+    return at;
+}
+
+/* Each of R rows' argmax (argmax_row), for the tests. */
+void glm45_argmax_rows(const float *x, int64_t R, int64_t V, int64_t ld, int64_t *out) {
+    for (int64_t r = 0; r < R; r++) out[r] = argmax_row(x + r * ld, V);
 }
 
 /* MTP with one draft token, rows [x_n, d] per sequence s (rows 2s, 2s + 1), verified as Python's

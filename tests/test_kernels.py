@@ -297,6 +297,27 @@ def test_grouped_kernel_matches_per_expert_products(isa, fmt, chosen):
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4/block"])
+@pytest.mark.parametrize("k", [320, 1024])  # chunks of 64 weight rows below 512 inputs, of 16 from there
+def test_a_bf16_models_int_experts_that_many_rows_chose_match_bf16_products(isa, fmt, k):
+    """Grouped int8/int4 experts against a bf16 model's rows (a batch of decodes): an expert that PACKED_GEMM_ROWS (5)
+    pairs or more chose is dequantized a chunk at a time and multiplied in bf16 dot products on AVX512-BF16 builds —
+    the dequantized weights rounded to bf16 times the rows, to bf16 rounding; the other experts' pairs (integer dots,
+    the activations quantized to int8 per block) and other builds within the integer dots' tolerance."""
+    torch.manual_seed(k)
+    chosen = [2, 2, 2, 0, 2, 2, 2, 1, 2, 4, 4, 4, 4, 4, 3, 2, 2, 2, 2, 2, 2, 2]  # 7 + 9 pairs on 2, 5 on 4
+    packed = pack(torch.randn(5, 150, k) * 0.05, fmt)  # a partial last chunk
+    x = torch.randn(len(chosen), k).bfloat16()
+    got = cpu.grouped_linear(x, packed, torch.tensor(chosen)).float()
+    dense = dequantize(packed).bfloat16()
+    expected = torch.stack([reference(x[r:r + 1], dense[e])[0] for r, e in enumerate(chosen)])
+    whole = torch.tensor([chosen.count(e) >= 5 for e in chosen])
+    bf16_products = cpu.library().glm45_isa().decode() == "avx512" and cpu.lib_gemm_rows(cpu.library()) > 0
+    if bf16_products:
+        assert torch.allclose(got[whole], expected[whole], rtol=2**-7, atol=1e-5 * expected.abs().max().item())
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int4/block", "fp8"])
 def test_dequantize_kernel_equals_the_reference(isa, fmt):
     torch.manual_seed(2)

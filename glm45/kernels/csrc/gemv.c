@@ -803,16 +803,53 @@ static void gemm_panel(const uint32_t *panel, int64_t pairs, const uint16_t *x, 
 }
 #undef GEMM_TILE
 
+/* Row n of expert e of a packed matrix, dequantized and rounded to bf16 (ties to even), as dequant_row then
+ * narrow_bf16_row give it: int8 and int4 a block of 32 at a time straight to bf16 (one conversion of two fp32
+ * vectors), the others through fp32 (`f32`, K values). */
+static void dequant_row_bf16(const Weight *w, int64_t e, int64_t n, float *f32, uint16_t *out) {
+    const int64_t K = w->K, nb = K / QBLOCK, r = e * w->N + n;
+    if (w->fmt == FMT_Q8) {
+        const int8_t *row = (const int8_t *)w->data + r * K;
+        const uint16_t *d = (const uint16_t *)w->scale + r * nb;
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 scale = _mm512_set1_ps(fp16_to_f32(d[b]));
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(row + b * QBLOCK));
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+            _mm512_storeu_si512(out + b * QBLOCK,
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, scale), _mm512_mul_ps(lo, scale)));
+        }
+        return;
+    }
+    if (w->fmt == FMT_Q4) { /* byte j of a block: element j in its low nibble, element j + 16 in its high one */
+        const uint8_t *row = (const uint8_t *)w->data + r * (K / 2);
+        const __m128i low = _mm_set1_epi8(0x0f);
+        float ds[Q4_SPAN], ms[Q4_SPAN];
+        for (int64_t s0 = 0; s0 < nb; s0 += Q4_SPAN) {
+            const int64_t s1 = s0 + Q4_SPAN < nb ? s0 + Q4_SPAN : nb;
+            q4_decode_span(w, r, s0, s1, ds, ms);
+            for (int64_t b = s0; b < s1; b++) {
+                const __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
+                const __m512 d = _mm512_set1_ps(ds[b - s0]), m = _mm512_set1_ps(ms[b - s0]);
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(packed, low)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), low)));
+                _mm512_storeu_si512(out + b * QBLOCK,
+                                    (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, d, m), _mm512_fmadd_ps(lo, d, m)));
+            }
+        }
+        return;
+    }
+    dequant_row(w, e, n, f32);
+    narrow_bf16_row(f32, out, K);
+}
+
 /* Rows [n, n + nr) of expert e's matrix as bf16 (row stride K), to be packed into a panel: a bf16 matrix's own, or
- * packed (int8, int4, fp8) weights dequantized through fp32 (`f32`, K values) into `b16` and rounded to bf16, as the
- * torch route that multiplies them in bf16 rounds them. */
+ * packed (int8, int4, fp8) weights dequantized into `b16` and rounded to bf16 (dequant_row_bf16), as the torch route
+ * that multiplies them in bf16 rounds them. */
 static const uint16_t *panel_rows(const Weight *w, int64_t e, int64_t n, int64_t nr, float *f32, uint16_t *b16) {
     const int64_t K = w->K;
     if (w->fmt == FMT_BF16) return (const uint16_t *)w->data + (e * w->N + n) * K;
-    for (int64_t r = 0; r < nr; r++) {
-        dequant_row(w, e, n + r, f32);
-        narrow_bf16_row(f32, b16 + r * K, K);
-    }
+    for (int64_t r = 0; r < nr; r++) dequant_row_bf16(w, e, n + r, f32, b16 + r * K);
     return b16;
 }
 
@@ -1061,13 +1098,22 @@ static void pair_rows(const Weight *w, int64_t e, int64_t n0, int64_t n1, const 
 /* expert_pairs for int8/int4 weights: an expert's pairs go up to 4 at a time (from 3 pairs on), their int8 activation
  * rows gathered, so a chunk's codes are unpacked and its scales decoded once for up to 4 pairs (a batch of decodes,
  * where many rows choose each expert); units are (expert, chunk, group of ≤ 4 pairs), chunk-major within an expert.
- * (64 requests of 128 tokens in int4, one round each: the Air shape 328 → 392 tok/s, `small` 1,384 → 1,571.) */
-static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_t *order, int64_t per, const Act *a,
-                             float *y, int64_t ldy, int64_t chunk, int ith, int nth, int round) {
+ * (64 requests of 128 tokens in int4, one round each: the Air shape 328 → 392 tok/s, `small` 1,384 → 1,571.)
+ * In a bf16 model's step an expert that PACKED_GEMM_ROWS pairs or more chose is one unit per chunk instead: the
+ * chunk dequantized to bf16 once, then bf16 dot products four pairs a pass (dp_rows), as a plain matrix against
+ * that many rows takes the GEMM: the integer dots cost about twice the bf16 ones a product, and their passes
+ * decoded the chunk's scales again for every four pairs. */
+static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_t *order, int64_t P, int64_t per,
+                             const Act *a, float *y, int64_t ldy, int64_t chunk, int ith, int nth, int round) {
     const int64_t E = w->num_experts, chunks = (w->N + chunk - 1) / chunk, xnb = a->K / QBLOCK;
     int64_t total = 0;
+#if defined(__AVX512BF16__)
+    const int64_t whole_from = round && !w->bias ? PACKED_GEMM_ROWS : INT64_MAX;
+#else
+    const int64_t whole_from = INT64_MAX;
+#endif
     /* experts with one or two pairs take them one at a time: gathering two rows cost what sharing saved (bs=2) */
-#define PAIRS_GROUP(count) ((count) < 3 ? 1 : 4)
+#define PAIRS_GROUP(count) ((count) >= whole_from ? (count) : (count) < 3 ? 1 : 4)
     for (int64_t e = 0; e < E; e++) {
         const int64_t count = start[e + 1] - start[e];
         total += (count + PAIRS_GROUP(count) - 1) / PAIRS_GROUP(count) * chunks;
@@ -1077,6 +1123,11 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
     int8_t *gq = malloc(4 * a->K);
     float *gd = malloc(8 * xnb * sizeof(float)), *gy = malloc(4 * w->N * sizeof(float));
     Act g = {a->x, 4, a->K, a->ldx, gq, gd, gd + 4 * xnb};
+#if defined(__AVX512BF16__)
+    const int64_t K = w->K, Kp = (K + 31) / 32 * 32;
+    uint16_t *xb = NULL, *chunk_b16 = NULL; /* made at this thread's first whole-expert unit */
+    float *row_f32 = NULL;
+#endif
     for (int64_t e = 0, offset = 0; e < E && offset < u1; e++) {
         const int64_t count = start[e + 1] - start[e], size = PAIRS_GROUP(count);
         const int64_t groups = (count + size - 1) / size, units = groups * chunks;
@@ -1086,6 +1137,29 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
             const int64_t n0 = c * chunk, n1 = n0 + chunk < w->N ? n0 + chunk : w->N;
             const int64_t gc = count - g0 < size ? count - g0 : size;
             const int64_t *pairs = order + start[e] + g0;
+#if defined(__AVX512BF16__)
+            if (count >= whole_from) {
+                if (!xb) {
+                    xb = bf16_rows(a->x, a->ldx, P / per, K, Kp, NULL, 0);
+                    chunk_b16 = malloc(chunk * K * sizeof(uint16_t));
+                    row_f32 = malloc(K * sizeof(float));
+                }
+                /* rows [n0, n1) at rows [0, n1 - n0) of chunk_b16: the outputs shifted to match (no bias here) */
+                for (int64_t n = n0; n < n1; n++) dequant_row_bf16(w, e, n, row_f32, chunk_b16 + (n - n0) * K);
+                for (int64_t j = 0; j < gc; j += 4) {
+                    const int mc = gc - j < 4 ? (int)(gc - j) : 4;
+                    const uint16_t *xr[4];
+                    float *yr[4];
+                    for (int i = 0; i < 4; i++) {
+                        const int64_t p = pairs[j + (i < mc ? i : 0)];
+                        xr[i] = xb + (p / per) * Kp;
+                        yr[i] = y + p * ldy + n0;
+                    }
+                    dp_rows(w, chunk_b16, 0, n1 - n0, xr, mc, yr, round);
+                }
+                continue;
+            }
+#endif
             if (gc == 1) {
                 pair_rows(w, e, n0, n1, a, pairs[0], per, y, ldy, round);
                 continue;
@@ -1106,6 +1180,11 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
     free(gq);
     free(gd);
     free(gy);
+#if defined(__AVX512BF16__)
+    free(xb);
+    free(chunk_b16);
+    free(row_f32);
+#endif
 #undef PAIRS_GROUP
 }
 
@@ -1135,7 +1214,7 @@ void expert_pairs(const Weight *w, const int64_t *experts, int64_t P, int64_t pe
     }
 #endif
     if ((w->fmt == FMT_Q8 || w->fmt == FMT_Q4) && P / per > 1) {
-        expert_pairs_int(w, start, order, per, a, y, ldy, chunk, ith, nth, round);
+        expert_pairs_int(w, start, order, P, per, a, y, ldy, chunk, ith, nth, round);
         free(start);
         free(cursor);
         free(order);

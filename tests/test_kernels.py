@@ -206,6 +206,29 @@ def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k, rows):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int4/block", "fp8"])
+@pytest.mark.parametrize("rows", [5, 9, 31, 32])  # bf16 dot products below 32 rows, the GEMM from 32
+@pytest.mark.parametrize("k", [352, 1024])
+def test_packed_weights_against_a_batch_of_bf16_rows_match_bf16_products(isa, fmt, rows, k):
+    """The captured step's packed projections against five rows or more of a bf16 model (a batch of decodes): on
+    AVX512-BF16 builds the weights dequantized to bf16 (16 rows at a time below 32 activation rows, a GEMM panel at a
+    time from 32) times the rows, the bias added to the fp32 sums, rounded to bf16 once; elsewhere the integer dots."""
+    torch.manual_seed(rows + k)
+    packed = pack(torch.randn(301, k) * 0.05, fmt)  # 301: a last chunk of 13 rows
+    x = torch.randn(rows, k).bfloat16().float()
+    bias = torch.randn(301)
+    got = torch.empty(rows, 301)
+    lib = cpu.library()
+    lib.glm45_linear(ctypes.byref(cpu.describe(packed, bias)), x.data_ptr(), rows, k, got.data_ptr(), 301, 1, 2)
+    assert torch.equal(got, got.bfloat16().float())
+    if cpu.lib_gemm_rows(lib) > 0:
+        expected = reference(x, dequantize(packed).bfloat16(), bias)
+        assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
+    else:
+        expected = reference(x, dequantize(packed), bias)
+        assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4/block", "fp8"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
 @pytest.mark.parametrize("k", [256, 352])  # int4: whole super-blocks of 8 blocks, and a last one of 3
 @pytest.mark.parametrize("n", [130, 131])  # one activation row takes int4 weight rows in pairs: an odd last one

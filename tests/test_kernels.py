@@ -357,6 +357,9 @@ def test_fp8_block_scales_match_the_reference(isa):
     packed = fp8_block_weight(data, torch.rand(2, 3) + 0.5)
     x = torch.randn(2, 300)
     torch.testing.assert_close(cpu.linear(x, packed), x @ dequantize(packed).t(), rtol=1e-4, atol=1e-3)
+    # the kernels' dequantization (a vector at a time within each block of 128 inputs, a partial last block of 44):
+    # the reference's one product per weight, exactly
+    assert torch.equal(cpu.dequantize_rows(packed, 0, 120, 140), dequantize(packed)[120:140])
 
 
 def test_upcast_path_for_many_rows_matches_float32():

@@ -1291,8 +1291,16 @@ void dequant_row(const Weight *w, int64_t expert, int64_t n, float *out) {
             for (; k < K; k++) out[k] = fp8_to_f32(row[k]) * scale[r];
             break;
         }
-        for (int64_t k = 0; k < K; k++)
-            out[k] = fp8_to_f32(row[k]) * scale[(expert * ((w->N + B - 1) / B) + n / B) * ((K + B - 1) / B) + k / B];
+        /* square blocks: one scale over each B inputs of the row, a vector at a time within a block */
+        const float *block_scale = scale + (expert * ((w->N + B - 1) / B) + n / B) * ((K + B - 1) / B);
+        for (int64_t k0 = 0; k0 < K; k0 += B) {
+            const int64_t k1 = k0 + B < K ? k0 + B : K;
+            const float s = block_scale[k0 / B];
+            int64_t k = k0;
+            for (; k + VL <= k1; k += VL)
+                vstore(out + k, vmul(vmul(vload_fp8(row + k), vset1(FP8_RESCALE)), vset1(s)));
+            for (; k < k1; k++) out[k] = fp8_to_f32(row[k]) * s;
+        }
         break;
     }
     case FMT_Q8: {

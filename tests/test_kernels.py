@@ -184,16 +184,24 @@ def test_grouped_bf16_rows_of_a_bf16_model_match_the_reference(isa, pairs):
 
 @pytest.mark.parametrize("k", [96, 1024, 8192])  # 96: a last 32 after the steps of 64; 8192: past the stack
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 5: past the dot products' four rows
-def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k, rows):
+@pytest.mark.parametrize("scales", ["row", "block"])  # block: 128 × 128 squares, as the FP8 releases
+def test_fp8_rows_of_a_bf16_model_match_the_dequantized_reference(isa, k, rows, scales):
     """Activation rows of a bf16 model against fp8 weights: with AVX512-BF16 the e4m3 bytes become bf16 in registers
     once for up to four rows and go through bf16 dot products (zeros and the row's largest values included; fp8
-    subnormals, below 2^-6 of the row's unit, read as zero), and more rows through the GEMM with the dequantized
-    weights rounded to bf16 (as torch-side calls of that many rows); else the widening path; the fp32 sums, rounded
-    to bf16 once."""
+    subnormals, below 2^-6 of the row's unit, read as zero; block scales applied to each block's sums), and more rows
+    dequantized to bf16 (as torch-side calls of that many rows round them); else the widening path; the fp32 sums,
+    rounded to bf16 once."""
+    from glm45.quant.packed import fp8_block_weight
+
     torch.manual_seed(k + rows)
-    w = torch.randn(301, k) * 0.05
-    w[:, :7] = 0.0
-    packed = quantize(w, "fp8")
+    if scales == "block":
+        data = (torch.randn(301, k) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        data[:, :7] = 0.0
+        packed = fp8_block_weight(data, (torch.rand(3, (k + 127) // 128) + 0.5) * 1e-3)
+    else:
+        w = torch.randn(301, k) * 0.05
+        w[:, :7] = 0.0
+        packed = quantize(w, "fp8")
     x = torch.randn(rows, k).bfloat16().float()
     bias = torch.randn(301)
     got = torch.empty(rows, 301)

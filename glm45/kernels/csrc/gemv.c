@@ -961,7 +961,36 @@ static inline __attribute__((always_inline)) void rows_fp8_dp_mc(const Weight *w
     uint16_t *xb = bf16_rows(a->x + m0 * a->ldx, a->ldx, MC, K, K, stack, 16384);
     const uint8_t *base = (const uint8_t *)w->data + e * w->N * K;
     const float *scale = (const float *)w->scale + e * w->N;
-    for (int64_t n = n0; n < n1; n++) {
+    const int64_t B = w->fp8_block;
+    for (int64_t n = n0; n < n1 && B; n++) { /* square blocks of scales: each block's sums scaled as vectors */
+        const uint8_t *row = base + n * K;
+        const float *block_scale = (const float *)w->scale + (e * ((w->N + B - 1) / B) + n / B) * ((K + B - 1) / B);
+        prefetch_ahead(row, K);
+        __m512 total[4];
+        for (int m = 0; m < MC; m++) total[m] = _mm512_setzero_ps();
+        for (int64_t k0 = 0; k0 < K; k0 += B) {
+            const int64_t k1 = k0 + B < K ? k0 + B : K;
+            __m512 even[4], odd[4];
+            for (int m = 0; m < MC; m++) even[m] = odd[m] = _mm512_setzero_ps();
+            int64_t k = k0;
+            for (; k + 64 <= k1; k += 64) {
+                const __m512bh w0 = fp8_as_bf16(row + k), w1 = fp8_as_bf16(row + k + 32);
+                for (int m = 0; m < MC; m++) {
+                    even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
+                    odd[m] = _mm512_dpbf16_ps(odd[m], w1, (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32));
+                }
+            }
+            if (k < k1) { /* the block's last 32 (B and K are multiples of 32) */
+                const __m512bh w0 = fp8_as_bf16(row + k);
+                for (int m = 0; m < MC; m++)
+                    even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
+            }
+            const __m512 s = _mm512_set1_ps(block_scale[k0 / B]);
+            for (int m = 0; m < MC; m++) total[m] = _mm512_fmadd_ps(_mm512_add_ps(even[m], odd[m]), s, total[m]);
+        }
+        for (int m = 0; m < MC; m++) y[(m0 + m) * ldy + n] = finish(_mm512_reduce_add_ps(total[m]), w, n, round);
+    }
+    for (int64_t n = n0; n < n1 && !B; n++) {
         const uint8_t *row = base + n * K;
         prefetch_ahead(row, K);
         __m512 even[4], odd[4];
@@ -1075,7 +1104,7 @@ void weight_rows(const Weight *w, int64_t expert, int64_t n0, int64_t n1, const 
         rows_bf16_dp(w, expert, n0, n1, a, m0, mc, y, ldy, round);
         return;
     }
-    if (w->fmt == FMT_FP8 && round && mc <= 4 && w->fp8_block == 0 && w->K % 32 == 0) {
+    if (w->fmt == FMT_FP8 && round && mc <= 4 && w->fp8_block % 32 == 0 && w->K % 32 == 0) {
         rows_fp8_dp(w, expert, n0, n1, a, m0, mc, y, ldy, round);
         return;
     }

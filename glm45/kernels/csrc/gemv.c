@@ -853,34 +853,45 @@ static const uint16_t *panel_rows(const Weight *w, int64_t e, int64_t n, int64_t
     return b16;
 }
 
+/* Weight rows [t0, t1) of expert e of a packed matrix dequantized to bf16 into `chunk` (rows counted from 0; `f32`:
+ * K values of scratch), then met by `count` bf16 activation rows x[i] (zero-padded to a multiple of 32) four at a
+ * time in bf16 dot products: y[i][t0 .. t1) (fp32, rounded to bf16 with `round`). */
+static void dequantized_chunk_rows(const Weight *w, int64_t e, int64_t t0, int64_t t1, float *f32, uint16_t *chunk,
+                                   const uint16_t *const *x, float *const *y, int64_t count, int round) {
+    for (int64_t n = t0; n < t1; n++) dequant_row_bf16(w, e, n, f32, chunk + (n - t0) * w->K);
+    Weight shifted = *w; /* the chunk's rows counted from 0: its bias and outputs shifted to match */
+    shifted.bias = w->bias ? w->bias + t0 : NULL;
+    for (int64_t j = 0; j < count; j += 4) {
+        const int mc = count - j < 4 ? (int)(count - j) : 4;
+        const uint16_t *xr[4];
+        float *yr[4];
+        for (int i = 0; i < 4; i++) { /* unused slots repeat the first row */
+            xr[i] = x[j + (i < mc ? i : 0)];
+            yr[i] = y[j + (i < mc ? i : 0)] + t0;
+        }
+        dp_rows(&shifted, chunk, 0, t1 - t0, xr, mc, yr, round);
+    }
+}
+
 /* rows_bf16_dp's contract for packed weights (int8, int4, fp8) against fewer than GEMM_MIN_ROWS rows of a bf16 model:
- * DP_CHUNK weight rows at a time dequantized to bf16 (dequant_row_bf16) and met by the activation rows four at a
- * time in bf16 dot products, the order a bf16 matrix takes at that many rows. */
+ * DP_CHUNK weight rows at a time dequantized to bf16 and met by the activation rows four at a time in bf16 dot
+ * products (dequantized_chunk_rows), the order a bf16 matrix takes at that many rows. */
 static void rows_packed_dp(const Weight *w, int64_t e, int64_t n0, int64_t n1, const Act *a, int64_t m0, int64_t mc,
                            float *y, int64_t ldy, int round) {
     const int64_t K = w->K, Kp = (K + 31) / 32 * 32;
     uint16_t *xb = bf16_rows(a->x + m0 * a->ldx, a->ldx, mc, K, Kp, NULL, 0);
     uint16_t *chunk = malloc(DP_CHUNK * K * sizeof(uint16_t));
     float *f32 = malloc(K * sizeof(float));
-    for (int64_t t0 = n0; t0 < n1; t0 += DP_CHUNK) {
-        const int64_t t1 = t0 + DP_CHUNK < n1 ? t0 + DP_CHUNK : n1;
-        for (int64_t n = t0; n < t1; n++) dequant_row_bf16(w, e, n, f32, chunk + (n - t0) * K);
-        Weight shifted = *w; /* the chunk's rows counted from 0: its bias and outputs shifted to match */
-        shifted.bias = w->bias ? w->bias + t0 : NULL;
-        for (int64_t m = 0; m < mc; m += 4) {
-            const int c = mc - m < 4 ? (int)(mc - m) : 4;
-            const uint16_t *xr[4];
-            float *yr[4];
-            for (int i = 0; i < 4; i++) {
-                xr[i] = xb + (m + (i < c ? i : 0)) * Kp;
-                yr[i] = y + (m0 + m + (i < c ? i : 0)) * ldy + t0;
-            }
-            dp_rows(&shifted, chunk, 0, t1 - t0, xr, c, yr, round);
-        }
-    }
+    const uint16_t **xr = malloc(mc * sizeof(*xr));
+    float **yr = malloc(mc * sizeof(*yr));
+    for (int64_t m = 0; m < mc; m++) xr[m] = xb + m * Kp, yr[m] = y + (m0 + m) * ldy;
+    for (int64_t t0 = n0; t0 < n1; t0 += DP_CHUNK)
+        dequantized_chunk_rows(w, e, t0, t0 + DP_CHUNK < n1 ? t0 + DP_CHUNK : n1, f32, chunk, xr, yr, mc, round);
     free(xb);
     free(chunk);
     free(f32);
+    free(xr);
+    free(yr);
 }
 
 /* Weight rows [n0, n1) of expert e against mc bf16 activation rows xb (row stride ldx, even, as K is), each
@@ -1172,7 +1183,7 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
     const int64_t E = w->num_experts, chunks = (w->N + chunk - 1) / chunk, xnb = a->K / QBLOCK;
     int64_t total = 0;
 #if defined(__AVX512BF16__)
-    const int64_t whole_from = round && !w->bias ? PACKED_GEMM_ROWS : INT64_MAX;
+    const int64_t whole_from = round ? PACKED_GEMM_ROWS : INT64_MAX;
 #else
     const int64_t whole_from = INT64_MAX;
 #endif
@@ -1190,7 +1201,8 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
 #if defined(__AVX512BF16__)
     const int64_t K = w->K, Kp = (K + 31) / 32 * 32;
     uint16_t *xb = NULL, *chunk_b16 = NULL; /* made at this thread's first whole-expert unit */
-    float *row_f32 = NULL;
+    float *row_f32 = NULL, **yr = NULL;
+    const uint16_t **xr = NULL;
 #endif
     for (int64_t e = 0, offset = 0; e < E && offset < u1; e++) {
         const int64_t count = start[e + 1] - start[e], size = PAIRS_GROUP(count);
@@ -1207,20 +1219,11 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
                     xb = bf16_rows(a->x, a->ldx, P / per, K, Kp, NULL, 0);
                     chunk_b16 = malloc(chunk * K * sizeof(uint16_t));
                     row_f32 = malloc(K * sizeof(float));
+                    xr = malloc(P * sizeof(*xr));
+                    yr = malloc(P * sizeof(*yr));
                 }
-                /* rows [n0, n1) at rows [0, n1 - n0) of chunk_b16: the outputs shifted to match (no bias here) */
-                for (int64_t n = n0; n < n1; n++) dequant_row_bf16(w, e, n, row_f32, chunk_b16 + (n - n0) * K);
-                for (int64_t j = 0; j < gc; j += 4) {
-                    const int mc = gc - j < 4 ? (int)(gc - j) : 4;
-                    const uint16_t *xr[4];
-                    float *yr[4];
-                    for (int i = 0; i < 4; i++) {
-                        const int64_t p = pairs[j + (i < mc ? i : 0)];
-                        xr[i] = xb + (p / per) * Kp;
-                        yr[i] = y + p * ldy + n0;
-                    }
-                    dp_rows(w, chunk_b16, 0, n1 - n0, xr, mc, yr, round);
-                }
+                for (int64_t j = 0; j < gc; j++) xr[j] = xb + (pairs[j] / per) * Kp, yr[j] = y + pairs[j] * ldy;
+                dequantized_chunk_rows(w, e, n0, n1, row_f32, chunk_b16, xr, yr, gc, round);
                 continue;
             }
 #endif
@@ -1248,6 +1251,8 @@ static void expert_pairs_int(const Weight *w, const int64_t *start, const int64_
     free(xb);
     free(chunk_b16);
     free(row_f32);
+    free(xr);
+    free(yr);
 #endif
 #undef PAIRS_GROUP
 }

@@ -506,8 +506,8 @@ def test_disconnected_non_streaming_requests_are_aborted(random_server, caplog):
     """A client that gives up on a non-streamed answer (here: its timeout) does not leave the request running."""
     caplog.set_level(logging.INFO)
     before = metrics(random_server)
-    # 32 × 1000 tokens take over a second on the 2-core machine, five times the 0.2 s the client waits (8 × 1000 took
-    # 0.24 s once the captured step's greedy choice was one vector pass: too close).
+    # 32 × 1000 tokens take over a second on the 2-core machine, five times the 0.2 s the client waits (8 × 1000 can
+    # finish in about 0.24 s: too close).
     impatient = client(random_server, timeout=0.2)
     for i in range(4):
         with pytest.raises(openai.APITimeoutError):

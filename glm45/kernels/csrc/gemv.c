@@ -832,9 +832,10 @@ static void dequant_row_bf16(const Weight *w, int64_t e, int64_t n, float *f32, 
                 const __m128i packed = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
                 const __m512 d = _mm512_set1_ps(ds[b - s0]), m = _mm512_set1_ps(ms[b - s0]);
                 const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(packed, low)));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), low)));
-                _mm512_storeu_si512(out + b * QBLOCK,
-                                    (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, d, m), _mm512_fmadd_ps(lo, d, m)));
+                const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(high));
+                _mm512_storeu_si512(out + b * QBLOCK, (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, d, m),
+                                                                                   _mm512_fmadd_ps(lo, d, m)));
             }
         }
         return;

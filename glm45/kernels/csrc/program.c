@@ -677,9 +677,10 @@ static int64_t argmax_row(const float *x, int64_t V) {
     int any_nan = 0;
     if (V >= 16) {
         __m256 best0 = _mm256_loadu_ps(x), best1 = _mm256_loadu_ps(x + 8);
-        __m256i idx0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(8));
-        __m256i at0 = idx0, at1 = idx1;
-        __m256 nan = _mm256_or_ps(_mm256_cmp_ps(best0, best0, _CMP_UNORD_Q), _mm256_cmp_ps(best1, best1, _CMP_UNORD_Q));
+        __m256i idx0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(8)), at0 = idx0, at1 = idx1;
+        __m256 nan = _mm256_or_ps(_mm256_cmp_ps(best0, best0, _CMP_UNORD_Q),
+                                  _mm256_cmp_ps(best1, best1, _CMP_UNORD_Q));
         const __m256i step = _mm256_set1_epi32(16);
         for (i = 16; i + 16 <= V; i += 16) {
             const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
@@ -690,7 +691,8 @@ static int64_t argmax_row(const float *x, int64_t V) {
             best1 = _mm256_blendv_ps(best1, v1, gt1);
             at0 = _mm256_blendv_epi8(at0, idx0, _mm256_castps_si256(gt0));
             at1 = _mm256_blendv_epi8(at1, idx1, _mm256_castps_si256(gt1));
-            nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q), _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)));
+            nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q),
+                                                 _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)));
         }
         float lane[16];
         int32_t lane_at[16];

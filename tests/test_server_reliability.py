@@ -242,8 +242,10 @@ def test_a_failing_step_ends_its_stream_with_an_error_event_and_others_go_on(one
 
     def failing(original):  # fails the step of the request with token 77 once another request waits
         def step(*args):
-            if scheduler.running and 77 in scheduler.running[0].token_ids[:3] and scheduler.waiting:
-                raise RuntimeError("injected model failure")
+            if scheduler.running and 77 in scheduler.running[0].token_ids[:3]:
+                if scheduler.waiting:
+                    raise RuntimeError("injected model failure")
+                time.sleep(0.02)  # its 200 tokens must outlast the healthy request's arrival, however fast a step is
             return original(*args)
         return step
 
@@ -257,7 +259,8 @@ def test_a_failing_step_ends_its_stream_with_an_error_event_and_others_go_on(one
     healthy = {"prompt": [5, 6, 7], "max_tokens": 40, "ignore_eos": True, "stream": True}
     doomed = threading.Thread(target=run, args=("doomed", {**healthy, "prompt": [5, 77, 7], "max_tokens": 200}))
     doomed.start()
-    while not scheduler.running:
+    deadline = time.monotonic() + 30
+    while not scheduler.running and time.monotonic() < deadline:
         time.sleep(0.01)
     run("healthy", healthy)  # waits in the engine (one sequence per step) while the other one fails
     doomed.join(60)

@@ -964,65 +964,56 @@ static inline __m512bh fp8_as_bf16(const uint8_t *p) {
 /* MC (a constant, ≤ 4) activation rows at once: each fp8 vector is made bf16 once for all of them, so two rows cost
  * about what one does (16,384 × 4,096 from memory, 2 threads: 2.3–3.1 ms for one row; two rows through the widening
  * path took 4.1–7.2). */
+/* sums[m] = the lanes of fp8 row inputs [k0, k1) (a multiple of 32 apart) against MC bf16 activation rows xb (row
+ * stride K), two accumulators a row keeping two products in flight. */
+static inline __attribute__((always_inline)) void fp8_dp_span(const uint8_t *row, const uint16_t *xb, int64_t K,
+                                                              int64_t k0, int64_t k1, const int MC, __m512 sums[4]) {
+    __m512 even[4], odd[4];
+    for (int m = 0; m < MC; m++) even[m] = odd[m] = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {
+        const __m512bh w0 = fp8_as_bf16(row + k), w1 = fp8_as_bf16(row + k + 32);
+        for (int m = 0; m < MC; m++) {
+            even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
+            odd[m] = _mm512_dpbf16_ps(odd[m], w1, (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32));
+        }
+    }
+    if (k < k1) { /* a last 32 */
+        const __m512bh w0 = fp8_as_bf16(row + k);
+        for (int m = 0; m < MC; m++)
+            even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
+    }
+    for (int m = 0; m < MC; m++) sums[m] = _mm512_add_ps(even[m], odd[m]);
+}
+
 static inline __attribute__((always_inline)) void rows_fp8_dp_mc(const Weight *w, int64_t e, int64_t n0, int64_t n1,
                                                                  const Act *a, int64_t m0, const int MC, float *y,
                                                                  int64_t ldy, int round) {
-    const int64_t K = w->K;
+    const int64_t K = w->K, B = w->fp8_block;
     /* an expert's GEMV calls this once per 16 weight rows: the activation rows go on the stack when they fit */
     uint16_t stack[16384];
     uint16_t *xb = bf16_rows(a->x + m0 * a->ldx, a->ldx, MC, K, K, stack, 16384);
     const uint8_t *base = (const uint8_t *)w->data + e * w->N * K;
-    const float *scale = (const float *)w->scale + e * w->N;
-    const int64_t B = w->fp8_block;
-    for (int64_t n = n0; n < n1 && B; n++) { /* square blocks of scales: each block's sums scaled as vectors */
+    for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = base + n * K;
-        const float *block_scale = (const float *)w->scale + (e * ((w->N + B - 1) / B) + n / B) * ((K + B - 1) / B);
         prefetch_ahead(row, K);
+        __m512 sums[4];
+        if (B == 0) { /* one scale a row, applied to the row's sum */
+            fp8_dp_span(row, xb, K, 0, K, MC, sums);
+            const float s = ((const float *)w->scale)[e * w->N + n];
+            for (int m = 0; m < MC; m++) y[(m0 + m) * ldy + n] = finish(_mm512_reduce_add_ps(sums[m]) * s, w, n, round);
+            continue;
+        }
+        /* square blocks of scales: each block's sums scaled as vectors */
+        const float *block_scale = (const float *)w->scale + (e * ((w->N + B - 1) / B) + n / B) * ((K + B - 1) / B);
         __m512 total[4];
         for (int m = 0; m < MC; m++) total[m] = _mm512_setzero_ps();
         for (int64_t k0 = 0; k0 < K; k0 += B) {
-            const int64_t k1 = k0 + B < K ? k0 + B : K;
-            __m512 even[4], odd[4];
-            for (int m = 0; m < MC; m++) even[m] = odd[m] = _mm512_setzero_ps();
-            int64_t k = k0;
-            for (; k + 64 <= k1; k += 64) {
-                const __m512bh w0 = fp8_as_bf16(row + k), w1 = fp8_as_bf16(row + k + 32);
-                for (int m = 0; m < MC; m++) {
-                    even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
-                    odd[m] = _mm512_dpbf16_ps(odd[m], w1, (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32));
-                }
-            }
-            if (k < k1) { /* the block's last 32 (B and K are multiples of 32) */
-                const __m512bh w0 = fp8_as_bf16(row + k);
-                for (int m = 0; m < MC; m++)
-                    even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
-            }
+            fp8_dp_span(row, xb, K, k0, k0 + B < K ? k0 + B : K, MC, sums);
             const __m512 s = _mm512_set1_ps(block_scale[k0 / B]);
-            for (int m = 0; m < MC; m++) total[m] = _mm512_fmadd_ps(_mm512_add_ps(even[m], odd[m]), s, total[m]);
+            for (int m = 0; m < MC; m++) total[m] = _mm512_fmadd_ps(sums[m], s, total[m]);
         }
         for (int m = 0; m < MC; m++) y[(m0 + m) * ldy + n] = finish(_mm512_reduce_add_ps(total[m]), w, n, round);
-    }
-    for (int64_t n = n0; n < n1 && !B; n++) {
-        const uint8_t *row = base + n * K;
-        prefetch_ahead(row, K);
-        __m512 even[4], odd[4];
-        for (int m = 0; m < MC; m++) even[m] = odd[m] = _mm512_setzero_ps();
-        int64_t k = 0;
-        for (; k + 64 <= K; k += 64) {
-            const __m512bh w0 = fp8_as_bf16(row + k), w1 = fp8_as_bf16(row + k + 32);
-            for (int m = 0; m < MC; m++) {
-                even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
-                odd[m] = _mm512_dpbf16_ps(odd[m], w1, (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32));
-            }
-        }
-        if (k < K) {
-            const __m512bh w0 = fp8_as_bf16(row + k);
-            for (int m = 0; m < MC; m++)
-                even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
-        }
-        for (int m = 0; m < MC; m++)
-            y[(m0 + m) * ldy + n] =
-                finish(_mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m])) * scale[n], w, n, round);
     }
     if (xb != stack) free(xb);
 }
